@@ -1,0 +1,28 @@
+"""frontiers_fast: fast, validated kernels for newer neural-network architectures.
+
+Importing never fails for lack of the compiled library, a GPU or Triton:
+:func:`backends` says what is available and why not, and an op whose fast
+backend is missing falls back to the PyTorch reference with one warning.
+"""
+
+from . import reference
+from ._backend import backends, use_backend
+from .graph import Graph, gcn_norm
+from .ops.gnn import edge_softmax, gat_aggregate, sddmm, spmm
+
+from . import nn  # noqa: E402,I001  (nn builds on the ops above)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Graph",
+    "backends",
+    "edge_softmax",
+    "gat_aggregate",
+    "gcn_norm",
+    "nn",
+    "reference",
+    "sddmm",
+    "spmm",
+    "use_backend",
+]

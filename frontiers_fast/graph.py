@@ -1,0 +1,207 @@
+"""Graph structure shared by every message-passing op.
+
+A :class:`Graph` holds one edge list in three layouts:
+
+* the user's ``edge_index`` [2, E] (row 0 = source j, row 1 = destination i),
+  in the order it was given, duplicates kept;
+* CSR by destination: ``rowptr`` [N_dst + 1], ``col`` [E] (source of the edge at
+  CSR position k) and ``perm`` [E] (original edge id at CSR position k);
+* its transpose, CSR by source (built lazily and cached, used by backward
+  passes): ``csc_ptr`` [N_src + 1], ``csc_row`` [E] (destination) and
+  ``csc_perm`` [E] (CSR position k of the edge at transposed position t).
+
+Edge-valued tensors given to the public ops (``edge_weight``, ``scores``) are
+in the user's edge order; the ops move them to CSR order with ``perm``.  The
+sort is stable, so among duplicate edges CSR order follows the user's order.
+All index tensors are int64: edge counts and offsets may pass 2**31.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["Graph", "as_graph", "gcn_norm"]
+
+
+def _check_num_nodes(num_nodes, name="num_nodes"):
+    if isinstance(num_nodes, torch.Tensor):
+        if num_nodes.numel() != 1:
+            raise ValueError(f"{name} must be a single integer, got a tensor of shape {tuple(num_nodes.shape)}")
+        num_nodes = int(num_nodes.item())
+    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int):
+        raise TypeError(f"{name} must be an int, got {type(num_nodes).__name__}")
+    if num_nodes < 0:
+        raise ValueError(f"{name} must be non-negative, got {num_nodes}")
+    return num_nodes
+
+
+class Graph:
+    """A directed graph stored for fast message passing (messages flow j -> i).
+
+    Args:
+        edge_index: integer tensor [2, E]; ``edge_index[0]`` are sources,
+            ``edge_index[1]`` destinations.  Any order; duplicates are kept.
+        num_nodes: number of nodes, or ``(num_src, num_dst)`` for a bipartite
+            graph.  Defaults to ``max(edge_index) + 1``.
+
+    Example::
+
+        >>> g = Graph(torch.tensor([[0, 1, 2], [1, 2, 0]]), num_nodes=3)
+        >>> out = frontiers_fast.spmm(g, torch.randn(3, 8))
+    """
+
+    def __init__(self, edge_index: torch.Tensor, num_nodes=None):
+        if not isinstance(edge_index, torch.Tensor):
+            raise TypeError(f"edge_index must be a torch.Tensor, got {type(edge_index).__name__}")
+        if edge_index.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise TypeError(f"edge_index must be an integer tensor, got dtype {edge_index.dtype}")
+        if edge_index.dim() != 2 or edge_index.shape[0] != 2:
+            raise ValueError(f"edge_index must have shape [2, E], got {tuple(edge_index.shape)}")
+        edge_index = edge_index.to(torch.int64)
+        num_edges = edge_index.shape[1]
+        if num_nodes is None:
+            n = int(edge_index.max().item()) + 1 if num_edges > 0 else 0
+            num_src = num_dst = n
+        elif isinstance(num_nodes, (tuple, list)):
+            if len(num_nodes) != 2:
+                raise ValueError(f"num_nodes must be an int or a pair (num_src, num_dst), got {num_nodes!r}")
+            num_src = _check_num_nodes(num_nodes[0], "num_nodes[0]")
+            num_dst = _check_num_nodes(num_nodes[1], "num_nodes[1]")
+        else:
+            num_src = num_dst = _check_num_nodes(num_nodes)
+        if num_edges > 0:
+            src, dst = edge_index[0], edge_index[1]
+            lo = int(torch.minimum(src.min(), dst.min()).item())
+            if lo < 0:
+                raise ValueError(f"edge_index has a negative node index ({lo})")
+            smax, dmax = int(src.max().item()), int(dst.max().item())
+            if smax >= num_src:
+                raise ValueError(f"edge_index[0] has node index {smax}, out of range for {num_src} source nodes")
+            if dmax >= num_dst:
+                raise ValueError(f"edge_index[1] has node index {dmax}, out of range for {num_dst} destination nodes")
+        self.edge_index = edge_index
+        self.num_src = num_src
+        self.num_dst = num_dst
+        self.num_edges = num_edges
+        dst = edge_index[1]
+        # Stable sort so duplicate edges keep the user's relative order
+        # (max/min ties resolve to the first of them).
+        _, perm = torch.sort(dst, stable=True)
+        self.perm = perm
+        self.col = edge_index[0].index_select(0, perm).contiguous()
+        counts = torch.bincount(dst, minlength=num_dst)
+        self.rowptr = torch.zeros(num_dst + 1, dtype=torch.int64, device=edge_index.device)
+        torch.cumsum(counts, 0, out=self.rowptr[1:])
+        self.in_degree = counts
+        self.is_sorted = bool(num_edges == 0 or (dst[1:] >= dst[:-1]).all().item())
+        self._csc = None
+
+    # -- layouts -------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.edge_index.device
+
+    @property
+    def src(self) -> torch.Tensor:
+        return self.edge_index[0]
+
+    @property
+    def dst(self) -> torch.Tensor:
+        return self.edge_index[1]
+
+    def _build_csc(self):
+        _, csc_perm = torch.sort(self.col, stable=True)
+        dst_csr = self.edge_index[1].index_select(0, self.perm)
+        csc_row = dst_csr.index_select(0, csc_perm).contiguous()
+        counts = torch.bincount(self.col, minlength=self.num_src)
+        csc_ptr = torch.zeros(self.num_src + 1, dtype=torch.int64, device=self.device)
+        torch.cumsum(counts, 0, out=csc_ptr[1:])
+        self._csc = (csc_ptr, csc_row, csc_perm)
+
+    @property
+    def csc(self):
+        """(csc_ptr, csc_row, csc_perm): the transpose, built once and cached."""
+        if self._csc is None:
+            self._build_csc()
+        return self._csc
+
+    def to_csr_order(self, edge_values: torch.Tensor) -> torch.Tensor:
+        """Reorder an [E, ...] tensor from the user's edge order to CSR order."""
+        if self.is_sorted:
+            return edge_values
+        return edge_values.index_select(0, self.perm)
+
+    def from_csr_order(self, edge_values: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_csr_order`."""
+        if self.is_sorted:
+            return edge_values
+        out = torch.empty_like(edge_values)
+        return out.index_copy(0, self.perm, edge_values)
+
+    def to(self, device) -> Graph:
+        g = Graph.__new__(Graph)
+        g.__dict__.update({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
+        g._csc = None if self._csc is None else tuple(t.to(device) for t in self._csc)
+        return g
+
+    def __repr__(self):
+        shape = self.num_src if self.num_src == self.num_dst else (self.num_src, self.num_dst)
+        return f"Graph(num_nodes={shape}, num_edges={self.num_edges}, device={self.device})"
+
+
+def as_graph(graph_or_edge_index, num_nodes=None) -> Graph:
+    """Accept a :class:`Graph` or an ``edge_index`` tensor and return a Graph."""
+    if isinstance(graph_or_edge_index, Graph):
+        return graph_or_edge_index
+    return Graph(graph_or_edge_index, num_nodes)
+
+
+def gcn_norm(edge_index, edge_weight=None, num_nodes=None, improved=False, add_self_loops=True, dtype=None):
+    """Symmetric GCN normalisation with PyTorch Geometric's semantics.
+
+    Self-loops already present are removed and re-added at the end with their
+    weight (``add_remaining_self_loops``); nodes without one get a loop of
+    weight 1 (2 if ``improved``).  Then ``w_ji <- d_j^-1/2 w_ji d_i^-1/2`` with
+    ``d`` the weighted in-degree and ``inf`` (isolated nodes) set to 0.
+
+    Args:
+        edge_index: [2, E] integer tensor (sources, destinations).
+        edge_weight: optional [E] float tensor (default ones).
+        num_nodes: number of nodes (default ``max(edge_index) + 1``).
+
+    Returns:
+        ``(edge_index [2, E'], edge_weight [E'])``.
+
+    Example::
+
+        >>> ei, w = gcn_norm(torch.tensor([[0, 1], [1, 0]]), num_nodes=2)
+    """
+    if not isinstance(edge_index, torch.Tensor) or edge_index.dim() != 2 or edge_index.shape[0] != 2:
+        raise ValueError("edge_index must be a tensor of shape [2, E]")
+    if num_nodes is None:
+        num_nodes = int(edge_index.max().item()) + 1 if edge_index.numel() else 0
+    num_nodes = _check_num_nodes(num_nodes)
+    if dtype is None:
+        dtype = edge_weight.dtype if edge_weight is not None else torch.get_default_dtype()
+    if edge_weight is None:
+        edge_weight = torch.ones(edge_index.shape[1], dtype=dtype, device=edge_index.device)
+    elif edge_weight.shape != (edge_index.shape[1],):
+        raise ValueError(
+            f"edge_weight must have shape [E]=[{edge_index.shape[1]}], got {tuple(edge_weight.shape)}"
+        )
+    edge_index = edge_index.to(torch.int64)
+    fill = 2.0 if improved else 1.0
+    if add_self_loops:
+        row, col = edge_index[0], edge_index[1]
+        is_loop = row == col
+        keep = ~is_loop
+        loop_w = torch.full((num_nodes,), fill, dtype=edge_weight.dtype, device=edge_weight.device)
+        loop_w = loop_w.index_put((row[is_loop],), edge_weight[is_loop])
+        loops = torch.arange(num_nodes, device=edge_index.device)
+        edge_index = torch.cat([edge_index[:, keep], torch.stack([loops, loops])], dim=1)
+        edge_weight = torch.cat([edge_weight[keep], loop_w])
+    row, col = edge_index[0], edge_index[1]
+    deg = torch.zeros(num_nodes, dtype=edge_weight.dtype, device=edge_weight.device).index_add(0, col, edge_weight)
+    dis = deg.pow(-0.5)
+    dis = dis.masked_fill(torch.isinf(dis), 0.0)
+    return edge_index, dis[row] * edge_weight * dis[col]

@@ -1,0 +1,1 @@
+"""Drop-in layers (filled in below)."""

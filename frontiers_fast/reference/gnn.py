@@ -1,0 +1,92 @@
+"""Reference message passing: scatter/gather over the user's edge list.
+
+Every function takes a :class:`~frontiers_fast.graph.Graph` and uses only
+``graph.src``, ``graph.dst`` and the node counts, so it is independent of the
+CSR layout the kernels use.  Messages flow from ``src = j`` to ``dst = i``.
+
+Shapes: ``x`` is [N_src, F] or [N_src, H, C]; ``edge_weight`` is [E] or
+[E, H] (one weight per head, broadcast over C).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+REDUCES = ("sum", "mean", "max", "min")
+
+
+def _broadcast_weight(w: torch.Tensor, x_src: torch.Tensor) -> torch.Tensor:
+    # w [E] or [E, H]; messages [E, F] or [E, H, C]
+    return w.reshape(w.shape + (1,) * (x_src.dim() - w.dim()))
+
+
+def _first_arg_extremum(msg, dst, num_dst, reduce):
+    """Per destination and feature, the first edge (lowest edge id) whose
+    message equals the max (min).  Ties resolve to the first edge so that the
+    routed gradient is well defined, matching the kernels."""
+    E = msg.shape[0]
+    idx = dst.view((E,) + (1,) * (msg.dim() - 1)).expand_as(msg)
+    amax = "amax" if reduce == "max" else "amin"
+    ext = torch.zeros((num_dst,) + msg.shape[1:], dtype=msg.dtype, device=msg.device)
+    ext = ext.scatter_reduce(0, idx, msg.detach(), amax, include_self=False)
+    hit = msg.detach() == ext.gather(0, idx)
+    eid = torch.arange(E, device=msg.device).view((E,) + (1,) * (msg.dim() - 1)).expand_as(msg)
+    big = torch.full_like(eid, E)
+    first = torch.full((num_dst,) + msg.shape[1:], E, dtype=torch.int64, device=msg.device)
+    first = first.scatter_reduce(0, idx, torch.where(hit, eid, big), "amin", include_self=True)
+    return first  # == E where the destination has no edge
+
+
+def spmm(graph, x, edge_weight=None, reduce="sum"):
+    """out[i] = reduce_{e: j -> i} w_e * x[j]; destinations with no edge get 0."""
+    if reduce not in REDUCES:
+        raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
+    src, dst = graph.src, graph.dst
+    msg = x.index_select(0, src)
+    if edge_weight is not None:
+        msg = msg * _broadcast_weight(edge_weight, msg)
+    out_shape = (graph.num_dst,) + tuple(x.shape[1:])
+    if reduce in ("sum", "mean"):
+        out = torch.zeros(out_shape, dtype=msg.dtype, device=x.device).index_add(0, dst, msg)
+        if reduce == "mean":
+            cnt = torch.bincount(dst, minlength=graph.num_dst).clamp(min=1).to(out.dtype)
+            out = out / cnt.view((-1,) + (1,) * (out.dim() - 1))
+        return out
+    first = _first_arg_extremum(msg, dst, graph.num_dst, reduce)
+    empty = first == graph.num_edges
+    # Gather the chosen message so that autograd routes the gradient to it alone.
+    padded = torch.cat([msg, torch.zeros_like(msg[:1])], 0)
+    out = padded.gather(0, first)
+    return out.masked_fill(empty, 0.0)
+
+
+def sddmm(graph, a, b):
+    """out[e, h] = <a[src_e, h, :], b[dst_e, h, :]>  (a, b: [N, H, C] or [N, C] -> out [E, H] or [E])."""
+    return (a.index_select(0, graph.src) * b.index_select(0, graph.dst)).sum(-1)
+
+
+def edge_softmax(graph, scores):
+    """Softmax of ``scores`` [E] or [E, H] over the edges entering each destination."""
+    dst = graph.dst
+    E = scores.shape[0]
+    idx = dst.view((E,) + (1,) * (scores.dim() - 1)).expand_as(scores)
+    shape = (graph.num_dst,) + tuple(scores.shape[1:])
+    # Softmax is shift invariant, so the max needs no gradient.
+    m = torch.full(shape, float("-inf"), dtype=scores.dtype, device=scores.device)
+    m = m.scatter_reduce(0, idx, scores.detach(), "amax", include_self=True)
+    ex = torch.exp(scores - m.gather(0, idx))
+    den = torch.zeros(shape, dtype=scores.dtype, device=scores.device).index_add(0, dst, ex)
+    return ex / den.gather(0, idx)
+
+
+def gat_aggregate(graph, h, a_src, a_dst, negative_slope=0.2):
+    """GAT attention and aggregation.
+
+    e_ji = LeakyReLU(a_src[j] + a_dst[i]); alpha = softmax over j of e_ji;
+    out[i] = sum_j alpha_ji h[j].   h: [N_src, H, C], a_src: [N_src, H],
+    a_dst: [N_dst, H] -> out [N_dst, H, C].
+    """
+    e = a_src.index_select(0, graph.src) + a_dst.index_select(0, graph.dst)
+    alpha = edge_softmax(graph, F.leaky_relu(e, negative_slope))
+    return spmm(graph, h, alpha, "sum")
