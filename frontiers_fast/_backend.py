@@ -95,7 +95,8 @@ def resolve(backend, device: torch.device, op: str) -> str:
             choice = "triton" if available("triton") else ("cuda" if available("cuda") else "reference")
         else:
             choice = "cpp" if available("cpp") else "reference"
-        if choice == "reference" and op not in _warned:
+        # (No warning while torch.compile traces: dynamo cannot trace warnings.warn.)
+        if choice == "reference" and op not in _warned and not torch.compiler.is_compiling():
             _warned.add(op)
             want = "triton" if gpu else "cpp"
             warnings.warn(

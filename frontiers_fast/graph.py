@@ -161,7 +161,9 @@ def gcn_norm(edge_index, edge_weight=None, num_nodes=None, improved=False, add_s
 
     Self-loops already present are removed and re-added at the end with their
     weight (``add_remaining_self_loops``); nodes without one get a loop of
-    weight 1 (2 if ``improved``).  Then ``w_ji <- d_j^-1/2 w_ji d_i^-1/2`` with
+    weight 1, or 2 if ``improved`` *and* ``edge_weight`` is given.  (PyG fills
+    loops only when it has edge weights, so for an unweighted graph
+    ``improved`` changes nothing; we keep that so outputs match PyG's.)  Then ``w_ji <- d_j^-1/2 w_ji d_i^-1/2`` with
     ``d`` the weighted in-degree and ``inf`` (isolated nodes) set to 0.
 
     Args:
@@ -184,6 +186,7 @@ def gcn_norm(edge_index, edge_weight=None, num_nodes=None, improved=False, add_s
     if dtype is None:
         dtype = edge_weight.dtype if edge_weight is not None else torch.get_default_dtype()
     if edge_weight is None:
+        improved = False  # PyG's add_remaining_self_loops ignores fill_value without edge weights
         edge_weight = torch.ones(edge_index.shape[1], dtype=dtype, device=edge_index.device)
     elif edge_weight.shape != (edge_index.shape[1],):
         raise ValueError(

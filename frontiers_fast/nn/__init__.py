@@ -1,1 +1,5 @@
-"""Drop-in layers (filled in below)."""
+"""Drop-in layers whose names and parameters match the libraries users come from."""
+
+from .gnn import GATConv, GCNConv, GINConv, SAGEConv
+
+__all__ = ["GCNConv", "GATConv", "SAGEConv", "GINConv"]

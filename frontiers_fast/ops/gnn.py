@@ -84,8 +84,9 @@ def _fake_spmm_fwd(rowptr, col, weight, x, reduce):
 
 
 def _fake_spmm_bwd(csc_ptr, csc_row, csc_perm, rowptr, col, weight, x, grad_out, arg, reduce, need_x, need_w):
-    gx = torch.empty_like(x) if need_x else x.new_empty((0,))
-    gw = torch.empty_like(weight) if (need_w and weight is not None) else x.new_empty((0,))
+    # x may be a [0, F] placeholder when only grad_x is wanted: N_src comes from csc_ptr.
+    gx = grad_out.new_empty((csc_ptr.shape[0] - 1, grad_out.shape[1])) if need_x else grad_out.new_empty((0,))
+    gw = torch.empty_like(weight) if (need_w and weight is not None) else grad_out.new_empty((0,))
     return gx, gw
 
 
@@ -156,19 +157,27 @@ def _ref_spmm_fwd(rowptr, col, weight, x, reduce):
     msg = xv.index_select(0, g.src)
     if weight is not None:
         msg = msg * weight.unsqueeze(-1)
-    arg = ref._first_arg_extremum(msg.reshape(g.num_edges, -1), g.dst, g.num_dst, reduce)
+    arg = ref._first_arg_extremum(msg.reshape(g.num_edges, x.shape[1]), g.dst, g.num_dst, reduce)
     return out, arg.masked_fill(arg == g.num_edges, -1)
 
 
 def _ref_spmm_bwd(csc_ptr, csc_row, csc_perm, rowptr, col, weight, x, grad_out, arg, reduce, need_x, need_w):
-    with torch.enable_grad():
-        xg = x.detach().requires_grad_(need_x)
-        wg = None if weight is None else weight.detach().requires_grad_(need_w)
-        out, _ = _ref_spmm_fwd(rowptr, col, wg, xg, reduce)
-        inputs = [t for t, need in ((xg, need_x), (wg, need_w and wg is not None)) if need]
-        grads = list(torch.autograd.grad(out, inputs, grad_out)) if inputs else []
-    gx = grads.pop(0) if need_x else x.new_empty((0,))
-    gw = grads.pop(0) if (need_w and weight is not None) else x.new_empty((0,))
+    g = _CSR(rowptr, col, csc_ptr.shape[0] - 1)
+    F_ = grad_out.shape[1]
+    hw = 1 if weight is None else weight.shape[1]
+    geff = grad_out.index_select(0, g.dst)  # [E, F]: gradient arriving at each edge's message
+    if reduce == "mean":
+        geff = geff / rowptr.diff().clamp(min=1).to(geff.dtype).index_select(0, g.dst).unsqueeze(1)
+    elif reduce in ("max", "min"):
+        k = torch.arange(g.num_edges, device=col.device).unsqueeze(1)
+        geff = geff * (arg.index_select(0, g.dst) == k).to(geff.dtype)
+    geff = geff.view(g.num_edges, hw, F_ // hw)
+    gx = gw = grad_out.new_empty((0,))
+    if need_x:
+        msg = geff if weight is None else geff * weight.unsqueeze(-1)
+        gx = grad_out.new_zeros((g.num_src, F_)).index_add(0, col, msg.reshape(g.num_edges, F_))
+    if need_w and weight is not None:
+        gw = (geff * x.index_select(0, col).view(g.num_edges, hw, F_ // hw)).sum(-1)
     return gx, gw
 
 
@@ -199,11 +208,17 @@ def _ref_gat_fwd(rowptr, col, h, a_src, a_dst, negative_slope):
 
 
 def _ref_gat_bwd(rowptr, col, csc_ptr, csc_row, csc_perm, h, a_src, a_dst, negative_slope, out, lse, grad_out):
+    # Written out (not autograd): kernels run below the autograd dispatch key.
     g = _CSR(rowptr, col, h.shape[0])
-    with torch.enable_grad():
-        ins = [t.detach().requires_grad_(True) for t in (h, a_src, a_dst)]
-        res = ref.gat_aggregate(g, *ins, negative_slope)
-        return tuple(torch.autograd.grad(res, ins, grad_out))
+    pre = a_src.index_select(0, g.src) + a_dst.index_select(0, g.dst)
+    p = torch.exp(torch.nn.functional.leaky_relu(pre, negative_slope) - lse.index_select(0, g.dst))
+    g_dst = grad_out.index_select(0, g.dst)  # [E, H, C]
+    delta = (grad_out * out).sum(-1)  # [N_dst, H]
+    dp = (g_dst * h.index_select(0, g.src)).sum(-1)
+    de = p * (dp - delta.index_select(0, g.dst))
+    de = torch.where(pre > 0, de, de * negative_slope)
+    grad_h = torch.zeros_like(h).index_add(0, g.src, p.unsqueeze(-1) * g_dst)
+    return grad_h, torch.zeros_like(a_src).index_add(0, g.src, de), torch.zeros_like(a_dst).index_add(0, g.dst, de)
 
 
 _REFERENCE_KERNELS = {

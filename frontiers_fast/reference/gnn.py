@@ -56,7 +56,7 @@ def spmm(graph, x, edge_weight=None, reduce="sum"):
     first = _first_arg_extremum(msg, dst, graph.num_dst, reduce)
     empty = first == graph.num_edges
     # Gather the chosen message so that autograd routes the gradient to it alone.
-    padded = torch.cat([msg, torch.zeros_like(msg[:1])], 0)
+    padded = torch.cat([msg, msg.new_zeros((1,) + tuple(msg.shape[1:]))], 0)
     out = padded.gather(0, first)
     return out.masked_fill(empty, 0.0)
 
