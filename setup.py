@@ -32,7 +32,7 @@ def get_extensions():
     here = os.path.dirname(os.path.abspath(__file__))
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*", "*_cpu.cpp")))
     cpu_sources += [os.path.join("csrc", "init.cpp")]
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-DNDEBUG"]
     if not _flag("FRONTIERS_FAST_PORTABLE") and platform.machine() in ("x86_64", "AMD64"):
         cxx.append("-march=native")
     link = ["-fopenmp"]

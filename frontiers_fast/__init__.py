@@ -5,12 +5,10 @@ Importing never fails for lack of the compiled library, a GPU or Triton:
 backend is missing falls back to the PyTorch reference with one warning.
 """
 
-from . import reference
+from . import nn, reference
 from ._backend import backends, use_backend
 from .graph import Graph, gcn_norm
 from .ops.gnn import edge_softmax, gat_aggregate, sddmm, spmm
-
-from . import nn  # noqa: E402,I001  (nn builds on the ops above)
 
 __version__ = "0.1.0"
 

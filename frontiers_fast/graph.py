@@ -23,6 +23,13 @@ import torch
 __all__ = ["Graph", "as_graph", "gcn_norm"]
 
 
+def _bucket_sort(keys, num_buckets):
+    """(ptr [num_buckets + 1], perm [E]): a stable sort of keys in [0, num_buckets)."""
+    from .ops import gnn  # noqa: F401  (registers the op)
+
+    return torch.ops.frontiers_fast.stable_bucket_sort(keys.contiguous(), num_buckets)
+
+
 def _check_num_nodes(num_nodes, name="num_nodes"):
     if isinstance(num_nodes, torch.Tensor):
         if num_nodes.numel() != 1:
@@ -86,13 +93,9 @@ class Graph:
         dst = edge_index[1]
         # Stable sort so duplicate edges keep the user's relative order
         # (max/min ties resolve to the first of them).
-        _, perm = torch.sort(dst, stable=True)
-        self.perm = perm
-        self.col = edge_index[0].index_select(0, perm).contiguous()
-        counts = torch.bincount(dst, minlength=num_dst)
-        self.rowptr = torch.zeros(num_dst + 1, dtype=torch.int64, device=edge_index.device)
-        torch.cumsum(counts, 0, out=self.rowptr[1:])
-        self.in_degree = counts
+        self.rowptr, self.perm = _bucket_sort(dst, num_dst)
+        self.col = edge_index[0].index_select(0, self.perm).contiguous()
+        self.in_degree = self.rowptr.diff()
         self.is_sorted = bool(num_edges == 0 or (dst[1:] >= dst[:-1]).all().item())
         self._csc = None
 
@@ -110,12 +113,9 @@ class Graph:
         return self.edge_index[1]
 
     def _build_csc(self):
-        _, csc_perm = torch.sort(self.col, stable=True)
+        csc_ptr, csc_perm = _bucket_sort(self.col, self.num_src)
         dst_csr = self.edge_index[1].index_select(0, self.perm)
         csc_row = dst_csr.index_select(0, csc_perm).contiguous()
-        counts = torch.bincount(self.col, minlength=self.num_src)
-        csc_ptr = torch.zeros(self.num_src + 1, dtype=torch.int64, device=self.device)
-        torch.cumsum(counts, 0, out=csc_ptr[1:])
         self._csc = (csc_ptr, csc_row, csc_perm)
 
     @property

@@ -63,6 +63,7 @@ _KERNEL_SCHEMAS = {
         "-> (Tensor, Tensor, Tensor)"
     ),
     "spmm_fwd_warp": "spmm_fwd_warp(Tensor rowptr, Tensor col, Tensor? weight, Tensor x, str reduce) -> (Tensor, Tensor)",
+    "stable_bucket_sort": "stable_bucket_sort(Tensor keys, int num_buckets) -> (Tensor, Tensor)",
 }
 for _schema in _KERNEL_SCHEMAS.values():
     _lib.define(_schema)
@@ -103,6 +104,10 @@ def _fake_edge_softmax_bwd(rowptr, p, grad_p):
     return torch.empty_like(p)
 
 
+def _fake_stable_bucket_sort(keys, num_buckets):
+    return keys.new_empty((num_buckets + 1,)), torch.empty_like(keys)
+
+
 def _fake_gat_fwd(rowptr, col, h, a_src, a_dst, negative_slope):
     n_dst = rowptr.shape[0] - 1
     return h.new_empty((n_dst, h.shape[1], h.shape[2])), h.new_empty((n_dst, h.shape[1]))
@@ -121,6 +126,7 @@ for _name, _fake in {
     "edge_softmax_bwd": _fake_edge_softmax_bwd,
     "gat_fwd": _fake_gat_fwd,
     "gat_bwd": _fake_gat_bwd,
+    "stable_bucket_sort": _fake_stable_bucket_sort,
 }.items():
     torch.library.register_fake(f"{NS}::{_name}", _fake, lib=_lib)
 
@@ -221,6 +227,13 @@ def _ref_gat_bwd(rowptr, col, csc_ptr, csc_row, csc_perm, h, a_src, a_dst, negat
     return grad_h, torch.zeros_like(a_src).index_add(0, g.src, de), torch.zeros_like(a_dst).index_add(0, g.dst, de)
 
 
+def _ref_stable_bucket_sort(keys, num_buckets):
+    _, perm = torch.sort(keys, stable=True)
+    ptr = keys.new_zeros((num_buckets + 1,))
+    torch.cumsum(torch.bincount(keys, minlength=num_buckets), 0, out=ptr[1:])
+    return ptr, perm
+
+
 _REFERENCE_KERNELS = {
     "spmm_fwd": _ref_spmm_fwd,
     "spmm_bwd": _ref_spmm_bwd,
@@ -229,6 +242,7 @@ _REFERENCE_KERNELS = {
     "edge_softmax_bwd": _ref_edge_softmax_bwd,
     "gat_fwd": _ref_gat_fwd,
     "gat_bwd": _ref_gat_bwd,
+    "stable_bucket_sort": _ref_stable_bucket_sort,
 }
 
 
@@ -239,6 +253,8 @@ def _cuda_impl(name):
     ref_fn = _REFERENCE_KERNELS[name]
 
     def impl(*args):
+        if name == "stable_bucket_sort":
+            return ref_fn(*args)  # torch.sort is fast on the GPU
         choice = _backend.gpu_choice()
         if choice == "cuda" and name == "spmm_fwd" and _backend.available("cuda"):
             return _ops.spmm_fwd_warp(*args)
@@ -255,7 +271,8 @@ def _register_impls():
     _backend._probe()
     for name, fn in _REFERENCE_KERNELS.items():
         torch.library.impl(f"{NS}::{name}", "CUDA", lib=_lib)(_cuda_impl(name))
-        if not _backend.available("cpp"):
+        # A missing or stale _C leaves the CPU key empty: the reference fills it.
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{NS}::{name}", "CPU"):
             torch.library.impl(f"{NS}::{name}", "CPU", lib=_lib)(fn)
 
 

@@ -72,7 +72,7 @@ def test_opcheck_kernel_ops():
 def test_compile_fullgraph_cpu():
     torch._dynamo.reset()
     g = random_graph(41, 200)
-    g.csc  # build the transpose outside the compiled region
+    _ = g.csc  # build the transpose outside the compiled region
     x = torch.randn(41, 2, 8, requires_grad=True)
     s = torch.randn(41, 2, requires_grad=True)
     d = torch.randn(41, 2, requires_grad=True)

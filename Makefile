@@ -1,0 +1,43 @@
+# Two commands, each doing its own setup from a fresh clone:
+#   make test    create .venv, install, compile-check the CUDA sources, run every test
+#   make bench   create .venv, install with the benchmark extras, write reports/cpu/report.md
+#
+# TORCH_SPEC pins the CPU build of torch that this project's machines carry.
+# With a GPU, install your CUDA build of torch first and reuse it:
+#   make test VENV_FLAGS=--system-site-packages TORCH_SPEC=
+PYTHON ?= python3
+VENV ?= .venv
+VENV_FLAGS ?=
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+DEPS := numpy triton pytest torch_geometric matplotlib pytest-benchmark ruff ninja setuptools wheel
+NATIVE_SRC := $(shell find csrc -type f 2>/dev/null) setup.py
+
+.PHONY: test bench setup lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.deps:
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install -q $(DEPS)
+	touch $@
+
+# Rebuilt whenever a C++/CUDA source or setup.py changes.
+$(VENV)/.installed: $(VENV)/.deps $(NATIVE_SRC)
+	MAX_JOBS=2 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test: setup
+	PYTHON=$(PY) bash .ci/nvcc_check.sh
+	$(PY) -m pytest tests -q -p no:cacheprovider
+
+bench: setup
+	$(PY) -m frontiers_fast.bench --device cpu
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf build *.egg-info frontiers_fast/_C*.so $(VENV)
