@@ -1,0 +1,324 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one run: build, import, CUDA-extension
+# smoke test, test suite, benchmark report.
+#
+# Usage: bash benchmarks/gpu_check.sh OUTDIR
+#
+# Made for a lent GPU machine that has python3, torch (CUDA build), triton,
+# nvcc and torch_geometric but no internet: nothing is ever downloaded (pip
+# runs with --no-index --no-deps).  Every step runs under `timeout` and is
+# logged to OUTDIR/<nn>_<step>.log; a failing step is recorded and the next
+# one still runs.  The whole script keeps to GPU_CHECK_BUDGET_S seconds
+# (default 450, so it ends inside 8 minutes): a step's timeout is cut so the
+# steps after it keep their minimum share, and a step with no time left is
+# skipped.  OUTDIR/summary.txt gets the final table (step, status, seconds).
+#
+# Env: GPU_CHECK_BUDGET_S (seconds, default 450)
+#      GPU_CHECK_BENCH_ARGS (extra flags for frontiers_fast.bench, e.g. "--quick")
+set -uo pipefail  # no -e: a failed step must not stop the later ones
+
+if [[ $# -ne 1 ]]; then
+  echo "usage: bash benchmarks/gpu_check.sh OUTDIR" >&2
+  exit 2
+fi
+mkdir -p "$1"
+OUTDIR="$(cd "$1" && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export OUTDIR ROOT
+
+BUDGET_S="${GPU_CHECK_BUDGET_S:-450}"
+T_END=$((SECONDS + BUDGET_S))
+KILL_GRACE_S=10  # after SIGINT (pytest then still writes its junit xml), SIGKILL
+SUMMARY=()
+STEP_NO=0
+FAILED=0
+
+# step NAME NOMINAL_TIMEOUT_S MIN_S RESERVE_S COMMAND...
+#   MIN_S: what this step gets even if that eats into the reserve;
+#   RESERVE_S: seconds kept back for the steps after this one.
+step() {
+  local name="$1" nominal="$2" min_s="$3" reserve="$4"
+  shift 4
+  STEP_NO=$((STEP_NO + 1))
+  local log
+  log="$OUTDIR/$(printf '%02d' "$STEP_NO")_$name.log"
+  local left_total=$((T_END - SECONDS - KILL_GRACE_S))
+  local share=$((left_total - reserve))
+  local limit=$((nominal < share ? nominal : share))
+  limit=$((limit > min_s ? limit : min_s))
+  limit=$((limit < left_total ? limit : left_total))
+  echo
+  echo "=== [$STEP_NO] $name (timeout ${limit}s) ==="
+  if [[ $limit -lt 5 ]]; then
+    echo "skipped: out of time budget" | tee "$log"
+    SUMMARY+=("$name|SKIPPED (no time left)|0")
+    FAILED=$((FAILED + 1))
+    return
+  fi
+  local start=$SECONDS rc
+  timeout -s INT -k "$KILL_GRACE_S" "$limit" "$@" >"$log" 2>&1
+  rc=$?
+  local took=$((SECONDS - start)) status
+  case $rc in
+    0) status="ok" ;;
+    124 | 137) status="TIMEOUT after ${limit}s" ;;
+    *) status="FAIL (rc=$rc)" ;;
+  esac
+  # The full log is in OUTDIR; the console (often only its tail survives)
+  # gets the end of it, longer when the step failed.
+  if [[ $rc -eq 0 ]]; then tail -n 25 "$log"; else tail -n 80 "$log"; fi
+  echo "--- $name: $status (${took}s, log: $log)"
+  SUMMARY+=("$name|$status|$took")
+  [[ $rc -eq 0 ]] || FAILED=$((FAILED + 1))
+}
+
+# --- step bodies (exported so `timeout` can run them in a child bash) ------
+gc_versions() {
+  python3 - <<'EOF'
+import platform, sys
+print("python", sys.version.replace("\n", " "), "on", platform.platform())
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
+print("cuda available:", torch.cuda.is_available(), "devices:", torch.cuda.device_count())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device 0:", p.name, f"sm_{p.major}{p.minor}", f"{p.total_memory / 2**30:.1f} GiB", p.multi_processor_count, "SMs")
+for mod in ("triton", "torch_geometric", "numpy", "pytest", "setuptools", "ninja"):
+    try:
+        m = __import__(mod)
+        print(mod, getattr(m, "__version__", "?"))
+    except Exception as exc:
+        print(mod, "NOT IMPORTABLE:", type(exc).__name__, exc)
+EOF
+  local rc=$?
+  command -v nvcc >/dev/null && nvcc --version | tail -n 2
+  git -C "$ROOT" rev-parse HEAD 2>/dev/null && git -C "$ROOT" status --short 2>/dev/null | head -n 40
+  return $rc
+}
+
+gc_build() {
+  export MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 FRONTIERS_FAST_CUDA_ARCH=9.0
+  export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+  if python3 -m pip install --no-build-isolation --no-deps --no-index -v -e .; then
+    return 0
+  fi
+  # An old pip/setuptools may not do editable installs of this layout; an
+  # in-place build is enough for running from the repository root.
+  echo "pip install -e . failed; trying python3 setup.py build_ext --inplace"
+  python3 setup.py build_ext --inplace
+}
+
+gc_backends() {
+  python3 - <<'EOF'
+import frontiers_fast
+b = frontiers_fast.backends()
+print(b)
+for name, info in b.items():
+    print(f"  {name:10s} {'yes' if info['available'] else 'NO ':3s}  {info['why']}")
+missing = [n for n in ("cuda", "triton", "cpp") if not b[n]["available"]]
+if missing:
+    raise SystemExit(f"unavailable on a GPU machine: {missing}")
+EOF
+}
+
+gc_cuda_ext() {
+  # Poisoned outputs (NaN, arg -2) make an unwritten element a mismatch.
+  FRONTIERS_FAST_DEBUG_POISON=1 python3 - <<'EOF'
+"""spmm_fwd_warp (csrc/gnn/spmm.cu) against the reference, then its speed
+against the Triton kernel and cuSPARSE on the same inputs."""
+import torch
+import frontiers_fast as ff
+from frontiers_fast.ops.gnn import _ref_spmm_fwd
+
+ops = torch.ops.frontiers_fast
+dev = "cuda"
+gen = torch.Generator(device="cpu").manual_seed(0)
+REDUCES = ("sum", "mean", "max", "min")
+# normalised max error allowed per dtype (max |out - ref| / (1 + max |ref|))
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def csr(n_dst, n_src, avg_deg, skew):
+    if skew:  # a few hub rows with thousands of edges, many empty rows
+        deg = (torch.rand(n_dst, generator=gen) ** 6 * avg_deg * 7).long()
+    else:
+        deg = torch.randint(0, 2 * avg_deg + 1, (n_dst,), generator=gen)
+    rowptr = torch.zeros(n_dst + 1, dtype=torch.int64)
+    rowptr[1:] = deg.cumsum(0)
+    col = torch.randint(0, max(n_src, 1), (int(rowptr[-1]),), generator=gen)
+    return rowptr.to(dev), col.to(dev)
+
+
+checked, bad = 0, []
+graphs = [(1, 1, 0, False), (5, 3, 40, False), (37, 50, 3, False), (2000, 900, 12, True)]
+for n_dst, n_src, avg, skew in graphs:
+    rowptr, col = csr(n_dst, n_src, avg, skew)
+    E = col.numel()
+    for F in (1, 33, 130, 600):
+        for hw in (0, 1, 3):
+            if hw and F % hw:
+                continue
+            for dtype in TOL:
+                for reduce in REDUCES:
+                    extremum = reduce in ("max", "min")
+                    if extremum:  # few distinct values, so ties are common
+                        x = torch.randint(-3, 4, (n_src, F), generator=gen).to(dev, dtype)
+                        w = torch.randint(-1, 3, (E, hw), generator=gen).to(dev, dtype) if hw else None
+                    else:
+                        x = torch.randn(n_src, F, generator=gen).to(dev, dtype)
+                        w = torch.rand(E, hw, generator=gen).to(dev, dtype) if hw else None
+                    out, arg = ops.spmm_fwd_warp(rowptr, col, w, x, reduce)
+                    if extremum:  # exact: same messages, same first-edge rule
+                        ref_out, ref_arg = _ref_spmm_fwd(rowptr, col, w, x, reduce)
+                        ok = torch.equal(out, ref_out) and torch.equal(arg, ref_arg)
+                        err = "exact mismatch"
+                    else:
+                        ref_out, _ = _ref_spmm_fwd(rowptr, col, None if w is None else w.double(), x.double(), reduce)
+                        e = ((out.double() - ref_out).abs().max() / (1 + ref_out.abs().max())).item() if out.numel() else 0.0
+                        ok = e <= TOL[dtype] and arg.numel() == 0
+                        err = f"normalised error {e:.2e}"
+                    checked += 1
+                    if not ok:
+                        bad.append(f"N_dst={n_dst} E={E} F={F} Hw={hw} {dtype} {reduce}: {err}")
+
+# a side stream and a non-contiguous-free path must give the same answer
+rowptr, col = csr(300, 300, 8, False)
+x = torch.randn(300, 64, device=dev)
+ref_out, _ = ops.spmm_fwd_warp(rowptr, col, None, x, "sum")
+s = torch.cuda.Stream()
+with torch.cuda.stream(s):
+    side, _ = ops.spmm_fwd_warp(rowptr, col, None, x, "sum")
+s.synchronize()
+checked += 1
+if not torch.equal(side, ref_out):
+    bad.append("result on a side stream differs")
+# validation errors name the argument
+try:
+    ops.spmm_fwd_warp(rowptr, col, None, x.cpu(), "sum")
+    bad.append("a CPU x was accepted")
+except RuntimeError as exc:
+    print("expected error:", str(exc).splitlines()[0])
+torch.cuda.synchronize()
+print(f"spmm_fwd_warp: {checked - len(bad)}/{checked} cases agree with the reference")
+for line in bad[:40]:
+    print("MISMATCH", line)
+
+# --- speed, same inputs, results checked first ---------------------------
+print(f"\ntimings on {torch.cuda.get_device_name()} (median ms of 30, CUDA events)")
+try:
+    from frontiers_fast.kernels import gnn as tk
+except Exception as exc:  # the comparison is still useful without Triton
+    tk = None
+    print("triton launcher not importable:", exc)
+
+
+def median_ms(fn, reps=30):
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+print(f"{'case':38s} {'cuda warp':>10s} {'triton':>10s} {'cusparse':>10s}")
+for n, deg, F, skew in ((100_000, 16, 64, False), (100_000, 16, 256, False), (200_000, 10, 128, True)):
+    rowptr, col = csr(n, n, deg, skew)
+    x = torch.randn(n, F, device=dev)
+    for reduce in ("sum", "max"):
+        warp = lambda: ops.spmm_fwd_warp(rowptr, col, None, x, reduce)
+        row = [median_ms(warp)]
+        ref_out = warp()[0]
+        if tk is not None:
+            try:
+                t_out = tk.spmm_fwd(rowptr, col, None, x, reduce)[0]
+                agree = torch.allclose(t_out, ref_out, rtol=1e-4, atol=1e-4)
+                row.append(median_ms(lambda: tk.spmm_fwd(rowptr, col, None, x, reduce)) if agree else "mismatch")
+            except Exception as exc:
+                row.append(f"err {type(exc).__name__}")
+        else:
+            row.append("-")
+        if reduce == "sum":
+            A = torch.sparse_csr_tensor(rowptr, col, torch.ones(col.numel(), device=dev), (n, n))
+            agree = torch.allclose(A @ x, ref_out, rtol=1e-4, atol=1e-4)
+            row.append(median_ms(lambda: A @ x) if agree else "mismatch")
+        else:
+            row.append("-")
+        cells = [f"{v:10.3f}" if isinstance(v, float) else f"{v:>10s}" for v in row]
+        print(f"{f'N={n} E={col.numel()} F={F} {reduce}' + (' skew' if skew else ''):38s} " + " ".join(cells))
+
+if bad:
+    raise SystemExit(f"{len(bad)} mismatches")
+EOF
+}
+
+gc_tests() {
+  python3 -m pytest tests -q -rfE --maxfail=50 -p no:cacheprovider --junitxml="$OUTDIR/junit.xml"
+}
+
+gc_bench() {
+  # shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS is a list of flags
+  python3 -m frontiers_fast.bench --device cuda --out "$OUTDIR/report" ${GPU_CHECK_BENCH_ARGS:-}
+}
+
+gc_copy_report() {
+  if [[ ! -d "$OUTDIR/report" ]] || [[ -z "$(ls -A "$OUTDIR/report" 2>/dev/null)" ]]; then
+    echo "no report in $OUTDIR/report"
+    return 1
+  fi
+  # Keep a copy beside the other results, named after the GPU.
+  local gpu dest
+  gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | tr -cs 'A-Za-z0-9' '-' | sed 's/-*$//')"
+  dest="$ROOT/benchmarks/results/${gpu:-gpu}"
+  mkdir -p "$dest" && cp -r "$OUTDIR/report/." "$dest/"
+  echo "report copied to $dest:"
+  find "$OUTDIR/report" -type f -printf '  %P (%s bytes)\n' | LC_ALL=C sort
+  local md
+  md="$(find "$OUTDIR/report" -name '*.md' -type f | LC_ALL=C sort | head -n 1)"
+  if [[ -n "$md" ]]; then
+    echo
+    head -n 60 "$md"
+  fi
+}
+
+export -f gc_versions gc_build gc_backends gc_cuda_ext gc_tests gc_bench gc_copy_report
+
+# --- the run -----------------------------------------------------------------
+echo "gpu_check: $(date -u +%FT%TZ), budget ${BUDGET_S}s, logs in $OUTDIR"
+# name, nominal timeout, own minimum, time kept for the later steps (the sum
+# of their minimums)
+step nvidia_smi 20 10 390 nvidia-smi
+step versions 60 20 370 bash -c gc_versions
+step build 300 110 260 bash -c gc_build
+step backends 60 20 240 bash -c gc_backends
+step cuda_ext 90 40 200 bash -c gc_cuda_ext
+step tests 240 110 90 bash -c gc_tests
+step bench 200 80 10 bash -c gc_bench
+step copy_report 20 10 0 bash -c gc_copy_report
+
+{
+  echo
+  echo "=== summary ($((SECONDS))s of ${BUDGET_S}s budget) ==="
+  printf '%-12s  %-24s  %7s\n' step status seconds
+  for row in "${SUMMARY[@]}"; do
+    IFS='|' read -r name status took <<<"$row"
+    printf '%-12s  %-24s  %7s\n' "$name" "$status" "$took"
+  done
+  if [[ -f "$OUTDIR/junit.xml" ]]; then
+    python3 - "$OUTDIR/junit.xml" <<'EOF' 2>/dev/null || true
+import sys, xml.etree.ElementTree as ET
+r = ET.parse(sys.argv[1]).getroot()
+s = r if r.tag == "testsuite" else r.find("testsuite")
+f = {k: s.get(k, "?") for k in ("tests", "failures", "errors", "skipped", "time")}
+print("tests: {tests} run, {failures} failed, {errors} errors, {skipped} skipped, {time}s".format(**f))
+EOF
+  fi
+} | tee "$OUTDIR/summary.txt"
+
+exit $((FAILED > 0 ? 1 : 0))
