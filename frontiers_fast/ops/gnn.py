@@ -305,23 +305,17 @@ def _spmm_setup(ctx, inputs, output):
     rowptr, col, csc_ptr, csc_row, csc_perm, weight, x, reduce = inputs
     _, arg = output
     ctx.reduce = reduce
-    need_w = weight is not None and ctx.needs_input_grad[5]
-    # x is needed for the weight gradient only; weight for the x gradient only.
-    ctx.save_for_backward(
-        rowptr, col, csc_ptr, csc_row, csc_perm,
-        weight if ctx.needs_input_grad[6] else None,
-        x if need_w else None,
-        arg,
-    )  # fmt: skip
     ctx.has_weight = weight is not None
+    need_w = weight is not None and ctx.needs_input_grad[5]
+    # x is only read by the weight gradient; keep it alive only then.  The
+    # weight (an [E, Hw] input, saved by reference) tells the kernel Hw.
+    ctx.save_for_backward(rowptr, col, csc_ptr, csc_row, csc_perm, weight, x if need_w else None, arg)
 
 
 def _spmm_backward(ctx, grad_out, _grad_arg):
     rowptr, col, csc_ptr, csc_row, csc_perm, weight, x, arg = ctx.saved_tensors
     need_x = ctx.needs_input_grad[6]
     need_w = ctx.has_weight and ctx.needs_input_grad[5]
-    if weight is None and ctx.has_weight:
-        weight = None  # not needed: only the weight gradient was asked for
     if x is None:
         x = grad_out.new_empty((0, grad_out.shape[1]))
     gx, gw = _ops.spmm_bwd(

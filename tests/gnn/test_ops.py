@@ -259,3 +259,19 @@ def test_reference_kernels_match_autograd(case):
             wx, ww = torch.autograd.grad(out_ref, [x, w], go, allow_unused=True)
             assert_close(gx, wx)
             assert_close(gw, ww if ww is not None else torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_spmm_weight_grad_only(device, backend, reduce):
+    # Only the edge weight asks for a gradient (e.g. learned edge weights on fixed features).
+    g = random_graph(31, 150, device=device)
+    x = torch.randn(g.num_src, 6, device=device)
+    w = torch.randn(g.num_edges, device=device, requires_grad=True)
+    check_against_reference(
+        lambda x, w, backend=None: ff.spmm(g, x, w, reduce, backend=backend),
+        lambda x, w: ref.spmm(g, x, w, reduce),
+        [x, w],
+        torch.float64,
+        backend,
+    )
