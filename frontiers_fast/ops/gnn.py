@@ -34,6 +34,8 @@ whose backward is itself made of kernel ops.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -495,11 +497,11 @@ def spmm(graph, x, edge_weight=None, reduce="sum", *, num_nodes=None, backend=No
 
     def kernel():
         kd = _kernel_dtype(x, x.device.type)
-        x2 = x.reshape(x.shape[0], -1).to(kd).contiguous()
+        x2 = x.reshape(x.shape[0], math.prod(x.shape[1:])).to(kd).contiguous()
         w = None
         if edge_weight is not None:
             w = graph.to_csr_order(edge_weight.to(kd))
-            w = w.reshape(w.shape[0], -1).contiguous()
+            w = (w if w.dim() == 2 else w.unsqueeze(1)).contiguous()
         csc = graph.csc if torch.is_grad_enabled() and (x.requires_grad or (w is not None and w.requires_grad)) else _no_csc(graph)
         out, _ = _spmm_op(graph.rowptr, graph.col, *csc, w, x2, reduce)
         return out.view((graph.num_dst,) + tuple(x.shape[1:])).to(x.dtype)
