@@ -67,7 +67,8 @@ def write(results, targets, device, machine, out_dir, extra_sections=()):
         "",
         "Every figure below comes from one run of `python -m frontiers_fast.bench` in one process, "
         "on the same inputs for every provider, after checking each provider's output against the "
-        "float64 reference (max error is relative to max(1, |reference|)). Times are medians; "
+        "float64 reference (max error is norm-wise: max|ours - ref| / max|ref|, over the output "
+        "and every gradient). Times are medians of repeats; "
         "*speed-up* is (provider time) / (our best time), so > 1 means we are faster. Peak memory is "
         "the peak of bytes allocated during one call above what was allocated before it.",
         "",
