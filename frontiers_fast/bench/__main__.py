@@ -37,8 +37,9 @@ def main(argv=None):
     path, checks = write(results, targets, args.device, machine, out)
     print(f"\nwrote {path}")
     for desc, ratio, speed, mratio, mem, passed in checks:
-        rs = f"{ratio:.2f}x" if ratio else "n/a"
-        ms = f", memory {mratio:.1f}x (target {mem}x)" if mem else ""
+        rs = f"{ratio:.2f}x" if ratio is not None else "n/a"
+        mr = f"{mratio:.1f}x" if mratio is not None else "n/a"
+        ms = f", memory {mr} (target {mem}x)" if mem else ""
         print(f"  {'met   ' if passed else 'MISSED'} {desc}: {rs} (target {speed}x){ms}")
     return 0
 
