@@ -11,6 +11,8 @@ VENV_FLAGS ?=
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 DEPS := numpy triton pytest torch_geometric matplotlib pytest-benchmark ruff ninja setuptools wheel
+# Peers the tests and the report compare with (pure-Python wheels; no CUDA build).
+PEERS := mambapy torchdeq gsplat transformers
 NATIVE_SRC := $(shell find csrc -type f 2>/dev/null) setup.py
 
 .PHONY: test bench setup lint clean
@@ -21,7 +23,7 @@ $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
-	$(PY) -m pip install -q $(DEPS)
+	$(PY) -m pip install -q $(DEPS) $(PEERS)
 	touch $@
 
 # Rebuilt whenever a C++/CUDA source or setup.py changes.

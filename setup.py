@@ -85,8 +85,9 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "torch_geometric", "triton"],
-        "bench": ["matplotlib", "pytest-benchmark", "torch_geometric", "triton"],
+        "test": ["pytest", "torch_geometric", "triton", "mambapy", "torchdeq", "gsplat", "transformers"],
+        "bench": ["matplotlib", "pytest-benchmark", "torch_geometric", "triton", "mambapy", "torchdeq", "gsplat",
+                  "transformers"],
         "dev": ["ruff"],
     },
 )

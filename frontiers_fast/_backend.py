@@ -84,11 +84,35 @@ def _requested(backend):
     return backend
 
 
-def resolve(backend, device: torch.device, op: str) -> str:
-    """The backend that runs ``op`` on ``device``."""
+def resolve(backend, device: torch.device, op: str, implemented: tuple[str, ...] | None = None) -> str:
+    """The backend that runs ``op`` on ``device``.
+
+    ``implemented`` lists the backends ``op`` has (``None``: all of them).  A
+    family whose kernels are not written yet passes ``("reference",)``: its
+    default is then the reference without a warning (nothing is missing from
+    the build), and forcing another backend is an error that says so.
+    """
     _probe()
+    explicit = backend is not None
     backend = _requested(backend)
     gpu = device.type == "cuda"
+    if implemented is not None and backend is not None and backend not in implemented:
+        msg = (
+            f"frontiers_fast.{op}: backend {backend!r} is not implemented for this op yet "
+            f"(implemented: {', '.join(implemented)})"
+        )
+        if explicit:
+            raise NotImplementedError(msg)
+        # A process-wide force (environment or use_backend) covers every family;
+        # one that lacks the forced backend runs its reference and says so once.
+        if op not in _warned and not torch.compiler.is_compiling():
+            _warned.add(op)
+            warnings.warn(msg + "; running the reference", RuntimeWarning, stacklevel=3)
+        return "reference"
+    if backend is None and implemented is not None:
+        order = ("triton", "cuda") if gpu else ("cpp",)
+        if not any(b in implemented for b in order):
+            return "reference"
     if backend is None:
         if gpu:
             # Until a GPU run measures CUDA faster for an op, Triton is the default.

@@ -29,12 +29,16 @@ def main(argv=None):
     out = args.out or os.path.join("reports", args.device)
     machine = machine_name(args.device)
     print(f"frontiers_fast bench on {machine}", flush=True)
-    results, targets = [], {}
+    os.makedirs(out, exist_ok=True)
+    results, targets, sections = [], {}, []
     for fam in args.family or FAMILIES:
         mod = importlib.import_module(f"frontiers_fast.bench.{fam}")
-        mod.run(results, device=args.device, quick=args.quick, min_time=0.2 if args.quick else 0.5)
+        # A family may return extra report sections [(title, markdown)], and
+        # write files they link to (a render, a plot) into ``out_dir``.
+        extra = mod.run(results, device=args.device, quick=args.quick, min_time=0.2 if args.quick else 0.5, out_dir=out)
+        sections += list(extra or [])
         targets[fam] = mod.TARGETS
-    path, checks = write(results, targets, args.device, machine, out)
+    path, checks = write(results, targets, args.device, machine, out, extra_sections=sections)
     print(f"\nwrote {path}")
     for desc, ratio, speed, mratio, mem, passed in checks:
         rs = f"{ratio:.2f}x" if ratio is not None else "n/a"

@@ -54,7 +54,7 @@ def _pyg():
         return None, None
 
 
-def run(results, device="cpu", quick=False, min_time=0.5):
+def run(results, device="cpu", quick=False, min_time=0.5, out_dir=None):
     MessagePassing, PygGAT = _pyg()
     compile_ok = True
     for gname, edge_index, n, feats in graphs(device, quick):
