@@ -9,6 +9,7 @@ from . import nn, reference
 from ._backend import backends, use_backend
 from .graph import Graph, gcn_norm
 from .ops.gnn import edge_softmax, gat_aggregate, sddmm, spmm
+from .ops.moe import fused_moe, moe_permute, moe_route, moe_unpermute
 
 __version__ = "0.1.0"
 
@@ -16,8 +17,12 @@ __all__ = [
     "Graph",
     "backends",
     "edge_softmax",
+    "fused_moe",
     "gat_aggregate",
     "gcn_norm",
+    "moe_permute",
+    "moe_route",
+    "moe_unpermute",
     "nn",
     "reference",
     "sddmm",

@@ -1,5 +1,6 @@
 """Drop-in layers whose names and parameters match the libraries users come from."""
 
 from .gnn import GATConv, GCNConv, GINConv, SAGEConv
+from .moe import MixtralSparseMoeBlock
 
-__all__ = ["GCNConv", "GATConv", "SAGEConv", "GINConv"]
+__all__ = ["GCNConv", "GATConv", "SAGEConv", "GINConv", "MixtralSparseMoeBlock"]

@@ -1,5 +1,5 @@
 """Registered ``frontiers_fast::`` ops, one module per family."""
 
-from . import gnn
+from . import gnn, moe
 
-__all__ = ["gnn"]
+__all__ = ["gnn", "moe"]

@@ -1,6 +1,6 @@
 """Plain PyTorch references.  They pin the semantics every kernel is tested
 against, run in float64, and serve as the fallback backend."""
 
-from . import gnn
+from . import gnn, moe
 
-__all__ = ["gnn"]
+__all__ = ["gnn", "moe"]

@@ -1,0 +1,186 @@
+"""A drop-in for transformers' ``MixtralSparseMoeBlock`` on the fused MoE ops.
+
+Parameter names and shapes are those of transformers 5.x, so a Mixtral
+block's ``state_dict`` loads strictly:
+
+  gate.weight           [E, H]      router
+  experts.gate_up_proj  [E, 2I, H]  gate rows first, then up rows
+  experts.down_proj     [E, H, I]
+
+:func:`from_mixtral` converts a block in either transformers layout (the fused
+5.x tensors or the 4.x per-expert ``w1``/``w2``/``w3`` linears) to these
+three tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.moe import fused_moe, moe_route
+
+__all__ = ["MixtralSparseMoeBlock", "MoeTopKRouter", "MoeExperts", "from_mixtral"]
+
+
+class MoeTopKRouter(nn.Module):
+    """Softmax top-k router: ``forward(x [T, H]) -> (logits [T, E], weights [T, k] float32, ids [T, k] int32)``."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.top_k, self.num_experts, self.hidden_dim = top_k, num_experts, hidden_size
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+
+    def forward(self, hidden_states: Tensor):
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        logits = F.linear(hidden_states, self.weight)
+        weights, ids = moe_route(logits, self.top_k, "softmax", renormalize=True)
+        return logits, weights, ids
+
+
+class MoeExperts(nn.Module):
+    """E gated-MLP experts in the fused layout: ``forward(x [T, H], ids, weights) -> [T, H]``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, activation: str = "silu"):
+        super().__init__()
+        self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden_size, intermediate_size
+        self.activation = activation
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        return fused_moe(
+            hidden_states, self.gate_up_proj, self.down_proj, top_k_weights, top_k_index, self.activation
+        )
+
+
+class MixtralSparseMoeBlock(nn.Module):
+    """Mixtral's sparse MoE block: softmax router, top-k, renormalise, SwiGLU experts.
+
+    Build it from a ``MixtralConfig`` (``num_local_experts``,
+    ``num_experts_per_tok``, ``hidden_size``, ``intermediate_size``,
+    ``hidden_act``, ``router_jitter_noise``) or from explicit sizes.  Like
+    transformers 5.x, ``forward`` maps [..., H] to hidden states of the same
+    shape (no router logits).  In training mode a positive
+    ``router_jitter_noise`` scales the input by uniform noise in
+    [1 - j, 1 + j], as transformers does (out of place here).
+
+    Example::
+
+        >>> block = MixtralSparseMoeBlock(hidden_size=32, intermediate_size=48, num_experts=8, top_k=2)
+        >>> block(torch.randn(2, 5, 32)).shape
+        torch.Size([2, 5, 32])
+    """
+
+    def __init__(
+        self,
+        config=None,
+        *,
+        hidden_size: int | None = None,
+        intermediate_size: int | None = None,
+        num_experts: int | None = None,
+        top_k: int | None = None,
+        hidden_act: str = "silu",
+        router_jitter_noise: float = 0.0,
+    ):
+        super().__init__()
+        if config is not None:
+            hidden_size = config.hidden_size
+            intermediate_size = config.intermediate_size
+            num_experts = config.num_local_experts
+            top_k = config.num_experts_per_tok
+            hidden_act = getattr(config, "hidden_act", hidden_act)
+            router_jitter_noise = getattr(config, "router_jitter_noise", router_jitter_noise) or 0.0
+        for name, v in (
+            ("hidden_size", hidden_size),
+            ("intermediate_size", intermediate_size),
+            ("num_experts", num_experts),
+            ("top_k", top_k),
+        ):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int (or come from config), got {v!r}")
+        if top_k > num_experts:
+            raise ValueError(f"top_k={top_k} must be <= num_experts={num_experts}")
+        if hidden_act not in ("silu", "gelu"):
+            raise ValueError(f"hidden_act must be 'silu' or 'gelu', got {hidden_act!r}")
+        self.top_k = top_k
+        self.jitter_noise = float(router_jitter_noise)
+        self.gate = MoeTopKRouter(hidden_size, num_experts, top_k)
+        self.experts = MoeExperts(hidden_size, intermediate_size, num_experts, hidden_act)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # Fan-in scaled normals keep logits and activations O(1) at any size.
+        H, inter = self.experts.hidden_dim, self.experts.intermediate_dim
+        nn.init.normal_(self.gate.weight, std=1.0 / math.sqrt(H))
+        nn.init.normal_(self.experts.gate_up_proj, std=1.0 / math.sqrt(H))
+        nn.init.normal_(self.experts.down_proj, std=1.0 / math.sqrt(inter))
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        shape = hidden_states.shape
+        if self.training and self.jitter_noise > 0:
+            noise = torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+            hidden_states = hidden_states * noise
+        flat = hidden_states.reshape(-1, shape[-1])
+        _, weights, ids = self.gate(flat)
+        return self.experts(flat, ids, weights).view(shape)
+
+    @classmethod
+    def from_mixtral(cls, block) -> MixtralSparseMoeBlock:
+        """A block holding copies of a transformers Mixtral block's weights (dtype and device kept)."""
+        w_router, w_gate_up, w_down = from_mixtral(block)
+        E, two_i, H = w_gate_up.shape
+        act = getattr(getattr(getattr(block, "experts", None), "config", None), "hidden_act", "silu")
+        ours = cls(
+            hidden_size=H, intermediate_size=two_i // 2, num_experts=E, top_k=int(block.top_k), hidden_act=act
+        )
+        ours.jitter_noise = float(getattr(block, "jitter_noise", 0.0) or 0.0)
+        ours.to(device=w_gate_up.device, dtype=w_gate_up.dtype)
+        with torch.no_grad():
+            ours.gate.weight.copy_(w_router)
+            ours.experts.gate_up_proj.copy_(w_gate_up)
+            ours.experts.down_proj.copy_(w_down)
+        return ours
+
+
+def from_mixtral(block) -> tuple[Tensor, Tensor, Tensor]:
+    """Convert a transformers ``MixtralSparseMoeBlock``'s weights to (w_router, w_gate_up, w_down).
+
+    Returns detached tensors (sharing the block's storage where no
+    conversion was needed): w_router [E, H], w_gate_up [E, 2I, H] (gate
+    rows first), w_down [E, H, I].  Handles:
+
+    * transformers 5.x: ``gate.weight``, ``experts.gate_up_proj`` and
+      ``experts.down_proj`` (also the variants flagged ``is_transposed``,
+      stored [E, H, 2I] / [E, I, H], and ``is_concatenated=False``, whose
+      gate and up rows alternate);
+    * transformers 4.x: ``gate`` an ``nn.Linear`` and ``experts`` a list of
+      modules with ``w1`` (gate), ``w3`` (up) and ``w2`` (down) linears.
+
+    Example::
+
+        >>> w_router, w_gate_up, w_down = from_mixtral(hf_block)
+    """
+    gate = getattr(block, "gate", None)
+    experts = getattr(block, "experts", None)
+    if gate is None or experts is None or not isinstance(getattr(gate, "weight", None), Tensor):
+        raise TypeError(
+            f"block must have .gate.weight and .experts like a Mixtral MoE block, got {type(block).__name__}"
+        )
+    w_router = gate.weight.detach()
+    if hasattr(experts, "gate_up_proj"):
+        w_gate_up, w_down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+        if getattr(experts, "is_transposed", False):
+            w_gate_up, w_down = w_gate_up.transpose(1, 2), w_down.transpose(1, 2)
+        if not getattr(experts, "is_concatenated", True):
+            w_gate_up = torch.cat([w_gate_up[:, 0::2], w_gate_up[:, 1::2]], dim=1)
+        return w_router, w_gate_up.contiguous(), w_down.contiguous()
+    if isinstance(experts, (nn.ModuleList, list, tuple)) and all(hasattr(m, "w1") for m in experts):
+        w_gate_up = torch.stack([torch.cat([m.w1.weight, m.w3.weight], 0) for m in experts]).detach()
+        w_down = torch.stack([m.w2.weight for m in experts]).detach()
+        return w_router, w_gate_up, w_down
+    raise TypeError(
+        "block.experts has neither the fused gate_up_proj/down_proj tensors nor per-expert w1/w2/w3 linears"
+    )

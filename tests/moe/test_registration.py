@@ -1,0 +1,145 @@
+"""torch.library registration: opcheck (schema, fake, autograd), gradcheck and torch.compile."""
+
+import pytest
+import torch
+
+from frontiers_fast.ops import moe
+from frontiers_fast.reference import moe as ref
+
+from ..conftest import assert_close
+from .naive import random_moe
+
+ops = torch.ops.frontiers_fast
+FULL = ("test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
+PLAIN = ("test_schema", "test_faketensor")
+f64 = torch.float64
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+def test_opcheck_route():
+    logits = torch.randn(9, 8, dtype=f64, requires_grad=True)
+    bias = torch.randn(8, dtype=f64)
+    torch.library.opcheck(ops.moe_route, (logits, 2, "softmax", True, None, None, None, 1.0), test_utils=FULL)
+    torch.library.opcheck(ops.moe_route, (logits, 3, "sigmoid", True, bias, 4, 2, 2.5), test_utils=FULL)
+    torch.library.opcheck(
+        ops.moe_route, (logits.float(), 1, "sigmoid", False, None, 2, 1, 1.0), test_utils=FULL
+    )
+    w, ids = ops.moe_route(logits.detach(), 3, "sigmoid", True, bias, 4, 2, 2.5)
+    for scoring, renorm in (("sigmoid", True), ("softmax", False)):
+        args = (logits.detach(), ids, torch.randn_like(w), scoring, renorm, 2.5)
+        torch.library.opcheck(ops.moe_route_bwd, args, test_utils=PLAIN)
+
+
+def test_opcheck_dispatch_ops():
+    x = torch.randn(11, 6, dtype=f64, requires_grad=True)
+    _, ids = ref.moe_route(torch.randn(11, 5), 2)
+    torch.library.opcheck(ops.moe_permute, (x, ids, 7), test_utils=FULL)
+    x_perm, _, row_map = ops.moe_permute(x.detach(), ids, 7)
+    torch.library.opcheck(ops.moe_permute_bwd, (torch.randn_like(x_perm), row_map), test_utils=PLAIN)
+    y = _leaf(torch.randn_like(x_perm))
+    w = torch.rand(11, 2, dtype=f64, requires_grad=True)
+    torch.library.opcheck(ops.moe_unpermute, (y, row_map, w), test_utils=FULL)
+    go = torch.randn(11, 6, dtype=f64)
+    for need in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(
+            ops.moe_unpermute_bwd, (y.detach(), row_map, w.detach(), go, *need), test_utils=PLAIN
+        )
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_opcheck_fused_moe(activation):
+    x, wgu, wd, logits = random_moe(10, 6, 4, 5, f64)
+    w, ids = ref.moe_route(logits, 2)
+    leaves = [_leaf(t) for t in (x, wgu, wd, w)]
+    torch.library.opcheck(ops.fused_moe, (*leaves, ids, activation), test_utils=FULL)
+    go = torch.randn(10, 6, dtype=f64)
+    for need in ((True, True, True, True), (False, True, False, True), (True, False, True, False)):
+        torch.library.opcheck(
+            ops.fused_moe_bwd, (x, wgu, wd, w, ids, go, activation, *need), test_utils=PLAIN
+        )
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+    x, wgu, wd, _ = random_moe(12, 8, 6, 4)
+    router = torch.randn(4, 8)
+    bias = torch.randn(4) * 0.1
+    leaves = [_leaf(t) for t in (x, router, wgu, wd)]
+
+    def model(x, router, wgu, wd):
+        w, ids = moe.moe_route(x @ router.T, 2, "sigmoid", correction_bias=bias, n_group=2, topk_group=1)
+        x_perm, _, row_map = moe.moe_permute(x, ids, 4)
+        y = moe.fused_moe(x, wgu, wd, w, ids) + moe.moe_unpermute(x_perm, row_map, w)
+        return y.pow(2).sum()
+
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = compiled(*leaves)
+    g_got = torch.autograd.grad(got, leaves)
+    want = model(*leaves)
+    g_want = torch.autograd.grad(want, leaves)
+    assert_close(got, want)
+    for a, b in zip(g_got, g_want):
+        assert_close(a, b)
+
+
+@pytest.mark.gradcheck
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(top_k=2),
+        dict(top_k=1, renormalize=False, scaling=0.5),
+        dict(top_k=8, scoring="sigmoid"),
+        dict(top_k=3, scoring="sigmoid", bias=True, n_group=4, topk_group=2, scaling=2.5),
+        dict(top_k=3, n_group=2, topk_group=1),
+    ],
+)
+def test_gradcheck_route(kw):
+    kw = dict(kw)
+    bias = torch.randn(8, dtype=f64) if kw.pop("bias", False) else None
+    logits = torch.randn(6, 8, dtype=f64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda lg: moe.moe_route(lg, correction_bias=bias, **kw)[0], (logits,))
+
+
+@pytest.mark.gradcheck
+def test_gradcheck_permute_unpermute():
+    x = torch.randn(7, 3, dtype=f64, requires_grad=True)
+    ids = torch.randint(0, 4, (7, 3))  # repeats and idle experts allowed
+    w = torch.rand(7, 3, dtype=f64, requires_grad=True)
+
+    def fn(x, w):
+        x_perm, _, row_map = moe.moe_permute(x, ids, 4)
+        return moe.moe_unpermute(x_perm.sin(), row_map, w)
+
+    assert torch.autograd.gradcheck(fn, (x, w))
+
+
+@pytest.mark.gradcheck
+@pytest.mark.parametrize(
+    "T,E,k,allowed,activation",
+    [(5, 4, 2, None, "silu"), (1, 4, 2, None, "gelu"), (6, 4, 1, None, "silu"), (3, 3, 3, None, "silu"),
+     (6, 5, 2, [0, 3, 4], "silu")],
+)  # fmt: skip
+def test_gradcheck_fused_moe(T, E, k, allowed, activation):
+    x, wgu, wd, logits = random_moe(T, 4, 3, E, f64)
+    if allowed is not None:
+        mask = torch.full((E,), -30.0, dtype=f64)
+        mask[allowed] = 0.0
+        logits = logits + mask
+    w, ids = moe.moe_route(logits, k)
+    leaves = [_leaf(t) for t in (x, wgu, wd, w)]
+    assert torch.autograd.gradcheck(lambda *a: moe.fused_moe(*a, ids, activation), leaves)
+
+
+@pytest.mark.gradcheck
+def test_gradcheck_router_through_experts():
+    x, wgu, wd, _ = random_moe(5, 4, 3, 4, f64)
+    router = torch.randn(4, 4, dtype=f64, requires_grad=True)
+
+    def fn(x, router):
+        w, ids = moe.moe_route(x @ router.T, 2)
+        return moe.fused_moe(x, wgu, wd, w, ids)
+
+    assert torch.autograd.gradcheck(fn, (_leaf(x), router))
