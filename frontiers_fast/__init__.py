@@ -10,12 +10,15 @@ from ._backend import backends, use_backend
 from .graph import Graph, gcn_norm
 from .ops.gnn import edge_softmax, gat_aggregate, sddmm, spmm
 from .ops.moe import fused_moe, moe_permute, moe_route, moe_unpermute
+from .ops.ssm import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Graph",
     "backends",
+    "causal_conv1d",
+    "causal_conv1d_update",
     "edge_softmax",
     "fused_moe",
     "gat_aggregate",
@@ -26,6 +29,8 @@ __all__ = [
     "nn",
     "reference",
     "sddmm",
+    "selective_scan",
+    "selective_state_update",
     "spmm",
     "use_backend",
 ]

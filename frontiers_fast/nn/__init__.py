@@ -2,5 +2,6 @@
 
 from .gnn import GATConv, GCNConv, GINConv, SAGEConv
 from .moe import MixtralSparseMoeBlock
+from .ssm import Mamba
 
-__all__ = ["GCNConv", "GATConv", "SAGEConv", "GINConv", "MixtralSparseMoeBlock"]
+__all__ = ["GCNConv", "GATConv", "SAGEConv", "GINConv", "MixtralSparseMoeBlock", "Mamba"]

@@ -1,5 +1,5 @@
 """Registered ``frontiers_fast::`` ops, one module per family."""
 
-from . import gnn, moe
+from . import gnn, moe, ssm
 
-__all__ = ["gnn", "moe"]
+__all__ = ["gnn", "moe", "ssm"]

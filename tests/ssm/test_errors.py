@@ -1,0 +1,156 @@
+"""Bad inputs get a clear error that names the argument."""
+
+import pytest
+import torch
+
+from frontiers_fast.ops import ssm as ops
+
+from .inputs import scan_inputs
+
+f64 = torch.float64
+
+
+def _scan(**changes):
+    kw = scan_inputs(batch=2, dim=6, N=3, L=5, layout="variable", dtype=torch.float32)
+    kw.update(changes)
+    return ops.selective_scan(**kw)
+
+
+@pytest.mark.parametrize(
+    "name,bad,match",
+    [
+        ("u", torch.randn(2, 6), "u must have 3 dimensions"),
+        ("u", [[1.0]], "u must be a torch.Tensor"),
+        ("u", torch.randint(0, 3, (2, 6, 5)), "u must be a floating tensor"),
+        ("delta", torch.randn(2, 6, 4), "delta must be"),
+        ("delta", torch.randn(2, 6, 5, device="meta"), "delta is on meta"),
+        ("A", torch.randn(5, 3), "A must be"),
+        ("A", torch.randn(6, 3, dtype=torch.complex64), "A is complex"),
+        ("A", torch.randn(6, 3, 1), "A must have 2 dimensions"),
+        ("B", torch.randn(2, 3, 4), "B must be"),
+        ("B", torch.randn(2, 4, 3, 5), "B has G=4 groups"),
+        ("B", torch.randn(2, 3, 3, 5, 1), "B must have 2 or 3 or 4 dimensions"),
+        ("B", torch.randn(6, 4), r"B must be \[dim, N\]"),
+        ("C", torch.randn(2, 2, 4, 5), "C must be"),
+        ("C", torch.randn(2, 3, 5, device="meta"), "C is on meta"),
+        ("C", torch.randn(2, 3, 5).int(), "C must be a floating tensor"),
+        ("D", torch.randn(5), "D must be"),
+        ("D", torch.randn(6, 1), "D must have 1 dimensions"),
+        ("z", torch.randn(2, 6, 4), "z must be"),
+        ("z", torch.randn(2, 6, 5, device="meta"), "z is on meta"),
+        ("delta_bias", torch.randn(7), "delta_bias must be"),
+        ("delta_bias", torch.randn(6, dtype=torch.complex64), "delta_bias is complex"),
+        ("initial_state", torch.randn(2, 6, 4), "initial_state must be"),
+        ("initial_state", torch.randn(2, 6, 3, device="meta"), "initial_state is on meta"),
+        ("delta_softplus", 1, "delta_softplus must be a bool"),
+    ],
+)
+def test_selective_scan_bad_inputs(name, bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        _scan(**{name: bad})
+
+
+def test_selective_scan_bad_flags_and_backend():
+    with pytest.raises(TypeError, match="return_last_state must be a bool"):
+        _scan(return_last_state="yes")
+    kw = scan_inputs(L=0, dtype=torch.float32)
+    with pytest.raises(ValueError, match="u must have at least one time step"):
+        ops.selective_scan(**kw)
+    kw = scan_inputs(dtype=torch.float32)
+    for backend in ("cpp", "triton", "cuda"):
+        with pytest.raises(NotImplementedError, match="selective_scan"):
+            ops.selective_scan(**kw, backend=backend)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.selective_scan(**kw, backend="fast")
+    assert ops.selective_scan(**kw, backend="reference").shape == kw["u"].shape
+
+
+def _step_args():
+    return dict(
+        state=torch.randn(2, 6, 3),
+        x=torch.randn(2, 6),
+        dt=torch.rand(2, 6),
+        A=-torch.rand(6, 3),
+        B=torch.randn(2, 3),
+        C=torch.randn(2, 3),
+    )
+
+
+@pytest.mark.parametrize(
+    "name,bad,match",
+    [
+        ("state", torch.randn(2, 2, 6, 3), "state must have 3 dimensions"),
+        ("state", torch.randn(2, 6, 3).int(), "state must be a floating tensor"),
+        ("x", torch.randn(2, 5), "x must be"),
+        ("x", torch.randn(2, 6, device="meta"), "x is on meta"),
+        ("dt", torch.randn(3, 6), "dt must be"),
+        ("A", torch.randn(6, 4), "A must be"),
+        ("A", torch.randn(6, 3, dtype=torch.complex64), "A is complex"),
+        ("B", torch.randn(2, 4), "B must be"),
+        ("B", torch.randn(2, 4, 3), "B has G=4 groups"),
+        ("C", torch.randn(2, 3, 3, 1), "C must have 2 or 3 dimensions"),
+        ("D", torch.randn(3), "D must be"),
+        ("z", torch.randn(2, 6, device="meta"), "z is on meta"),
+        ("dt_bias", torch.randn(6, 1), "dt_bias must have 1 dimensions"),
+        ("dt_softplus", "yes", "dt_softplus must be a bool"),
+    ],
+)
+def test_state_update_bad_inputs(name, bad, match):
+    args = _step_args()
+    args[name] = bad
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.selective_state_update(**args)
+
+
+def test_state_update_backend():
+    with pytest.raises(NotImplementedError, match="selective_state_update"):
+        ops.selective_state_update(**_step_args(), backend="triton")
+
+
+@pytest.mark.parametrize(
+    "name,bad,match",
+    [
+        ("x", torch.randn(2, 6), "x must have 3 dimensions"),
+        ("x", torch.randint(0, 2, (2, 6, 9)), "x must be a floating tensor"),
+        ("weight", torch.randn(5, 4), "weight must be"),
+        ("weight", torch.randn(6, 0), "weight must be"),
+        ("weight", torch.randn(6, 4, device="meta"), "weight is on meta"),
+        ("weight", torch.randn(6, 4, dtype=torch.complex64), "weight is complex"),
+        ("bias", torch.randn(5), "bias must be"),
+        ("bias", torch.randn(6, device="meta"), "bias is on meta"),
+        ("initial_states", torch.randn(2, 6, 4), "initial_states must be"),
+        ("activation", "relu", "activation must be"),
+        ("return_final_states", None, "return_final_states must be a bool"),
+    ],
+)
+def test_causal_conv1d_bad_inputs(name, bad, match):
+    args = dict(x=torch.randn(2, 6, 9), weight=torch.randn(6, 4))
+    args[name] = bad
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.causal_conv1d(**args)
+
+
+@pytest.mark.parametrize(
+    "name,bad,match",
+    [
+        ("x", torch.randn(6), "x must have 2 or 3 dimensions"),
+        ("conv_state", torch.randn(2, 6, 2), "conv_state must be"),
+        ("conv_state", torch.randn(2, 5, 4), "conv_state must be"),
+        ("conv_state", torch.randn(2, 6, 4, device="meta"), "conv_state is on meta"),
+        ("weight", torch.randn(6), "weight must have 2 dimensions"),
+        ("bias", torch.randn(6, dtype=torch.complex64), "bias is complex"),
+        ("activation", "gelu", "activation must be"),
+    ],
+)
+def test_conv_update_bad_inputs(name, bad, match):
+    args = dict(x=torch.randn(2, 6), conv_state=torch.randn(2, 6, 4), weight=torch.randn(6, 4))
+    args[name] = bad
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.causal_conv1d_update(**args)
+
+
+def test_conv_backends():
+    with pytest.raises(NotImplementedError, match="causal_conv1d"):
+        ops.causal_conv1d(torch.randn(2, 6, 9), torch.randn(6, 4), backend="cpp")
+    with pytest.raises(NotImplementedError, match="causal_conv1d_update"):
+        ops.causal_conv1d_update(torch.randn(2, 6), torch.randn(2, 6, 4), torch.randn(6, 4), backend="triton")
