@@ -8,6 +8,7 @@ backend is missing falls back to the PyTorch reference with one warning.
 from . import nn, reference
 from ._backend import backends, use_backend
 from .graph import Graph, gcn_norm
+from .ops.deq import deq, fixed_point_solve, jacobian_regularizer
 from .ops.gnn import edge_softmax, gat_aggregate, sddmm, spmm
 from .ops.moe import fused_moe, moe_permute, moe_route, moe_unpermute
 from .ops.ssm import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
@@ -19,10 +20,13 @@ __all__ = [
     "backends",
     "causal_conv1d",
     "causal_conv1d_update",
+    "deq",
     "edge_softmax",
+    "fixed_point_solve",
     "fused_moe",
     "gat_aggregate",
     "gcn_norm",
+    "jacobian_regularizer",
     "moe_permute",
     "moe_route",
     "moe_unpermute",

@@ -1,5 +1,5 @@
 """Registered ``frontiers_fast::`` ops, one module per family."""
 
-from . import gnn, moe, ssm
+from . import deq, gnn, moe, ssm
 
-__all__ = ["gnn", "moe", "ssm"]
+__all__ = ["deq", "gnn", "moe", "ssm"]

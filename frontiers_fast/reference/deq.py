@@ -1,0 +1,411 @@
+"""Fixed-point (deep equilibrium) solvers in plain PyTorch.
+
+Bai, Kolter & Koltun, "Deep Equilibrium Models" (NeurIPS 2019): a layer's
+output is the fixed point ``z* = f(z*)``, found by a root solver rather than
+by unrolling.  This module pins the semantics every later kernel is tested
+against.
+
+Tensor kernels (the pieces a GPU kernel will fuse; ``z`` flattened to [B, D]):
+
+  residual_norms(fz, z) -> (abs, rel)                 [B], [B]
+  anderson_mix(X, F, n, lam, tau) -> (x_next, alpha)  [B, D], [B, m]
+  broyden_matvec(U, V, x, n, transpose) -> y          [B, D]
+  broyden_update(U, V, dx, dg, n) -> (u, v)           [B, D], [B, D]
+
+The solver loop (:func:`solve_loop`) is Python: each pass is one evaluation of
+``f`` on the whole batch, and the iteration is the recurrence itself.  It takes
+the kernels as arguments so the registered ops (``frontiers_fast.ops.deq``)
+and this reference share one loop.
+
+Semantics, and where they differ from torchdeq 0.1.0 (whose Anderson and
+Broyden iterates and step counts we reproduce where both definitions agree):
+
+* Residuals are per sample over the trailing dims: ``abs = ||f(z) - z||``,
+  ``rel = abs / (||f(z)|| + 1e-9)``.
+* Steps are numbered as torchdeq numbers them: Anderson and Picard step ``k``
+  is the ``k``-th evaluation of ``f``; Broyden step ``k`` is its ``k``-th
+  update (its evaluation at ``z0`` is step 0 and is not a candidate).  The
+  estimate a step proposes is ``f(x_k)`` for Anderson and Picard and ``x_k``
+  for Broyden (torchdeq returns the same).
+* Each sample keeps its own best estimate (lowest residual in ``stop_mode``,
+  first one on ties), and a sample whose residual falls below ``tol`` stops:
+  its estimate, ``nstep`` and lowest residuals no longer change, and ``f``
+  is fed its frozen estimate from then on.  torchdeq stops only when every
+  sample is below ``tol`` and lets converged samples keep iterating (so their
+  best can still move).  The two coincide for a batch of one, when all
+  samples converge at the same step, and when nothing converges (``tol=0``).
+* Anderson's two Picard warm-up evaluations (``x1 = f(z0)``) are steps 1 and
+  2 and are candidates for the best estimate and for stopping; torchdeq
+  starts tracking at step 3.  They coincide whenever the warm-up residuals
+  are above ``tol`` and above the final best (the usual case, z0 far from z*).
+* The lowest residuals start at +inf (torchdeq: 1e8), so a sample always
+  reports the best step it took.
+* Picard with damping ``tau`` iterates ``x <- tau f(x) + (1 - tau) x`` and
+  reports the residual of ``f`` itself (torchdeq reports the damped map's,
+  ``tau`` times smaller); identical for ``tau = 1``.
+* Broyden stops a sample that made no progress (the ratio of its largest to
+  smallest residual over the last 30 steps below 1.3, with its residual below
+  ``3 tol``), per sample, like torchdeq's batch-wide rule.  The rank-one
+  terms are zeroed where they are not finite (torchdeq zeroes NaN only).
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor
+
+SOLVERS = ("anderson", "broyden", "picard")
+STOP_MODES = ("abs", "rel")
+REL_EPS = 1e-9
+
+
+# ---------------------------------------------------------------------------
+# tensor kernels
+# ---------------------------------------------------------------------------
+def residual_norms(fz: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample residuals of a fixed-point estimate.
+
+    Args:
+        fz: [B, D], ``f(z)``.
+        z: [B, D].
+
+    Returns:
+        ``abs = ||fz - z||`` [B] and ``rel = abs / (||fz|| + 1e-9)`` [B].
+
+    Example::
+
+        >>> a, r = residual_norms(torch.ones(2, 3), torch.zeros(2, 3))
+    """
+    a = torch.linalg.vector_norm(fz - z, dim=1)
+    return a, a / (torch.linalg.vector_norm(fz, dim=1) + REL_EPS)
+
+
+def anderson_mix(X: Tensor, F: Tensor, n: int, lam: float, tau: float) -> tuple[Tensor, Tensor]:
+    """One Anderson-acceleration step from the first ``n`` slots of the ring buffers.
+
+    With ``G = F - X`` (the residuals of the stored iterates) the weights
+    minimise ``||alpha G||^2 + lam ||alpha||^2`` subject to ``sum(alpha) = 1``,
+    i.e. solve the bordered (n+1)x(n+1) system
+    ``[[0, 1^T], [1, G G^T + lam I]] [mu; alpha] = [1; 0]`` per sample.
+
+    Args:
+        X: [B, m, D] past iterates; F: [B, m, D] their images under f.
+        n: number of valid slots (1 <= n <= m); slots ``n..m-1`` are ignored.
+        lam: Tikhonov regularisation (>= 0).
+        tau: damping; the next iterate is ``alpha (tau F + (1 - tau) X)``.
+
+    Returns:
+        ``x_next`` [B, D] and ``alpha`` [B, m] (zero past slot n).
+
+    Example::
+
+        >>> x, alpha = anderson_mix(torch.randn(2, 4, 8), torch.randn(2, 4, 8), 3, 1e-4, 1.0)
+    """
+    B, m, _ = X.shape
+    Xn, Fn = X[:, :n], F[:, :n]
+    G = Fn - Xn
+    A = torch.bmm(G, G.transpose(1, 2)) + lam * torch.eye(n, dtype=X.dtype, device=X.device)
+    ones = X.new_ones((B, 1, n))
+    top = torch.cat([X.new_zeros((B, 1, 1)), ones], dim=2)
+    H = torch.cat([top, torch.cat([ones.transpose(1, 2), A], dim=2)], dim=1)
+    rhs = X.new_zeros((B, n + 1, 1))
+    rhs[:, 0] = 1
+    # solve_ex: a singular system (lam = 0 and repeated iterates) gives
+    # non-finite weights for that sample instead of failing the whole batch.
+    alpha = torch.linalg.solve_ex(H, rhs)[0][:, 1:, 0]
+    mixed = (
+        tau * torch.bmm(alpha.unsqueeze(1), Fn)[:, 0] + (1 - tau) * torch.bmm(alpha.unsqueeze(1), Xn)[:, 0]
+    )
+    return mixed, torch.nn.functional.pad(alpha, (0, m - n))
+
+
+def broyden_matvec(U: Tensor, V: Tensor, x: Tensor, n: int, transpose: bool) -> Tensor:
+    """Apply the low-rank inverse-Jacobian estimate ``Jinv = -I + U_n^T V_n``.
+
+    Args:
+        U, V: [B, L, D]; row ``l`` holds the ``l``-th rank-one term ``u_l v_l^T``.
+        x: [B, D].
+        n: number of terms in use (0 <= n <= L).
+        transpose: ``False`` gives ``Jinv x``, ``True`` gives ``Jinv^T x`` (= ``x^T Jinv``).
+
+    Returns:
+        [B, D].
+
+    Example::
+
+        >>> y = broyden_matvec(torch.zeros(2, 5, 8), torch.zeros(2, 5, 8), torch.ones(2, 8), 0, False)  # -x
+    """
+    if n == 0:
+        return -x
+    Un, Vn = U[:, :n], V[:, :n]
+    if transpose:
+        Un, Vn = Vn, Un
+    coef = torch.bmm(Vn, x.unsqueeze(2))  # [B, n, 1]
+    return -x + torch.bmm(Un.transpose(1, 2), coef)[:, :, 0]
+
+
+def broyden_update(U: Tensor, V: Tensor, dx: Tensor, dg: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Rank-one "good Broyden" update of the inverse Jacobian, in inverse form.
+
+    ``Jinv' = Jinv + (dx - Jinv dg) (dx^T Jinv) / (dx^T Jinv dg)``, returned as
+    the new term ``u = (dx - Jinv dg) / (v . dg)``, ``v = Jinv^T dx``; entries
+    that are not finite (a zero denominator) are set to 0, so the term is a
+    no-op for that sample.
+
+    Args:
+        U, V: [B, L, D], the first ``n`` terms in use.
+        dx: [B, D] step in z; dg: [B, D] change of the residual ``f(z) - z``.
+
+    Returns:
+        ``u`` [B, D] and ``v`` [B, D].
+
+    Example::
+
+        >>> u, v = broyden_update(torch.zeros(2, 5, 8), torch.zeros(2, 5, 8), torch.randn(2, 8), torch.randn(2, 8), 0)
+    """
+    v = broyden_matvec(U, V, dx, n, True)
+    den = (v * dg).sum(1, keepdim=True)
+    u = (dx - broyden_matvec(U, V, dg, n, False)) / den
+    return torch.where(torch.isfinite(u), u, 0.0), torch.where(torch.isfinite(v), v, 0.0)
+
+
+KERNELS = SimpleNamespace(
+    residual_norms=residual_norms,
+    anderson_mix=anderson_mix,
+    broyden_matvec=broyden_matvec,
+    broyden_update=broyden_update,
+)
+
+
+# ---------------------------------------------------------------------------
+# the solver loop
+# ---------------------------------------------------------------------------
+class _Tracker:
+    """Per-sample best estimate, lowest residuals, step and traces."""
+
+    def __init__(self, z0: Tensor, max_iter: int, tol: float, stop_mode: str):
+        B = z0.shape[0]
+        self.tol, self.stop_mode = tol, stop_mode
+        self.best = z0.clone()
+        inf = torch.full((B,), math.inf, dtype=z0.dtype, device=z0.device)
+        self.lowest = {"abs": inf, "rel": inf.clone()}
+        self.nstep = torch.zeros(B, dtype=torch.int64, device=z0.device)
+        self.trace = {k: z0.new_zeros((B, max_iter)) for k in STOP_MODES}
+        self.active = torch.ones(B, dtype=torch.bool, device=z0.device)
+        self.last = 0  # steps recorded so far
+        self.all_active = True
+
+    def record(self, step: int, est: Tensor, res: dict[str, Tensor]):
+        live = self.active
+        for mode in STOP_MODES:
+            better = live & (res[mode] < self.lowest[mode])
+            self.lowest[mode] = torch.where(better, res[mode], self.lowest[mode])
+            if mode == self.stop_mode:
+                self.best = torch.where(better.unsqueeze(1), est, self.best)
+                self.nstep = torch.where(better, step, self.nstep)
+            # A frozen sample's trace holds its lowest value, as torchdeq pads after it stops.
+            self.trace[mode][:, step - 1] = torch.where(live, res[mode], self.lowest[mode])
+        self.active = live & ~(res[self.stop_mode] < self.tol)
+        self.last = step
+
+    def freeze(self, mask: Tensor):
+        self.active = self.active & ~mask
+
+    def done(self) -> bool:
+        # One host sync per step (the early exit needs it anyway); it also tells
+        # the loops when no sample is frozen, so they can skip the masking.
+        n = int(self.active.sum())
+        self.all_active = n == self.active.shape[0]
+        return n == 0
+
+    def keep_frozen(self, new: Tensor, frozen: Tensor) -> Tensor:
+        """``new`` for running samples, ``frozen`` for stopped ones."""
+        return new if self.all_active else torch.where(self.active.unsqueeze(1), new, frozen)
+
+    def info(self) -> dict[str, Tensor]:
+        for mode in STOP_MODES:
+            self.trace[mode][:, self.last :] = self.lowest[mode].unsqueeze(1)
+        return {
+            "abs_lowest": self.lowest["abs"],
+            "rel_lowest": self.lowest["rel"],
+            "nstep": self.nstep,
+            "abs_trace": self.trace["abs"],
+            "rel_trace": self.trace["rel"],
+        }
+
+
+def _flat_f(f, z0: Tensor):
+    shape, B = z0.shape, z0.shape[0]
+
+    def fflat(x: Tensor) -> Tensor:
+        out = f(x.view(shape))
+        if not isinstance(out, Tensor):
+            raise TypeError(f"f must return a tensor, got {type(out).__name__}")
+        if out.shape != shape:
+            raise ValueError(f"f must return a tensor of z0's shape {tuple(shape)}, got {tuple(out.shape)}")
+        if out.dtype != z0.dtype:
+            raise TypeError(f"f returned dtype {out.dtype} but z0 has {z0.dtype}; they must match")
+        if out.device != z0.device:
+            raise ValueError(f"f returned a tensor on {out.device} but z0 is on {z0.device}")
+        return out.reshape(B, -1)
+
+    return fflat
+
+
+def _anderson(f, z, t: _Tracker, k, max_iter, m, lam, tau):
+    B, D = z.shape
+    X = z.new_zeros((B, m, D))
+    F = z.new_zeros((B, m, D))
+    x = z
+    for i in range(max_iter):
+        if i == 1:
+            # A copy: with m = 1 the slot it comes from is overwritten below.
+            x = t.keep_frozen(F[:, 0].clone(), t.best)
+        elif i >= 2:
+            mixed, _ = k.anderson_mix(X, F, min(i, m), lam, tau)
+            x = t.keep_frozen(mixed, t.best)
+        fx = f(x)
+        X[:, i % m], F[:, i % m] = x, fx
+        a, r = k.residual_norms(fx, x)
+        t.record(i + 1, fx, {"abs": a, "rel": r})
+        if t.done():
+            break
+
+
+def _picard(f, z, t: _Tracker, k, max_iter, tau):
+    x = z
+    for i in range(max_iter):
+        fx = f(x)
+        a, r = k.residual_norms(fx, x)
+        t.record(i + 1, fx, {"abs": a, "rel": r})
+        if t.done():
+            break
+        nxt = fx if tau == 1.0 else tau * fx + (1 - tau) * x
+        x = t.keep_frozen(nxt, x)
+
+
+# torchdeq's Broyden stall rule: look back this many steps for progress.
+_STALL_WINDOW, _STALL_RATIO, _STALL_TOL = 30, 1.3, 3.0
+
+
+def _broyden(f, z, t: _Tracker, k, max_iter):
+    B, D = z.shape
+    U = z.new_zeros((B, max_iter, D))
+    V = z.new_zeros((B, max_iter, D))
+    x = z
+    gx = f(x) - x
+    update = gx  # -Jinv gx with Jinv = -I
+    for step in range(1, max_iter + 1):
+        x_new = t.keep_frozen(x + update, x)
+        fx = f(x_new)
+        gx_new = t.keep_frozen(fx - x_new, gx)
+        dx, dg = x_new - x, gx_new - gx
+        x, gx = x_new, gx_new
+        a, r = k.residual_norms(fx, x)
+        t.record(step, x, {"abs": a, "rel": r})
+        if step > _STALL_WINDOW:
+            window = t.trace[t.stop_mode][:, step - _STALL_WINDOW : step]
+            stalled = window.amax(1) / window.amin(1) < _STALL_RATIO
+            t.freeze(stalled & (t.trace[t.stop_mode][:, step - 1] < _STALL_TOL * t.tol))
+        if t.done():
+            break
+        u, v = k.broyden_update(U, V, dx, dg, step - 1)
+        U[:, step - 1], V[:, step - 1] = u, v
+        update = -k.broyden_matvec(U, V, gx, step, False)
+
+
+def solve_loop(f, z0: Tensor, *, solver, max_iter, tol, stop_mode, m, lam, tau, kernels=KERNELS):
+    """The solver loop shared by the reference and the registered ops (no validation)."""
+    with torch.no_grad():
+        z = z0.detach().reshape(z0.shape[0], -1)
+        fflat = _flat_f(f, z0.detach())
+        t = _Tracker(z, max_iter, tol, stop_mode)
+        if solver == "anderson":
+            _anderson(fflat, z, t, kernels, max_iter, m, lam, tau)
+        elif solver == "broyden":
+            _broyden(fflat, z, t, kernels, max_iter)
+        else:
+            _picard(fflat, z, t, kernels, max_iter, tau)
+        return t.best.view(z0.shape), t.info()
+
+
+def fixed_point_solve(
+    f, z0, *, solver="anderson", max_iter=40, tol=1e-3, stop_mode="abs", m=6, lam=1e-4, tau=1.0
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Solve ``z = f(z)`` for every sample of a batch (no gradient; see ``ops.deq.deq``).
+
+    Args:
+        f: callable, [B, ...] -> [B, ...] (same shape, dtype and device as ``z0``).
+        z0: [B, ...] initial estimate, float32 or float64; norms are over the
+            trailing dims of each sample.
+        solver: ``"anderson"``, ``"broyden"`` (good Broyden, inverse form) or
+            ``"picard"`` (damped fixed-point iteration).
+        max_iter: evaluations of ``f`` (Anderson, Picard) or updates (Broyden).
+        tol: a sample stops once its ``stop_mode`` residual is below ``tol``.
+        stop_mode: ``"abs"`` or ``"rel"``.
+        m: Anderson ring-buffer size; lam: Anderson regularisation;
+        tau: damping (Anderson mixing and Picard).
+
+    Returns:
+        ``z*`` [B, ...] (each sample's best estimate) and a dict of per-sample
+        tensors: ``abs_lowest`` [B], ``rel_lowest`` [B], ``nstep`` [B] int64
+        (the step of the best estimate; 0 = none), ``abs_trace`` and
+        ``rel_trace`` [B, max_iter] (column ``k-1`` is step ``k``).  See the
+        module docstring for the semantics and how they relate to torchdeq.
+
+    Example::
+
+        >>> W = 0.3 * torch.randn(8, 8) / 8**0.5
+        >>> z, info = fixed_point_solve(lambda z: torch.tanh(z @ W + 1), torch.zeros(4, 8))
+    """
+    return solve_loop(
+        f, z0, solver=solver, max_iter=max_iter, tol=tol, stop_mode=stop_mode, m=m, lam=lam, tau=tau
+    )
+
+
+def jacobian_regularizer(
+    f_z: Tensor, z: Tensor, vecs: int = 1, create_graph: bool = True, *, probes=None
+) -> Tensor:
+    """Hutchinson estimate of ``||J||_F^2 / z.numel()`` with ``J = d f_z / d z``.
+
+    ``E_v ||v^T J||^2 = ||J||_F^2`` for ``v ~ N(0, I)``; the estimate averages
+    ``vecs`` probes and divides by the number of elements of ``z`` (batch
+    included), as torchdeq's ``jac_reg`` does.
+
+    Args:
+        f_z: ``f(z)`` with a graph to ``z``; z: the input (requires grad).
+        vecs: number of Gaussian probes (drawn one at a time from the global
+            generator, as torchdeq does).
+        create_graph: keep the graph so the estimate can be trained on.
+        probes: optional [vecs, *z.shape] probes to use instead of random ones.
+
+    Returns:
+        0-dim tensor.
+
+    Example::
+
+        >>> z = torch.randn(4, 8, requires_grad=True)
+        >>> loss = jacobian_regularizer(torch.tanh(z), z, vecs=2)
+    """
+    total = 0.0
+    for i in range(vecs):
+        v = torch.randn(f_z.shape, dtype=z.dtype, device=z.device) if probes is None else probes[i]
+        (vJ,) = torch.autograd.grad(f_z, z, v, retain_graph=True, create_graph=create_graph)
+        total = total + vJ.pow(2).sum()
+    return total / vecs / z.numel()
+
+
+__all__ = [
+    "SOLVERS",
+    "STOP_MODES",
+    "residual_norms",
+    "anderson_mix",
+    "broyden_matvec",
+    "broyden_update",
+    "solve_loop",
+    "fixed_point_solve",
+    "jacobian_regularizer",
+]

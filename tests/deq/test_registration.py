@@ -1,0 +1,169 @@
+"""The registered kernel ops: math, explicit backward formulas, opcheck, gradcheck, torch.compile."""
+
+import pytest
+import torch
+
+from frontiers_fast.ops import deq as ops
+from frontiers_fast.reference import deq as ref
+
+from ..conftest import assert_close
+
+tops = torch.ops.frontiers_fast
+F64 = dict(dtype=torch.float64)
+PUBLIC_UTILS = ("test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
+PLAIN_UTILS = ("test_schema", "test_faketensor")
+
+
+def _buffers(B=3, m=5, D=7, L=6):
+    X, F = torch.randn(B, m, D, **F64), torch.randn(B, m, D, **F64)
+    U, V = 0.3 * torch.randn(B, L, D, **F64), 0.3 * torch.randn(B, L, D, **F64)
+    return X, F, U, V
+
+
+# --------------------------------------------------------------------------- math
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_residual_norms(dtype):
+    fz, z = torch.randn(4, 3, 5, dtype=dtype), torch.randn(4, 3, 5, dtype=dtype)
+    a, r = ops.residual_norms(fz, z)
+    want = (fz - z).double().flatten(1).pow(2).sum(1).sqrt()
+    assert_close(a, want, dtype)
+    assert_close(r, want / (fz.double().flatten(1).pow(2).sum(1).sqrt() + 1e-9), dtype)
+
+
+@pytest.mark.parametrize("n", [1, 3, 5])
+def test_anderson_weights_solve_the_constrained_least_squares(n):
+    X, F, _, _ = _buffers()
+    lam, tau = 1e-3, 0.8
+    x, alpha = ops.anderson_mix(X, F, n, lam, tau)
+    assert (alpha[:, n:] == 0).all()
+    # Closed form of min ||alpha G||^2 + lam ||alpha||^2 s.t. sum(alpha) = 1: A^-1 1 / (1^T A^-1 1).
+    G = F[:, :n] - X[:, :n]
+    A = G @ G.transpose(1, 2) + lam * torch.eye(n, **F64)
+    w = torch.linalg.solve(A, torch.ones(3, n, 1, **F64))[:, :, 0]
+    want = w / w.sum(1, keepdim=True)
+    assert_close(alpha[:, :n], want)
+    assert_close(x, torch.einsum("bn,bnd->bd", want, tau * F[:, :n] + (1 - tau) * X[:, :n]))
+
+
+@pytest.mark.parametrize("n", [0, 2, 6])
+def test_broyden_matvec_is_the_dense_product(n):
+    _, _, U, V = _buffers()
+    x = torch.randn(3, 7, **F64)
+    J = -torch.eye(7, **F64) + U[:, :n].transpose(1, 2) @ V[:, :n]  # [B, D, D]
+    assert_close(ops.broyden_matvec(U, V, x, n), (J @ x.unsqueeze(2))[:, :, 0])
+    assert_close(ops.broyden_matvec(U, V, x, n, True), (J.transpose(1, 2) @ x.unsqueeze(2))[:, :, 0])
+
+
+@pytest.mark.parametrize("n", [0, 3])
+def test_broyden_update_satisfies_the_secant_condition(n):
+    _, _, U, V = _buffers()
+    dx, dg = torch.randn(3, 7, **F64), torch.randn(3, 7, **F64)
+    u, v = ops.broyden_update(U, V, dx, dg, n)
+    U2, V2 = U.clone(), V.clone()
+    U2[:, n], V2[:, n] = u, v
+    # The updated inverse Jacobian maps the change of residual to the step: Jinv' dg = dx.
+    assert_close(ops.broyden_matvec(U2, V2, dg, n + 1), dx)
+    # A zero denominator (dg = 0) makes the term a no-op instead of NaN.
+    u0, v0 = ops.broyden_update(U, V, dx, torch.zeros_like(dg), n)
+    assert torch.isfinite(u0).all() and (u0 == 0).all()
+
+
+# --------------------------------------------------------------------------- backward formulas
+def _compare_grads(op_fn, ref_fn, inputs, n_out):
+    inputs = [t.clone().requires_grad_(True) for t in inputs]
+    outs = op_fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    seeds = [torch.randn_like(o) for o in outs]
+    got = torch.autograd.grad(outs, inputs, seeds)
+    wouts = ref_fn(*inputs)
+    wouts = wouts if isinstance(wouts, tuple) else (wouts,)
+    want = torch.autograd.grad(wouts, inputs, seeds)
+    for a, b in zip(got, want):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("n", [1, 4, 5])
+def test_backward_formulas_match_autograd_of_reference(n):
+    X, F, U, V = _buffers()
+    x, dx, dg = (torch.randn(3, 7, **F64) for _ in range(3))
+    _compare_grads(lambda a, b: ops.residual_norms(a, b), ref.residual_norms, [X[:, 0], F[:, 0]], 2)
+    _compare_grads(lambda a, b: ops.anderson_mix(a, b, n, 1e-3, 0.7), lambda a, b: ref.anderson_mix(a, b, n, 1e-3, 0.7),
+                   [X, F], 2)  # fmt: skip
+    for t in (False, True):
+        _compare_grads(
+            lambda *a: ops.broyden_matvec(*a, n, t), lambda *a: ref.broyden_matvec(*a, n, t), [U, V, x], 1
+        )
+    _compare_grads(
+        lambda *a: ops.broyden_update(*a, n), lambda *a: ref.broyden_update(*a, n), [U, V, dx, dg], 2
+    )
+
+
+@pytest.mark.gradcheck
+def test_gradcheck_ops():
+    X, F, U, V = _buffers(B=2, m=4, D=5, L=4)
+    x, dx, dg = (torch.randn(2, 5, **F64) for _ in range(3))
+    req = lambda *ts: tuple(t.clone().requires_grad_(True) for t in ts)
+    assert torch.autograd.gradcheck(lambda a, b: ops.residual_norms(a, b), req(X[:, 0], F[:, 0]))
+    assert torch.autograd.gradcheck(lambda a, b: ops.anderson_mix(a, b, 3, 1e-2, 0.9), req(X, F))
+    assert torch.autograd.gradcheck(lambda a, b: ops.anderson_mix(a, b, 4, 0.0, 1.0), req(X, F))
+    assert torch.autograd.gradcheck(lambda *a: ops.broyden_matvec(*a, 3), req(U, V, x))
+    assert torch.autograd.gradcheck(lambda *a: ops.broyden_matvec(*a, 2, True), req(U, V, x))
+    assert torch.autograd.gradcheck(lambda *a: ops.broyden_update(*a, 3), req(U, V, dx, dg))
+
+
+def test_reference_gradcheck():
+    X, F, _, _ = _buffers(B=2, m=3, D=4)
+    assert torch.autograd.gradcheck(
+        lambda a, b: ref.anderson_mix(a, b, 3, 1e-2, 0.5), (X.requires_grad_(), F.requires_grad_())
+    )
+
+
+# --------------------------------------------------------------------------- registration
+def test_opcheck_public_ops():
+    X, F, U, V = _buffers()
+    x, dx, dg = (torch.randn(3, 7, **F64) for _ in range(3))
+    rg = lambda t: t.clone().requires_grad_(True)
+    torch.library.opcheck(tops.residual_norms, (rg(X[:, 0]), rg(F[:, 0])), test_utils=PUBLIC_UTILS)
+    torch.library.opcheck(tops.anderson_mix, (rg(X), rg(F), 4, 1e-3, 0.8), test_utils=PUBLIC_UTILS)
+    torch.library.opcheck(tops.broyden_matvec, (rg(U), rg(V), rg(x), 4, False), test_utils=PUBLIC_UTILS)
+    torch.library.opcheck(tops.broyden_matvec, (rg(U), rg(V), rg(x), 0, True), test_utils=PUBLIC_UTILS)
+    torch.library.opcheck(tops.broyden_update, (rg(U), rg(V), rg(dx), rg(dg), 3), test_utils=PUBLIC_UTILS)
+
+
+def test_opcheck_bwd_ops():
+    X, F, U, V = _buffers()
+    x, dx, dg, g1, g2 = (torch.randn(3, 7, **F64) for _ in range(5))
+    b = torch.randn(3, **F64)
+    torch.library.opcheck(tops.residual_norms_bwd, (X[:, 0], F[:, 0], b, b.clone()), test_utils=PLAIN_UTILS)
+    _, alpha = tops.anderson_mix(X, F, 4, 1e-3, 0.8)
+    torch.library.opcheck(tops.anderson_mix_bwd, (X, F, 4, 1e-3, 0.8, alpha, g1, torch.randn_like(alpha)),
+                          test_utils=PLAIN_UTILS)  # fmt: skip
+    torch.library.opcheck(tops.broyden_matvec_bwd, (U, V, x, 4, True, g1), test_utils=PLAIN_UTILS)
+    torch.library.opcheck(tops.broyden_update_bwd, (U, V, dx, dg, 3, g1, g2), test_utils=PLAIN_UTILS)
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+    X, F, U, V = _buffers()
+    X.requires_grad_(True)
+    x = torch.randn(3, 7, **F64)
+
+    def step(X, F, U, V, x):
+        mixed, alpha = ops.anderson_mix(X, F, 4, 1e-3, 0.9)
+        y = ops.broyden_matvec(U, V, mixed, 3)
+        a, r = ops.residual_norms(y, x)
+        return a.sum() + r.sum() + alpha.pow(2).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = compiled(X, F, U, V, x)
+    want = step(X, F, U, V, x)
+    assert_close(got, want)
+    assert_close(torch.autograd.grad(got, X)[0], torch.autograd.grad(want, X)[0])
+
+
+def test_backend_choice():
+    z = torch.randn(2, 3)
+    ops.residual_norms(z, z, backend="reference")
+    for b in ("cpp", "triton", "cuda"):
+        with pytest.raises(NotImplementedError, match="not implemented"):
+            ops.fixed_point_solve(lambda t: t, z, backend=b)
