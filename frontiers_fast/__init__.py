@@ -11,12 +11,19 @@ from .graph import Graph, gcn_norm
 from .ops.deq import deq, fixed_point_solve, jacobian_regularizer
 from .ops.gnn import edge_softmax, gat_aggregate, sddmm, spmm
 from .ops.moe import fused_moe, moe_permute, moe_route, moe_unpermute
+from .ops.splat import (
+    isect_offset_encode,
+    isect_tiles,
+    project_gaussians,
+    rasterization,
+    rasterize_to_pixels,
+    spherical_harmonics,
+)
 from .ops.ssm import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Graph",
     "backends",
     "causal_conv1d",
     "causal_conv1d_update",
@@ -26,15 +33,22 @@ __all__ = [
     "fused_moe",
     "gat_aggregate",
     "gcn_norm",
+    "Graph",
+    "isect_offset_encode",
+    "isect_tiles",
     "jacobian_regularizer",
     "moe_permute",
     "moe_route",
     "moe_unpermute",
     "nn",
+    "project_gaussians",
+    "rasterization",
+    "rasterize_to_pixels",
     "reference",
     "sddmm",
     "selective_scan",
     "selective_state_update",
+    "spherical_harmonics",
     "spmm",
     "use_backend",
 ]

@@ -42,3 +42,57 @@ def load_cora(normalize_features: bool = True) -> Planetoid:
     if normalize_features:
         x = x / x.sum(1, keepdim=True).clamp(min=1)
     return Planetoid(x=x, **d)
+
+
+@dataclass
+class GardenScene:
+    means: torch.Tensor  # [N, 3] float32, world frame
+    quats: torch.Tensor  # [N, 4] float32, (w, x, y, z), unit norm
+    scales: torch.Tensor  # [N, 3] float32
+    opacities: torch.Tensor  # [N] float32
+    colors: torch.Tensor  # [N, 3] float32 in [0, 1]
+    viewmats: torch.Tensor  # [3, 4, 4] float32, world to camera
+    Ks: torch.Tensor  # [3, 3, 3] float32
+    width: int
+    height: int
+
+    @property
+    def num_gaussians(self) -> int:
+        return self.means.shape[0]
+
+
+def load_garden(max_points: int | None = None, seed: int = 0, tile: int = 1) -> GardenScene:
+    """The Mip-NeRF 360 "garden" SfM point cloud with three cameras (from gsplat's test asset).
+
+    The points inside [-2, 2]^3 are kept.  ``tile`` (odd) repeats that cloud
+    on a tile x tile grid in the x-y plane, 4 units apart, to mimic a bigger
+    scene.  ``max_points`` keeps a seeded random subset.  The file has no
+    Gaussian shapes, so they are drawn from ``torch.Generator().manual_seed(seed)``
+    in this order: scales U[1e-4, 0.02] [N, 3], quaternions normalised
+    standard-normal [N, 4], opacities U[0, 1] [N] (see README.garden.md).
+    """
+    if not isinstance(tile, int) or tile < 1 or tile % 2 == 0:
+        raise ValueError(f"tile must be a positive odd int, got {tile!r}")
+    with np.load(os.path.join(_HERE, "garden.npz")) as z:
+        means = torch.from_numpy(z["means3d"].astype(np.float32))
+        colors = torch.from_numpy(z["colors"].astype(np.float32) / 255.0)
+        viewmats = torch.from_numpy(z["viewmats"].astype(np.float32))
+        Ks = torch.from_numpy(z["Ks"].astype(np.float32))
+        width, height = int(z["width"]), int(z["height"])
+    inside = (means.abs() <= 2.0).all(1)
+    means, colors = means[inside], colors[inside]
+    if tile > 1:
+        r = torch.arange(tile, dtype=torch.float32) - tile // 2
+        shift = torch.stack(torch.meshgrid(r, r, indexing="ij"), -1).reshape(-1, 2) * 4.0
+        shift = torch.cat([shift, torch.zeros(shift.shape[0], 1)], 1)  # [tile^2, 3]
+        means = (means[None] + shift[:, None]).reshape(-1, 3)
+        colors = colors.repeat(tile * tile, 1)
+    gen = torch.Generator().manual_seed(seed)
+    if max_points is not None and max_points < means.shape[0]:
+        keep = torch.randperm(means.shape[0], generator=gen)[:max_points]
+        means, colors = means[keep], colors[keep]
+    N = means.shape[0]
+    scales = torch.rand(N, 3, generator=gen) * (0.02 - 1e-4) + 1e-4
+    quats = torch.nn.functional.normalize(torch.randn(N, 4, generator=gen), dim=-1)
+    opacities = torch.rand(N, generator=gen)
+    return GardenScene(means, quats, scales, opacities, colors, viewmats, Ks, width, height)

@@ -1,0 +1,107 @@
+"""Gaussian splatting benchmark: the reference renderer on the real garden scene.
+
+Baseline only (no kernels yet): ``frontiers_fast[reference]`` is the
+registered ``rasterization`` running its PyTorch reference, timed in float32
+after checking it against a float64 render of the same scene.  One camera
+(camera 0 of the three in the file) at the file's 648 x 420.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .harness import run_provider
+
+FAMILY = "splat"
+TARGETS: list = []  # baselines only in this issue
+QUICK_POINTS = 10_000
+
+
+def _scene(quick, device):
+    from ..data import load_garden
+
+    # quick: a seeded 10k subset of the cloud, same cameras and resolution.
+    s = load_garden(max_points=QUICK_POINTS if quick else None, seed=0)
+    to = lambda t, dt: t.to(device=device, dtype=dt)
+    cam = slice(0, 1)
+
+    def args(dt):
+        return (to(s.means, dt), to(s.quats, dt), to(s.scales, dt), to(s.opacities, dt), to(s.colors, dt),
+                to(s.viewmats[cam], dt), to(s.Ks[cam], dt), s.width, s.height)  # fmt: skip
+
+    return s, args
+
+
+def _save_png(img, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.imsave(path, img.detach().clamp(0, 1).cpu().numpy())
+
+
+def run(results, device="cpu", quick=False, min_time=0.5, out_dir=None):
+    from ..ops import splat as ops
+
+    s, args = _scene(quick, device)
+    n = s.num_gaussians
+    case = f"rasterization / garden{f' {QUICK_POINTS // 1000}k' if quick else ''} {s.width}x{s.height}"
+    print(f"[splat] {case}: {n} Gaussians, camera 0", flush=True)
+
+    # The float64 render is the truth; float32 differs where a pair's alpha
+    # sits within rounding of the 1/255 cut or a pixel's T of the 1e-4 stop,
+    # i.e. by at most ~1/255 of a colour in a handful of pixels.
+    img64, alpha64, _ = ops.rasterization(*args(torch.float64))
+    expected = [img64, alpha64]
+    a32 = args(torch.float32)
+
+    def fwd():
+        img, alpha, _ = ops.rasterization(*a32)
+        return [img, alpha]
+
+    first = fwd()
+    run_provider(results, family=FAMILY, case=case, mode="fwd", provider="frontiers_fast[reference]", device=device,
+                 fn=fwd, check=lambda: first, expected=expected, tol=1e-2, min_time=min_time)  # fmt: skip
+
+    # Backward on a subset: the reference backward recomputes every block, and
+    # the whole cloud would not fit the benchmark's time budget on a CPU.
+    sub = 2_000 if quick else 10_000
+    bcase = f"rasterization fwd+bwd / garden {sub // 1000}k {s.width}x{s.height}"
+    print(f"[splat] {bcase}", flush=True)
+    b32 = _subset(a32, sub)
+    b64 = [t.double() if isinstance(t, torch.Tensor) else t for t in b32]
+    gen = torch.Generator().manual_seed(1)
+    seed = torch.rand(1, s.height, s.width, 3, generator=gen).to(device)
+
+    def fwd_bwd(a, seed):
+        leaves = [t.clone().requires_grad_(True) for t in a[:5]]
+        img, _, _ = ops.rasterization(*leaves, *a[5:])
+        return [img.detach(), *torch.autograd.grad(img, leaves, seed)]
+
+    expected = fwd_bwd(b64, seed.double())
+    bfirst = fwd_bwd(b32, seed)
+    run_provider(results, family=FAMILY, case=bcase, mode="fwd+bwd", provider="frontiers_fast[reference]",
+                 device=device, fn=lambda: fwd_bwd(b32, seed), check=lambda: bfirst, expected=expected, tol=1e-2,
+                 min_time=min_time)  # fmt: skip
+
+    sections = []
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        _save_png(first[0][0], os.path.join(out_dir, "garden.png"))
+        line = (f"{n:,} Gaussians (garden SfM points in [-2, 2]^3), camera 0 of 3, {s.width}x{s.height}; "
+                "scales U[1e-4, 0.02], quaternions normalised N(0, 1), opacities U[0, 1], seed 0; plain RGB point "
+                "colours (sh_degree=None), classic mode, eps2d 0.3, tile 16, black background; float32 reference.")  # fmt: skip
+        sections.append(
+            ("Garden render", f"![garden render, camera 0, {s.width}x{s.height}](garden.png)\n\n{line}")
+        )
+    return sections
+
+
+def _subset(a, n):
+    """The first n Gaussians of a (seeded, shuffled-by-construction) scene."""
+    gen = torch.Generator().manual_seed(2)
+    keep = torch.randperm(a[0].shape[0], generator=gen)[:n].to(a[0].device)
+    return [t[keep] for t in a[:5]] + list(a[5:])

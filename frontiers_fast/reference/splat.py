@@ -1,0 +1,623 @@
+"""Reference 3D Gaussian splatting (Kerbl et al., SIGGRAPH 2023), plain PyTorch.
+
+The renderer is split into the stages the kernels will implement:
+
+1. :func:`project_gaussians` -- EWA projection of 3D Gaussians to 2D conics,
+   with culling and an opacity-aware screen-space radius.
+2. :func:`spherical_harmonics` -- view-dependent colour from SH coefficients.
+3. :func:`isect_tiles` / :func:`isect_offset_encode` -- which tiles each
+   Gaussian touches, as 64-bit sort keys, and where each tile's run starts.
+4. :func:`rasterize_to_pixels` -- front-to-back alpha blending per tile.
+
+:func:`rasterization` composes them.  Semantics follow gsplat's
+``rasterization`` for a pinhole camera (main branch), with two choices
+pinned by our issue where gsplat 1.5.3 differs:
+
+* the blending alpha is clamped at 0.99, the value of the original 3DGS
+  rasterizer (gsplat 1.5.3's kernels clamp at 0.999);
+* the screen radius is ``ceil(min(3.33, sqrt(2 ln(255 o))) * sigma)`` per axis
+  and Gaussians with ``o < 1/255`` are culled, as gsplat's CUDA projection
+  does when given opacities (its Python ``_torch_impl`` uses ``3.33 * sigma``
+  and no opacity culling, so the tests compare radii against the rule itself).
+
+Shapes: N Gaussians, C cameras, D colour channels, K SH coefficients per
+channel ((degree + 1)^2 of them used), M tile intersections.  All float
+inputs share one dtype (float32 or float64).  Every function is
+differentiable by autograd in its float outputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ALPHA_THRESHOLD = 1.0 / 255.0  # below this a Gaussian's contribution is dropped
+MAX_ALPHA = 0.99  # keeps 1 - alpha >= 0.01, so log(1 - alpha) is always finite
+T_MIN = 1e-4  # a pixel stops blending before its transmittance would reach this
+MAX_EXTEND = 3.33  # radius in standard deviations when the opacity is high
+FOV_CLAMP = 0.3  # the Jacobian is taken at most 30% of the half-FOV outside the image
+
+RENDER_MODES = ("RGB", "D", "ED", "RGB+D", "RGB+ED")
+RASTERIZE_MODES = ("classic", "antialiased")
+
+# Real SH constants (Inria 3DGS convention), bands 0..3.
+SH_C0 = 0.28209479177387814
+SH_C1 = 0.4886025119029199
+SH_C2 = (
+    1.0925484305920792,
+    -1.0925484305920792,
+    0.31539156525252005,
+    -1.0925484305920792,
+    0.5462742152960396,
+)
+SH_C3 = (
+    -0.5900435899266435,
+    2.890611442640554,
+    -0.4570457994644658,
+    0.3731763325901154,
+    -0.4570457994644658,
+    1.445305721320277,
+    -0.5900435899266435,
+)
+
+
+# ---------------------------------------------------------------------------
+# projection
+# ---------------------------------------------------------------------------
+def quat_to_rotmat(quats: Tensor) -> Tensor:
+    """Rotation matrices [..., 3, 3] from (w, x, y, z) quaternions [..., 4] (normalised here)."""
+    w, x, y, z = F.normalize(quats, dim=-1).unbind(-1)
+    rows = (
+        (1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)),
+        (2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)),
+        (2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)),
+    )
+    return torch.stack([torch.stack(r, -1) for r in rows], -2)
+
+
+def quat_scale_to_covar(quats: Tensor, scales: Tensor) -> Tensor:
+    """Sigma = R S S^T R^T, [..., 3, 3], from quats [..., 4] and scales [..., 3].
+
+    Example: ``quat_scale_to_covar(torch.tensor([1., 0, 0, 0]), torch.ones(3))`` is the identity.
+    """
+    m = quat_to_rotmat(quats) * scales.unsqueeze(-2)  # R S: column j scaled by s_j
+    return m @ m.transpose(-1, -2)
+
+
+def project_gaussians(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    viewmats: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    eps2d: float = 0.3,
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+    radius_clip: float = 0.0,
+    antialiased: bool = False,
+):
+    """EWA-project N Gaussians into C pinhole cameras.
+
+    means [N, 3], quats [N, 4] (wxyz, any norm), scales [N, 3], opacities [N],
+    viewmats [C, 4, 4] (world to camera), Ks [C, 3, 3].
+
+    Returns ``radii`` [C, N, 2] int32 (0 where culled), ``means2d`` [C, N, 2],
+    ``depths`` [C, N], ``conics`` [C, N, 3] (the upper triangle a, b, c of the
+    inverse blurred 2D covariance) and ``compensations`` [C, N]
+    (``sqrt(det(cov2d) / det(cov2d + eps2d I))``; ones unless ``antialiased``).
+    Culled entries have zero means2d, depths, conics and compensations, as
+    gsplat's kernels leave them.
+
+    The Jacobian is evaluated at x/z clamped to ``[-(cx/fx + 0.3 tan_x),
+    (W - cx)/fx + 0.3 tan_x]`` with ``tan_x = W / (2 fx)`` (and likewise in
+    y): 1.3 times the half field of view for a centred principal point,
+    gsplat's formulation otherwise.  Culling: depth outside [near, far],
+    det <= 0 after the eps2d blur, effective opacity < 1/255, both radii <=
+    radius_clip, or the box off the image.
+
+    Example: ``radii, m2d, z, conics, comp = project_gaussians(means, quats, scales, opac, V, K, 64, 48)``
+    """
+    R = viewmats[:, :3, :3]  # [C, 3, 3]
+    t = viewmats[:, :3, 3]
+    means_c = torch.einsum("cij,nj->cni", R, means) + t[:, None, :]  # [C, N, 3]
+    covar = quat_scale_to_covar(quats, scales)  # [N, 3, 3]
+    covar_c = R[:, None] @ covar[None] @ R.transpose(-1, -2)[:, None]  # [C, N, 3, 3]
+
+    x, y, z = means_c.unbind(-1)
+    depth_ok = (z >= near_plane) & (z <= far_plane)
+    # Culled Gaussians still flow through the graph; a safe depth keeps their
+    # (discarded) values finite so their zero gradient stays zero, not NaN.
+    zs = torch.where(depth_ok, z, torch.ones_like(z))
+    fx, fy = Ks[:, 0, 0, None], Ks[:, 1, 1, None]  # [C, 1]
+    cx, cy = Ks[:, 0, 2, None], Ks[:, 1, 2, None]
+    # The affine approximation degrades far outside the view: evaluate the
+    # Jacobian at most FOV_CLAMP * tan(half-FOV) beyond the image border.
+    tan_x, tan_y = 0.5 * width / fx, 0.5 * height / fy
+    u = (x / zs).clamp(min=-(cx / fx + FOV_CLAMP * tan_x), max=(width - cx) / fx + FOV_CLAMP * tan_x)
+    v = (y / zs).clamp(min=-(cy / fy + FOV_CLAMP * tan_y), max=(height - cy) / fy + FOV_CLAMP * tan_y)
+    zero = torch.zeros_like(zs)
+    J = torch.stack(
+        [torch.stack([fx / zs, zero, -fx * u / zs], -1), torch.stack([zero, fy / zs, -fy * v / zs], -1)], -2
+    )  # [C, N, 2, 3]
+    cov2d = J @ covar_c @ J.transpose(-1, -2)
+    means2d = torch.stack([fx * x / zs + cx, fy * y / zs + cy], -1)
+
+    a, b, c = cov2d[..., 0, 0], 0.5 * (cov2d[..., 0, 1] + cov2d[..., 1, 0]), cov2d[..., 1, 1]
+    det_orig = a * c - b * b
+    a, c = a + eps2d, c + eps2d  # low-pass filter: every splat covers about a pixel
+    det = a * c - b * b
+    det_ok = det > 0
+    dets = torch.where(det_ok, det, torch.ones_like(det))
+    conics = torch.stack([c / dets, -b / dets, a / dets], -1)
+    comp = torch.sqrt((det_orig / dets).clamp(min=0.0))
+
+    with torch.no_grad():
+        opac = opacities[None, :] * (comp if antialiased else 1.0)
+        opac_ok = opac >= ALPHA_THRESHOLD
+        # Beyond sqrt(2 ln(255 o)) sigmas the Gaussian's alpha is under 1/255.
+        extend = torch.sqrt(2.0 * torch.log(opac.clamp(min=ALPHA_THRESHOLD) / ALPHA_THRESHOLD)).clamp(
+            max=MAX_EXTEND
+        )
+        rx = torch.ceil(extend * torch.sqrt(a.clamp(min=0)))
+        ry = torch.ceil(extend * torch.sqrt(c.clamp(min=0)))
+        big_enough = (rx > radius_clip) | (ry > radius_clip)
+        mx, my = means2d[..., 0], means2d[..., 1]
+        on_image = (mx + rx > 0) & (mx - rx < width) & (my + ry > 0) & (my - ry < height)
+        keep = depth_ok & det_ok & opac_ok & big_enough & on_image
+        radii = torch.stack([rx, ry], -1).masked_fill(~keep[..., None], 0).to(torch.int32)
+
+    kf = keep.to(means.dtype)
+    compensations = comp if antialiased else torch.ones_like(comp)
+    return radii, means2d * kf[..., None], z * kf, conics * kf[..., None], compensations * kf
+
+
+# ---------------------------------------------------------------------------
+# spherical harmonics
+# ---------------------------------------------------------------------------
+def sh_basis(degree: int, dirs: Tensor) -> Tensor:
+    """Real SH basis [..., (degree + 1)^2] at unit directions dirs [..., 3]."""
+    x, y, z = dirs.unbind(-1)
+    out = [torch.full_like(x, SH_C0)]
+    if degree >= 1:
+        out += [-SH_C1 * y, SH_C1 * z, -SH_C1 * x]
+    if degree >= 2:
+        xx, yy, zz = x * x, y * y, z * z
+        out += [
+            SH_C2[0] * x * y,
+            SH_C2[1] * y * z,
+            SH_C2[2] * (2 * zz - xx - yy),
+            SH_C2[3] * x * z,
+            SH_C2[4] * (xx - yy),
+        ]
+    if degree >= 3:
+        out += [
+            SH_C3[0] * y * (3 * xx - yy),
+            SH_C3[1] * x * y * z,
+            SH_C3[2] * y * (4 * zz - xx - yy),
+            SH_C3[3] * z * (2 * zz - 3 * xx - 3 * yy),
+            SH_C3[4] * x * (4 * zz - xx - yy),
+            SH_C3[5] * z * (xx - yy),
+            SH_C3[6] * x * (xx - 3 * yy),
+        ]
+    return torch.stack(out, -1)
+
+
+def spherical_harmonics(degree: int, dirs: Tensor, coeffs: Tensor, masks: Tensor | None = None) -> Tensor:
+    """Colour [..., 3] = sum_k Y_k(dirs / |dirs|) coeffs[..., k, :] over the first (degree + 1)^2 bases.
+
+    dirs [..., 3] (any length), coeffs [..., K, 3] with K >= (degree + 1)^2,
+    masks [...] bool (False entries give 0).  No +0.5 offset or clamp here:
+    :func:`rasterization` applies them, as gsplat does.
+
+    Example: ``spherical_harmonics(0, d, sh)`` is ``0.2820948 * sh[..., 0, :]``.
+    """
+    nb = (degree + 1) ** 2
+    basis = sh_basis(degree, F.normalize(dirs, dim=-1))  # [..., nb]
+    colors = (basis.unsqueeze(-1) * coeffs[..., :nb, :]).sum(-2)
+    if masks is not None:
+        colors = colors * masks.unsqueeze(-1).to(colors.dtype)
+    return colors
+
+
+# ---------------------------------------------------------------------------
+# tile intersection
+# ---------------------------------------------------------------------------
+def tile_grid(width: int, height: int, tile_size: int) -> tuple[int, int]:
+    """(tile_width, tile_height): tiles per row and per column, partial tiles included."""
+    return -(-width // tile_size), -(-height // tile_size)
+
+
+def _depth_bits(depths: Tensor) -> Tensor:
+    # Positive float32 values sort like their bit patterns read as integers.
+    return depths.detach().to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+
+
+def isect_tiles(
+    means2d: Tensor, radii: Tensor, depths: Tensor, tile_size: int, tile_width: int, tile_height: int
+):
+    """Sorted (camera, tile, depth) keys of every Gaussian-tile overlap.
+
+    means2d [C, N, 2], radii [C, N, 2] int32, depths [C, N].  A Gaussian with a
+    positive radius covers tiles ``floor((m - r) / ts) <= t < ceil((m + r) / ts)``
+    on each axis, clamped to the grid.  The key is ``camera << (32 + tile_bits)
+    | tile << 32 | float32 bits of depth``, so one sort orders by camera, then
+    tile (row-major), then depth front to back; ties keep the Gaussian order.
+
+    Returns ``tiles_per_gauss`` [C, N] int32, ``isect_ids`` [M] int64 (sorted)
+    and ``flatten_ids`` [M] int32 (index into the flattened [C * N]).
+
+    Example: ``tpg, ids, fid = isect_tiles(m2d, radii, z, 16, *tile_grid(W, H, 16))``
+    """
+    C, N = depths.shape
+    dev = means2d.device
+    n_tiles = tile_width * tile_height
+    tile_bits = n_tiles.bit_length()
+    if C.bit_length() + tile_bits > 32:
+        raise ValueError(
+            f"{C} cameras x {n_tiles} tiles do not fit in the 32 high bits of the intersection keys"
+        )
+    m = means2d.detach().to(torch.float64) / tile_size
+    r = radii.to(torch.float64) / tile_size
+    lo = torch.floor(m - r).to(torch.int64)
+    hi = torch.ceil(m + r).to(torch.int64)
+    grid = torch.tensor([tile_width, tile_height], device=dev)
+    lo = torch.minimum(lo.clamp(min=0), grid)
+    hi = torch.minimum(hi.clamp(min=0), grid)
+    span = hi - lo  # [C, N, 2]
+    visible = (radii > 0).all(-1)
+    count = (span[..., 0] * span[..., 1]) * visible  # [C, N]
+
+    flat_count = count.reshape(-1)
+    gid = torch.repeat_interleave(torch.arange(C * N, device=dev), flat_count)
+    start = torch.cumsum(flat_count, 0) - flat_count
+    j = torch.arange(gid.numel(), device=dev) - start[gid]  # rank of the tile inside its rectangle
+    w = span.reshape(-1, 2)[gid, 0].clamp(min=1)
+    lo_g = lo.reshape(-1, 2)[gid]
+    tx = lo_g[:, 0] + j % w
+    ty = lo_g[:, 1] + j // w
+    cam = gid // N
+    keys = (cam << (32 + tile_bits)) | ((ty * tile_width + tx) << 32) | _depth_bits(depths).reshape(-1)[gid]
+    keys, order = torch.sort(keys, stable=True)
+    return count.to(torch.int32), keys, gid[order].to(torch.int32)
+
+
+def isect_offset_encode(isect_ids: Tensor, n_images: int, tile_width: int, tile_height: int) -> Tensor:
+    """Start of each (camera, tile)'s run in the sorted keys, [n_images, tile_height, tile_width] int32.
+
+    An empty tile gets the start of the next non-empty one, so tile t's run is
+    ``offsets.flatten()[t] : offsets.flatten()[t + 1]`` (M for the last).
+    """
+    n_tiles = tile_width * tile_height
+    tile_bits = n_tiles.bit_length()
+    hi = isect_ids >> 32
+    linear = (hi >> tile_bits) * n_tiles + (hi & ((1 << tile_bits) - 1))
+    want = torch.arange(n_images * n_tiles, device=isect_ids.device)
+    return torch.searchsorted(linear, want).to(torch.int32).reshape(n_images, tile_height, tile_width)
+
+
+# ---------------------------------------------------------------------------
+# per-tile blending
+# ---------------------------------------------------------------------------
+CHUNK_ELEMENTS = 1 << 22  # pixels x padded list length per chunk: bounds peak memory
+BLOCK = 4  # edge of the pixel blocks the blender works on (when it divides tile_size)
+
+
+def tile_ranges(isect_offsets: Tensor, n_isects: int) -> tuple[Tensor, Tensor]:
+    """(start, count) of every tile's run, flattened over [C * tile_height * tile_width]."""
+    start = isect_offsets.reshape(-1).to(torch.int64)
+    end = torch.cat([start[1:], start.new_tensor([n_isects])])
+    return start, end - start
+
+
+class BlendPlan:
+    """Depth-ordered Gaussian lists for every block x block pixel block.
+
+    Each tile's list is split among the tile's blocks, keeping only the
+    Gaussians whose ``alpha >= 1/255`` region can reach a pixel centre of the
+    block.  That region is the ellipse ``sigma <= ln(255 o)``, inside the box
+    ``|dx| <= sqrt(2 ln(255 o) Sigma_xx)``, ``|dy| <= sqrt(2 ln(255 o) Sigma_yy)``
+    (Sigma = conic^-1); a pixel outside the box sees alpha < 1/255 and would
+    skip the Gaussian anyway, so the split changes no pixel.  A conic that is
+    not positive definite keeps the whole tile.  Blocks only save work.
+
+    Attributes: ``block``, ``blocks_w``, ``blocks_h`` (per camera), ``start``
+    and ``count`` [C * blocks_h * blocks_w] into ``ids`` [M'] (flat C * N
+    Gaussian indices).
+    """
+
+    def __init__(self, means2d, conics, opacities, isect_offsets, flatten_ids, width, height, tile_size):
+        C = isect_offsets.shape[0]
+        dev = means2d.device
+        tw, th = tile_grid(width, height, tile_size)
+        self.block = b = BLOCK if tile_size % BLOCK == 0 else tile_size
+        per = tile_size // b  # blocks per tile edge
+        self.blocks_w, self.blocks_h = tw * per, th * per
+        n_blocks = C * self.blocks_w * self.blocks_h
+        start, count = tile_ranges(isect_offsets, flatten_ids.numel())
+        tile = torch.repeat_interleave(
+            torch.arange(C * tw * th, device=dev), count
+        )  # tile of each intersection
+        g = flatten_ids.to(torch.int64)
+        with torch.no_grad():
+            # float64 and a small margin: the box only has to contain the region.
+            a, bb, c = conics.detach().reshape(-1, 3)[g].double().unbind(-1)
+            o = opacities.detach().reshape(-1)[g].double()
+            m = means2d.detach().reshape(-1, 2)[g].double()
+            det = a * c - bb * bb
+            pd = (a > 0) & (det > 0)
+            two_l = 2 * torch.log((255 * o).clamp(min=1e-30)).clamp(min=0)
+            dets = torch.where(pd, det, 1.0)
+            hx = torch.sqrt(two_l * c / dets).nan_to_num(0) * (1 + 1e-6) + 1e-3
+            hy = torch.sqrt(two_l * a / dets).nan_to_num(0) * (1 + 1e-6) + 1e-3
+            cam, local = tile // (tw * th), tile % (tw * th)
+            x_lo, y_lo = (local % tw) * tile_size, (local // tw) * tile_size  # the tile's first pixel
+            # Pixels j with |j + 0.5 - mean| <= half-width, kept inside the tile.
+            j0 = torch.ceil(m[:, 0] - hx - 0.5).clamp(min=-1).to(torch.int64)
+            j1 = torch.floor(m[:, 0] + hx - 0.5).clamp(max=width + tile_size).to(torch.int64)
+            i0 = torch.ceil(m[:, 1] - hy - 0.5).clamp(min=-1).to(torch.int64)
+            i1 = torch.floor(m[:, 1] + hy - 0.5).clamp(max=height + tile_size).to(torch.int64)
+            j0 = torch.where(pd, torch.maximum(j0, x_lo), x_lo)
+            j1 = torch.where(pd, torch.minimum(j1, x_lo + tile_size - 1), x_lo + tile_size - 1)
+            i0 = torch.where(pd, torch.maximum(i0, y_lo), y_lo)
+            i1 = torch.where(pd, torch.minimum(i1, y_lo + tile_size - 1), y_lo + tile_size - 1)
+            bx0, by0 = j0.div(b, rounding_mode="floor"), i0.div(b, rounding_mode="floor")
+            nbx = (j1.div(b, rounding_mode="floor") - bx0 + 1).clamp(min=0)
+            nby = (i1.div(b, rounding_mode="floor") - by0 + 1).clamp(min=0)
+            nbx = torch.where((j1 >= j0) & (i1 >= i0), nbx, 0)
+            n = nbx * nby
+            # Expand every intersection to its blocks (row-major), then order by
+            # block; the sort is stable, so each block keeps its tile's depth order.
+            isect = torch.repeat_interleave(torch.arange(g.numel(), device=dev), n)
+            first = torch.cumsum(n, 0) - n
+            k = torch.arange(isect.numel(), device=dev) - first[isect]
+            w = nbx[isect].clamp(min=1)
+            bx = bx0[isect] + k % w
+            by = by0[isect] + k // w
+            block_id = (cam[isect] * self.blocks_h + by) * self.blocks_w + bx
+            block_id, order = torch.sort(block_id, stable=True)
+            self.ids = g[isect[order]]
+            self.count = torch.bincount(block_id, minlength=n_blocks)
+            self.start = torch.cumsum(self.count, 0) - self.count
+
+
+def block_chunks(count: Tensor, pixels: int, chunk_elements: int = CHUNK_ELEMENTS):
+    """Blocks ordered by list length, cut into chunks of at most ``chunk_elements``
+    pixel-Gaussian pairs after padding each block to its chunk's longest list.
+
+    Returns the order [B] and a list of (begin, end, K) over that order.
+    """
+    order = torch.argsort(count, stable=True)
+    sorted_count = count[order].tolist()
+    chunks, b, n = [], 0, len(sorted_count)
+    while b < n:
+        # Within a chunk the last (longest) block sets K; grow while it fits
+        # and while padding wastes at most about a third of the chunk.
+        e = b + 1
+        cap = max(sorted_count[b] * 3 // 2, sorted_count[b] + 8)
+        while (
+            e < n
+            and sorted_count[e] <= cap
+            and (e + 1 - b) * pixels * max(sorted_count[e], 1) <= chunk_elements
+        ):
+            e += 1
+        chunks.append((b, e, max(sorted_count[e - 1], 1)))
+        b = e
+    return order, chunks
+
+
+def blend_blocks(blocks: Tensor, K: int, plan: BlendPlan, means2d, conics, colors, opacities):
+    """Blend a chunk of blocks: returns (colour [nb, P, D], final transmittance [nb, P]).
+
+    ``blocks`` [nb] are flat (camera, block row, block column) indices into
+    ``plan``; K >= their longest list.  means2d [C * N, 2], conics [C * N, 3],
+    colors [C * N, D], opacities [C * N].  Everything is a [nb, P, K] tensor:
+    each block's Gaussians are padded to K, and the per-pixel front-to-back
+    loop becomes a cumulative sum of log(1 - alpha).
+    """
+    dev = means2d.device
+    b = plan.block
+    start, count = plan.start[blocks], plan.count[blocks]
+    if plan.ids.numel() == 0:  # nothing reaches any pixel
+        return colors.new_zeros((blocks.numel(), b * b, colors.shape[-1])), colors.new_ones(
+            (blocks.numel(), b * b)
+        )
+    k = torch.arange(K, device=dev)
+    valid = k[None, :] < count[:, None]  # [nb, K]
+    idx = (start[:, None] + k[None, :]).clamp(max=plan.ids.numel() - 1)
+    g = torch.where(valid, plan.ids[idx], 0)
+
+    local = blocks % (plan.blocks_w * plan.blocks_h)
+    r = torch.arange(b, device=dev, dtype=means2d.dtype) + 0.5  # pixel centres inside a block
+    px = ((local % plan.blocks_w) * b).to(means2d.dtype)[:, None] + r  # [nb, b] columns
+    py = ((local // plan.blocks_w) * b).to(means2d.dtype)[:, None] + r  # [nb, b] rows
+
+    mean, con = means2d[g], conics[g]  # [nb, K, 2], [nb, K, 3]
+    opac = torch.where(valid, opacities[g], 0.0)  # padding gets alpha 0: below the cut, never used
+    # sigma separates into a column term, a row term and one cross product, so
+    # only the last step touches the full [nb, rows, cols, K] grid.
+    dx = px[:, :, None] - mean[:, None, :, 0]  # [nb, b, K]
+    dy = py[:, :, None] - mean[:, None, :, 1]
+    sx = 0.5 * con[:, None, :, 0] * dx * dx
+    sy = 0.5 * con[:, None, :, 2] * dy * dy
+    bdy = con[:, None, :, 1] * dy
+    sigma = (sy[:, :, None] + sx[:, None]) + bdy[:, :, None] * dx[:, None]  # [nb, b(y), b(x), K]
+    sigma = sigma.reshape(-1, b * b, K)
+    alpha = (opac[:, None, :] * torch.exp(-sigma)).clamp(max=MAX_ALPHA)
+    with torch.no_grad():
+        used = (sigma >= 0) & (alpha >= ALPHA_THRESHOLD)
+    log1m = torch.log1p(-torch.where(used, alpha, 0.0))
+    # Transmittance after each Gaussian as if no pixel had stopped.  It only
+    # decreases, so the Gaussians at which it would reach T_MIN are the first
+    # such one and everything after it: dropping them leaves the prefix sums
+    # of the kept Gaussians, and so their weights, unchanged.
+    log_t = torch.cumsum(log1m, -1)
+    with torch.no_grad():
+        keep = used & (log_t > math.log(T_MIN))
+    weight = torch.where(keep, alpha * torch.exp(log_t - log1m), 0.0)  # alpha_k * T before k
+    out = torch.bmm(weight, colors[g])  # [nb, P, D]
+    final_t = torch.exp(torch.where(keep, log1m, 0.0).sum(-1))
+    return out, final_t
+
+
+def blocks_to_image(x: Tensor, plan: BlendPlan, C: int, width: int, height: int) -> Tensor:
+    """[C * blocks_h * blocks_w, b * b, D] -> [C, height, width, D]."""
+    b = plan.block
+    x = x.reshape(C, plan.blocks_h, plan.blocks_w, b, b, -1).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(C, plan.blocks_h * b, plan.blocks_w * b, -1)[:, :height, :width]
+
+
+def image_to_blocks(img: Tensor, plan: BlendPlan) -> Tensor:
+    """[C, H, W, D] -> [C * blocks_h * blocks_w, b * b, D], zero-padded to whole blocks."""
+    C, H, W, D = img.shape
+    b = plan.block
+    img = F.pad(img, (0, 0, 0, plan.blocks_w * b - W, 0, plan.blocks_h * b - H))
+    img = img.reshape(C, plan.blocks_h, b, plan.blocks_w, b, D).permute(0, 1, 3, 2, 4, 5)
+    return img.reshape(C * plan.blocks_h * plan.blocks_w, b * b, D)
+
+
+def rasterize_to_pixels(
+    means2d: Tensor,
+    conics: Tensor,
+    colors: Tensor,
+    opacities: Tensor,
+    width: int,
+    height: int,
+    tile_size: int,
+    isect_offsets: Tensor,
+    flatten_ids: Tensor,
+    backgrounds: Tensor | None = None,
+    chunk_elements: int = CHUNK_ELEMENTS,
+):
+    """Front-to-back alpha blending of projected Gaussians into C images.
+
+    means2d [C, N, 2], conics [C, N, 3], colors [C, N, D], opacities [C, N],
+    isect_offsets [C, tile_height, tile_width] int32, flatten_ids [M] int32
+    (from :func:`isect_tiles` / :func:`isect_offset_encode`), backgrounds [C, D].
+
+    Pixel (i, j) has centre (j + 0.5, i + 0.5) and walks its tile's list in
+    order.  Per Gaussian: sigma = a dx^2 / 2 + c dy^2 / 2 + b dx dy (skipped
+    if negative), alpha = min(0.99, o exp(-sigma)) (skipped below 1/255); a
+    pixel stops before the Gaussian that would bring its transmittance T to
+    1e-4 or below.  out = sum_k c_k alpha_k T_k + T_final * background.
+
+    Returns render_colors [C, H, W, D] and render_alphas [C, H, W, 1] (1 - T_final).
+
+    The Python loop runs over chunks of pixel blocks (see :class:`BlendPlan`;
+    blocks sorted by list length so the padding is small), never over pixels
+    or Gaussians.
+
+    Example: ``img, alpha = rasterize_to_pixels(m2d, conics, rgb, opac, W, H, 16, offsets, fids)``
+    """
+    C, N, D = colors.shape
+    plan = BlendPlan(means2d, conics, opacities, isect_offsets, flatten_ids, width, height, tile_size)
+    order, chunks = block_chunks(plan.count, plan.block**2, chunk_elements)
+    flat = (
+        means2d.reshape(C * N, 2),
+        conics.reshape(C * N, 3),
+        colors.reshape(C * N, D),
+        opacities.reshape(C * N),
+    )
+    outs, trans = [], []
+    for b, e, K in chunks:
+        o, t = blend_blocks(order[b:e], K, plan, *flat)
+        outs.append(o)
+        trans.append(t)
+    inv = torch.argsort(order)
+    T = blocks_to_image(torch.cat(trans)[inv].unsqueeze(-1), plan, C, width, height)
+    render_colors = blocks_to_image(torch.cat(outs)[inv], plan, C, width, height)
+    if backgrounds is not None:
+        render_colors = render_colors + T * backgrounds[:, None, None, :]
+    return render_colors, 1.0 - T
+
+
+# ---------------------------------------------------------------------------
+# the whole renderer
+# ---------------------------------------------------------------------------
+def rasterization(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    colors: Tensor,
+    viewmats: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+    eps2d: float = 0.3,
+    sh_degree: int | None = None,
+    backgrounds: Tensor | None = None,
+    render_mode: str = "RGB",
+    rasterize_mode: str = "classic",
+    radius_clip: float = 0.0,
+    tile_size: int = 16,
+):
+    """Render N Gaussians into C cameras; see :func:`frontiers_fast.ops.splat.rasterization`.
+
+    Returns (render_colors [C, H, W, D'], render_alphas [C, H, W, 1], meta).
+    """
+    C = viewmats.shape[0]
+    antialiased = rasterize_mode == "antialiased"
+    radii, means2d, depths, conics, comp = project_gaussians(
+        means, quats, scales, opacities, viewmats, Ks, width, height, eps2d, near_plane, far_plane, radius_clip,
+        antialiased,
+    )  # fmt: skip
+    opac = opacities[None, :] * comp if antialiased else opacities[None, :].expand(C, -1)
+    colors = view_colors(means, colors, viewmats, radii, sh_degree)
+    colors, backgrounds = with_depth_channel(colors, depths, backgrounds, render_mode)
+    tile_width, tile_height = tile_grid(width, height, tile_size)
+    tiles_per_gauss, isect_ids, flatten_ids = isect_tiles(
+        means2d, radii, depths, tile_size, tile_width, tile_height
+    )
+    offsets = isect_offset_encode(isect_ids, C, tile_width, tile_height)
+    render_colors, render_alphas = rasterize_to_pixels(
+        means2d, conics, colors, opac, width, height, tile_size, offsets, flatten_ids, backgrounds
+    )
+    render_colors = expected_depth(render_colors, render_alphas, render_mode)
+    meta = dict(
+        radii=radii, means2d=means2d, depths=depths, conics=conics, opacities=opac, tiles_per_gauss=tiles_per_gauss,
+        isect_ids=isect_ids, flatten_ids=flatten_ids, isect_offsets=offsets, tile_width=tile_width,
+        tile_height=tile_height, tile_size=tile_size, width=width, height=height, n_cameras=C,
+    )  # fmt: skip
+    return render_colors, render_alphas, meta
+
+
+def view_colors(means, colors, viewmats, radii, sh_degree):
+    """Per-camera colours [C, N, D]: broadcast plain colours, or evaluate SH from the camera centre."""
+    C, N = radii.shape[:2]
+    if sh_degree is None:
+        return colors.expand(C, N, colors.shape[-1]) if colors.dim() == 2 else colors
+    campos = torch.linalg.inv(viewmats)[:, :3, 3]  # [C, 3]
+    dirs = means[None, :, :] - campos[:, None, :]
+    coeffs = colors.expand(C, *colors.shape) if colors.dim() == 3 else colors
+    rgb = spherical_harmonics(sh_degree, dirs, coeffs, (radii > 0).all(-1))
+    return (rgb + 0.5).clamp(min=0.0)  # the Inria convention: SH encode colour - 0.5
+
+
+def with_depth_channel(colors, depths, backgrounds, render_mode):
+    """Append (RGB+D, RGB+ED) or substitute (D, ED) the depth channel; depth has a zero background."""
+    if render_mode == "RGB":
+        return colors, backgrounds
+    z = depths.unsqueeze(-1)
+    if render_mode in ("D", "ED"):
+        return z, (None if backgrounds is None else backgrounds.new_zeros(backgrounds.shape[0], 1))
+    bg = (
+        None
+        if backgrounds is None
+        else torch.cat([backgrounds, backgrounds.new_zeros(backgrounds.shape[0], 1)], -1)
+    )
+    return torch.cat([colors, z], -1), bg
+
+
+def expected_depth(render_colors, render_alphas, render_mode):
+    """ED modes: accumulated depth / accumulated alpha (alpha floored at 1e-10)."""
+    if render_mode not in ("ED", "RGB+ED"):
+        return render_colors
+    return torch.cat([render_colors[..., :-1], render_colors[..., -1:] / render_alphas.clamp(min=1e-10)], -1)

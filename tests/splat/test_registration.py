@@ -1,0 +1,166 @@
+"""torch.library registration (opcheck, fake tensors, compile) and fp64 gradchecks."""
+
+import pytest
+import torch
+
+from frontiers_fast.ops import splat as splat_ops
+from frontiers_fast.reference import splat as ref
+
+from ..conftest import assert_close
+from .scenes import cameras, gaussians, projected
+
+ops = torch.ops.frontiers_fast
+W, H = 19, 13
+FULL = ("test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
+PLAIN = ("test_schema", "test_faketensor")
+
+
+def _grad(*ts):
+    return [t.clone().requires_grad_(True) for t in ts]
+
+
+def _visible_scene(N=12):
+    """Gaussians well inside the view, opacities away from the thresholds."""
+    viewmats, Ks = cameras(2, W, H)
+    means, quats, scales, opacities = gaussians(N, extent=0.5, scale=(0.15, 0.3), opacity=(0.3, 0.8))
+    return means, quats, scales, opacities, viewmats, Ks
+
+
+def test_opcheck_project_gaussians():
+    means, quats, scales, opacities, viewmats, Ks = _visible_scene()
+    for aa in (False, True):
+        args = (*_grad(means, quats, scales), opacities, *_grad(viewmats, Ks), W, H, 0.3, 0.01, 1e10, 0.0, aa)
+        torch.library.opcheck(ops.project_gaussians, args, test_utils=FULL)
+    g = [torch.randn(2, 12, 2, dtype=torch.float64), torch.randn(2, 12, dtype=torch.float64),
+         torch.randn(2, 12, 3, dtype=torch.float64), torch.randn(2, 12, dtype=torch.float64)]  # fmt: skip
+    args = (means, quats, scales, opacities, viewmats, Ks, W, H, 0.3, 0.01, 1e10, 0.0, True, *g)
+    torch.library.opcheck(ops.project_gaussians_bwd, args, test_utils=PLAIN)
+
+
+def test_opcheck_spherical_harmonics():
+    dirs = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    coeffs = torch.randn(5, 16, 3, dtype=torch.float64, requires_grad=True)
+    masks = torch.rand(5) > 0.3
+    for degree in (0, 3):
+        torch.library.opcheck(ops.spherical_harmonics, (degree, dirs, coeffs, masks), test_utils=FULL)
+        torch.library.opcheck(ops.spherical_harmonics, (degree, dirs, coeffs, None), test_utils=FULL)
+    args = (2, dirs.detach(), coeffs.detach(), masks, torch.randn(5, 3, dtype=torch.float64))
+    torch.library.opcheck(ops.spherical_harmonics_bwd, args, test_utils=PLAIN)
+
+
+def test_opcheck_isect():
+    means2d, _, _, _, _, radii, depths = projected(2, 20, W, H, 8)
+    tw, th = ref.tile_grid(W, H, 8)
+    torch.library.opcheck(ops.isect_tiles, (means2d, radii, depths, 8, tw, th), test_utils=PLAIN)
+    _, ids, _ = ops.isect_tiles(means2d, radii, depths, 8, tw, th)
+    torch.library.opcheck(ops.isect_offset_encode, (ids, 2, tw, th), test_utils=PLAIN)
+
+
+def test_opcheck_rasterize_to_pixels():
+    means2d, conics, opac, offsets, fids, _, _ = projected(2, 20, W, H, 8, opacity=(0.3, 0.8))
+    colors = torch.rand(2, 20, 3, dtype=torch.float64)
+    bg = torch.rand(2, 3, dtype=torch.float64)
+    for b in (bg, None):
+        args = (*_grad(means2d, conics, colors, opac), None if b is None else b.clone().requires_grad_(True), W, H, 8,
+                offsets, fids)  # fmt: skip
+        torch.library.opcheck(ops.rasterize_to_pixels, args, test_utils=FULL)
+        gc, ga = torch.randn(2, H, W, 3, dtype=torch.float64), torch.randn(2, H, W, 1, dtype=torch.float64)
+        args = (means2d, conics, colors, opac, b, W, H, 8, offsets, fids, gc, ga)
+        torch.library.opcheck(ops.rasterize_to_pixels_bwd, args, test_utils=PLAIN)
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+    means, quats, scales, opacities, viewmats, Ks = (t.float() for t in _visible_scene())
+    sh = torch.randn(2, 12, 4, 3, requires_grad=True)
+    leaves = _grad(means, scales)
+
+    def model(means, scales):
+        radii, means2d, depths, conics, _ = splat_ops.project_gaussians(means, quats, scales, opacities, viewmats, Ks,
+                                                                        W, H)  # fmt: skip
+        rgb = splat_ops.spherical_harmonics(1, means[None] - viewmats[:, None, :3, 3], sh)
+        return means2d.sum() + depths.pow(2).sum() + conics.sum() + rgb.pow(2).sum()
+
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = compiled(*leaves)
+    want = model(*leaves)
+    assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, leaves + [sh]), torch.autograd.grad(want, leaves + [sh])):
+        assert_close(a, b)
+
+
+@pytest.mark.gradcheck
+@pytest.mark.parametrize("antialiased", [False, True])
+def test_gradcheck_project_gaussians(antialiased):
+    means, quats, scales, opacities, viewmats, Ks = _visible_scene(6)
+
+    def fn(m, q, s, v, k):
+        _, m2d, z, con, comp = splat_ops.project_gaussians(
+            m, q, s, opacities, v, k, W, H, antialiased=antialiased
+        )
+        return m2d, z, con, comp
+
+    assert torch.autograd.gradcheck(fn, _grad(means, quats, scales, viewmats, Ks))
+
+
+@pytest.mark.gradcheck
+def test_gradcheck_spherical_harmonics():
+    dirs = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    coeffs = torch.randn(4, 16, 3, dtype=torch.float64, requires_grad=True)
+    masks = torch.tensor([True, False, True, True])
+    for degree in range(4):
+        assert torch.autograd.gradcheck(
+            lambda d, c: splat_ops.spherical_harmonics(degree, d, c, masks), (dirs, coeffs)
+        )
+
+
+@pytest.mark.gradcheck
+def test_gradcheck_rasterize_to_pixels():
+    w, h, ts = 11, 9, 8
+    means2d, conics, opac, offsets, fids, _, _ = projected(2, 8, w, h, ts, extent=0.5, scale=(0.2, 0.4),
+                                                           opacity=(0.3, 0.8))  # fmt: skip
+    colors = torch.rand(2, 8, 2, dtype=torch.float64)
+    bg = torch.rand(2, 2, dtype=torch.float64)
+
+    def fn(m, c, col, o, b):
+        return splat_ops.rasterize_to_pixels(m, c, col, o, w, h, ts, offsets, fids, b)
+
+    # fast_mode checks random projections of the Jacobian: the full one would
+    # take one backward pass per output pixel.
+    assert torch.autograd.gradcheck(fn, _grad(means2d, conics, colors, opac, bg), fast_mode=True)
+
+
+@pytest.mark.gradcheck
+def test_gradcheck_rasterization():
+    means, quats, scales, opacities, viewmats, Ks = _visible_scene(5)
+    colors = torch.rand(5, 3, dtype=torch.float64)
+    bg = torch.rand(2, 3, dtype=torch.float64)
+
+    def fn(m, q, s, o, c):
+        img, alpha, _ = splat_ops.rasterization(m, q, s, o, c, viewmats, Ks, W, H, backgrounds=bg, tile_size=8,
+                                                render_mode="RGB+D", rasterize_mode="antialiased")  # fmt: skip
+        return img, alpha
+
+    assert torch.autograd.gradcheck(fn, _grad(means, quats, scales, opacities, colors), fast_mode=True)
+
+
+def test_reference_gradcheck():
+    # The reference itself is differentiable by autograd (the ops' backward relies on it).
+    dirs = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    coeffs = torch.randn(3, 9, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda d, c: ref.spherical_harmonics(2, d, c), (dirs, coeffs))
+
+
+@pytest.mark.gradcheck
+def test_gradcheck_rasterize_to_pixels_full_jacobian():
+    w, h, ts = 6, 5, 4  # partial tiles on both axes; 90 outputs, so the full Jacobian is affordable
+    means2d, conics, opac, offsets, fids, _, _ = projected(1, 5, w, h, ts, extent=0.4, scale=(0.3, 0.5),
+                                                           opacity=(0.3, 0.8))  # fmt: skip
+    colors = torch.rand(1, 5, 2, dtype=torch.float64)
+    bg = torch.rand(1, 2, dtype=torch.float64)
+
+    def fn(m, c, col, o, b):
+        return splat_ops.rasterize_to_pixels(m, c, col, o, w, h, ts, offsets, fids, b)
+
+    assert fids.numel() >= 5
+    assert torch.autograd.gradcheck(fn, _grad(means2d, conics, colors, opac, bg))
