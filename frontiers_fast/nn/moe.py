@@ -9,7 +9,7 @@ block's ``state_dict`` loads strictly:
 
 :func:`from_mixtral` converts a block in either transformers layout (the fused
 5.x tensors or the 4.x per-expert ``w1``/``w2``/``w3`` linears) to these
-three tensors.
+three tensors, and :func:`mixtral_activation` reads its activation.
 """
 
 from __future__ import annotations
@@ -22,11 +22,15 @@ from torch import Tensor, nn
 
 from ..ops.moe import fused_moe, moe_route
 
-__all__ = ["MixtralSparseMoeBlock", "MoeTopKRouter", "MoeExperts", "from_mixtral"]
+__all__ = ["MixtralSparseMoeBlock", "MoeTopKRouter", "MoeExperts", "from_mixtral", "mixtral_activation"]
 
 
 class MoeTopKRouter(nn.Module):
-    """Softmax top-k router: ``forward(x [T, H]) -> (logits [T, E], weights [T, k] float32, ids [T, k] int32)``."""
+    """Softmax top-k router: ``forward(x [T, H]) -> (logits [T, E], weights [T, k] float32, ids [T, k] int32)``.
+
+    The ids are int32, where transformers' router returns int64: call
+    ``ids.long()`` before feeding them to code that one-hot encodes them.
+    """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int):
         super().__init__()
@@ -129,10 +133,14 @@ class MixtralSparseMoeBlock(nn.Module):
 
     @classmethod
     def from_mixtral(cls, block) -> MixtralSparseMoeBlock:
-        """A block holding copies of a transformers Mixtral block's weights (dtype and device kept)."""
+        """A block holding copies of a transformers Mixtral block's weights (dtype and device kept).
+
+        The activation comes from :func:`mixtral_activation`: SiLU or the
+        exact GELU, in either layout; any other is an error.
+        """
         w_router, w_gate_up, w_down = from_mixtral(block)
         E, two_i, H = w_gate_up.shape
-        act = getattr(getattr(getattr(block, "experts", None), "config", None), "hidden_act", "silu")
+        act = mixtral_activation(block)
         ours = cls(
             hidden_size=H, intermediate_size=two_i // 2, num_experts=E, top_k=int(block.top_k), hidden_act=act
         )
@@ -143,6 +151,58 @@ class MixtralSparseMoeBlock(nn.Module):
             ours.experts.gate_up_proj.copy_(w_gate_up)
             ours.experts.down_proj.copy_(w_down)
         return ours
+
+
+def _activation_name(act_fn, where: str) -> str:
+    """``"silu"`` or ``"gelu"`` for a module or function computing SiLU or the exact GELU.
+
+    Decided by evaluating it in float64, not by its class name: transformers
+    has several classes for each activation across versions, and the tanh
+    GELU or quick GELU would pass a name test while computing something else.
+    """
+    x = torch.linspace(-6.0, 6.0, 121, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            y = act_fn(x)
+    except Exception as exc:  # a module that cannot run on a CPU float64 tensor
+        raise ValueError(f"{where} ({type(act_fn).__name__}) could not be evaluated: {exc}") from exc
+    for name, f in (("silu", F.silu), ("gelu", F.gelu)):
+        if isinstance(y, Tensor) and y.shape == x.shape and torch.allclose(y, f(x), rtol=0, atol=1e-12):
+            return name
+    raise ValueError(
+        f"{where} ({type(act_fn).__name__}) is neither SiLU nor the exact GELU; "
+        "only 'silu' and 'gelu' experts are supported"
+    )
+
+
+def mixtral_activation(block) -> str:
+    """The expert activation of a transformers Mixtral block: ``"silu"`` or ``"gelu"``.
+
+    Reads ``experts.act_fn`` (transformers 5.x) or ``experts[i].act_fn``
+    (4.x; all experts must agree), then ``experts.config.hidden_act``;
+    ``"silu"`` (Mixtral's) when the block names none.  Anything but SiLU
+    or the exact GELU is an error.
+
+    Example::
+
+        >>> mixtral_activation(hf_block)
+        'silu'
+    """
+    experts = getattr(block, "experts", None)
+    if isinstance(experts, (nn.ModuleList, list, tuple)):
+        acts = [
+            (f"block.experts[{i}].act_fn", m.act_fn) for i, m in enumerate(experts) if hasattr(m, "act_fn")
+        ]
+        names = {_activation_name(fn, where) for where, fn in acts}
+        if len(names) > 1:
+            raise ValueError(f"block.experts use different activations {sorted(names)}; one is supported")
+        return names.pop() if names else "silu"
+    if hasattr(experts, "act_fn"):
+        return _activation_name(experts.act_fn, "block.experts.act_fn")
+    act = getattr(getattr(experts, "config", None), "hidden_act", "silu")
+    if act not in ("silu", "gelu"):
+        raise ValueError(f"block.experts.config.hidden_act must be 'silu' or 'gelu', got {act!r}")
+    return act
 
 
 def from_mixtral(block) -> tuple[Tensor, Tensor, Tensor]:

@@ -96,13 +96,22 @@ class Mamba(nn.Module):
         )
         return self.out_proj(y.transpose(1, 2))
 
-    def allocate_inference_cache(self, batch_size, dtype=None):
-        """Zero ``(conv_state [batch, d_inner, d_conv], ssm_state [batch, d_inner, d_state])``."""
-        p = self.in_proj.weight
+    def allocate_inference_cache(self, batch_size, max_seqlen=None, dtype=None, **kwargs):
+        """Zero ``(conv_state [batch, d_inner, d_conv], ssm_state [batch, d_inner, d_state])``.
+
+        mamba_ssm's signature: ``max_seqlen`` and any extra keyword are
+        accepted and unused (the states do not grow with the sequence).
+        conv_state takes ``dtype`` or the convolution weight's dtype;
+        ssm_state takes ``dtype`` or ``dt_proj.weight``'s dtype (as
+        mamba_ssm), promoted to at least float32 because the state
+        accumulates over the whole sequence.
+        """
+        device = self.out_proj.weight.device
         conv_state = torch.zeros(
-            batch_size, self.d_inner, self.d_conv, device=p.device, dtype=dtype or p.dtype
+            batch_size, self.d_inner, self.d_conv, device=device, dtype=dtype or self.conv1d.weight.dtype
         )
-        ssm_state = torch.zeros(batch_size, self.d_inner, self.d_state, device=p.device, dtype=torch.float32)
+        ssm_dtype = torch.promote_types(dtype or self.dt_proj.weight.dtype, torch.float32)
+        ssm_state = torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=ssm_dtype)
         return conv_state, ssm_state
 
     def step(self, hidden_states, conv_state, ssm_state):

@@ -19,12 +19,20 @@ plain PyTorch of :mod:`frontiers_fast.reference.moe` (registered for every
 device).  Gradients not asked for come back as empty [0] tensors.  The
 backward ops are written out rather than autograd through the reference,
 because op implementations run below the autograd dispatch key.
+
+The data checks (ids and row_map in range, logits free of NaN and +inf,
+enough unmasked experts per row) run in the public functions and again in
+the forward op implementations: under torch.compile the former are skipped
+(a data read would break the graph) but the latter still run, on real
+tensors, so bad input raises the same ValueError compiled or not.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -56,8 +64,15 @@ def _route_op(
     topk_group: int | None,
     scaling: float,
 ) -> tuple[Tensor, Tensor]:
-    w, ids = ref.moe_route(logits, top_k, scoring, renormalize, correction_bias, n_group, topk_group, scaling)
-    return w.contiguous(), ids.contiguous()
+    # The value checks run here too: this body runs on real tensors even
+    # inside a compiled graph, where the public function's checks are skipped.
+    _check_logits(logits)
+    if correction_bias is not None:
+        _check_finite("correction_bias", correction_bias)
+    scores, choice, ids = ref.selection(logits, top_k, scoring, correction_bias, n_group, topk_group)
+    _check_selectable(choice, ids, top_k, n_group)
+    w = ref.route_weights(scores, ids, renormalize, scaling)
+    return w.contiguous(), ids.to(torch.int32).contiguous()
 
 
 @_route_op.register_fake
@@ -118,6 +133,7 @@ _route_op.register_autograd(_route_backward, setup_context=_route_setup)
 # ---------------------------------------------------------------------------
 @torch.library.custom_op(f"{NS}::moe_permute", mutates_args=())
 def _permute_op(x: Tensor, ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    _check_ids("ids", ids, num_experts)  # also under torch.compile: see _route_op
     return ref.moe_permute(x, ids, num_experts)
 
 
@@ -163,6 +179,7 @@ _permute_op.register_autograd(_permute_backward, setup_context=_permute_setup)
 
 @torch.library.custom_op(f"{NS}::moe_unpermute", mutates_args=())
 def _unpermute_op(y: Tensor, row_map: Tensor, weights: Tensor) -> Tensor:
+    _check_row_map(row_map, y.shape[0])  # also under torch.compile: see _route_op
     return ref.moe_unpermute(y, row_map, weights)
 
 
@@ -221,6 +238,7 @@ _unpermute_op.register_autograd(_unpermute_backward, setup_context=_unpermute_se
 def _fused_op(
     x: Tensor, w_gate_up: Tensor, w_down: Tensor, weights: Tensor, ids: Tensor, activation: str
 ) -> Tensor:
+    _check_ids("ids", ids, w_gate_up.shape[0])  # also under torch.compile: see _route_op
     return ref.fused_moe(x, w_gate_up, w_down, weights, ids, activation)
 
 
@@ -361,22 +379,37 @@ def _same_device(name, t, ref_name, ref_t):
 
 
 def _int(name, v, lo, hi=None, why=""):
-    if isinstance(v, bool) or not isinstance(v, int):
+    # numbers.Integral takes Python and numpy integers; bool is refused although it is an int.
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    v = int(v)
     if v < lo or (hi is not None and v > hi):
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise ValueError(f"{name} must be {rng}{why}, got {v}")
     return v
 
 
+def _bool(name, v):
+    # numpy.bool_ is no subclass of bool; the op schemas need a Python bool.
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+    return bool(v)
+
+
+def _has_values(t: Tensor) -> bool:
+    # Fake and meta tensors have no data to check.
+    return t.device.type != "meta" and t.numel() > 0 and not isinstance(t, torch._subclasses.FakeTensor)
+
+
 def _values_checkable(t: Tensor) -> bool:
-    # Value checks read the data: skipped while torch.compile traces (they
-    # would break the graph) and for tensors without storage.
-    return not torch.compiler.is_compiling() and t.device.type != "meta" and t.numel() > 0
+    # The public functions read the data only in eager mode: while
+    # torch.compile traces, a data read would break the graph.  The op
+    # bodies repeat the checks, and they run on real tensors even in a graph.
+    return not torch.compiler.is_compiling() and _has_values(t)
 
 
 def _check_ids(name, ids, num_experts):
-    if _values_checkable(ids):
+    if _has_values(ids):
         lo, hi = (int(v) for v in ids.aminmax())
         if lo < 0 or hi >= num_experts:
             raise ValueError(
@@ -384,9 +417,37 @@ def _check_ids(name, ids, num_experts):
             )
 
 
+def _check_row_map(row_map, rows):
+    if _has_values(row_map):
+        lo, hi = (int(v) for v in row_map.aminmax())
+        if lo < 0 or hi >= rows:
+            raise ValueError(f"row_map must lie in [0, {rows}) (the rows of y), got values in [{lo}, {hi}]")
+
+
 def _check_finite(name, t):
-    if _values_checkable(t) and not bool(torch.isfinite(t).all()):
+    if _has_values(t) and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} must be finite (it contains NaN or inf)")
+
+
+def _check_logits(logits):
+    # -inf masks an expert (as with transformers' Mixtral router); NaN and +inf have no meaning.
+    if _has_values(logits) and bool((torch.isnan(logits) | torch.isposinf(logits)).any()):
+        raise ValueError("logits must not contain NaN or +inf (-inf is allowed: it masks an expert)")
+
+
+def _check_selectable(choice, ids, top_k, n_group):
+    # A chosen expert with a -inf selection score means the row had fewer than
+    # top_k experts with a finite logit (in its kept groups, when grouping).
+    if not _has_values(ids):
+        return
+    bad = torch.isneginf(choice.gather(1, ids)).any(-1)
+    if bool(bad.any()):
+        t = int(bad.nonzero()[0, 0])
+        where = " in its topk_group kept groups" if n_group is not None else ""
+        raise ValueError(
+            f"logits row {t} has fewer than top_k={top_k} selectable experts{where}: "
+            f"each row needs at least top_k finite (not -inf) logits"
+        )
 
 
 def moe_route(
@@ -411,18 +472,28 @@ def moe_route(
     scores of the chosen experts, divided by their sum (+1e-20) if
     ``renormalize``, times ``scaling``; they are differentiable in ``logits``.
 
+    A ``-inf`` logit masks an expert: it is never chosen (the bias cannot
+    revive it), its softmax score is 0, and it counts as ``-inf`` in its
+    group's score (so under the biased top-2 rule a group needs two unmasked
+    experts to compete).  Every row needs ``top_k`` unmasked experts (in its
+    kept groups, when grouping); a row with fewer is an error, as are NaN and
+    ``+inf`` logits.
+
     Args:
-        logits: [T, E] finite router logits.
+        logits: [T, E] router logits: finite, or ``-inf`` to mask an expert.
         top_k: experts per token, 1 <= top_k <= E (and <= the experts in the kept groups).
         scoring: ``"softmax"`` or ``"sigmoid"``.
         renormalize: make each token's weights sum to 1.
-        correction_bias: optional [E] selection bias (no gradient).
+        correction_bias: optional [E] finite selection bias (no gradient).
         n_group, topk_group: grouped top-k; E % n_group == 0, 1 <= topk_group <= n_group.
-        scaling: finite factor on the weights.
+        scaling: finite factor on the weights (int, float or numpy scalar).
         backend: only ``"reference"`` exists for this op.
 
     Returns:
         weights [T, k] float32 (float64 for float64 logits), ids [T, k] int32, best first.
+        The ids are int32 (as vLLM's); code that indexes or one-hot encodes
+        with them the transformers way (``F.one_hot`` needs int64) should
+        call ``ids.long()`` first.
 
     Example::
 
@@ -430,11 +501,12 @@ def moe_route(
     """
     _tensor("logits", logits, "[T, E]", 2)
     E = logits.shape[1]
-    _int("top_k", top_k, 1, E, why=f" (logits has E={E} experts)")
+    if E < 1:
+        raise ValueError(f"logits must have at least one expert (E >= 1), got shape {tuple(logits.shape)}")
+    top_k = _int("top_k", top_k, 1, E, why=f" (logits has E={E} experts)")
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
-    if not isinstance(renormalize, bool):
-        raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__}")
+    renormalize = _bool("renormalize", renormalize)
     if correction_bias is not None:
         _tensor("correction_bias", correction_bias, "[E]", 1)
         _same_device("correction_bias", correction_bias, "logits", logits)
@@ -445,19 +517,25 @@ def moe_route(
             f"n_group and topk_group must be given together, got n_group={n_group}, topk_group={topk_group}"
         )
     if n_group is not None:
-        _int("n_group", n_group, 1, E)
+        n_group = _int("n_group", n_group, 1, E)
         if E % n_group:
             raise ValueError(f"n_group must divide the number of experts E={E}, got {n_group}")
-        _int("topk_group", topk_group, 1, n_group, why=f" (n_group={n_group})")
+        topk_group = _int("topk_group", topk_group, 1, n_group, why=f" (n_group={n_group})")
         kept = topk_group * (E // n_group)
         if top_k > kept:
             raise ValueError(
                 f"top_k={top_k} exceeds the {kept} experts in the topk_group={topk_group} kept groups"
             )
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
-        raise ValueError(f"scaling must be a finite float, got {scaling!r}")
-    _check_finite("logits", logits)
-    if correction_bias is not None:
+    # numbers.Real takes Python and numpy ints and floats; bools are refused.
+    if isinstance(scaling, (bool, np.bool_)) or not isinstance(scaling, numbers.Real):
+        raise TypeError(
+            f"scaling must be a real number (int, float or numpy scalar), got {type(scaling).__name__}"
+        )
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling must be finite, got {scaling!r}")
+    if _values_checkable(logits):
+        _check_logits(logits)
+    if correction_bias is not None and _values_checkable(correction_bias):
         _check_finite("correction_bias", correction_bias)
     _backend.resolve(backend, logits.device, "moe_route", implemented=_IMPLEMENTED)
     return _ops.moe_route(
@@ -493,9 +571,10 @@ def moe_permute(x: Tensor, ids: Tensor, num_experts: int, *, backend: str | None
 
         >>> x_perm, offsets, row_map = moe_permute(torch.randn(4, 8), torch.tensor([[0, 2]] * 4), 3)
     """
-    _int("num_experts", num_experts, 1)
+    num_experts = _int("num_experts", num_experts, 1)
     _check_dispatch(x, ids, num_experts)
-    _check_ids("ids", ids, num_experts)
+    if _values_checkable(ids):
+        _check_ids("ids", ids, num_experts)
     _backend.resolve(backend, x.device, "moe_permute", implemented=_IMPLEMENTED)
     return _ops.moe_permute(x, ids, num_experts)
 
@@ -514,7 +593,9 @@ def moe_unpermute(y: Tensor, row_map: Tensor, weights: Tensor, *, backend: str |
 
     Example::
 
-        >>> out = moe_unpermute(expert_out, row_map, weights)
+        >>> x, (weights, ids) = torch.randn(4, 8), moe_route(torch.randn(4, 3), top_k=2)
+        >>> x_perm, offsets, row_map = moe_permute(x, ids, 3)
+        >>> out = moe_unpermute(2.0 * x_perm, row_map, weights)  # == 2 x, as the weights sum to 1
     """
     _tensor("y", y, "[R, H]", 2)
     _tensor("row_map", row_map, "[T, k]", 2, kind="int")
@@ -526,11 +607,7 @@ def moe_unpermute(y: Tensor, row_map: Tensor, weights: Tensor, *, backend: str |
             f"weights must have the shape of row_map {tuple(row_map.shape)}, got {tuple(weights.shape)}"
         )
     if _values_checkable(row_map):
-        lo, hi = (int(v) for v in row_map.aminmax())
-        if lo < 0 or hi >= y.shape[0]:
-            raise ValueError(
-                f"row_map must lie in [0, {y.shape[0]}) (the rows of y), got values in [{lo}, {hi}]"
-            )
+        _check_row_map(row_map, y.shape[0])
     _backend.resolve(backend, y.device, "moe_unpermute", implemented=_IMPLEMENTED)
     return _ops.moe_unpermute(y, row_map.long(), weights)
 
@@ -593,7 +670,8 @@ def fused_moe(
         raise ValueError(f"weights must have the shape of ids {tuple(ids.shape)}, got {tuple(weights.shape)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    _check_ids("ids", ids, E)
+    if _values_checkable(ids):
+        _check_ids("ids", ids, E)
     _backend.resolve(backend, x.device, "fused_moe", implemented=_IMPLEMENTED)
     return _ops.fused_moe(x, w_gate_up, w_down, weights, ids, activation)
 

@@ -22,6 +22,7 @@ under ``torch.no_grad()``.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -266,8 +267,20 @@ def _check_shape(name, t, shape, what):
 
 
 def _check_bool(name, v):
-    if not isinstance(v, bool):
+    # numpy.bool_ is no subclass of bool; the op schemas need a Python bool.
+    if not isinstance(v, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+    return bool(v)
+
+
+def _check_writable(name, t):
+    # An expanded (stride-0) view shares one element among several indices:
+    # the in-place update cannot write to it.
+    if any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride())):
+        raise ValueError(
+            f"{name} is updated in place, so it cannot be an expanded (stride-0) view "
+            f"(shape {list(t.shape)}, strides {list(t.stride())}); pass {name}.clone()"
+        )
 
 
 def _check_bc(name, M, batch, dim, N, L=None):
@@ -367,8 +380,8 @@ def selective_scan(
     _check_shape("delta_bias", delta_bias, (dim,), "[dim]")
     _check_tensor("initial_state", initial_state, dev, (3,), optional=True)
     _check_shape("initial_state", initial_state, (batch, dim, N), "[batch, dim, N]")
-    _check_bool("delta_softplus", delta_softplus)
-    _check_bool("return_last_state", return_last_state)
+    delta_softplus = _check_bool("delta_softplus", delta_softplus)
+    return_last_state = _check_bool("return_last_state", return_last_state)
     if L == 0:
         raise ValueError("u must have at least one time step (L >= 1), got L=0")
     _backend.resolve(backend, dev, "selective_scan", implemented=_IMPLEMENTED)
@@ -406,6 +419,7 @@ def selective_state_update(
         ...                            torch.randn(2, 16), torch.randn(2, 16))
     """
     _check_tensor("state", state, getattr(state, "device", None), (3,))
+    _check_writable("state", state)
     dev = state.device
     batch, dim, N = state.shape
     _check_tensor("x", x, dev, (2,))
@@ -424,7 +438,7 @@ def selective_state_update(
     _check_shape("z", z, (batch, dim), "[batch, dim]")
     _check_tensor("dt_bias", dt_bias, dev, (1,), optional=True)
     _check_shape("dt_bias", dt_bias, (dim,), "[dim]")
-    _check_bool("dt_softplus", dt_softplus)
+    dt_softplus = _check_bool("dt_softplus", dt_softplus)
     _backend.resolve(backend, dev, "selective_state_update", implemented=_IMPLEMENTED)
     with torch.no_grad():
         return _ops.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
@@ -445,8 +459,11 @@ def causal_conv1d(
         activation: None, ``"silu"`` or ``"swish"``.
         initial_states: [batch, dim, width - 1].
         return_final_states: also return the last width - 1 inputs
-            [batch, dim, width - 1] (zero-padded on the left when the
-            sequence is shorter), the next call's ``initial_states``.
+            [batch, dim, width - 1] (taken from ``initial_states``, or zeros,
+            when L < width - 1), the next call's ``initial_states``.
+
+    L must be at least 1, as for :func:`selective_scan`; any L below the
+    filter width is fine.
 
     Returns:
         out [batch, dim, L] in x's dtype (computed in float32, or float64 when
@@ -470,7 +487,10 @@ def causal_conv1d(
     _check_tensor("initial_states", initial_states, dev, (3,), optional=True)
     _check_shape("initial_states", initial_states, (batch, dim, width - 1), "[batch, dim, width - 1]")
     silu = _activation(activation)
-    _check_bool("return_final_states", return_final_states)
+    return_final_states = _check_bool("return_final_states", return_final_states)
+    if L == 0:
+        # As selective_scan (and causal-conv1d's kernels): an empty sequence is refused.
+        raise ValueError("x must have at least one time step (L >= 1), got L=0")
     _backend.resolve(backend, dev, "causal_conv1d", implemented=_IMPLEMENTED)
     out, final = _ops.causal_conv1d(x, weight, bias, initial_states, silu)
     return (out, final) if return_final_states else out
@@ -504,6 +524,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, b
     dev = x.device
     batch, dim = x.shape[:2]
     _check_tensor("conv_state", conv_state, dev, (3,))
+    _check_writable("conv_state", conv_state)
     _check_tensor("weight", weight, dev, (2,))
     if weight.shape[0] != dim or weight.shape[1] < 1:
         raise ValueError(

@@ -22,6 +22,9 @@ Conventions pinned here:
   least 1/E, so the guard is below half an ulp and changes nothing.
 * ``row_map[t, j]`` is the row of ``x_perm`` that holds token ``t``'s
   ``j``-th choice, so undoing the permutation is a gather.
+* A ``-inf`` logit masks an expert: it is ranked below every unmasked one
+  whatever the correction bias (callers must leave ``top_k`` unmasked).
+* ``ids`` are int32 (transformers indexes with int64: call ``.long()``).
 """
 
 from __future__ import annotations
@@ -82,6 +85,34 @@ def group_mask(choice: Tensor, n_group: int, topk_group: int, biased: bool) -> T
     return mask.repeat_interleave(per, dim=1)
 
 
+def selection(
+    logits: Tensor,
+    top_k: int,
+    scoring: str = "softmax",
+    correction_bias: Tensor | None = None,
+    n_group: int | None = None,
+    topk_group: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(scores [T, E], choice [T, E], ids [T, k] int64): the routing decision without the weights.
+
+    ``choice`` is what the experts are ranked on: the scores plus the bias,
+    ``-inf`` for masked experts (a ``-inf`` logit) and, when grouping, for
+    the experts outside the kept groups.  A chosen id whose choice is
+    ``-inf`` means the row had fewer than ``top_k`` selectable experts.
+    """
+    scores = scores_of(logits, scoring)
+    choice = scores.detach()
+    if correction_bias is not None:
+        # The bias steers which experts are chosen, never how much they weigh.
+        choice = choice + correction_bias.detach().to(choice.dtype)
+    # A masked expert's score is 0, which a bias could lift: rank it last instead.
+    choice = choice.masked_fill(torch.isneginf(logits), float("-inf"))
+    if n_group is not None:
+        keep = group_mask(choice, n_group, topk_group, correction_bias is not None)
+        choice = choice.masked_fill(~keep, float("-inf"))
+    return scores, choice, topk_lowest_id(choice, top_k)
+
+
 def select_experts(
     logits: Tensor,
     top_k: int,
@@ -90,16 +121,9 @@ def select_experts(
     n_group: int | None = None,
     topk_group: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(scores [T, E], ids [T, k] int64): the routing decision without the weights."""
-    scores = scores_of(logits, scoring)
-    choice = scores.detach()
-    if correction_bias is not None:
-        # The bias steers which experts are chosen, never how much they weigh.
-        choice = choice + correction_bias.detach().to(choice.dtype)
-    if n_group is not None:
-        keep = group_mask(choice, n_group, topk_group, correction_bias is not None)
-        choice = choice.masked_fill(~keep, float("-inf"))
-    return scores, topk_lowest_id(choice, top_k)
+    """(scores [T, E], ids [T, k] int64): :func:`selection` without the ranking values."""
+    scores, _, ids = selection(logits, top_k, scoring, correction_bias, n_group, topk_group)
+    return scores, ids
 
 
 def route_weights(scores: Tensor, ids: Tensor, renormalize: bool, scaling: float) -> Tensor:
@@ -123,7 +147,7 @@ def moe_route(
     """Top-k routing: which experts each token goes to, and with what weight.
 
     Args:
-        logits: [T, E] router logits.
+        logits: [T, E] router logits (``-inf`` masks an expert).
         top_k: experts per token.
         scoring: ``"softmax"`` over the experts (Mixtral) or ``"sigmoid"`` (DeepSeek-V3).
         renormalize: make each token's ``k`` weights sum to 1.
@@ -193,7 +217,9 @@ def moe_unpermute(y: Tensor, row_map: Tensor, weights: Tensor) -> Tensor:
 
     Example::
 
-        >>> out = moe_unpermute(y, row_map, weights)
+        >>> weights, ids = moe_route(torch.randn(5, 4), 2)
+        >>> x_perm, _, row_map = moe_permute(torch.randn(5, 8), ids, 4)
+        >>> out = moe_unpermute(x_perm.relu(), row_map, weights)
     """
     cdt = compute_dtype(y.dtype, weights.dtype)
     T, k = row_map.shape

@@ -361,8 +361,11 @@ def causal_conv1d_bwd(x, weight, bias, activation, initial_states, grad_out, gra
         sig = torch.sigmoid(pre)
         g = g * sig * (1 + pre * (1 - sig))
     grad_bias = g.sum((0, 2)).to(bias.dtype) if bias is not None else None
-    windows = xcat.unfold(-1, width, 1)  # [batch, dim, L, width]: the inputs each output reads
-    grad_weight = torch.einsum("bdt,bdtk->dk", g, windows).to(weight.dtype)
+    # Tap k reads xcat[..., k : k + L]; per tap, so that any L (0 and L < width - 1 too) works.
+    L = g.shape[-1]
+    grad_weight = torch.stack(
+        [torch.einsum("bdt,bdt->d", g, xcat[..., k : k + L]) for k in range(width)], dim=-1
+    ).to(weight.dtype)
     # Each input feeds `width` outputs: correlating the zero-padded output
     # gradient with the flipped filter gathers them (a transposed convolution).
     grad_xcat = _correlate(F.pad(g, (width - 1, width - 1)), w.flip(-1))

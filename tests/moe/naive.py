@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 def naive_route(logits, top_k, scoring="softmax", renormalize=True, bias=None, n_group=None, topk_group=None,
                 scaling=1.0):  # fmt: skip
-    """(weights [T, k] float64, ids [T, k] int64); ties to the lowest expert id."""
+    """(weights [T, k] float64, ids [T, k] int64); ties to the lowest expert id, -inf logits never chosen."""
     dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
     s = logits.to(dt)
     scores = torch.softmax(s, -1) if scoring == "softmax" else torch.sigmoid(s)
@@ -19,6 +19,8 @@ def naive_route(logits, top_k, scoring="softmax", renormalize=True, bias=None, n
     ws, idss = [], []
     for t in range(T):
         row, choice = scores[t].tolist(), biased[t].tolist()
+        # A -inf logit masks its expert, whatever the bias.
+        choice = [float("-inf") if float(logits[t, e]) == float("-inf") else c for e, c in enumerate(choice)]
         allowed = range(E)
         if n_group is not None:
             per = E // n_group

@@ -1,5 +1,6 @@
 """Bad input gets a clear error naming the argument, never a crash or a wrong answer."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,9 +31,16 @@ def test_route_bad_inputs():
         (dict(logits=lg, top_k=2, n_group=3, topk_group=1), ValueError, "n_group must divide"),
         (dict(logits=lg, top_k=2, n_group=4, topk_group=5), ValueError, "topk_group must be in"),
         (dict(logits=lg, top_k=5, n_group=4, topk_group=2), ValueError, "top_k=5 exceeds"),
-        (dict(logits=lg, top_k=2, scaling=float("inf")), ValueError, "scaling must be a finite"),
-        (dict(logits=lg, top_k=2, scaling="2"), ValueError, "scaling"),
-        (dict(logits=torch.tensor([[0.0, float("nan")]]), top_k=1), ValueError, "logits must be finite"),
+        (dict(logits=lg, top_k=2, scaling=float("inf")), ValueError, "scaling must be finite"),
+        (dict(logits=lg, top_k=2, scaling="2"), TypeError, "scaling must be a real number"),
+        (dict(logits=lg, top_k=2, scaling=np.bool_(True)), TypeError, "scaling must be a real number"),
+        (dict(logits=lg, top_k=2, scaling=torch.tensor(2.0)), TypeError, "scaling must be a real number"),
+        (dict(logits=lg, top_k=2, renormalize=np.int64(1)), TypeError, "renormalize must be a bool"),
+        (dict(logits=lg, top_k=np.float32(2)), TypeError, "top_k must be an int"),
+        (dict(logits=torch.randn(5, 0), top_k=1), ValueError, r"logits must have at least one expert"),
+        (dict(logits=torch.tensor([[0.0, float("nan")]]), top_k=1), ValueError, "logits must not contain NaN"),
+        (dict(logits=torch.tensor([[0.0, float("inf")]]), top_k=1), ValueError, r"logits must not contain NaN or \+inf"),
+        (dict(logits=lg, top_k=2, correction_bias=torch.tensor([-float("inf")] + [0.0] * 7)), ValueError, "correction_bias must be finite"),
     ]  # fmt: skip
     for kw, exc, match in cases:
         with pytest.raises(exc, match=match):
@@ -113,3 +121,44 @@ def test_module_bad_config():
         MixtralSparseMoeBlock(hidden_size=8, intermediate_size=4, num_experts=4, top_k=5)
     with pytest.raises(ValueError, match="hidden_act"):
         MixtralSparseMoeBlock(hidden_size=8, intermediate_size=4, num_experts=4, top_k=2, hidden_act="relu")
+
+
+def test_route_too_many_masked_experts():
+    # -inf masks an expert; a row must keep top_k unmasked ones.
+    ninf = float("-inf")
+    lg = torch.randn(4, 8)
+    all_masked = lg.clone()
+    all_masked[2] = ninf
+    few = lg.clone()
+    few[1, 1:] = ninf  # one finite logit, top_k = 2
+    for bad, row in ((all_masked, 2), (few, 1)):
+        for scoring in ("softmax", "sigmoid"):
+            with pytest.raises(
+                ValueError, match=rf"logits row {row} has fewer than top_k=2 selectable experts"
+            ):
+                moe.moe_route(bad, 2, scoring)
+    assert moe.moe_route(few, 1)[1][1].tolist() == [0]  # one finite logit is enough for top_k = 1
+    # Grouped: the kept groups must hold top_k unmasked experts.  Group 0 wins
+    # on its one huge logit but holds a single unmasked expert.
+    grouped = torch.zeros(1, 8)
+    grouped[0, 0], grouped[0, 1:4] = 10.0, ninf
+    with pytest.raises(
+        ValueError, match="fewer than top_k=2 selectable experts in its topk_group kept groups"
+    ):
+        moe.moe_route(grouped, 2, "softmax", n_group=2, topk_group=1)
+    assert moe.moe_route(grouped, 2, "softmax", n_group=2, topk_group=2)[1].tolist() == [[0, 4]]
+
+
+def test_numpy_scalars_accepted():
+    lg = torch.randn(5, 8)
+    want = moe.moe_route(lg, 2, "sigmoid", False, scaling=2.5)
+    for kw in (
+        dict(top_k=np.int64(2), renormalize=np.bool_(False), scaling=np.float32(2.5)),
+        dict(top_k=2, renormalize=False, scaling=np.float64(2.5)),
+    ):
+        got = moe.moe_route(lg, scoring="sigmoid", **kw)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(moe.moe_route(lg, 2, scaling=3)[0], 3 * moe.moe_route(lg, 2)[0])
+    x, ids = torch.randn(5, 4), want[1]
+    for a, b in zip(moe.moe_permute(x, ids, np.int32(8)), moe.moe_permute(x, ids, 8)):
+        assert torch.equal(a, b)

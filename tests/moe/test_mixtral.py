@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from frontiers_fast.nn.moe import MixtralSparseMoeBlock, from_mixtral
+from frontiers_fast.nn.moe import MixtralSparseMoeBlock, from_mixtral, mixtral_activation
 from frontiers_fast.ops import moe
 
 from ..conftest import assert_close
@@ -80,21 +80,22 @@ def test_jitter_noise_only_in_training():
 
 
 class _LegacyExpert(nn.Module):
-    """transformers 4.x MixtralBlockSparseTop2MLP parameter layout: w1 gate, w3 up, w2 down."""
+    """transformers 4.x MixtralBlockSparseTop2MLP: w1 gate, w3 up, w2 down, and act_fn."""
 
-    def __init__(self):
+    def __init__(self, act_fn):
         super().__init__()
         self.w1 = nn.Linear(H, INTER, bias=False)
         self.w2 = nn.Linear(INTER, H, bias=False)
         self.w3 = nn.Linear(H, INTER, bias=False)
+        self.act_fn = act_fn
 
 
 class _LegacyBlock(nn.Module):
-    def __init__(self):
+    def __init__(self, act_fn=None):
         super().__init__()
         self.top_k = TOP
         self.gate = nn.Linear(H, E, bias=False)
-        self.experts = nn.ModuleList(_LegacyExpert() for _ in range(E))
+        self.experts = nn.ModuleList(_LegacyExpert(act_fn or nn.SiLU()) for _ in range(E))
 
     def forward(self, x):  # the 4.x computation, one expert at a time
         probs = torch.softmax(self.gate(x).float(), -1)
@@ -104,8 +105,48 @@ class _LegacyBlock(nn.Module):
         for t in range(x.shape[0]):
             for j in range(self.top_k):
                 m = self.experts[int(idx[t, j])]
-                out[t] += top[t, j] * m.w2(nn.functional.silu(m.w1(x[t])) * m.w3(x[t]))
+                out[t] += top[t, j] * m.w2(m.act_fn(m.w1(x[t])) * m.w3(x[t]))
         return out
+
+
+ACT2FN = pytest.importorskip("transformers.activations").ACT2FN
+
+
+@pytest.mark.parametrize(
+    "act_fn,name",
+    [(nn.SiLU(), "silu"), (nn.GELU(), "gelu"), (ACT2FN["silu"], "silu"), (ACT2FN["gelu"], "gelu")],
+)
+def test_from_mixtral_legacy_activation(act_fn, name):
+    legacy = _LegacyBlock(act_fn)
+    with torch.no_grad():
+        for p in legacy.parameters():
+            p.normal_(0.0, 0.3)
+    ours = MixtralSparseMoeBlock.from_mixtral(legacy)
+    assert ours.experts.activation == mixtral_activation(legacy) == name
+    x = torch.randn(9, H)
+    with torch.no_grad():
+        assert_close(ours(x), legacy(x))
+
+
+def test_from_mixtral_gelu_block():
+    hf, config = _hf_block(hidden_act="gelu")
+    ours = MixtralSparseMoeBlock.from_mixtral(hf)
+    assert ours.experts.activation == "gelu"
+    x = torch.randn(1, T, H)
+    with torch.no_grad():
+        assert_close(ours(x), hf(x.clone()))
+
+
+@pytest.mark.parametrize(
+    "act_fn", [nn.GELU(approximate="tanh"), nn.ReLU(), ACT2FN["gelu_new"], ACT2FN["quick_gelu"]]
+)
+def test_from_mixtral_refuses_other_activations(act_fn):
+    with pytest.raises(ValueError, match=r"block.experts\[0\].act_fn .* is neither SiLU nor the exact GELU"):
+        MixtralSparseMoeBlock.from_mixtral(_LegacyBlock(act_fn))
+    mixed = _LegacyBlock()
+    mixed.experts[3].act_fn = nn.GELU()
+    with pytest.raises(ValueError, match="different activations"):
+        MixtralSparseMoeBlock.from_mixtral(mixed)
 
 
 def test_from_mixtral_legacy_layout():

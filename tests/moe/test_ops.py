@@ -65,6 +65,44 @@ def test_route_ties_go_to_lowest_id():
         assert torch.equal(ids.long(), naive_route(logits, **kw)[1])
 
 
+def _masked_logits(T, dtype=torch.float32):
+    # Each row masks up to E - 6 experts with -inf (at least 6 stay, >= every top_k below but topE).
+    logits = torch.randn(T, E, dtype=dtype)
+    n_masked = torch.randint(0, E - 5, (T,))
+    for t in range(T):
+        logits[t, torch.randperm(E)[: int(n_masked[t])]] = float("-inf")
+    return logits
+
+
+@pytest.mark.parametrize("name", [n for n in ROUTE_CASES if n != "topE"])
+def test_route_masked_experts(name):
+    bias, kw = _route_args(ROUTE_CASES[name], torch.float32)
+    if bias is not None:
+        bias = bias * 10  # large enough to lift a masked expert's 0 score, were it counted
+    logits = _masked_logits(29)
+    w, ids = moe.moe_route(logits, correction_bias=bias, **kw)
+    want_w, want_ids = naive_route(logits, bias=bias, **kw)
+    assert torch.equal(ids.long(), want_ids)
+    assert_close(w, want_w)
+    assert torch.isfinite(logits.gather(1, ids.long())).all()  # no masked expert is ever chosen
+    if name == "mixtral-top2":
+        # transformers' Mixtral router: softmax (masked experts get 0), top-k, renormalise.
+        probs = torch.softmax(logits, -1)
+        top, idx = torch.topk(probs, 2, -1)
+        assert torch.equal(ids.long(), idx)
+        assert_close(w, top / top.sum(-1, keepdim=True))
+
+
+@pytest.mark.gradcheck
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_gradcheck_route_masked(scoring):
+    logits = _masked_logits(6, torch.float64).requires_grad_(True)
+    f = lambda lg: moe.moe_route(lg, 3, scoring, n_group=4, topk_group=3)[0]
+    assert torch.autograd.gradcheck(f, (logits,))
+    g = torch.autograd.grad(f(logits).sum(), logits)[0]
+    assert torch.isfinite(g).all() and (g[torch.isneginf(logits)] == 0).all()
+
+
 @pytest.mark.parametrize("name", ["mixtral-top2", "deepseek-v3-grouped", "no-renorm-scaled"])
 def test_route_gradient(name):
     bias, kw = _route_args(ROUTE_CASES[name], torch.float64)

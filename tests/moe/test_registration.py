@@ -85,6 +85,45 @@ def test_compile_fullgraph():
         assert_close(a, b)
 
 
+def test_value_checks_run_in_the_ops_and_under_compile():
+    # The public functions skip their data checks while torch.compile traces;
+    # the op implementations repeat them, so the compiled path still raises.
+    torch._dynamo.reset()
+    x, wgu, wd, logits = random_moe(4, 3, 2, 4)
+    w = torch.rand(4, 2)
+    bad_ids = torch.tensor([[0, 5], [1, 2], [3, 0], [2, 1]], dtype=torch.int32)  # 5 >= E = 4
+    ninf = float("-inf")
+    cases = [
+        (lambda x, i: moe.moe_permute(x, i, 4), (x, bad_ids), r"ids must lie in \[0, 4\)"),
+        (lambda x, i: moe.fused_moe(x, wgu, wd, w, i), (x, bad_ids), r"ids must lie in \[0, 4\)"),
+        (lambda y, m: moe.moe_unpermute(y, m, w), (torch.randn(8, 3), torch.tensor([[0, 1]] * 3 + [[2, 8]])),
+         r"row_map must lie in \[0, 8\)"),
+        (lambda lg: moe.moe_route(lg, 1), (torch.tensor([[float("nan"), 0.0, 1.0, 2.0]]),), "logits must not contain NaN"),
+        (lambda lg: moe.moe_route(lg, 2), (torch.tensor([[ninf, 0.0, ninf, ninf]]),), "fewer than top_k=2 selectable"),
+        (lambda lg: moe.moe_route(lg, 1, correction_bias=torch.tensor([0.0, float("nan"), 0.0, 0.0])), (logits,),
+         "correction_bias must be finite"),
+    ]  # fmt: skip
+    for fn, args, match in cases:
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        with pytest.raises(ValueError, match=match):
+            compiled(*args)
+    # and the registered ops check on their own
+    with pytest.raises(ValueError, match="ids must lie in"):
+        ops.moe_permute(x, bad_ids, 4)
+    with pytest.raises(ValueError, match="ids must lie in"):
+        ops.fused_moe(x, wgu, wd, w, bad_ids, "silu")
+    with pytest.raises(ValueError, match="logits must not contain NaN"):
+        ops.moe_route(torch.tensor([[float("nan"), 0.0]]), 1, "softmax", True, None, None, None, 1.0)
+    # Good inputs, -inf masks included, still compile and agree with eager.
+    masked = logits.clone()
+    masked[:, 1] = ninf
+    route = lambda lg: moe.moe_route(lg, 2, "sigmoid", correction_bias=torch.ones(4))
+    got = torch.compile(route, fullgraph=True, backend="aot_eager")(masked)
+    want = route(masked)
+    assert torch.equal(got[1], want[1]) and (got[1] != 1).all()
+    assert_close(got[0], want[0])
+
+
 @pytest.mark.gradcheck
 @pytest.mark.parametrize(
     "kw",

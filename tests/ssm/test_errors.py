@@ -1,5 +1,6 @@
 """Bad inputs get a clear error that names the argument."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -147,6 +148,43 @@ def test_conv_update_bad_inputs(name, bad, match):
     args[name] = bad
     with pytest.raises((ValueError, TypeError), match=match):
         ops.causal_conv1d_update(**args)
+
+
+def test_causal_conv1d_refuses_empty_sequence():
+    # As selective_scan does: L = 0 is an error naming x, not a crash in the backward.
+    with pytest.raises(ValueError, match="x must have at least one time step"):
+        ops.causal_conv1d(torch.randn(2, 6, 0), torch.randn(6, 4), initial_states=torch.randn(2, 6, 3),
+                          return_final_states=True)  # fmt: skip
+
+
+def test_in_place_states_must_be_writable():
+    # An expanded (stride-0) state cannot be written in place: the error names it.
+    args = _step_args()
+    args["state"] = torch.zeros(1, 6, 3).expand(2, 6, 3)
+    with pytest.raises(
+        ValueError, match=r"state is updated in place, so it cannot be an expanded \(stride-0\)"
+    ):
+        ops.selective_state_update(**args)
+    conv_state = torch.zeros(2, 6, 1).expand(2, 6, 4)
+    with pytest.raises(ValueError, match=r"conv_state is updated in place, so it cannot be an expanded"):
+        ops.causal_conv1d_update(torch.randn(2, 6), conv_state, torch.randn(6, 4))
+    # Strided but not overlapping is fine, and is written through.
+    conv_state = torch.zeros(2, 6, 8)[..., ::2]
+    ops.causal_conv1d_update(torch.ones(2, 6), conv_state, torch.randn(6, 4))
+    assert (conv_state[..., -1] == 1).all()
+
+
+def test_numpy_bools_accepted():
+    kw = scan_inputs(dtype=torch.float32)
+    kw["delta_softplus"] = np.bool_(True)
+    out, last = ops.selective_scan(**kw, return_last_state=np.bool_(True))
+    want, want_last = ops.selective_scan(**dict(kw, delta_softplus=True), return_last_state=True)
+    assert torch.equal(out, want) and torch.equal(last, want_last)
+    x, w = torch.randn(2, 6, 9), torch.randn(6, 4)
+    assert len(ops.causal_conv1d(x, w, return_final_states=np.bool_(True))) == 2
+    args = _step_args()
+    y = ops.selective_state_update(**dict(args, state=args["state"].clone()), dt_softplus=np.bool_(True))
+    assert torch.equal(y, ops.selective_state_update(**args, dt_softplus=True))
 
 
 def test_conv_backends():

@@ -13,10 +13,23 @@ def test_step_reproduces_forward():
     layer = Mamba(8, d_state=4, d_conv=3, expand=2).double()
     x = torch.randn(2, 11, 8, dtype=torch.float64)
     want = layer(x)
-    conv_state, ssm_state = layer.allocate_inference_cache(2)
-    ssm_state = ssm_state.double()
+    conv_state, ssm_state = layer.allocate_inference_cache(2, 11)  # mamba_ssm's (batch_size, max_seqlen)
+    assert conv_state.dtype == ssm_state.dtype == torch.float64
     got = torch.stack([layer.step(x[:, t], conv_state, ssm_state) for t in range(11)], 1)
     assert_close(got, want)
+
+
+def test_allocate_inference_cache_like_mamba_ssm():
+    layer = Mamba(8, d_state=4, d_conv=3, dtype=torch.bfloat16)
+    conv_state, ssm_state = layer.allocate_inference_cache(3, max_seqlen=64, inference_params=None)
+    assert conv_state.shape == (3, 16, 3) and conv_state.dtype == torch.bfloat16
+    # The state accumulates over the sequence: at least float32 (dt_proj.weight's dtype otherwise).
+    assert ssm_state.shape == (3, 16, 4) and ssm_state.dtype == torch.float32
+    conv_state, ssm_state = layer.allocate_inference_cache(3, 64, torch.float16)
+    assert conv_state.dtype == torch.float16 and ssm_state.dtype == torch.float32
+    conv_state, ssm_state = layer.allocate_inference_cache(3, dtype=torch.float64)
+    assert conv_state.dtype == ssm_state.dtype == torch.float64
+    assert not conv_state.any() and not ssm_state.any()
 
 
 def test_matches_mambapy_block():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from frontiers_fast.ops import ssm as ops
 from frontiers_fast.reference import ssm as ref
 
-from ..conftest import TOL, assert_close
+from ..conftest import assert_close
 from .inputs import LAYOUTS, scan_inputs
 
 f64 = torch.float64
@@ -169,9 +169,12 @@ def test_scan_bwd_matches_autograd(layout, options):
             assert got[k] is None
 
 
-def test_conv_bwd_matches_autograd():
+@pytest.mark.parametrize("L", [0, 1, 2, 9])
+def test_conv_bwd_matches_autograd(L):
+    # L = 0 and L < width - 1 included: the reference backward handles them
+    # (the public function refuses L = 0, as selective_scan does).
     for width in (1, 3, 4):
-        x, w, b = torch.randn(2, 5, 9, dtype=f64), torch.randn(5, width, dtype=f64), torch.randn(5, dtype=f64)
+        x, w, b = torch.randn(2, 5, L, dtype=f64), torch.randn(5, width, dtype=f64), torch.randn(5, dtype=f64)
         init = torch.randn(2, 5, width - 1, dtype=f64)
         leaves = [t.clone().requires_grad_(True) for t in (x, w, b, init)]
         out, final = ref.causal_conv1d(*leaves[:3], "silu", leaves[3], return_final_states=True)
@@ -317,5 +320,19 @@ def test_gradcheck_causal_conv1d():
     assert torch.autograd.gradcheck(g, leaves[:2])
 
 
-def test_tolerance_table_is_shared():
-    assert TOL[torch.float64][0] <= 1e-10  # the tests above use conftest's table, nothing looser
+@pytest.mark.gradcheck
+@pytest.mark.parametrize("L,width", [(1, 4), (2, 4), (1, 3), (3, 4), (1, 2)])
+def test_gradcheck_causal_conv1d_short(L, width):
+    # Sequences no longer than the filter's memory: the final states mix
+    # initial_states and x, and every output reads initial_states.
+    x, w, b = torch.randn(2, 3, L, dtype=f64), torch.randn(3, width, dtype=f64), torch.randn(3, dtype=f64)
+    init = torch.randn(2, 3, width - 1, dtype=f64)
+    leaves = [t.requires_grad_(True) for t in (x, w, b, init)]
+    f = lambda x, w, b, i: ops.causal_conv1d(x, w, b, "silu", i, return_final_states=True)
+    assert torch.autograd.gradcheck(f, leaves)
+    out, final = f(*leaves)
+    assert out.shape == (2, 3, L) and final.shape == (2, 3, width - 1)
+    assert_close(final, torch.cat([init, x], -1)[..., L:])
+    # without initial_states the final states are zero-padded x
+    g = lambda x, w: ops.causal_conv1d(x, w, return_final_states=True)
+    assert torch.autograd.gradcheck(g, leaves[:2])
