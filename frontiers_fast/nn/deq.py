@@ -7,6 +7,50 @@ from torch import nn
 
 from ..ops import deq as _deq
 
+# torchdeq (``get_deq`` / ``DEQIndexing``) option names that mean exactly one of
+# ours.  ``b_solver``, ``b_max_iter``, ``b_tol`` and ``b_stop_mode`` are already
+# spelt the same in both.
+TORCHDEQ_ALIASES = {
+    "f_solver": "solver",
+    "f_max_iter": "max_iter",
+    "f_tol": "tol",
+    "f_stop_mode": "stop_mode",
+    "grad": "pg_steps",
+    "ift": "backward",
+}
+
+
+def _canonical_options(options: dict) -> dict:
+    """Map torchdeq's names onto ours; refuse duplicates and the ambiguous ``tau``."""
+    out = {}
+    for name, value in options.items():
+        ours = TORCHDEQ_ALIASES.get(name)
+        if ours is None:
+            continue
+        if ours in options:
+            raise TypeError(f"got both {name!r} (torchdeq's name) and {ours!r}; pass one of them")
+        if name == "grad":
+            # torchdeq also takes a list (one k per sampled state); this layer has one state.
+            value = _deq._check_int("grad", value, 1)
+        elif name == "ift":
+            value = "implicit" if _deq._check_bool("ift", value) else "phantom"
+        out[ours] = value
+    if "grad" in options and "ift" not in options and "backward" not in options:
+        raise ValueError(
+            "grad (torchdeq's phantom-gradient steps) was given without the backward mode: torchdeq uses "
+            "the phantom gradient unless ift=True, this layer defaults to backward='implicit'; "
+            "pass backward='phantom' (or ift=False)"
+        )
+    if "tau" in options and out:
+        raise ValueError(
+            "tau is ambiguous next to torchdeq's option names "
+            f"({', '.join(k for k in options if k in TORCHDEQ_ALIASES)}): torchdeq's tau is the phantom-gradient "
+            "damping, which is pg_tau here, while this layer's tau damps the forward solver; pass pg_tau, "
+            "or use this layer's names throughout to set the solver's tau"
+        )
+    out.update((k, v) for k, v in options.items() if k not in TORCHDEQ_ALIASES)
+    return out
+
 
 class DEQFixedPoint(nn.Module):
     """``z* = cell(z*, x)``, solved in the forward and differentiated implicitly (or by phantom gradient).
@@ -17,6 +61,44 @@ class DEQFixedPoint(nn.Module):
         **options: keyword options of :func:`frontiers_fast.ops.deq.deq`
             (``solver``, ``max_iter``, ``tol``, ``backward``, ``b_solver``,
             ``pg_steps``, ...); checked here, so a typo fails at construction.
+
+    torchdeq's names are accepted where they mean exactly one of ours (the
+    module stores and shows ours):
+
+    ==================  ===================================================
+    torchdeq            here
+    ==================  ===================================================
+    ``f_solver``        ``solver``
+    ``f_max_iter``      ``max_iter``
+    ``f_tol``           ``tol``
+    ``f_stop_mode``     ``stop_mode``
+    ``b_*``             ``b_*`` (same names)
+    ``grad=k`` (int)    ``pg_steps=k``; needs ``backward`` or ``ift`` too
+    ``ift=True/False``  ``backward="implicit"`` / ``"phantom"``
+    ``tau``             ``pg_tau`` -- *not* an alias, see below
+    ==================  ===================================================
+
+    * ``tau`` is not mapped: torchdeq's layer ``tau`` damps the phantom
+      gradient, ours damps the forward solver (torchdeq's solver keyword
+      ``tau``).  Passing ``tau`` next to any torchdeq name above is refused as
+      ambiguous; use ``pg_tau`` for the phantom damping.
+    * ``grad`` alone is refused: in torchdeq it means the phantom gradient
+      (unless ``ift=True``), but this layer defaults to the implicit one, so
+      the mode must be said (``backward="phantom"`` or ``ift=False``).
+    * Defaults are ours, not torchdeq's: ``solver="anderson"`` and
+      ``backward="implicit"`` (torchdeq: fixed-point iteration and a 1-step
+      phantom gradient).  Options torchdeq has and we do not (``core``,
+      ``n_states``, ``indexing``, ``norm_*``, ``eval_f_max_iter``, ...) are
+      errors, as is a list for ``grad``.
+
+    Gradient vs training mode: the layer builds its backward whenever grad
+    mode is on (``torch.is_grad_enabled()``), in ``train()`` and ``eval()``
+    alike, and only solves under ``torch.no_grad()``.  torchdeq switches on
+    ``self.training`` instead: in eval mode it solves without a graph even if
+    grad mode is on.  Keying on grad mode keeps gradients available where
+    they are wanted in eval mode (input gradients, attacks, meta-learning)
+    and costs nothing in the usual ``torch.no_grad()`` evaluation loop; for
+    torchdeq's eval behaviour, wrap the call in ``torch.no_grad()``.
 
     Forward:
         ``x`` [B, ...]; ``z0`` [B, ...] (default: zeros shaped like ``x``).
@@ -32,6 +114,7 @@ class DEQFixedPoint(nn.Module):
         ...         return torch.tanh(self.lin(z) + x)
         >>> layer = DEQFixedPoint(Cell(16), solver="anderson", max_iter=30)
         >>> z, info = layer(torch.randn(8, 16))
+        >>> same = DEQFixedPoint(Cell(16), f_solver="anderson", f_max_iter=30, ift=True)
     """
 
     def __init__(self, cell, **options):
@@ -39,9 +122,10 @@ class DEQFixedPoint(nn.Module):
         if not callable(cell):
             raise TypeError(f"cell must be callable, got {type(cell).__name__}")
         self.cell = cell
+        options = _canonical_options(options)
         opts = {k: v for k, v in options.items() if k != "backend"}
         _deq._deq_options(**opts)  # unknown or bad options fail here, with deq's messages
-        self.options = dict(options)
+        self.options = options
         self.info = None
 
     def forward(self, x, z0=None):
@@ -54,4 +138,4 @@ class DEQFixedPoint(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
 
 
-__all__ = ["DEQFixedPoint"]
+__all__ = ["DEQFixedPoint", "TORCHDEQ_ALIASES"]

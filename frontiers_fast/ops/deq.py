@@ -699,9 +699,11 @@ def jacobian_regularizer(
 
     Args:
         f_z: ``f(z)`` [B, ...] with a graph to ``z`` (requires grad).
-        vecs: number of Gaussian probes (>= 1).
+        vecs: number of Gaussian probes (>= 1), drawn as torchdeq draws them
+            (float32 on the CPU from the global generator, then converted to
+            ``z``'s dtype and device): the same seed gives torchdeq's value.
         create_graph: keep the graph so the estimate can be trained on.
-        probes: optional [vecs, *z.shape] probes instead of random ones
+        probes: optional [vecs, *f_z.shape] probes instead of random ones
             (``sqrt(N) e_i`` for every i gives the exact value).
 
     Returns:

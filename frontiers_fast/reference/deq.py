@@ -43,10 +43,22 @@ Broyden iterates and step counts we reproduce where both definitions agree):
 * Picard with damping ``tau`` iterates ``x <- tau f(x) + (1 - tau) x`` and
   reports the residual of ``f`` itself (torchdeq reports the damped map's,
   ``tau`` times smaller); identical for ``tau = 1``.
-* Broyden stops a sample that made no progress (the ratio of its largest to
-  smallest residual over the last 30 steps below 1.3, with its residual below
-  ``3 tol``), per sample, like torchdeq's batch-wide rule.  The rank-one
-  terms are zeroed where they are not finite (torchdeq zeroes NaN only).
+* Broyden's "no progress" rule: from step 31 on, a sample whose residual is
+  below ``3 tol`` stops.  torchdeq's rule reads "stop when every residual is
+  below ``3 tol`` and ``max / min < 1.3`` over the last 30 steps", but its
+  ratio is taken across the batch at each step (``stack(trace[-30:])`` is
+  [30, B], reduced over dim 1), not over time: for a batch of one it is
+  always 1, so its rule is exactly the one above, which we apply per sample.
+  For larger batches torchdeq also requires the samples' residuals to be
+  within 30% of each other at each of the last 30 steps; we do not.  The
+  rank-one terms are zeroed where they are not finite (torchdeq zeroes NaN
+  only).
+* Anderson: where the mixed iterate of a sample is not finite (``lam = 0``,
+  or a ``lam`` lost to rounding, with repeated iterates makes the bordered
+  system singular and the weights NaN), that sample takes a plain damped
+  step from the newest slot, ``tau f(x) + (1 - tau) x``, instead (torchdeq
+  carries the NaN on, and the sample's iterates stay NaN).  The ring buffer
+  holds ``min(m, max_iter)`` slots (the rest would never be written).
 """
 
 from __future__ import annotations
@@ -257,6 +269,9 @@ def _flat_f(f, z0: Tensor):
 
 def _anderson(f, z, t: _Tracker, k, max_iter, m, lam, tau):
     B, D = z.shape
+    # Step i writes slot i % m, so with m > max_iter the slots past max_iter are
+    # never written (and min(i, m) never reaches them): same iterates, less memory.
+    m = min(m, max_iter)
     X = z.new_zeros((B, m, D))
     F = z.new_zeros((B, m, D))
     x = z
@@ -266,6 +281,12 @@ def _anderson(f, z, t: _Tracker, k, max_iter, m, lam, tau):
             x = t.keep_frozen(F[:, 0].clone(), t.best)
         elif i >= 2:
             mixed, _ = k.anderson_mix(X, F, min(i, m), lam, tau)
+            # A singular bordered system (lam = 0, or lost to rounding, with repeated
+            # iterates) gives NaN weights; without this the sample would stay NaN for the
+            # rest of the solve.  Those samples take a damped step from the newest slot.
+            newest = (i - 1) % m
+            ok = torch.isfinite(mixed).all(1, keepdim=True)
+            mixed = torch.where(ok, mixed, tau * F[:, newest] + (1 - tau) * X[:, newest])
             x = t.keep_frozen(mixed, t.best)
         fx = f(x)
         X[:, i % m], F[:, i % m] = x, fx
@@ -287,8 +308,9 @@ def _picard(f, z, t: _Tracker, k, max_iter, tau):
         x = t.keep_frozen(nxt, x)
 
 
-# torchdeq's Broyden stall rule: look back this many steps for progress.
-_STALL_WINDOW, _STALL_RATIO, _STALL_TOL = 30, 1.3, 3.0
+# torchdeq's Broyden "no progress" rule as it acts on one sample (module docstring):
+# after this many steps, stop once the residual is below _STALL_TOL * tol.
+_STALL_STEPS, _STALL_TOL = 30, 3.0
 
 
 def _broyden(f, z, t: _Tracker, k, max_iter):
@@ -306,10 +328,8 @@ def _broyden(f, z, t: _Tracker, k, max_iter):
         x, gx = x_new, gx_new
         a, r = k.residual_norms(fx, x)
         t.record(step, x, {"abs": a, "rel": r})
-        if step > _STALL_WINDOW:
-            window = t.trace[t.stop_mode][:, step - _STALL_WINDOW : step]
-            stalled = window.amax(1) / window.amin(1) < _STALL_RATIO
-            t.freeze(stalled & (t.trace[t.stop_mode][:, step - 1] < _STALL_TOL * t.tol))
+        if step > _STALL_STEPS:
+            t.freeze(t.trace[t.stop_mode][:, step - 1] < _STALL_TOL * t.tol)
         if t.done():
             break
         u, v = k.broyden_update(U, V, dx, dg, step - 1)
@@ -318,7 +338,11 @@ def _broyden(f, z, t: _Tracker, k, max_iter):
 
 
 def solve_loop(f, z0: Tensor, *, solver, max_iter, tol, stop_mode, m, lam, tau, kernels=KERNELS):
-    """The solver loop shared by the reference and the registered ops (no validation)."""
+    """The solver loop shared by the reference and the registered ops.
+
+    The options are assumed valid (the callers check them); only an unknown
+    ``solver`` is caught here, so that no typo can fall through to Picard.
+    """
     with torch.no_grad():
         z = z0.detach().reshape(z0.shape[0], -1)
         fflat = _flat_f(f, z0.detach())
@@ -327,8 +351,10 @@ def solve_loop(f, z0: Tensor, *, solver, max_iter, tol, stop_mode, m, lam, tau, 
             _anderson(fflat, z, t, kernels, max_iter, m, lam, tau)
         elif solver == "broyden":
             _broyden(fflat, z, t, kernels, max_iter)
-        else:
+        elif solver == "picard":
             _picard(fflat, z, t, kernels, max_iter, tau)
+        else:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         return t.best.view(z0.shape), t.info()
 
 
@@ -346,7 +372,8 @@ def fixed_point_solve(
         max_iter: evaluations of ``f`` (Anderson, Picard) or updates (Broyden).
         tol: a sample stops once its ``stop_mode`` residual is below ``tol``.
         stop_mode: ``"abs"`` or ``"rel"``.
-        m: Anderson ring-buffer size; lam: Anderson regularisation;
+        m: Anderson ring-buffer size (capped at ``max_iter``); lam: Anderson
+            regularisation (``0`` is allowed: see the module docstring);
         tau: damping (Anderson mixing and Picard).
 
     Returns:
@@ -356,11 +383,22 @@ def fixed_point_solve(
         ``rel_trace`` [B, max_iter] (column ``k-1`` is step ``k``).  See the
         module docstring for the semantics and how they relate to torchdeq.
 
+    Raises:
+        ValueError: an unknown ``solver`` or ``stop_mode``, or a ``tol`` that
+            is not a finite number >= 0 (the argument is named).
+
     Example::
 
         >>> W = 0.3 * torch.randn(8, 8) / 8**0.5
         >>> z, info = fixed_point_solve(lambda z: torch.tanh(z @ W + 1), torch.zeros(4, 8))
     """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if stop_mode not in STOP_MODES:
+        raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}")
+    # A NaN tol would compare false with every residual: the solve would silently never stop.
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
     return solve_loop(
         f, z0, solver=solver, max_iter=max_iter, tol=tol, stop_mode=stop_mode, m=m, lam=lam, tau=tau
     )
@@ -377,10 +415,13 @@ def jacobian_regularizer(
 
     Args:
         f_z: ``f(z)`` with a graph to ``z``; z: the input (requires grad).
-        vecs: number of Gaussian probes (drawn one at a time from the global
-            generator, as torchdeq does).
+        vecs: number of Gaussian probes.  They are drawn exactly as torchdeq
+            draws them: one at a time, in float32 on the CPU from the global
+            generator, then converted to ``z``'s dtype and device; so the same
+            seed gives torchdeq's probes, in either dtype, on any device.
         create_graph: keep the graph so the estimate can be trained on.
-        probes: optional [vecs, *z.shape] probes to use instead of random ones.
+        probes: optional [vecs, *f_z.shape] probes to use instead of random
+            ones (probe ``i`` is the ``grad_outputs`` of ``f_z``).
 
     Returns:
         0-dim tensor.
@@ -392,7 +433,7 @@ def jacobian_regularizer(
     """
     total = 0.0
     for i in range(vecs):
-        v = torch.randn(f_z.shape, dtype=z.dtype, device=z.device) if probes is None else probes[i]
+        v = torch.randn(f_z.shape).to(z) if probes is None else probes[i]
         (vJ,) = torch.autograd.grad(f_z, z, v, retain_graph=True, create_graph=create_graph)
         total = total + vJ.pow(2).sum()
     return total / vecs / z.numel()

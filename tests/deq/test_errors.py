@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from frontiers_fast.ops import deq as ops
+from frontiers_fast.reference import deq as ref
 
 F64 = dict(dtype=torch.float64)
 
@@ -147,3 +148,27 @@ def test_jacobian_regularizer_args():
         ops.jacobian_regularizer(fz, z, create_graph=None)
     with pytest.raises(ValueError, match="f_z is on meta"):
         ops.jacobian_regularizer(fz.to("meta"), z)
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(solver="andersen"), "solver"),
+        (dict(solver="Picard"), "solver"),
+        (dict(stop_mode="max"), "stop_mode"),
+        (dict(tol=math.nan), "tol"),
+        (dict(tol=math.inf), "tol"),
+        (dict(tol=-1e-3), "tol"),
+        (dict(tol="1e-3"), "tol"),
+    ],
+)
+def test_reference_fixed_point_solve_options(z0, kwargs, name):
+    # The reference is called directly in tests and notebooks: no typo may fall through to Picard.
+    with pytest.raises(ValueError, match=name):
+        ref.fixed_point_solve(f_ok, z0, **kwargs)
+
+
+def test_solve_loop_refuses_unknown_solver(z0):
+    opts = dict(max_iter=3, tol=0.0, stop_mode="abs", m=2, lam=1e-4, tau=1.0)
+    with pytest.raises(ValueError, match="solver must be one of"):
+        ref.solve_loop(f_ok, z0, solver="andersen", **opts)

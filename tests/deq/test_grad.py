@@ -74,13 +74,67 @@ def test_gradcheck_deq(solver):
 
 def test_no_grad_mode_only_solves():
     f, params = contraction(2, 6, requires_grad=True)
+    z0 = torch.randn(2, 6, dtype=torch.float64)
     calls = []
+    f_rec = lambda z: (calls.append(1), f(z))[1]
     with torch.no_grad():
-        z, _ = ops.deq(lambda z: (calls.append(1), f(z))[1], torch.randn(2, 6, dtype=torch.float64), tol=1e-8)
+        z, _ = ops.deq(f_rec, z0, tol=1e-8)
     assert not z.requires_grad
     n_solve = len(calls)
-    z, _ = ops.deq(lambda z: (calls.append(1), f(z))[1], torch.randn(2, 6, dtype=torch.float64), tol=1e-8)
-    assert z.requires_grad and len(calls) > n_solve  # the graph needs one more evaluation
+    calls.clear()
+    z, _ = ops.deq(f_rec, z0, tol=1e-8)
+    # The same solve, plus exactly one evaluation f(z*) for the implicit gradient's graph.
+    assert z.requires_grad and len(calls) == n_solve + 1
+
+
+def test_float32_implicit_gradient_matches_float64_unrolled():
+    # f(z) = tanh(W z + U x + b), ||W||_2 = L.  With w = tanh'(a) * y (a: pre-activation at z,
+    # y: adjoint, y = J^T y + s) the gradients are g_b = w, g_x = U^T w, g_U = w x^T, g_W = w z^T.
+    # Error sources, each a bound that follows from the setup:
+    #   dz <= tol' / (1 - L)  (forward residual below tol, + float32 round-off of the residual);
+    #   dy <= b_tol' / (1 - L) + ||J(z) - J(z*)|| ||y*|| / (1 - L), with ||J(z) - J(z*)|| <=
+    #        c L^2 dz, c = max|tanh''| = 4 / (3 sqrt 3), and ||y*|| <= ||s|| / (1 - L);
+    #   dw <= dy + c L dz ||y||;  then ||dg_b|| <= dw, ||dg_x|| <= ||U|| dw,
+    #   ||dg_U|| <= dw ||x||, ||dg_W|| <= dw ||z|| + ||y|| dz;
+    # plus float32 round-off of the gradient formulas themselves, a few D eps32 relative.
+    B, D, L = 1, 8, LIP
+    f, params = contraction(B, D, dtype=torch.float32, lip=L, requires_grad=True)
+    W, U, b, x = params
+    z0 = torch.zeros(B, D)
+    seed = torch.randn(B, D)
+    seed = seed / torch.linalg.vector_norm(seed)
+    tol = b_tol = 1e-4  # far above the float32 floor (~1e-6 here), so both solves reach them
+    z, info = ops.deq(f, z0, tol=tol, b_tol=b_tol, max_iter=100, b_max_iter=100)
+    assert (info["abs_lowest"] < tol).all()
+    got = _grads(z, params, seed)
+
+    leaves = [p.detach().double().requires_grad_(True) for p in params]
+    f64 = lambda z: f(z, *leaves)
+    # 200 Picard steps of a 1/2-contraction: the float64 map and its derivative at round-off.
+    z64 = unrolled_picard(f64, z0.double(), 200)
+    want = torch.autograd.grad(z64, leaves, seed.double())
+
+    eps32, c = torch.finfo(torch.float32).eps, 4 / (3 * 3**0.5)
+    rounding = 4 * D * eps32 * (z64.norm() + 1)  # float32 residuals of O(1) vectors, over-estimated
+    dz = (tol + rounding) / (1 - L)
+    y_norm = seed.norm() / (1 - L)
+    dy = (b_tol + rounding) / (1 - L) + c * L**2 * dz * y_norm / (1 - L)
+    dw = dy + c * L * dz * y_norm
+    U64, x64, z_norm = leaves[1].detach(), leaves[3].detach(), z64.detach().norm()
+    bounds = {
+        "W": dw * z_norm + y_norm * dz,
+        "U": dw * x64.norm(),
+        "b": dw,
+        "x": dw * torch.linalg.matrix_norm(U64, 2),
+    }
+    for name, g, w in zip("WUbx", got, want):
+        err = (g.double() - w).norm()
+        bound = bounds[name] + 4 * D * eps32 * w.norm()
+        assert err <= bound, f"grad {name}: error {err:.3e} > bound {bound:.3e}"
+    # The bound is tight enough to mean something: an adjoint solve cut to 2 steps breaks it.
+    z, _ = ops.deq(f, z0, tol=tol, b_tol=b_tol, b_max_iter=2)
+    g_bad = _grads(z, params, seed)
+    assert any((g.double() - w).norm() > bounds[n] for n, g, w in zip("WUbx", g_bad, want))
 
 
 def test_implicit_output_is_the_solution_and_reusable():
@@ -185,3 +239,55 @@ def test_implicit_double_backward_is_refused():
     z, _ = ops.deq(f, torch.randn(2, 6, dtype=torch.float64), tol=1e-8, backward="phantom", pg_steps=2)
     (gW,) = torch.autograd.grad(z.sum(), W, create_graph=True)
     assert gW.requires_grad
+
+
+def test_module_accepts_torchdeq_names():
+    f, params = contraction(3, 8, lip=LIP, requires_grad=True)
+    cell = lambda z, x: f(z)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    theirs = DEQFixedPoint(
+        cell, f_solver="broyden", f_max_iter=30, f_tol=1e-9, f_stop_mode="rel", b_solver="picard", ift=True
+    )
+    ours = DEQFixedPoint(
+        cell, solver="broyden", max_iter=30, tol=1e-9, stop_mode="rel", b_solver="picard", backward="implicit"
+    )
+    assert theirs.options == ours.options
+    z, info = theirs(x)
+    zo, infoo = ours(x)
+    torch.testing.assert_close(z, zo, rtol=0, atol=0)
+    assert torch.equal(info["nstep"], infoo["nstep"])
+    phantom = DEQFixedPoint(cell, f_solver="anderson", grad=3, ift=False, pg_tau=0.6)
+    assert phantom.options == dict(solver="anderson", pg_steps=3, backward="phantom", pg_tau=0.6)
+    assert "pg_steps=3" in repr(phantom)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(f_tol=1e-3, tol=1e-4), TypeError, "both 'f_tol'.*'tol'"),
+        (dict(ift=True, backward="phantom"), TypeError, "both 'ift'"),
+        (dict(grad=2), ValueError, "grad .* without the backward mode"),
+        (dict(grad=2, ift=False, tau=0.7), ValueError, "tau is ambiguous"),
+        (dict(f_solver="anderson", tau=0.7), ValueError, "tau is ambiguous"),
+        (dict(grad=[1, 2], ift=False), TypeError, "grad"),
+        (dict(grad=0, backward="phantom"), ValueError, "grad"),
+        (dict(ift=1), TypeError, "ift"),
+        (dict(f_solver="newton"), ValueError, "solver"),
+        (dict(core="indexing"), TypeError, "core"),
+    ],
+)
+def test_module_torchdeq_names_errors(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        DEQFixedPoint(lambda z, x: z, **kwargs)
+
+
+def test_module_differentiates_in_eval_mode_under_grad():
+    # Documented choice: the backward follows grad mode, not self.training (torchdeq's switch).
+    f, (W, *_) = contraction(2, 6, lip=LIP, requires_grad=True)
+    layer = DEQFixedPoint(lambda z, x: f(z), tol=1e-8).eval()
+    x = torch.randn(2, 6, dtype=torch.float64)
+    z, _ = layer(x)
+    assert z.requires_grad and torch.autograd.grad(z.sum(), W)[0].abs().sum() > 0
+    with torch.no_grad():
+        z, _ = layer(x)
+    assert not z.requires_grad

@@ -1,5 +1,7 @@
 """Solver semantics: convergence, per-sample best iterate and freezing, step counts, traces, shapes."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -119,12 +121,124 @@ def test_no_gradient_from_solve():
     assert not z.requires_grad
 
 
-def test_tol_zero_runs_max_iter():
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_tol_zero_runs_max_iter(solver):
+    # Nothing is below tol = 0, not even Broyden's 3 tol after step 30: max_iter = 40 takes the
+    # solves down to float64 round-off (zero steps, zero-denominator rank-one terms) and past 30.
     f, _ = contraction(3, 8)
     z0 = torch.randn(3, 8, dtype=torch.float64)
     calls = []
-    ops.fixed_point_solve(lambda z: (calls.append(1), f(z))[1], z0, solver="picard", tol=0.0, max_iter=17)
-    assert len(calls) == 17
+    # lam small: with the default 1e-4 Anderson slows down once ||G||^2 drops below lam.
+    z, info = ops.fixed_point_solve(
+        lambda z: (calls.append(1), f(z))[1], z0, solver=solver, tol=0.0, max_iter=40, lam=1e-10
+    )
+    assert len(calls) == 40 + (solver == "broyden")  # Broyden also evaluates f at z0 (step 0)
+    assert torch.isfinite(z).all()
+    assert torch.isfinite(info["abs_trace"]).all() and torch.isfinite(info["rel_trace"]).all()
+    assert (info["abs_lowest"] < 1e-12).all() and (info["nstep"] >= 1).all()
+
+
+@pytest.mark.parametrize("lam", [0.0, 1e-20])
+def test_anderson_singular_mixing_falls_back_to_a_damped_step(lam):
+    # An affine map with a scalar state: Anderson hits the fixed point z* = 2 exactly at step 3,
+    # after which the stored iterates repeat and the bordered system is singular for lam = 0
+    # (and for a lam lost to rounding).  Sample 1 starts at z*, so its residuals are 0 from
+    # step 1; sample 2 is an ordinary contraction that must not notice the others.
+    tau = 0.9
+    a = torch.tensor([[0.5], [0.5], [0.25]], dtype=torch.float64)
+    f = lambda z: a * z + 1.0
+    z0 = torch.tensor([[0.0], [2.0], [0.3]], dtype=torch.float64)
+    calls = []
+    z, info = ops.fixed_point_solve(
+        lambda z: (calls.append(z.clone()), f(z))[1], z0, tol=0.0, lam=lam, tau=tau, max_iter=12
+    )
+    # Without the fallback the samples' iterates and traces are NaN from the first singular step on.
+    assert all(torch.isfinite(c).all() for c in calls)
+    assert torch.isfinite(info["abs_trace"]).all() and torch.isfinite(info["rel_trace"]).all()
+    assert torch.equal(z[:2], torch.full((2, 1), 2.0, dtype=torch.float64))
+    assert_close(z[2:], torch.tensor([[4.0 / 3.0]], dtype=torch.float64))
+    assert (info["abs_lowest"][:2] == 0).all()
+    # Sample 1 sits at z*: with lam = 0 every step is the damped fallback (exactly z*); with
+    # lam = 1e-20 the weights are ~1/n and sum n equal rows, off by at most ~n eps |z*| each in x
+    # and f(x): n <= m = 6 gives 2 * 6 * eps * 2 ~ 5e-15.
+    eps = torch.finfo(torch.float64).eps
+    assert info["abs_trace"][1].max() <= (0.0 if lam == 0 else 2 * 6 * eps * 2.0)
+    # Per sample: the third sample's run is the one it has alone.
+    z3, info3 = ops.fixed_point_solve(
+        lambda z: a[2:] * z + 1.0, z0[2:], tol=0.0, lam=lam, tau=tau, max_iter=12
+    )
+    torch.testing.assert_close(z[2:], z3, rtol=0, atol=0)
+    torch.testing.assert_close(info["abs_trace"][2:], info3["abs_trace"], rtol=0, atol=0)
+
+
+def test_anderson_buffer_is_capped_at_max_iter():
+    # Slots past max_iter are never written; the buffer the mixing kernel sees has min(m, max_iter).
+    f, _ = contraction(2, 6)
+    z0 = torch.randn(2, 6, dtype=torch.float64)
+    seen = []
+
+    def mix(X, F, n, lam, tau):
+        seen.append(X.shape[1])
+        return ref.anderson_mix(X, F, n, lam, tau)
+
+    kernels = SimpleNamespace(**{**vars(ref.KERNELS), "anderson_mix": mix})
+    opts = dict(solver="anderson", max_iter=5, tol=0.0, stop_mode="abs", lam=1e-4, tau=1.0)
+    z, info = ref.solve_loop(f, z0, m=10, kernels=kernels, **opts)
+    assert seen and set(seen) == {5}
+    zm, infom = ref.solve_loop(f, z0, m=5, **opts)
+    torch.testing.assert_close(z, zm, rtol=0, atol=0)
+    torch.testing.assert_close(info["abs_trace"], infom["abs_trace"], rtol=0, atol=0)
+
+
+def _nan_after(f, sample, first_bad_call):
+    calls = []
+
+    def g(z):
+        calls.append(1)
+        out = f(z)
+        if len(calls) >= first_bad_call:
+            out = out.clone()
+            out[sample] = float("nan")
+        return out
+
+    return g
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_nan_or_diverging_f_is_never_the_best_iterate(solver):
+    B, D = 3, 8
+    f, _ = contraction(B, D)
+    z0 = torch.randn(B, D, dtype=torch.float64)
+    # (a) f is NaN for sample 1 from its 5th call on: the sample keeps its best finite estimate.
+    z, info = ops.fixed_point_solve(_nan_after(f, 1, 5), z0, solver=solver, tol=0.0, max_iter=12)
+    tr = info["abs_trace"][1]
+    last_finite_step = 4 - (solver == "broyden")  # Broyden's first call is step 0
+    assert torch.isfinite(tr[:last_finite_step]).all() and tr[last_finite_step:].isnan().all()
+    assert 1 <= int(info["nstep"][1]) <= last_finite_step
+    assert torch.isfinite(z).all()
+    assert info["abs_lowest"][1] == tr[:last_finite_step].min()
+    # The other samples are those of a clean run.
+    zc, infoc = ops.fixed_point_solve(f, z0, solver=solver, tol=0.0, max_iter=12)
+    assert_close(z[[0, 2]], zc[[0, 2]])
+    assert torch.equal(info["nstep"][[0, 2]], infoc["nstep"][[0, 2]])
+    # (b) f NaN everywhere for one sample: no step is ever its best (nstep 0, z0 returned).
+    z, info = ops.fixed_point_solve(_nan_after(f, 1, 1), z0, solver=solver, tol=1e-8, max_iter=12)
+    assert int(info["nstep"][1]) == 0 and info["abs_lowest"][1] == float("inf")
+    assert torch.equal(z[1], z0[1]) and (info["nstep"][[0, 2]] >= 1).all()
+    # (c) f diverges: f(0) = 1e100, f(1e100) = inf, then inf - inf = NaN.  Anderson and Picard
+    # propose f(0) at step 1 (finite residual 1e100), which stays their best; Broyden's step 1
+    # is already x = 1e100 (residual inf) and its z0 (step 0) is no candidate: nothing is best.
+    g = lambda z: 1e100 * torch.exp(z)
+    z0 = torch.zeros(2, 4, dtype=torch.float64)
+    z, info = ops.fixed_point_solve(g, z0, solver=solver, tol=1e-8, max_iter=8)
+    tr = info["abs_trace"]
+    assert not torch.isfinite(tr[:, 1:]).any()  # it did blow up
+    assert torch.isfinite(z).all()
+    if solver == "broyden":
+        assert (info["nstep"] == 0).all() and torch.equal(z, z0) and (info["abs_lowest"] == torch.inf).all()
+    else:
+        assert (info["nstep"] == 1).all() and torch.equal(info["abs_lowest"], tr[:, 0])
+        assert torch.equal(z, g(z0))
 
 
 def test_anderson_with_memory_one_is_picard():

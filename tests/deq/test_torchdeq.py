@@ -122,15 +122,60 @@ def test_picard_matches_fixed_point_iter():
     assert_close(info["abs_trace"], it["abs_trace"][:, 1:])
 
 
-def test_jacobian_regularizer_matches_jac_reg():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_jacobian_regularizer_matches_jac_reg(dtype):
     from torchdeq.loss import jac_reg
 
-    f, _ = contraction(3, 10, dtype=torch.float32)
-    z = torch.randn(3, 10, requires_grad=True)
+    f, _ = contraction(3, 10, dtype=dtype)
+    z = torch.randn(3, 10, dtype=dtype, requires_grad=True)
     fz = f(z)
     torch.manual_seed(7)
     ours = ops.jacobian_regularizer(fz, z, vecs=3)
     torch.manual_seed(7)
     theirs = jac_reg(fz, z, vecs=3)
-    # Same probes (float32 draws from the same seed); the sums of squares differ in order only.
+    # Same probes in both dtypes (float32 CPU draws from the same seed, then converted);
+    # the sums of squares differ in order only.
     assert_close(ours, theirs.to(ours.dtype))
+
+
+@pytest.mark.parametrize("tol", [1e-9, 1e-12])
+def test_broyden_batch_of_one_past_30_steps(tol):
+    # torchdeq's "no progress" test only acts after step 30, and for one sample it reduces to
+    # "residual < 3 tol" (its max/min ratio is across the batch).  This map (||W||_2 = 2, not a
+    # contraction) makes Broyden run past step 30 and pass below 3 tol before it passes tol.
+    gen = torch.Generator().manual_seed(0)
+    D = 128
+    W = torch.randn(D, D, dtype=torch.float64, generator=gen)
+    W = 2.0 * W / torch.linalg.matrix_norm(W, 2)
+    x = torch.randn(1, D, dtype=torch.float64, generator=gen)
+    f = lambda z: torch.tanh(z @ W.T + x)
+    z0 = torch.zeros(1, D, dtype=torch.float64)
+    (z, info, oc), (zt, it, tc) = _run_both("broyden", f, z0, max_iter=80, tol=tol)
+    assert int(it["nstep"]) > 30  # the rule under test was reached
+    # ... and did the stopping: torchdeq stopped between tol and 3 tol.
+    assert tol <= float(it["abs_lowest"]) < 3 * tol
+    assert len(oc) == len(tc)
+    # Not a contraction, but the iterates converge (superlinearly at the end), so round-off
+    # differences between the two implementations' matvecs stay at round-off (~1e-15 here).
+    for a, b in zip(oc, tc):
+        assert_close(a, b)
+    assert_close(z, zt)
+    assert torch.equal(info["nstep"], it["nstep"].long())
+    _compare_traces("broyden", info, it)
+
+
+def test_module_with_torchdeq_names_matches_get_deq():
+    # Phantom gradient with torchdeq's option names (tau -> pg_tau): same iterates, same k damped steps.
+    from frontiers_fast.nn.deq import DEQFixedPoint
+
+    torchdeq = pytest.importorskip("torchdeq")
+    f, params = contraction(3, 12, lip=0.5, requires_grad=True)
+    z0 = torch.zeros(3, 12, dtype=torch.float64)
+    seed = torch.randn(3, 12, dtype=torch.float64)
+    kw = dict(f_solver="anderson", f_max_iter=60, f_tol=1e-11, grad=2)
+    zt = torchdeq.get_deq(core="indexing", tau=0.7, **kw)(f, z0)[0][-1]
+    z, _ = DEQFixedPoint(lambda z, x: f(z), ift=False, pg_tau=0.7, **kw)(z0, z0)
+    assert_close(z, zt)
+    gt = torch.autograd.grad(zt, params, seed)
+    for a, b in zip(torch.autograd.grad(z, params, seed), gt):
+        assert_close(a, b)
