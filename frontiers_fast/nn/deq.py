@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._checks import check_bool, check_int
 from ..ops import deq as _deq
 
 # torchdeq (``get_deq`` / ``DEQIndexing``) option names that mean exactly one of
@@ -31,9 +32,9 @@ def _canonical_options(options: dict) -> dict:
             raise TypeError(f"got both {name!r} (torchdeq's name) and {ours!r}; pass one of them")
         if name == "grad":
             # torchdeq also takes a list (one k per sampled state); this layer has one state.
-            value = _deq._check_int("grad", value, 1)
+            value = check_int("grad", value, 1)
         elif name == "ift":
-            value = "implicit" if _deq._check_bool("ift", value) else "phantom"
+            value = "implicit" if check_bool("ift", value) else "phantom"
         out[ours] = value
     if "grad" in options and "ift" not in options and "backward" not in options:
         raise ValueError(

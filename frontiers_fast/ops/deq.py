@@ -27,14 +27,22 @@ Public functions: the four kernels (validated wrappers), :func:`fixed_point_solv
 
 from __future__ import annotations
 
-import math
-import numbers
 from types import SimpleNamespace
 
 import torch
 from torch import Tensor
 
 from .. import _backend
+from .._checks import (
+    check_bool,
+    check_choice,
+    check_dims,
+    check_int,
+    check_real,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+)
 from ..reference import deq as ref
 
 NS = "frontiers_fast"
@@ -312,61 +320,24 @@ _FLOATS = (torch.float32, torch.float64)
 
 
 def _check_float_tensor(name, t, like=None, dims=None):
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
-    if dims is not None and t.dim() != dims:
-        raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(t.shape)}")
+    """``like``: the (name, tensor) whose dtype and device ``t`` must share."""
+    check_tensor(name, t, _FLOATS, "float32 or float64")
+    if dims is not None:
+        check_dims(name, t, dims)
     if like is not None:
-        lname, lt = like
-        if t.dtype != lt.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {lname} has {lt.dtype}; they must match")
-        if t.device != lt.device:
-            raise ValueError(f"{name} is on {t.device} but {lname} is on {lt.device}")
-
-
-def _check_int(name, v, low, high=None):
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < low or (high is not None and v > high):
-        rng = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {rng}, got {v}")
-    return int(v)
-
-
-def _check_real(name, v, low=None, strict=False):
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    v = float(v)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    if low is not None and (v <= low if strict else v < low):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {v}")
-    return v
-
-
-def _check_choice(name, v, choices):
-    if v not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {v!r}")
-    return v
-
-
-def _check_bool(name, v):
-    if not isinstance(v, bool):
-        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
-    return v
+        check_same_dtype(name, t, like[0], like[1].dtype)
+        check_same_device(name, t, like[0], like[1].device)
 
 
 def _solver_options(prefix, solver, max_iter, tol, stop_mode, m, lam, tau):
     return dict(
-        solver=_check_choice(f"{prefix}solver", solver, SOLVERS),
-        max_iter=_check_int(f"{prefix}max_iter", max_iter, 1),
-        tol=_check_real(f"{prefix}tol", tol, 0.0),
-        stop_mode=_check_choice(f"{prefix}stop_mode", stop_mode, STOP_MODES),
-        m=_check_int(f"{prefix}m", m, 1),
-        lam=_check_real(f"{prefix}lam", lam, 0.0),
-        tau=_check_real(f"{prefix}tau", tau, 0.0, strict=True),
+        solver=check_choice(f"{prefix}solver", solver, SOLVERS),
+        max_iter=check_int(f"{prefix}max_iter", max_iter, 1),
+        tol=check_real(f"{prefix}tol", tol, 0.0),
+        stop_mode=check_choice(f"{prefix}stop_mode", stop_mode, STOP_MODES),
+        m=check_int(f"{prefix}m", m, 1),
+        lam=check_real(f"{prefix}lam", lam, 0.0),
+        tau=check_real(f"{prefix}tau", tau, 0.0, strict=True),
     )
 
 
@@ -428,9 +399,9 @@ def anderson_mix(X: Tensor, F: Tensor, n: int, lam: float = 1e-4, tau: float = 1
     _check_float_tensor("F", F, like=("X", X), dims=3)
     if F.shape != X.shape:
         raise ValueError(f"F must have X's shape [B, m, D], got X {tuple(X.shape)} and F {tuple(F.shape)}")
-    n = _check_int("n", n, 1, X.shape[1])
-    lam = _check_real("lam", lam, 0.0)
-    tau = _check_real("tau", tau, 0.0, strict=True)
+    n = check_int("n", n, 1, X.shape[1])
+    lam = check_real("lam", lam, 0.0)
+    tau = check_real("tau", tau, 0.0, strict=True)
     _resolve(backend, X.device, "anderson_mix")
     return _ops.anderson_mix(X.contiguous(), F.contiguous(), n, lam, tau)
 
@@ -463,8 +434,8 @@ def broyden_matvec(
         >>> y = broyden_matvec(torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 8), 3)
     """
     _check_lowrank(U, V, [("x", x)])
-    n = _check_int("n", n, 0, U.shape[1])
-    transpose = _check_bool("transpose", transpose)
+    n = check_int("n", n, 0, U.shape[1])
+    transpose = check_bool("transpose", transpose)
     _resolve(backend, U.device, "broyden_matvec")
     return _ops.broyden_matvec(U.contiguous(), V.contiguous(), x.contiguous(), n, transpose)
 
@@ -483,7 +454,7 @@ def broyden_update(U: Tensor, V: Tensor, dx: Tensor, dg: Tensor, n: int, *, back
         >>> u, v = broyden_update(torch.zeros(2, 5, 8), torch.zeros(2, 5, 8), torch.randn(2, 8), torch.randn(2, 8), 0)
     """
     _check_lowrank(U, V, [("dx", dx), ("dg", dg)])
-    n = _check_int("n", n, 0, U.shape[1])
+    n = check_int("n", n, 0, U.shape[1])
     _resolve(backend, U.device, "broyden_update")
     return _ops.broyden_update(U.contiguous(), V.contiguous(), dx.contiguous(), dg.contiguous(), n)
 
@@ -597,10 +568,10 @@ def _deq_options(
 ):
     """Check the layer's options; returns (forward options, backward options, backward, pg_steps, pg_tau)."""
     opts = _solver_options("", solver, max_iter, tol, stop_mode, m, lam, tau)
-    backward = _check_choice("backward", backward, BACKWARDS)
+    backward = check_choice("backward", backward, BACKWARDS)
     b_opts = _solver_options("b_", b_solver, b_max_iter, b_tol, b_stop_mode, b_m, b_lam, b_tau)
-    pg_steps = _check_int("pg_steps", pg_steps, 1)
-    pg_tau = _check_real("pg_tau", pg_tau, 0.0, strict=True)
+    pg_steps = check_int("pg_steps", pg_steps, 1)
+    pg_tau = check_real("pg_tau", pg_tau, 0.0, strict=True)
     return opts, b_opts, backward, pg_steps, pg_tau
 
 
@@ -720,8 +691,8 @@ def jacobian_regularizer(
         raise ValueError("z must require grad (f_z must be computed from it)")
     if not f_z.requires_grad:
         raise ValueError("f_z must be computed from z with grad enabled")
-    vecs = _check_int("vecs", vecs, 1)
-    create_graph = _check_bool("create_graph", create_graph)
+    vecs = check_int("vecs", vecs, 1)
+    create_graph = check_bool("create_graph", create_graph)
     if probes is not None:
         _check_float_tensor("probes", probes, like=("z", z))
         if probes.shape != (vecs, *f_z.shape):

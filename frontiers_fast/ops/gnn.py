@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from .._checks import check_choice, check_dims, check_same_device, check_same_dtype, check_tensor
 from ..graph import Graph, as_graph
 from ..reference import gnn as ref
 
@@ -425,20 +426,12 @@ _gat_op.register_autograd(_gat_backward, setup_context=_gat_setup)
 # ---------------------------------------------------------------------------
 # public functional API (validation, layout, backend choice)
 # ---------------------------------------------------------------------------
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 def _check_tensor(name, t, graph, dims, dtype=None):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be a floating tensor ({', '.join(map(str, _FLOATS))}), got {t.dtype}")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but x has {dtype}; they must match")
-    if t.device != graph.device:
-        raise ValueError(f"{name} is on {t.device} but the graph is on {graph.device}")
-    if t.dim() not in dims:
-        raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape {tuple(t.shape)}")
+    check_tensor(name, t)
+    if dtype is not None:
+        check_same_dtype(name, t, "x", dtype)
+    check_same_device(name, t, "the graph", graph.device)
+    check_dims(name, t, dims)
 
 
 def _kernel_dtype(t: Tensor, device_type: str) -> torch.dtype:
@@ -480,8 +473,7 @@ def spmm(graph, x, edge_weight=None, reduce="sum", *, num_nodes=None, backend=No
         torch.Size([3, 4])
     """
     graph = as_graph(graph, num_nodes)
-    if reduce not in REDUCES:
-        raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
+    check_choice("reduce", reduce, REDUCES)
     _check_tensor("x", x, graph, (2, 3))
     if x.shape[0] != graph.num_src:
         raise ValueError(f"x has {x.shape[0]} rows but the graph has {graph.num_src} source nodes")

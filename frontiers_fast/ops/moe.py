@@ -29,14 +29,22 @@ tensors, so bad input raises the same ValueError compiled or not.
 
 from __future__ import annotations
 
-import math
-import numbers
-
-import numpy as np
 import torch
 from torch import Tensor
 
 from .. import _backend
+from .._checks import (
+    check_bool,
+    check_choice,
+    check_dims,
+    check_finite,
+    check_int,
+    check_real,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+    has_values,
+)
 from ..reference import moe as ref
 
 NS = "frontiers_fast"
@@ -68,7 +76,7 @@ def _route_op(
     # inside a compiled graph, where the public function's checks are skipped.
     _check_logits(logits)
     if correction_bias is not None:
-        _check_finite("correction_bias", correction_bias)
+        check_finite("correction_bias", correction_bias)
     scores, choice, ids = ref.selection(logits, top_k, scoring, correction_bias, n_group, topk_group)
     _check_selectable(choice, ids, top_k, n_group)
     w = ref.route_weights(scores, ids, renormalize, scaling)
@@ -356,60 +364,26 @@ _fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
 # ---------------------------------------------------------------------------
 # public functional API (validation, backend choice)
 # ---------------------------------------------------------------------------
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTS = (torch.int32, torch.int64)
 
 
-def _tensor(name, t, shape_doc, ndim, kind="float"):
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if kind == "float" and t.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be a floating tensor ({', '.join(map(str, _FLOATS))}), got {t.dtype}")
-    if kind == "int" and t.dtype not in _INTS:
-        raise TypeError(f"{name} must be an int32 or int64 tensor, got {t.dtype}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must have shape {shape_doc}, got shape {tuple(t.shape)}")
-
-
-def _same_device(name, t, ref_name, ref_t):
-    if t.device != ref_t.device:
-        raise ValueError(
-            f"{name} is on {t.device} but {ref_name} is on {ref_t.device}; they must be on one device"
-        )
-
-
-def _int(name, v, lo, hi=None, why=""):
-    # numbers.Integral takes Python and numpy integers; bool is refused although it is an int.
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    v = int(v)
-    if v < lo or (hi is not None and v > hi):
-        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{name} must be {rng}{why}, got {v}")
-    return v
-
-
-def _bool(name, v):
-    # numpy.bool_ is no subclass of bool; the op schemas need a Python bool.
-    if not isinstance(v, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
-    return bool(v)
-
-
-def _has_values(t: Tensor) -> bool:
-    # Fake and meta tensors have no data to check.
-    return t.device.type != "meta" and t.numel() > 0 and not isinstance(t, torch._subclasses.FakeTensor)
+def _tensor(name, t, layout, ndim, kind="float"):
+    if kind == "float":
+        check_tensor(name, t)
+    else:
+        check_tensor(name, t, _INTS, "an int32 or int64 tensor")
+    check_dims(name, t, ndim, layout)
 
 
 def _values_checkable(t: Tensor) -> bool:
     # The public functions read the data only in eager mode: while
     # torch.compile traces, a data read would break the graph.  The op
     # bodies repeat the checks, and they run on real tensors even in a graph.
-    return not torch.compiler.is_compiling() and _has_values(t)
+    return not torch.compiler.is_compiling() and has_values(t)
 
 
 def _check_ids(name, ids, num_experts):
-    if _has_values(ids):
+    if has_values(ids):
         lo, hi = (int(v) for v in ids.aminmax())
         if lo < 0 or hi >= num_experts:
             raise ValueError(
@@ -418,27 +392,22 @@ def _check_ids(name, ids, num_experts):
 
 
 def _check_row_map(row_map, rows):
-    if _has_values(row_map):
+    if has_values(row_map):
         lo, hi = (int(v) for v in row_map.aminmax())
         if lo < 0 or hi >= rows:
             raise ValueError(f"row_map must lie in [0, {rows}) (the rows of y), got values in [{lo}, {hi}]")
 
 
-def _check_finite(name, t):
-    if _has_values(t) and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} must be finite (it contains NaN or inf)")
-
-
 def _check_logits(logits):
     # -inf masks an expert (as with transformers' Mixtral router); NaN and +inf have no meaning.
-    if _has_values(logits) and bool((torch.isnan(logits) | torch.isposinf(logits)).any()):
+    if has_values(logits) and bool((torch.isnan(logits) | torch.isposinf(logits)).any()):
         raise ValueError("logits must not contain NaN or +inf (-inf is allowed: it masks an expert)")
 
 
 def _check_selectable(choice, ids, top_k, n_group):
     # A chosen expert with a -inf selection score means the row had fewer than
     # top_k experts with a finite logit (in its kept groups, when grouping).
-    if not _has_values(ids):
+    if not has_values(ids):
         return
     bad = torch.isneginf(choice.gather(1, ids)).any(-1)
     if bool(bad.any()):
@@ -503,13 +472,12 @@ def moe_route(
     E = logits.shape[1]
     if E < 1:
         raise ValueError(f"logits must have at least one expert (E >= 1), got shape {tuple(logits.shape)}")
-    top_k = _int("top_k", top_k, 1, E, why=f" (logits has E={E} experts)")
-    if scoring not in SCORINGS:
-        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
-    renormalize = _bool("renormalize", renormalize)
+    top_k = check_int("top_k", top_k, 1, E, why=f" (logits has E={E} experts)")
+    check_choice("scoring", scoring, SCORINGS)
+    renormalize = check_bool("renormalize", renormalize)
     if correction_bias is not None:
         _tensor("correction_bias", correction_bias, "[E]", 1)
-        _same_device("correction_bias", correction_bias, "logits", logits)
+        check_same_device("correction_bias", correction_bias, "logits", logits.device)
         if correction_bias.shape[0] != E:
             raise ValueError(f"correction_bias must have shape [E]=[{E}], got {tuple(correction_bias.shape)}")
     if (n_group is None) != (topk_group is None):
@@ -517,36 +485,28 @@ def moe_route(
             f"n_group and topk_group must be given together, got n_group={n_group}, topk_group={topk_group}"
         )
     if n_group is not None:
-        n_group = _int("n_group", n_group, 1, E)
+        n_group = check_int("n_group", n_group, 1, E)
         if E % n_group:
             raise ValueError(f"n_group must divide the number of experts E={E}, got {n_group}")
-        topk_group = _int("topk_group", topk_group, 1, n_group, why=f" (n_group={n_group})")
+        topk_group = check_int("topk_group", topk_group, 1, n_group, why=f" (n_group={n_group})")
         kept = topk_group * (E // n_group)
         if top_k > kept:
             raise ValueError(
                 f"top_k={top_k} exceeds the {kept} experts in the topk_group={topk_group} kept groups"
             )
-    # numbers.Real takes Python and numpy ints and floats; bools are refused.
-    if isinstance(scaling, (bool, np.bool_)) or not isinstance(scaling, numbers.Real):
-        raise TypeError(
-            f"scaling must be a real number (int, float or numpy scalar), got {type(scaling).__name__}"
-        )
-    if not math.isfinite(scaling):
-        raise ValueError(f"scaling must be finite, got {scaling!r}")
+    scaling = check_real("scaling", scaling)
     if _values_checkable(logits):
         _check_logits(logits)
     if correction_bias is not None and _values_checkable(correction_bias):
-        _check_finite("correction_bias", correction_bias)
+        check_finite("correction_bias", correction_bias)
     _backend.resolve(backend, logits.device, "moe_route", implemented=_IMPLEMENTED)
-    return _ops.moe_route(
-        logits, top_k, scoring, renormalize, correction_bias, n_group, topk_group, float(scaling)
-    )
+    return _ops.moe_route(logits, top_k, scoring, renormalize, correction_bias, n_group, topk_group, scaling)
 
 
 def _check_dispatch(x, ids, num_experts, x_name="x"):
     _tensor(x_name, x, "[T, H]", 2)
     _tensor("ids", ids, "[T, k]", 2, kind="int")
-    _same_device("ids", ids, x_name, x)
+    check_same_device("ids", ids, x_name, x.device)
     if ids.shape[0] != x.shape[0]:
         raise ValueError(f"ids has {ids.shape[0]} rows but {x_name} has {x.shape[0]} tokens")
     if ids.shape[1] > num_experts:
@@ -571,7 +531,7 @@ def moe_permute(x: Tensor, ids: Tensor, num_experts: int, *, backend: str | None
 
         >>> x_perm, offsets, row_map = moe_permute(torch.randn(4, 8), torch.tensor([[0, 2]] * 4), 3)
     """
-    num_experts = _int("num_experts", num_experts, 1)
+    num_experts = check_int("num_experts", num_experts, 1)
     _check_dispatch(x, ids, num_experts)
     if _values_checkable(ids):
         _check_ids("ids", ids, num_experts)
@@ -600,8 +560,8 @@ def moe_unpermute(y: Tensor, row_map: Tensor, weights: Tensor, *, backend: str |
     _tensor("y", y, "[R, H]", 2)
     _tensor("row_map", row_map, "[T, k]", 2, kind="int")
     _tensor("weights", weights, "[T, k]", 2)
-    _same_device("row_map", row_map, "y", y)
-    _same_device("weights", weights, "y", y)
+    check_same_device("row_map", row_map, "y", y.device)
+    check_same_device("weights", weights, "y", y.device)
     if weights.shape != row_map.shape:
         raise ValueError(
             f"weights must have the shape of row_map {tuple(row_map.shape)}, got {tuple(weights.shape)}"
@@ -649,10 +609,9 @@ def fused_moe(
     _tensor("w_down", w_down, "[E, H, I]", 3)
     _tensor("weights", weights, "[T, k]", 2)
     for name, t in (("w_gate_up", w_gate_up), ("w_down", w_down), ("weights", weights)):
-        _same_device(name, t, "x", x)
+        check_same_device(name, t, "x", x.device)
     for name, t in (("w_gate_up", w_gate_up), ("w_down", w_down)):
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; they must match")
+        check_same_dtype(name, t, "x", x.dtype)
     T, H = x.shape
     E, two_i, _ = w_gate_up.shape
     if w_gate_up.shape[2] != H or two_i % 2:
@@ -668,8 +627,7 @@ def fused_moe(
     _check_dispatch(x, ids, E)
     if weights.shape != ids.shape:
         raise ValueError(f"weights must have the shape of ids {tuple(ids.shape)}, got {tuple(weights.shape)}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_choice("activation", activation, ACTIVATIONS)
     if _values_checkable(ids):
         _check_ids("ids", ids, E)
     _backend.resolve(backend, x.device, "fused_moe", implemented=_IMPLEMENTED)

@@ -22,16 +22,15 @@ under ``torch.no_grad()``.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from .. import _backend
+from .._checks import check_bool, check_dims, check_same_device, check_tensor
 from ..reference import ssm as ref
 
 NS = "frontiers_fast"
 _IMPLEMENTED = ("reference",)
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ops = torch.ops.frontiers_fast
 
 
@@ -239,38 +238,23 @@ def _(x, conv_state, weight, bias, silu):
 # ---------------------------------------------------------------------------
 # argument checks
 # ---------------------------------------------------------------------------
-def _check_tensor(name, t, device, ndims, optional=False):
-    if t is None:
-        if optional:
-            return
-        raise TypeError(f"{name} must be a torch.Tensor, got None")
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.is_complex():
+def _check_tensor(name, t, first, ndims, optional=False):
+    """``first``: (name, tensor) of the input whose device the others must share; None for that input."""
+    if t is None and optional:
+        return
+    if isinstance(t, Tensor) and t.is_complex():
         raise TypeError(
             f"{name} is complex ({t.dtype}); complex parameters (as in S4D-Lin) are not supported, pass a real tensor"
         )
-    if t.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be a floating tensor ({', '.join(map(str, _FLOATS))}), got {t.dtype}")
-    if t.device != device:
-        raise ValueError(
-            f"{name} is on {t.device} but the other inputs are on {device}; move them to one device"
-        )
-    if t.dim() not in ndims:
-        want = " or ".join(map(str, ndims))
-        raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(t.shape)}")
+    check_tensor(name, t)
+    if first is not None:
+        check_same_device(name, t, first[0], first[1].device)
+    check_dims(name, t, ndims)
 
 
 def _check_shape(name, t, shape, what):
     if t is not None and tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must be {what} = {list(shape)}, got {list(t.shape)}")
-
-
-def _check_bool(name, v):
-    # numpy.bool_ is no subclass of bool; the op schemas need a Python bool.
-    if not isinstance(v, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
-    return bool(v)
 
 
 def _check_writable(name, t):
@@ -359,29 +343,30 @@ def selective_scan(
         >>> B, C = torch.randn(2, 16, 64), torch.randn(2, 16, 64)
         >>> out, h = selective_scan(u, dt, A, B, C, return_last_state=True)
     """
-    _check_tensor("u", u, getattr(u, "device", None), (3,))
+    _check_tensor("u", u, None, (3,))
     dev = u.device
+    first = ("u", u)
     batch, dim, L = u.shape
-    _check_tensor("delta", delta, dev, (3,))
+    _check_tensor("delta", delta, first, (3,))
     _check_shape("delta", delta, u.shape, "[batch, dim, L] like u")
-    _check_tensor("A", A, dev, (2,))
+    _check_tensor("A", A, first, (2,))
     if A.shape[0] != dim:
         raise ValueError(f"A must be [dim, N] with dim={dim} (from u), got {list(A.shape)}")
     N = A.shape[1]
-    _check_tensor("B", B, dev, (2, 3, 4))
+    _check_tensor("B", B, first, (2, 3, 4))
     _check_bc("B", B, batch, dim, N, L)
-    _check_tensor("C", C, dev, (2, 3, 4))
+    _check_tensor("C", C, first, (2, 3, 4))
     _check_bc("C", C, batch, dim, N, L)
-    _check_tensor("D", D, dev, (1,), optional=True)
+    _check_tensor("D", D, first, (1,), optional=True)
     _check_shape("D", D, (dim,), "[dim]")
-    _check_tensor("z", z, dev, (3,), optional=True)
+    _check_tensor("z", z, first, (3,), optional=True)
     _check_shape("z", z, u.shape, "[batch, dim, L] like u")
-    _check_tensor("delta_bias", delta_bias, dev, (1,), optional=True)
+    _check_tensor("delta_bias", delta_bias, first, (1,), optional=True)
     _check_shape("delta_bias", delta_bias, (dim,), "[dim]")
-    _check_tensor("initial_state", initial_state, dev, (3,), optional=True)
+    _check_tensor("initial_state", initial_state, first, (3,), optional=True)
     _check_shape("initial_state", initial_state, (batch, dim, N), "[batch, dim, N]")
-    delta_softplus = _check_bool("delta_softplus", delta_softplus)
-    return_last_state = _check_bool("return_last_state", return_last_state)
+    delta_softplus = check_bool("delta_softplus", delta_softplus)
+    return_last_state = check_bool("return_last_state", return_last_state)
     if L == 0:
         raise ValueError("u must have at least one time step (L >= 1), got L=0")
     _backend.resolve(backend, dev, "selective_scan", implemented=_IMPLEMENTED)
@@ -418,27 +403,28 @@ def selective_state_update(
         >>> y = selective_state_update(state, torch.randn(2, 8), torch.rand(2, 8), -torch.rand(8, 16),
         ...                            torch.randn(2, 16), torch.randn(2, 16))
     """
-    _check_tensor("state", state, getattr(state, "device", None), (3,))
+    _check_tensor("state", state, None, (3,))
     _check_writable("state", state)
     dev = state.device
+    first = ("state", state)
     batch, dim, N = state.shape
-    _check_tensor("x", x, dev, (2,))
+    _check_tensor("x", x, first, (2,))
     _check_shape("x", x, (batch, dim), "[batch, dim] (from state)")
-    _check_tensor("dt", dt, dev, (2,))
+    _check_tensor("dt", dt, first, (2,))
     _check_shape("dt", dt, (batch, dim), "[batch, dim] (from state)")
-    _check_tensor("A", A, dev, (2,))
+    _check_tensor("A", A, first, (2,))
     _check_shape("A", A, (dim, N), "[dim, N] (from state)")
-    _check_tensor("B", B, dev, (2, 3))
+    _check_tensor("B", B, first, (2, 3))
     _check_bc("B", B, batch, dim, N)
-    _check_tensor("C", C, dev, (2, 3))
+    _check_tensor("C", C, first, (2, 3))
     _check_bc("C", C, batch, dim, N)
-    _check_tensor("D", D, dev, (1,), optional=True)
+    _check_tensor("D", D, first, (1,), optional=True)
     _check_shape("D", D, (dim,), "[dim]")
-    _check_tensor("z", z, dev, (2,), optional=True)
+    _check_tensor("z", z, first, (2,), optional=True)
     _check_shape("z", z, (batch, dim), "[batch, dim]")
-    _check_tensor("dt_bias", dt_bias, dev, (1,), optional=True)
+    _check_tensor("dt_bias", dt_bias, first, (1,), optional=True)
     _check_shape("dt_bias", dt_bias, (dim,), "[dim]")
-    dt_softplus = _check_bool("dt_softplus", dt_softplus)
+    dt_softplus = check_bool("dt_softplus", dt_softplus)
     _backend.resolve(backend, dev, "selective_state_update", implemented=_IMPLEMENTED)
     with torch.no_grad():
         return _ops.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
@@ -473,21 +459,22 @@ def causal_conv1d(
 
         >>> out = causal_conv1d(torch.randn(2, 8, 100), torch.randn(8, 4), torch.randn(8), activation="silu")
     """
-    _check_tensor("x", x, getattr(x, "device", None), (3,))
+    _check_tensor("x", x, None, (3,))
     dev = x.device
+    first = ("x", x)
     batch, dim, L = x.shape
-    _check_tensor("weight", weight, dev, (2,))
+    _check_tensor("weight", weight, first, (2,))
     if weight.shape[0] != dim or weight.shape[1] < 1:
         raise ValueError(
             f"weight must be [dim, width] with dim={dim} (from x) and width >= 1, got {list(weight.shape)}"
         )
     width = weight.shape[1]
-    _check_tensor("bias", bias, dev, (1,), optional=True)
+    _check_tensor("bias", bias, first, (1,), optional=True)
     _check_shape("bias", bias, (dim,), "[dim]")
-    _check_tensor("initial_states", initial_states, dev, (3,), optional=True)
+    _check_tensor("initial_states", initial_states, first, (3,), optional=True)
     _check_shape("initial_states", initial_states, (batch, dim, width - 1), "[batch, dim, width - 1]")
     silu = _activation(activation)
-    return_final_states = _check_bool("return_final_states", return_final_states)
+    return_final_states = check_bool("return_final_states", return_final_states)
     if L == 0:
         # As selective_scan (and causal-conv1d's kernels): an empty sequence is refused.
         raise ValueError("x must have at least one time step (L >= 1), got L=0")
@@ -520,12 +507,13 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, b
         >>> conv_state = torch.zeros(2, 8, 4)
         >>> y = causal_conv1d_update(torch.randn(2, 8), conv_state, torch.randn(8, 4), activation="silu")
     """
-    _check_tensor("x", x, getattr(x, "device", None), (2, 3))
+    _check_tensor("x", x, None, (2, 3))
     dev = x.device
+    first = ("x", x)
     batch, dim = x.shape[:2]
-    _check_tensor("conv_state", conv_state, dev, (3,))
+    _check_tensor("conv_state", conv_state, first, (3,))
     _check_writable("conv_state", conv_state)
-    _check_tensor("weight", weight, dev, (2,))
+    _check_tensor("weight", weight, first, (2,))
     if weight.shape[0] != dim or weight.shape[1] < 1:
         raise ValueError(
             f"weight must be [dim, width] with dim={dim} (from x) and width >= 1, got {list(weight.shape)}"
@@ -536,7 +524,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, b
             f"conv_state must be [batch, dim, S] = [{batch}, {dim}, S] with S >= width - 1 = {width - 1}, "
             f"got {list(conv_state.shape)}"
         )
-    _check_tensor("bias", bias, dev, (1,), optional=True)
+    _check_tensor("bias", bias, first, (1,), optional=True)
     _check_shape("bias", bias, (dim,), "[dim]")
     silu = _activation(activation)
     _backend.resolve(backend, dev, "causal_conv1d_update", implemented=_IMPLEMENTED)

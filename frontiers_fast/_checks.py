@@ -1,0 +1,102 @@
+"""Argument checks shared by the op families.
+
+Each check names the argument in its error: TypeError for a wrong kind of
+value (a float where an int is wanted, an int tensor where a float one is),
+ValueError for a right kind with a wrong value (out of range, wrong number
+of dimensions, another device, NaN).  The scalar checks return the value as
+the plain Python type the op schemas need (numpy scalars are accepted).
+
+Family-specific contracts (layouts, index ranges, in-place states) stay in
+their ``ops/<family>.py``, built from these.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+import torch
+from torch import Tensor
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _kind(v) -> str:
+    return "None" if v is None else type(v).__name__
+
+
+def check_bool(name: str, v) -> bool:
+    # numpy.bool_ is no subclass of bool; the op schemas need a Python bool.
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {_kind(v)}")
+    return bool(v)
+
+
+def check_int(name: str, v, low: int, high: int | None = None, why: str = "") -> int:
+    """An integer in ``[low, high]`` (``high=None``: no upper bound); ``why`` explains the range."""
+    # numbers.Integral takes Python and numpy integers; bool is refused although it is an int.
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {_kind(v)}")
+    v = int(v)
+    if v < low or (high is not None and v > high):
+        rng = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {rng}{why}, got {v}")
+    return v
+
+
+def check_real(name: str, v, low: float | None = None, strict: bool = False) -> float:
+    """A finite real number, ``>= low`` (``> low`` when ``strict``) if ``low`` is given."""
+    # numbers.Real takes Python and numpy ints and floats; bools and tensors are refused.
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number (int, float or numpy scalar), got {_kind(v)}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if low is not None and (v <= low if strict else v < low):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {v}")
+    return v
+
+
+def check_choice(name: str, v, choices):
+    if v not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {v!r}")
+    return v
+
+
+def check_tensor(name: str, t, dtypes=FLOATS, what: str | None = None) -> None:
+    """A tensor whose dtype is one of ``dtypes``; ``what`` describes them in the error."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {_kind(t)}")
+    if t.dtype not in dtypes:
+        what = what or f"a floating tensor ({', '.join(map(str, dtypes))})"
+        raise TypeError(f"{name} must be {what}, got {t.dtype}")
+
+
+def check_dims(name: str, t: Tensor, dims, layout: str | None = None) -> None:
+    """``t.dim()`` is ``dims`` (an int or a tuple of allowed counts); ``layout`` (``"[T, H]"``) names the shape."""
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    if t.dim() not in dims:
+        want = f"shape {layout}" if layout else f"{' or '.join(map(str, dims))} dimensions"
+        raise ValueError(f"{name} must have {want}, got shape {tuple(t.shape)}")
+
+
+def check_same_device(name: str, t: Tensor, ref_name: str, device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {device}; they must be on one device")
+
+
+def check_same_dtype(name: str, t: Tensor, ref_name: str, dtype: torch.dtype) -> None:
+    if t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {dtype}; they must match")
+
+
+def has_values(t: Tensor) -> bool:
+    # Fake and meta tensors have no data to check.
+    return t.device.type != "meta" and t.numel() > 0 and not isinstance(t, torch._subclasses.FakeTensor)
+
+
+def check_finite(name: str, t: Tensor) -> None:
+    """No NaN or inf in ``t`` (skipped for tensors without data: meta, fake, empty)."""
+    if has_values(t) and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite (it contains NaN or inf)")
