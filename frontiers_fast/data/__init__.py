@@ -66,10 +66,13 @@ def load_garden(max_points: int | None = None, seed: int = 0, tile: int = 1) -> 
 
     The points inside [-2, 2]^3 are kept.  ``tile`` (odd) repeats that cloud
     on a tile x tile grid in the x-y plane, 4 units apart, to mimic a bigger
-    scene.  ``max_points`` keeps a seeded random subset.  The file has no
-    Gaussian shapes, so they are drawn from ``torch.Generator().manual_seed(seed)``
-    in this order: scales U[1e-4, 0.02] [N, 3], quaternions normalised
-    standard-normal [N, 4], opacities U[0, 1] [N] (see README.garden.md).
+    scene.  The file has no Gaussian shapes, so everything random comes from
+    one ``torch.Generator().manual_seed(seed)``, in this order: first, when
+    ``max_points`` is below the point count, the subset it keeps
+    (``randperm(n)[:max_points]``); then scales U[1e-4, 0.02] [N, 3],
+    quaternions normalised standard-normal [N, 4] and opacities U[0, 1] [N]
+    (see README.garden.md).  So the shapes of a subset are not those of the
+    same points in the full cloud.
     """
     if not isinstance(tile, int) or tile < 1 or tile % 2 == 0:
         raise ValueError(f"tile must be a positive odd int, got {tile!r}")

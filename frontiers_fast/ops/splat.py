@@ -50,11 +50,15 @@ def _zeros_if_none(g, like):
 @contextlib.contextmanager
 def _autograd_inside_op():
     """Autograd inside an op's kernel: the dispatcher runs kernels with the
-    autograd keys excluded, so ``enable_grad`` alone records nothing."""
+    autograd keys excluded, so ``enable_grad`` alone records nothing.  A
+    backward called under ``torch.inference_mode()`` (plain autograd allows
+    it) would make the recomputed forward's tensors inference tensors, which
+    autograd cannot save: inference mode is switched off here too."""
     K = torch._C.DispatchKey
     with (
         torch._C._SetExcludeDispatchKeyGuard(K.AutogradFunctionality, False),
         torch._C._SetExcludeDispatchKeyGuard(K.ADInplaceOrView, False),
+        torch.inference_mode(False),
         torch.enable_grad(),
     ):
         yield
@@ -245,6 +249,12 @@ _sh_op.register_autograd(_sh_backward, setup_context=_sh_setup)
 def _isect_op(
     means2d: Tensor, radii: Tensor, depths: Tensor, tile_size: int, tile_width: int, tile_height: int
 ) -> tuple[Tensor, Tensor, Tensor]:
+    # The value checks live in the op body: it runs on real tensors even
+    # inside a compiled graph, where a data-dependent check in the public
+    # function would break the trace (as in ops/moe.py).  Sizes first: they
+    # are raised before any O(C N) work.
+    ref.check_isect_sizes(depths.shape[0], depths.shape[1], tile_width * tile_height)
+    _check_isect_values(means2d, radii, depths)
     return ref.isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height)
 
 
@@ -284,6 +294,8 @@ def _raster_op(
     isect_offsets: Tensor,
     flatten_ids: Tensor,
 ) -> tuple[Tensor, Tensor]:
+    # Value checks in the op body: see _isect_op.
+    _check_blend_values(means2d, conics, colors, opacities, backgrounds, isect_offsets, flatten_ids)
     rc, ra = ref.rasterize_to_pixels(
         means2d, conics, colors, opacities, width, height, tile_size, isect_offsets, flatten_ids, backgrounds
     )
@@ -330,12 +342,16 @@ def _raster_bwd_op(
     g_bg = colors.new_zeros((C, D)) if backgrounds is not None else colors.new_zeros((0,))
     # One chunk at a time: recompute its forward with autograd, pull the
     # gradient back, free it.  Peak memory stays that of one forward chunk.
-    for b, e, K in chunks if plan.ids.numel() else ():
+    for b, e, K in chunks:
         blocks = order[b:e]
         with _autograd_inside_op():
             out, T = ref.blend_blocks(blocks, K, plan, *leaves)
-            loss = (out * g_out[blocks]).sum() + (T * g_T[blocks]).sum()
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            # With no intersection at all the blend is constant (out 0, T 1):
+            # no graph to walk, but the background still gets sum(g_out * T).
+            grads = ()
+            if out.requires_grad:
+                loss = (out * g_out[blocks]).sum() + (T * g_T[blocks]).sum()
+                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
         for a, g in zip(acc, grads):
             if g is not None:
                 a += g
@@ -399,8 +415,8 @@ def _is_tensor(name, t):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
-def _check_float(name, t, shape, like=None, like_name="means"):
-    """t is a float32/float64 tensor of ``shape`` (None = any size), on ``like``'s device and dtype."""
+def _check_float(name, t, shape, like=None, like_name="means", hint=""):
+    """t is a float32/float64 tensor of ``shape`` (see :func:`_check_shape`), on ``like``'s device and dtype."""
     _is_tensor(name, t)
     if t.dtype not in _FLOATS:
         raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
@@ -411,13 +427,16 @@ def _check_float(name, t, shape, like=None, like_name="means"):
             raise ValueError(
                 f"{name} is on {t.device} but {like_name} is on {like.device}; they must be on one device"
             )
-    _check_shape(name, t, shape)
+    _check_shape(name, t, shape, hint)
 
 
-def _check_shape(name, t, shape):
-    want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-    if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
-        raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
+def _check_shape(name, t, shape, hint=""):
+    """``shape`` is one shape (None = any size) or a list of alternatives."""
+    shapes = shape if isinstance(shape, list) else [shape]
+    if any(t.dim() == len(s) and all(w is None or w == d for w, d in zip(s, t.shape)) for s in shapes):
+        return
+    want = " or ".join("[" + ", ".join("*" if w is None else str(w) for w in s) + "]" for s in shapes)
+    raise ValueError(f"{name} must have shape {want}{hint}, got {list(t.shape)}")
 
 
 def _check_finite(name, t):
@@ -425,6 +444,42 @@ def _check_finite(name, t):
     # so that the traced graph has no data-dependent branch.
     if not torch.compiler.is_compiling() and t.numel() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+
+
+def _require_finite(name, t):
+    # For op bodies: they run on real tensors, in eager mode and inside compiled graphs alike.
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+
+
+def _check_isect_values(means2d, radii, depths):
+    _require_finite("means2d", means2d)
+    _require_finite("depths", depths)
+    # The keys sort the float32 bit patterns of the depths, which order only non-negative values.
+    if depths.numel() and bool(((depths < 0) & (radii > 0).all(-1)).any()):
+        raise ValueError("depths must be >= 0 where radii > 0 (the keys sort depths by their float32 bits)")
+
+
+def _check_blend_values(means2d, conics, colors, opacities, backgrounds, isect_offsets, flatten_ids):
+    for name, t in (("means2d", means2d), ("conics", conics), ("colors", colors), ("opacities", opacities)):
+        _require_finite(name, t)
+    if backgrounds is not None:
+        _require_finite("backgrounds", backgrounds)
+    C, N = opacities.shape
+    M = flatten_ids.numel()
+    if M:
+        lo, hi = (int(v) for v in flatten_ids.aminmax())
+        if lo < 0 or hi >= C * N:
+            raise ValueError(f"flatten_ids must lie in [0, C * N) = [0, {C * N}), got values in [{lo}, {hi}]")
+    # Tile t's run is offsets[t] : offsets[t + 1] (M for the last tile).
+    starts = isect_offsets.reshape(-1)
+    if starts.numel() and (
+        int(starts[0]) < 0 or int(starts[-1]) > M or bool((starts[1:] < starts[:-1]).any())
+    ):
+        raise ValueError(
+            f"isect_offsets must be non-decreasing (flattened over [C, tile_height, tile_width]) and lie in "
+            f"[0, M] = [0, {M}] (M = flatten_ids.numel()), as isect_offset_encode returns them"
+        )
 
 
 def _check_int(name, v, minimum):
@@ -468,8 +523,16 @@ def _check_gaussians(means, quats, scales, opacities):
     if not torch.compiler.is_compiling():
         if N and not bool((scales > 0).all()):
             raise ValueError("scales must be positive")
-        if N and not bool((quats.norm(dim=-1) > 0).all()):
-            raise ValueError("quats must be non-zero (each is normalised)")
+        if N:
+            # F.normalize divides by max(|q|, eps): a shorter quaternion would
+            # silently come out near the identity rotation instead of unit length.
+            norms = torch.linalg.vector_norm(quats, dim=-1)
+            if not bool((norms >= ref.QUAT_MIN_NORM).all()):
+                i = int(torch.argmin(norms))
+                raise ValueError(
+                    f"quats must be non-zero with norm >= {ref.QUAT_MIN_NORM:g} (each is normalised); "
+                    f"quats[{i}] has norm {float(norms[i]):.3g}"
+                )
         if N and not bool(((opacities >= 0) & (opacities <= 1)).all()):
             raise ValueError("opacities must lie in [0, 1]")
     return N
@@ -576,8 +639,11 @@ def spherical_harmonics(
 def isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height, *, backend=None):
     """Tile overlaps as sorted 64-bit keys (camera | tile | depth bits).
 
-    means2d [C, N, 2], radii [C, N, 2] int32, depths [C, N].  Returns
-    tiles_per_gauss [C, N] int32, isect_ids [M] int64, flatten_ids [M] int32.
+    means2d [C, N, 2] (finite), radii [C, N, 2] int32, depths [C, N] (finite,
+    >= 0 where radii > 0).  Returns tiles_per_gauss [C, N] int32 (bounding-box
+    tiles: see :func:`frontiers_fast.reference.splat.isect_tiles`), isect_ids
+    [M] int64, flatten_ids [M] int32.  ValueError when the camera and tile
+    fields need more than 31 bits, C * N > 2^31 or M >= 2^31.
 
     Example: ``tpg, isect_ids, flatten_ids = isect_tiles(means2d, radii, depths, 16, 40, 30)``
     """
@@ -592,6 +658,11 @@ def isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height, *, b
         _check_int(name, v, 1)
     if radii.device != means2d.device:
         raise ValueError(f"radii is on {radii.device} but means2d is on {means2d.device}")
+    # The op body repeats this size check with concrete sizes (under
+    # torch.compile C and N may be symbolic) and runs the value checks
+    # (finite means2d and depths, depths >= 0).
+    if not torch.compiler.is_compiling():
+        ref.check_isect_sizes(C, N, tile_width * tile_height)
     _resolve(backend, means2d, "isect_tiles")
     return _ops.isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height)
 
@@ -619,8 +690,9 @@ def rasterize_to_pixels(
     """Front-to-back alpha blending of projected Gaussians, tile by tile.
 
     means2d [C, N, 2], conics [C, N, 3], colors [C, N, D], opacities [C, N],
-    isect_offsets [C, tile_height, tile_width] int32, flatten_ids [M] int32,
-    backgrounds [C, D] or None.  Returns render_colors [C, H, W, D] and
+    isect_offsets [C, tile_height, tile_width] int32 (non-decreasing, in
+    [0, M]), flatten_ids [M] int32 (in [0, C * N)), backgrounds [C, D] or
+    None; float inputs finite.  Returns render_colors [C, H, W, D] and
     render_alphas [C, H, W, 1], differentiable with respect to means2d,
     conics, colors, opacities and backgrounds.
 
@@ -649,9 +721,7 @@ def rasterize_to_pixels(
     for name, t in (("isect_offsets", isect_offsets), ("flatten_ids", flatten_ids)):
         if t.device != means2d.device:
             raise ValueError(f"{name} is on {t.device} but means2d is on {means2d.device}")
-    if not torch.compiler.is_compiling() and flatten_ids.numel():
-        if int(flatten_ids.min()) < 0 or int(flatten_ids.max()) >= C * N:
-            raise ValueError(f"flatten_ids must lie in [0, C * N) = [0, {C * N})")
+    # Value checks (finite inputs, flatten_ids and isect_offsets ranges) run in the op body.
     _resolve(backend, means2d, "rasterize_to_pixels")
     return _ops.rasterize_to_pixels(
         means2d, conics, colors, opacities, backgrounds, width, height, tile_size, isect_offsets, flatten_ids
@@ -694,6 +764,10 @@ def rasterization(
     Returns render_colors [C, H, W, D'], render_alphas [C, H, W, 1] and a meta
     dict (radii, means2d, depths, conics, opacities, tiles_per_gauss,
     isect_ids, flatten_ids, isect_offsets, tile_width, tile_height, ...).
+    The tile lists come from each Gaussian's bounding box; gsplat main's CUDA
+    path also passes conics and opacities to its tile test and drops the
+    box's tiles that miss the alpha >= 1/255 ellipse, so its tiles_per_gauss
+    and lists are shorter but the images and gradients are the same.
 
     Example::
 
@@ -709,19 +783,23 @@ def rasterization(
         raise ValueError(f"rasterize_mode must be one of {ref.RASTERIZE_MODES}, got {rasterize_mode!r}")
     _is_tensor("colors", colors)
     if sh_degree is None:
-        if colors.dim() == 2:
-            _check_float("colors", colors, (N, None), means)
-        else:
-            _check_float("colors", colors, (C, N, None), means)
+        _check_float("colors", colors, [(N, None), (C, N, None)], means)
         D = colors.shape[-1]
     else:
         _check_int("sh_degree", sh_degree, 0)
         if sh_degree > 3:
             raise ValueError(f"sh_degree must be in 0..3, got {sh_degree}")
-        if colors.dim() == 3:
-            _check_float("colors", colors, (N, None, 3), means)
-        else:
-            _check_float("colors", colors, (C, N, None, 3), means)
+        hint = f" (SH coefficients, as sh_degree={sh_degree} is given)"
+        _check_float("colors", colors, [(N, None, 3), (C, N, None, 3)], means, hint=hint)
+        if not torch.compiler.is_compiling():
+            # The SH view directions start at the camera centre, inv(viewmats)[:, :3, 3].
+            _, info = torch.linalg.inv_ex(viewmats)
+            if bool((info != 0).any()):
+                c = int((info != 0).nonzero()[0, 0])
+                raise ValueError(
+                    f"viewmats must be invertible when sh_degree is given (the SH view directions need the "
+                    f"camera centre); viewmats[{c}] is singular"
+                )
         if colors.shape[-2] < (sh_degree + 1) ** 2:
             raise ValueError(
                 f"colors has {colors.shape[-2]} SH bases but sh_degree {sh_degree} needs {(sh_degree + 1) ** 2}"

@@ -18,7 +18,16 @@ pinned by our issue where gsplat 1.5.3 differs:
 * the screen radius is ``ceil(min(3.33, sqrt(2 ln(255 o))) * sigma)`` per axis
   and Gaussians with ``o < 1/255`` are culled, as gsplat's CUDA projection
   does when given opacities (its Python ``_torch_impl`` uses ``3.33 * sigma``
-  and no opacity culling, so the tests compare radii against the rule itself).
+  and no opacity culling, so the tests compare radii against the rule itself);
+* the antialiased compensation is floored at ``MIN_COMPENSATION`` = 0.005,
+  as on gsplat main (1.5.3 clamps at 0);
+* the tile field of the intersection keys is ``bits_for_count(n_tiles) =
+  (n_tiles - 1).bit_length()`` bits wide, as on gsplat main (1.5.3 takes
+  ``n_tiles.bit_length()``: one bit more when n_tiles is a power of two).
+
+One difference from gsplat main is kept on purpose: tile intersection uses
+each Gaussian's bounding box, not main's ellipse-exact tile test (see
+:func:`isect_tiles`); images and gradients are the same.
 
 Shapes: N Gaussians, C cameras, D colour channels, K SH coefficients per
 channel ((degree + 1)^2 of them used), M tile intersections.  All float
@@ -39,6 +48,12 @@ MAX_ALPHA = 0.99  # keeps 1 - alpha >= 0.01, so log(1 - alpha) is always finite
 T_MIN = 1e-4  # a pixel stops blending before its transmittance would reach this
 MAX_EXTEND = 3.33  # radius in standard deviations when the opacity is high
 FOV_CLAMP = 0.3  # the Jacobian is taken at most 30% of the half-FOV outside the image
+# Floor of the antialiased compensation sqrt(det(cov2d) / det(cov2d + eps2d I)),
+# gsplat main's MIN_COMPENSATION: a Gaussian that is flat on screen (det 0,
+# e.g. a flat one seen edge-on) keeps a finite gradient and its culling
+# follows gsplat's.
+MIN_COMPENSATION = 0.005
+QUAT_MIN_NORM = 1e-12  # F.normalize's eps: a shorter quaternion would not come out unit length
 
 RENDER_MODES = ("RGB", "D", "ED", "RGB+D", "RGB+ED")
 RASTERIZE_MODES = ("classic", "antialiased")
@@ -69,7 +84,7 @@ SH_C3 = (
 # ---------------------------------------------------------------------------
 def quat_to_rotmat(quats: Tensor) -> Tensor:
     """Rotation matrices [..., 3, 3] from (w, x, y, z) quaternions [..., 4] (normalised here)."""
-    w, x, y, z = F.normalize(quats, dim=-1).unbind(-1)
+    w, x, y, z = F.normalize(quats, dim=-1, eps=QUAT_MIN_NORM).unbind(-1)
     rows = (
         (1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)),
         (2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)),
@@ -110,7 +125,8 @@ def project_gaussians(
     Returns ``radii`` [C, N, 2] int32 (0 where culled), ``means2d`` [C, N, 2],
     ``depths`` [C, N], ``conics`` [C, N, 3] (the upper triangle a, b, c of the
     inverse blurred 2D covariance) and ``compensations`` [C, N]
-    (``sqrt(det(cov2d) / det(cov2d + eps2d I))``; ones unless ``antialiased``).
+    (``sqrt(max(det(cov2d) / det(cov2d + eps2d I), 0.005^2))``, floored at
+    ``MIN_COMPENSATION`` as in gsplat main; ones unless ``antialiased``).
     Culled entries have zero means2d, depths, conics and compensations, as
     gsplat's kernels leave them.
 
@@ -155,7 +171,7 @@ def project_gaussians(
     det_ok = det > 0
     dets = torch.where(det_ok, det, torch.ones_like(det))
     conics = torch.stack([c / dets, -b / dets, a / dets], -1)
-    comp = torch.sqrt((det_orig / dets).clamp(min=0.0))
+    comp = torch.sqrt((det_orig / dets).clamp(min=MIN_COMPENSATION**2))
 
     with torch.no_grad():
         opac = opacities[None, :] * (comp if antialiased else 1.0)
@@ -233,6 +249,38 @@ def tile_grid(width: int, height: int, tile_size: int) -> tuple[int, int]:
     return -(-width // tile_size), -(-height // tile_size)
 
 
+INT32_LIMIT = 1 << 31  # flatten_ids and isect_offsets are int32: every value must be below this
+
+
+def bits_for_count(count: int) -> int:
+    """Bits that index ``count`` items 0..count-1 (0 when count <= 1): gsplat main's field width.
+
+    ``count - 1``, not ``count``: 8 tiles take 3 bits, not 4.
+    """
+    return (count - 1).bit_length() if count > 1 else 0
+
+
+def check_isect_sizes(n_images: int, n_gaussians: int, n_tiles: int) -> None:
+    """ValueError unless the keys and the int32 indices of :func:`isect_tiles` can hold this problem.
+
+    Shapes only, so it costs nothing.  The camera and tile fields share the
+    31 bits above the depth (bit 63 is the int64 sign: a key using it would
+    sort first), and flatten_ids index the flattened [C * N] with int32.
+    """
+    cam_bits, tile_bits = bits_for_count(n_images), bits_for_count(n_tiles)
+    if cam_bits + tile_bits > 31:
+        raise ValueError(
+            f"means2d has {n_images} cameras and tile_width x tile_height is {n_tiles} tiles: "
+            f"{cam_bits} + {tile_bits} bits do not fit in the 31 bits of the intersection keys above the depth; "
+            "render fewer cameras per call or use a larger tile_size"
+        )
+    if n_images * n_gaussians > INT32_LIMIT:
+        raise ValueError(
+            f"means2d has C * N = {n_images} x {n_gaussians} = {n_images * n_gaussians} (camera, Gaussian) "
+            f"pairs, more than the int32 flatten_ids can index (2^31); render fewer cameras per call"
+        )
+
+
 def _depth_bits(depths: Tensor) -> Tensor:
     # Positive float32 values sort like their bit patterns read as integers.
     return depths.detach().to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
@@ -243,25 +291,34 @@ def isect_tiles(
 ):
     """Sorted (camera, tile, depth) keys of every Gaussian-tile overlap.
 
-    means2d [C, N, 2], radii [C, N, 2] int32, depths [C, N].  A Gaussian with a
-    positive radius covers tiles ``floor((m - r) / ts) <= t < ceil((m + r) / ts)``
-    on each axis, clamped to the grid.  The key is ``camera << (32 + tile_bits)
-    | tile << 32 | float32 bits of depth``, so one sort orders by camera, then
-    tile (row-major), then depth front to back; ties keep the Gaussian order.
+    means2d [C, N, 2], radii [C, N, 2] int32, depths [C, N] (>= 0 where the
+    radii are positive).  A Gaussian with a positive radius covers tiles
+    ``floor((m - r) / ts) <= t < ceil((m + r) / ts)`` on each axis, clamped to
+    the grid: its bounding box, as gsplat 1.5.3 and gsplat main's PyTorch
+    path do.  (gsplat main's CUDA ``rasterization`` also passes the conics
+    and opacities so that only tiles touching the ``alpha >= 1/255`` ellipse
+    are kept; we keep the box.  The extra tiles are ones where every pixel
+    sees ``alpha < 1/255`` and skips the Gaussian, so rendered images and
+    gradients are the same; only ``tiles_per_gauss`` and the intersection
+    lists are longer.)
+
+    The key is ``camera << (32 + tile_bits) | tile << 32 | float32 bits of
+    depth`` with ``tile_bits = bits_for_count(tile_width * tile_height)``, so
+    one sort orders by camera, then tile (row-major), then depth front to
+    back; ties keep the Gaussian order.
 
     Returns ``tiles_per_gauss`` [C, N] int32, ``isect_ids`` [M] int64 (sorted)
     and ``flatten_ids`` [M] int32 (index into the flattened [C * N]).
+    Raises ValueError when the keys or int32 indices would overflow
+    (:func:`check_isect_sizes`, and M >= 2^31).
 
     Example: ``tpg, ids, fid = isect_tiles(m2d, radii, z, 16, *tile_grid(W, H, 16))``
     """
     C, N = depths.shape
     dev = means2d.device
     n_tiles = tile_width * tile_height
-    tile_bits = n_tiles.bit_length()
-    if C.bit_length() + tile_bits > 32:
-        raise ValueError(
-            f"{C} cameras x {n_tiles} tiles do not fit in the 32 high bits of the intersection keys"
-        )
+    check_isect_sizes(C, N, n_tiles)
+    tile_bits = bits_for_count(n_tiles)
     m = means2d.detach().to(torch.float64) / tile_size
     r = radii.to(torch.float64) / tile_size
     lo = torch.floor(m - r).to(torch.int64)
@@ -274,7 +331,13 @@ def isect_tiles(
     count = (span[..., 0] * span[..., 1]) * visible  # [C, N]
 
     flat_count = count.reshape(-1)
-    gid = torch.repeat_interleave(torch.arange(C * N, device=dev), flat_count)
+    n_isects = int(flat_count.sum())
+    if n_isects >= INT32_LIMIT:
+        raise ValueError(
+            f"radii cover M = {n_isects} (Gaussian, tile) pairs, more than the int32 isect_offsets can index "
+            "(2^31 - 1); use a larger tile_size or fewer Gaussians per call"
+        )
+    gid = torch.repeat_interleave(torch.arange(C * N, device=dev), flat_count, output_size=n_isects)
     start = torch.cumsum(flat_count, 0) - flat_count
     j = torch.arange(gid.numel(), device=dev) - start[gid]  # rank of the tile inside its rectangle
     w = span.reshape(-1, 2)[gid, 0].clamp(min=1)
@@ -294,7 +357,7 @@ def isect_offset_encode(isect_ids: Tensor, n_images: int, tile_width: int, tile_
     ``offsets.flatten()[t] : offsets.flatten()[t + 1]`` (M for the last).
     """
     n_tiles = tile_width * tile_height
-    tile_bits = n_tiles.bit_length()
+    tile_bits = bits_for_count(n_tiles)
     hi = isect_ids >> 32
     linear = (hi >> tile_bits) * n_tiles + (hi & ((1 << tile_bits) - 1))
     want = torch.arange(n_images * n_tiles, device=isect_ids.device)
@@ -448,9 +511,13 @@ def blend_blocks(blocks: Tensor, K: int, plan: BlendPlan, means2d, conics, color
     bdy = con[:, None, :, 1] * dy
     sigma = (sy[:, :, None] + sx[:, None]) + bdy[:, :, None] * dx[:, None]  # [nb, b(y), b(x), K]
     sigma = sigma.reshape(-1, b * b, K)
-    alpha = (opac[:, None, :] * torch.exp(-sigma)).clamp(max=MAX_ALPHA)
     with torch.no_grad():
-        used = (sigma >= 0) & (alpha >= ALPHA_THRESHOLD)
+        sig_ok = sigma >= 0  # a non-positive-definite conic: skipped where sigma < 0
+    # exp(-sigma) of a skipped sigma << 0 would overflow: its zero gradient
+    # times inf is NaN.  Those pixels skip the Gaussian, so any finite value does.
+    alpha = (opac[:, None, :] * torch.exp(-torch.where(sig_ok, sigma, 0.0))).clamp(max=MAX_ALPHA)
+    with torch.no_grad():
+        used = sig_ok & (alpha >= ALPHA_THRESHOLD)
     log1m = torch.log1p(-torch.where(used, alpha, 0.0))
     # Transmittance after each Gaussian as if no pixel had stopped.  It only
     # decreases, so the Gaussians at which it would reach T_MIN are the first

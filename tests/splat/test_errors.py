@@ -1,5 +1,7 @@
 """Bad input gets a clear error naming the argument."""
 
+import unittest.mock
+
 import pytest
 import torch
 
@@ -44,13 +46,52 @@ def _nan(t, idx=0):
         ),
         (lambda s: dict(quats=s["quats"][:9]), ValueError, r"quats must have shape \[10, 4\]"),
         (lambda s: dict(quats=torch.zeros(10, 4)), ValueError, "quats must be non-zero"),
+        # F.normalize would leave these ~1e-8 long: a near-identity rotation, not a unit quaternion.
+        (
+            lambda s: dict(quats=s["quats"].clone().index_fill_(0, torch.tensor([4]), 1e-20)),
+            ValueError,
+            r"quats must be non-zero with norm >= 1e-12 .*quats\[4\] has norm 2e-20",
+        ),
         (lambda s: dict(scales=-s["scales"]), ValueError, "scales must be positive"),
         (lambda s: dict(scales=s["scales"].half()), TypeError, "scales must be float32 or float64"),
         (lambda s: dict(opacities=s["opacities"] + 1.5), ValueError, "opacities must lie in"),
         (lambda s: dict(opacities=s["opacities"][None]), ValueError, "opacities must have shape"),
         (lambda s: dict(opacities=_nan(s["opacities"])), ValueError, "opacities contains non-finite"),
-        (lambda s: dict(colors=torch.rand(11, 3)), ValueError, r"colors must have shape \[10, \*\]"),
-        (lambda s: dict(colors=torch.rand(3, 10, 3)), ValueError, r"colors must have shape \[2, 10, \*\]"),
+        (
+            lambda s: dict(colors=torch.rand(11, 3)),
+            ValueError,
+            r"colors must have shape \[10, \*\] or \[2, 10, \*\]",
+        ),
+        (
+            lambda s: dict(colors=torch.rand(3, 10, 3)),
+            ValueError,
+            r"colors must have shape \[10, \*\] or \[2, 10, \*\]",
+        ),
+        (
+            lambda s: dict(colors=torch.rand(10, 3), sh_degree=0),
+            ValueError,
+            r"colors must have shape \[10, \*, 3\] or \[2, 10, \*, 3\] \(SH coefficients",
+        ),
+        (
+            lambda s: dict(colors=torch.rand(2, 11, 4, 3), sh_degree=1),
+            ValueError,
+            r"colors must have shape \[10, \*, 3\] or \[2, 10, \*, 3\]",
+        ),
+        (
+            lambda s: dict(viewmats=torch.zeros(2, 4, 4), colors=torch.rand(10, 4, 3), sh_degree=1),
+            ValueError,
+            r"viewmats must be invertible .*viewmats\[0\] is singular",
+        ),
+        (
+            # Projection reads only the top three rows: the camera is fine, its inverse is not.
+            lambda s: dict(
+                viewmats=s["viewmats"] * torch.tensor([1.0, 1, 1, 0])[:, None],
+                colors=torch.rand(10, 4, 3),
+                sh_degree=1,
+            ),
+            ValueError,
+            "viewmats must be invertible",
+        ),
         (lambda s: dict(colors=_nan(s["colors"])), ValueError, "colors contains non-finite"),
         (lambda s: dict(colors=torch.rand(10, 3, 3), sh_degree=2), ValueError, "colors has 3 SH bases"),
         (lambda s: dict(colors=torch.rand(10, 16, 3), sh_degree=4), ValueError, "sh_degree must be in 0..3"),
@@ -160,7 +201,106 @@ def test_stage_bad_inputs(scene):
         ops.rasterize_to_pixels(means2d, conics, colors, opac.to("meta"), *args[4:])
 
 
-def test_too_many_tiles_for_the_key():
-    means2d, _, _, _, _, radii, depths = projected(1, 4, 8, 8, 1, dtype=torch.float32)
-    with pytest.raises(ValueError, match="do not fit"):
-        ref.isect_tiles(means2d, radii, depths, 1, 1 << 16, 1 << 16)
+def test_stage_bad_values(scene):
+    # Value checks run in the op bodies, so they hold for the stage ops called directly.
+    means2d, conics, opac, offsets, fids, radii, depths = projected(2, 10, W, H, 8, dtype=torch.float32)
+    colors, bg = torch.rand(2, 10, 3), torch.rand(2, 3)
+    ops.isect_tiles(means2d, radii, depths, 8, 2, 2)  # the unmodified call is fine
+    radii = radii.clone()
+    radii[:, :4] = 0  # culled
+    visible = (radii > 0).all(-1)
+    assert visible.any()
+    # A culled Gaussian may have any depth (gsplat's Python projection leaves them negative).
+    ops.isect_tiles(means2d, radii, depths.masked_fill(~visible, -1.0), 8, 2, 2)
+    with pytest.raises(ValueError, match="depths must be >= 0 where radii > 0"):
+        ops.isect_tiles(means2d, radii, depths.masked_fill(visible, -1.0), 8, 2, 2)
+    with pytest.raises(ValueError, match="depths contains non-finite"):
+        ops.isect_tiles(means2d, radii, _nan(depths, 3), 8, 2, 2)
+    with pytest.raises(ValueError, match="means2d contains non-finite"):
+        ops.isect_tiles(_nan(means2d, 5), radii, depths, 8, 2, 2)
+
+    args = dict(means2d=means2d, conics=conics, colors=colors, opacities=opac, width=W, height=H, tile_size=8,
+                isect_offsets=offsets, flatten_ids=fids, backgrounds=bg)  # fmt: skip
+    ops.rasterize_to_pixels(**args)
+    for name in ("means2d", "conics", "colors", "opacities", "backgrounds"):
+        with pytest.raises(ValueError, match=f"{name} contains non-finite"):
+            ops.rasterize_to_pixels(**{**args, name: _nan(args[name], 1)})
+    assert fids.numel() > 2 and offsets.reshape(-1)[-1] > 0
+    # Decreasing, past M, negative.
+    for off in (offsets.flip(-1), offsets + fids.numel(), offsets - 1):
+        with pytest.raises(ValueError, match=r"isect_offsets must be non-decreasing .* lie in \[0, M\]"):
+            ops.rasterize_to_pixels(**{**args, "isect_offsets": off.contiguous()})
+    with pytest.raises(ValueError, match=r"flatten_ids must lie in \[0, C \* N\) = \[0, 20\)"):
+        ops.rasterize_to_pixels(**{**args, "flatten_ids": fids - 1})
+
+
+def _bits(count):  # gsplat main's bits_for_count, restated
+    return max(count - 1, 0).bit_length()
+
+
+@pytest.mark.parametrize("C,tw,th,fits", [
+    (1 << 11, 1 << 10, 1 << 10, True),  # 11 + 20 = 31 bits: the largest that fits
+    (1 + (1 << 11), 1 << 10, 1 << 10, False),  # 12 + 20
+    (1 << 11, 1 + (1 << 10), 1 << 10, False),  # 11 + 21
+    (3000, 1024, 1023, False),  # 12 + 20 = 32: the camera field would reach the int64 sign bit
+    (1, 1 << 16, 1 << 15, True),  # 0 + 31
+])  # fmt: skip
+def test_isect_key_bits_boundary(C, tw, th, fits):
+    assert (_bits(C) + _bits(tw * th) <= 31) == fits
+    # One Gaussian per camera, a 1-pixel radius around the centre of tile 0.
+    means2d = torch.full((C, 1, 2), 8.0)
+    radii = torch.ones(C, 1, 2, dtype=torch.int32)
+    depths = torch.rand(C, 1) + 1
+    if not fits:
+        with pytest.raises(
+            ValueError, match=r"means2d has \d+ cameras and tile_width x tile_height is \d+ tiles"
+        ):
+            ops.isect_tiles(means2d, radii, depths, 16, tw, th)
+        return
+    _, ids, fids = ops.isect_tiles(means2d, radii, depths, 16, tw, th)
+    assert ids.numel() == C and (ids >= 0).all()
+    assert torch.equal(fids.long(), torch.arange(C))  # sorted by camera first
+    assert torch.equal(ids >> (32 + _bits(tw * th)), torch.arange(C))
+    # (No isect_offset_encode here: at 31 bits its output has ~2^31 entries.)
+
+
+def test_isect_int32_limits():
+    L = ref.INT32_LIMIT
+    assert L == 2**31
+    # C * N: flatten_ids index [0, C * N) with int32, so C * N = 2^31 is the largest.
+    ref.check_isect_sizes(2, L // 2, 1)
+    ref.check_isect_sizes(L, 1, 1)
+    with pytest.raises(ValueError, match=r"means2d has C \* N = 2 x 1073741825"):
+        ref.check_isect_sizes(2, L // 2 + 1, 1)
+    # Shape-only: raised before any O(C * N) work (expanded views allocate nothing).
+    C, N = 2, L // 2 + 1
+    means2d, depths = torch.zeros(1, 1, 2).expand(C, N, 2), torch.ones(1, 1).expand(C, N)
+    radii = torch.ones(1, 1, 2, dtype=torch.int32).expand(C, N, 2)
+    with pytest.raises(ValueError, match="more than the int32 flatten_ids can index"):
+        ops.isect_tiles(means2d, radii, depths, 16, 1, 1)
+
+    # M: isect_offsets hold run starts up to M, so M <= 2^31 - 1.  On a
+    # 2^16 x 2^15 grid of 1-pixel tiles, Gaussian 0 covers all columns of the
+    # first 2^15 - 1 rows and Gaussian 1 the last row from column `x0` on:
+    # M = 2^31 - 2^16 + (2^16 - x0).
+    def overlaps(x0):
+        means2d = torch.tensor([[[2.0**15, 2.0**14 - 1], [2.0**15 + x0, 2.0**15 + 0.5]]])
+        radii = torch.tensor([[[1 << 15, 1 << 14], [1 << 15, 1]]], dtype=torch.int32)
+        return means2d, radii, torch.ones(1, 2), 1, 1 << 16, 1 << 15
+
+    with pytest.raises(ValueError, match=r"radii cover M = 2147483648 \(Gaussian, tile\) pairs"):
+        ops.isect_tiles(*overlaps(0))
+    # Just at the limit the keys would take 16 GiB: stop at the allocation
+    # that follows the check, and read the M it was given.
+    calls = []
+
+    def stop(*a, **k):
+        calls.append(k["output_size"])
+        raise RuntimeError("past the check")
+
+    with (
+        unittest.mock.patch.object(torch, "repeat_interleave", stop),
+        pytest.raises(RuntimeError, match="past"),
+    ):
+        ref.isect_tiles(*overlaps(1))
+    assert calls == [L - 1]

@@ -164,3 +164,49 @@ def test_gradcheck_rasterize_to_pixels_full_jacobian():
 
     assert fids.numel() >= 5
     assert torch.autograd.gradcheck(fn, _grad(means2d, conics, colors, opac, bg))
+
+
+def test_backward_under_inference_mode():
+    # Plain autograd allows loss.backward() inside torch.inference_mode(); so
+    # must the _bwd ops, which recompute a forward with autograd inside.
+    means, quats, scales, opacities, viewmats, Ks = (t.float() for t in _visible_scene(20))
+    sh = torch.randn(20, 4, 3)
+    bg = torch.rand(2, 3)
+
+    def grads(inference):
+        leaves = _grad(means, scales, sh, bg)
+        img, alpha, _ = splat_ops.rasterization(leaves[0], quats, leaves[1], opacities, leaves[2], viewmats, Ks, W, H,
+                                                sh_degree=1, backgrounds=leaves[3], tile_size=8,
+                                                rasterize_mode="antialiased")  # fmt: skip
+        loss = img.pow(2).sum() + alpha.sum()
+        with torch.inference_mode(inference):
+            loss.backward()
+        return [t.grad for t in leaves]
+
+    for a, b in zip(grads(True), grads(False)):
+        assert torch.equal(a, b) and a.abs().sum() > 0
+
+
+def test_compile_fullgraph_blend_checks_values():
+    # The blender's value checks run in its op body: a compiled fullgraph
+    # still traces, matches eager, and still rejects bad values at run time.
+    torch._dynamo.reset()
+    means2d, conics, opac, offsets, fids, _, _ = projected(
+        2, 20, W, H, 8, dtype=torch.float32, opacity=(0.3, 0.8)
+    )
+    colors = torch.rand(2, 20, 3)
+
+    def model(means2d, opac):
+        img, alpha = splat_ops.rasterize_to_pixels(means2d, conics, colors, opac, W, H, 8, offsets, fids)
+        return img.pow(2).sum() + alpha.sum()
+
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    leaves = _grad(means2d, opac)
+    got, want = compiled(*leaves), model(*leaves)
+    assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves)):
+        assert_close(a, b)
+    bad = opac.clone()
+    bad[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="opacities contains non-finite"):
+        compiled(means2d, bad)
