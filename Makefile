@@ -35,8 +35,11 @@ test: setup
 	PYTHON=$(PY) bash .ci/nvcc_check.sh
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
+# OMP_WAIT_POLICY=passive: torch's OpenMP pool and MKL's threads otherwise spin
+# against each other, and whichever provider runs right after the other loses
+# 30-50% of its time; passive threads sleep between parallel regions.
 bench: setup
-	$(PY) -m frontiers_fast.bench --device cpu
+	OMP_WAIT_POLICY=passive $(PY) -m frontiers_fast.bench --device cpu
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

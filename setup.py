@@ -49,7 +49,10 @@ def get_extensions():
                 cpu_sources + cuda_sources,
                 include_dirs=[os.path.join(here, "csrc")],
                 define_macros=[("FRONTIERS_FAST_WITH_CUDA", "1")],
-                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+                extra_compile_args={
+                    "cxx": cxx,
+                    "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"],
+                },
                 extra_link_args=link,
             )
         ]
@@ -86,8 +89,16 @@ setup(
     extras_require={
         "triton": ["triton"],
         "test": ["pytest", "torch_geometric", "triton", "mambapy", "torchdeq", "gsplat", "transformers"],
-        "bench": ["matplotlib", "pytest-benchmark", "torch_geometric", "triton", "mambapy", "torchdeq", "gsplat",
-                  "transformers"],
+        "bench": [
+            "matplotlib",
+            "pytest-benchmark",
+            "torch_geometric",
+            "triton",
+            "mambapy",
+            "torchdeq",
+            "gsplat",
+            "transformers",
+        ],
         "dev": ["ruff"],
     },
 )

@@ -29,7 +29,10 @@ def _load_native():
     try:
         importlib.import_module("frontiers_fast._C")
     except Exception as exc:  # ImportError, or an undefined symbol from an ABI mismatch
-        return False, f"frontiers_fast._C did not load ({type(exc).__name__}: {exc}); reinstall with `pip install --no-build-isolation -e .`"
+        return (
+            False,
+            f"frontiers_fast._C did not load ({type(exc).__name__}: {exc}); reinstall with `pip install --no-build-isolation -e .`",
+        )
     return True, "loaded"
 
 
@@ -42,7 +45,10 @@ def _probe():
     if not ok:
         _status["cuda"] = (False, why)
     elif not cuda_ext:
-        _status["cuda"] = (False, "frontiers_fast._C was built without CUDA (torch was a CPU build or nvcc was not found)")
+        _status["cuda"] = (
+            False,
+            "frontiers_fast._C was built without CUDA (torch was a CPU build or nvcc was not found)",
+        )
     else:
         _status["cuda"] = (True, "built")
     try:

@@ -33,7 +33,9 @@ def _bucket_sort(keys, num_buckets):
 def _check_num_nodes(num_nodes, name="num_nodes"):
     if isinstance(num_nodes, torch.Tensor):
         if num_nodes.numel() != 1:
-            raise ValueError(f"{name} must be a single integer, got a tensor of shape {tuple(num_nodes.shape)}")
+            raise ValueError(
+                f"{name} must be a single integer, got a tensor of shape {tuple(num_nodes.shape)}"
+            )
         num_nodes = int(num_nodes.item())
     if isinstance(num_nodes, bool) or not isinstance(num_nodes, int):
         raise TypeError(f"{name} must be an int, got {type(num_nodes).__name__}")
@@ -83,9 +85,13 @@ class Graph:
                 raise ValueError(f"edge_index has a negative node index ({lo})")
             smax, dmax = int(src.max().item()), int(dst.max().item())
             if smax >= num_src:
-                raise ValueError(f"edge_index[0] has node index {smax}, out of range for {num_src} source nodes")
+                raise ValueError(
+                    f"edge_index[0] has node index {smax}, out of range for {num_src} source nodes"
+                )
             if dmax >= num_dst:
-                raise ValueError(f"edge_index[1] has node index {dmax}, out of range for {num_dst} destination nodes")
+                raise ValueError(
+                    f"edge_index[1] has node index {dmax}, out of range for {num_dst} destination nodes"
+                )
         self.edge_index = edge_index
         self.num_src = num_src
         self.num_dst = num_dst
@@ -140,7 +146,9 @@ class Graph:
 
     def to(self, device) -> Graph:
         g = Graph.__new__(Graph)
-        g.__dict__.update({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
+        g.__dict__.update(
+            {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        )
         g._csc = None if self._csc is None else tuple(t.to(device) for t in self._csc)
         return g
 
@@ -204,7 +212,9 @@ def gcn_norm(edge_index, edge_weight=None, num_nodes=None, improved=False, add_s
         edge_index = torch.cat([edge_index[:, keep], torch.stack([loops, loops])], dim=1)
         edge_weight = torch.cat([edge_weight[keep], loop_w])
     row, col = edge_index[0], edge_index[1]
-    deg = torch.zeros(num_nodes, dtype=edge_weight.dtype, device=edge_weight.device).index_add(0, col, edge_weight)
+    deg = torch.zeros(num_nodes, dtype=edge_weight.dtype, device=edge_weight.device).index_add(
+        0, col, edge_weight
+    )
     dis = deg.pow(-0.5)
     dis = dis.masked_fill(torch.isinf(dis), 0.0)
     return edge_index, dis[row] * edge_weight * dis[col]

@@ -16,7 +16,9 @@ from .report import write
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m frontiers_fast.bench", description=__doc__)
-    p.add_argument("--family", choices=FAMILIES, action="append", help="family to run (repeatable; default all)")
+    p.add_argument(
+        "--family", choices=FAMILIES, action="append", help="family to run (repeatable; default all)"
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--quick", action="store_true", help="smaller graphs and fewer repeats (a smoke run)")
     p.add_argument("--out", default=None, help="output folder (default reports/<device>)")
@@ -33,9 +35,12 @@ def main(argv=None):
     results, targets, sections = [], {}, []
     for fam in args.family or FAMILIES:
         mod = importlib.import_module(f"frontiers_fast.bench.{fam}")
+        torch.manual_seed(0)  # layers initialised from the global generator: same weights every run
         # A family may return extra report sections [(title, markdown)], and
         # write files they link to (a render, a plot) into ``out_dir``.
-        extra = mod.run(results, device=args.device, quick=args.quick, min_time=0.2 if args.quick else 0.5, out_dir=out)
+        extra = mod.run(
+            results, device=args.device, quick=args.quick, min_time=0.2 if args.quick else 0.5, out_dir=out
+        )
         sections += list(extra or [])
         targets[fam] = mod.TARGETS
     path, checks = write(results, targets, args.device, machine, out, extra_sections=sections)

@@ -11,7 +11,7 @@ import torch
 import frontiers_fast as ff
 from frontiers_fast.reference import gnn as ref
 
-from .harness import run_provider
+from .harness import max_error, run_provider
 
 FAMILY = "gnn"
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -101,13 +101,15 @@ def run(results, device="cpu", quick=False, min_time=0.5, out_dir=None):
         case = f"spmm sum fwd+bwd / {gname} / F={F_}"
         print(f"[gnn] {case}", flush=True)
         xr = x.double().requires_grad_(True)
-        expected = torch.autograd.grad(ref.spmm(g, xr, w.double(), "sum"), xr, torch.ones(n, F_, dtype=torch.float64))[0]
+        expected = torch.autograd.grad(
+            ref.spmm(g, xr, w.double(), "sum"), xr, torch.ones(n, F_, dtype=torch.float64)
+        )[0]
         _ = g.csc  # the transpose is part of the prebuilt graph
         common = dict(family=FAMILY, case=case, mode="fwd+bwd", device=device, expected=expected, tol=1e-5,
                       min_time=min_time, memory=True)  # fmt: skip
         xg = x.clone().requires_grad_(True)
         ones = torch.ones(n, F_, device=device)
-        grad_of = lambda f: (lambda: torch.autograd.grad(f(xg), xg, ones)[0])
+        grad_of = lambda f: lambda: torch.autograd.grad(f(xg), xg, ones)[0]
         for b in _our_backends(device):
             fn = grad_of(lambda t, b=b: ff.spmm(g, t, w, "sum", backend=b))
             run_provider(results, provider=f"frontiers_fast[{b}]", fn=fn, check=fn, **common)
@@ -151,9 +153,19 @@ def run(results, device="cpu", quick=False, min_time=0.5, out_dir=None):
 
             return fn
 
-        common = dict(family=FAMILY, case=case, mode="fwd+bwd", device=device, expected=expected, tol=1e-4,
-                      min_time=min_time, memory=True)  # fmt: skip
         gat_graph = ff.Graph(edge_index, n)
+        # How close float32 can get is set by the problem, not the provider:
+        # on hub rows with tens of thousands of edges, the float32 rounding of
+        # h = x W (the same GEMM in every provider) is amplified by the softmax
+        # and the gradient's (g.h_j - g.out_i) cancellation.  So a provider
+        # agrees if it is within 4x of the plain-PyTorch float32 reference's own
+        # error (and never needs to beat 1e-4).
+        with ff.use_backend("reference"):
+            ref32_err = max_error(fwd_bwd(ours, gat_graph)(), expected)
+        tol = max(1e-4, 4 * ref32_err)
+        print(f"  float32 reference error {ref32_err:.1e}; agreement tolerance {tol:.1e}", flush=True)
+        common = dict(family=FAMILY, case=case, mode="fwd+bwd", device=device, expected=expected, tol=tol,
+                      min_time=min_time, memory=True)  # fmt: skip
         for b in _our_backends(device):
             with ff.use_backend(b):
                 fn = fwd_bwd(ours, gat_graph)

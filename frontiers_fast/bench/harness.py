@@ -60,7 +60,9 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_fn(fn: Callable[[], object], device: str, min_time: float = 0.5, max_reps: int = 50, warmup: int = 2):
+def time_fn(
+    fn: Callable[[], object], device: str, min_time: float = 0.5, max_reps: int = 50, warmup: int = 2
+):
     """Median, 20th and 80th percentile of wall time in ms."""
     for _ in range(warmup):
         fn()

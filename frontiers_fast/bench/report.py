@@ -75,7 +75,12 @@ def write(results, targets, device, machine, out_dir, extra_sections=()):
     ]
     checks = check_targets(results, targets)
     if checks:
-        lines += ["## Targets", "", "| comparison | speed-up | target | memory ratio | target | |", "|---|---|---|---|---|---|"]
+        lines += [
+            "## Targets",
+            "",
+            "| comparison | speed-up | target | memory ratio | target | |",
+            "|---|---|---|---|---|---|",
+        ]
         for desc, ratio, speed, mratio, mem, passed in checks:
             rs = f"{ratio:.2f}x" if ratio is not None else "n/a"
             ms = f"{mratio:.1f}x" if mratio is not None else ("n/a" if mem else "")
@@ -93,7 +98,11 @@ def write(results, targets, device, machine, out_dir, extra_sections=()):
         for r in rows:
             t = f"{r.ms:.3f}" if r.ms is not None else ""
             q = f"{r.ms_p20:.3f}-{r.ms_p80:.3f}" if r.ms is not None else ""
-            sp = f"{r.ms / best.ms:.2f}x" if (best and r.ms and r is not best) else ("ours" if r is best else "")
+            sp = (
+                f"{r.ms / best.ms:.2f}x"
+                if (best and r.ms and r is not best)
+                else ("ours" if r is best else "")
+            )
             pm = f"{r.peak_mb:.1f}" if r.peak_mb is not None else ""
             er = f"{r.max_err:.1e}" if r.max_err is not None else ""
             lines.append(f"| {r.provider} | {t} | {q} | {sp} | {pm} | {er} | {r.status} |")

@@ -41,7 +41,9 @@ def _to_graph(edge_index, num_src, num_dst) -> Graph:
             )
         return edge_index
     if not isinstance(edge_index, Tensor):
-        raise TypeError(f"edge_index must be a [2, E] tensor or a frontiers_fast.Graph, got {type(edge_index).__name__}")
+        raise TypeError(
+            f"edge_index must be a [2, E] tensor or a frontiers_fast.Graph, got {type(edge_index).__name__}"
+        )
     return Graph(edge_index, num_src if num_src == num_dst else (num_src, num_dst))
 
 
@@ -163,7 +165,12 @@ class GATConv(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.in_channels, self.out_channels, self.heads = in_channels, out_channels, heads
         self.concat, self.negative_slope, self.dropout = concat, float(negative_slope), float(dropout)
-        self.add_self_loops, self.edge_dim, self.fill_value, self.residual = add_self_loops, edge_dim, fill_value, residual
+        self.add_self_loops, self.edge_dim, self.fill_value, self.residual = (
+            add_self_loops,
+            edge_dim,
+            fill_value,
+            residual,
+        )
         total = heads * out_channels
         self.lin = self.lin_src = self.lin_dst = None
         if isinstance(in_channels, int):
@@ -213,7 +220,7 @@ class GATConv(nn.Module):
             raise ValueError("GATConv needs destination features (x_dst is None)")
         a_src = (x_src * self.att_src).sum(-1)
         a_dst = (x_dst * self.att_dst).sum(-1)
-        n_src, n_dst = (size if size is not None else (x_src.shape[0], x_dst.shape[0]))
+        n_src, n_dst = size if size is not None else (x_src.shape[0], x_dst.shape[0])
         g = _to_graph(edge_index, n_src, n_dst)
         if self.add_self_loops:
             g = _with_self_loops(g)

@@ -116,7 +116,9 @@ def _fake_gat_fwd(rowptr, col, h, a_src, a_dst, negative_slope):
     return h.new_empty((n_dst, h.shape[1], h.shape[2])), h.new_empty((n_dst, h.shape[1]))
 
 
-def _fake_gat_bwd(rowptr, col, csc_ptr, csc_row, csc_perm, h, a_src, a_dst, negative_slope, out, lse, grad_out):
+def _fake_gat_bwd(
+    rowptr, col, csc_ptr, csc_row, csc_perm, h, a_src, a_dst, negative_slope, out, lse, grad_out
+):
     return torch.empty_like(h), torch.empty_like(a_src), torch.empty_like(a_dst)
 
 
@@ -195,7 +197,9 @@ def _ref_sddmm_fwd(rowptr, col, a, b):
 
 
 def _ref_edge_softmax_fwd(rowptr, scores):
-    return ref.edge_softmax(_CSR(rowptr, torch.zeros_like(rowptr[:-1]).repeat_interleave(rowptr.diff()), 0), scores)
+    return ref.edge_softmax(
+        _CSR(rowptr, torch.zeros_like(rowptr[:-1]).repeat_interleave(rowptr.diff()), 0), scores
+    )
 
 
 def _ref_edge_softmax_bwd(rowptr, p, grad_p):
@@ -209,14 +213,18 @@ def _ref_edge_softmax_bwd(rowptr, p, grad_p):
 def _ref_gat_fwd(rowptr, col, h, a_src, a_dst, negative_slope):
     g = _CSR(rowptr, col, h.shape[0])
     out = ref.gat_aggregate(g, h, a_src, a_dst, negative_slope)
-    e = torch.nn.functional.leaky_relu(a_src.index_select(0, g.src) + a_dst.index_select(0, g.dst), negative_slope)
+    e = torch.nn.functional.leaky_relu(
+        a_src.index_select(0, g.src) + a_dst.index_select(0, g.dst), negative_slope
+    )
     idx = g.dst.unsqueeze(1).expand_as(e)
     m = torch.full_like(a_dst, float("-inf")).scatter_reduce(0, idx, e, "amax", include_self=True)
     den = torch.zeros_like(a_dst).index_add(0, g.dst, torch.exp(e - m.gather(0, idx)))
     return out, m + torch.log(den)
 
 
-def _ref_gat_bwd(rowptr, col, csc_ptr, csc_row, csc_perm, h, a_src, a_dst, negative_slope, out, lse, grad_out):
+def _ref_gat_bwd(
+    rowptr, col, csc_ptr, csc_row, csc_perm, h, a_src, a_dst, negative_slope, out, lse, grad_out
+):
     # Written out (not autograd): kernels run below the autograd dispatch key.
     g = _CSR(rowptr, col, h.shape[0])
     pre = a_src.index_select(0, g.src) + a_dst.index_select(0, g.dst)
@@ -227,7 +235,11 @@ def _ref_gat_bwd(rowptr, col, csc_ptr, csc_row, csc_perm, h, a_src, a_dst, negat
     de = p * (dp - delta.index_select(0, g.dst))
     de = torch.where(pre > 0, de, de * negative_slope)
     grad_h = torch.zeros_like(h).index_add(0, g.src, p.unsqueeze(-1) * g_dst)
-    return grad_h, torch.zeros_like(a_src).index_add(0, g.src, de), torch.zeros_like(a_dst).index_add(0, g.dst, de)
+    return (
+        grad_h,
+        torch.zeros_like(a_src).index_add(0, g.src, de),
+        torch.zeros_like(a_dst).index_add(0, g.dst, de),
+    )
 
 
 def _ref_stable_bucket_sort(keys, num_buckets):
@@ -322,7 +334,18 @@ def _spmm_backward(ctx, grad_out, _grad_arg):
     if x is None:
         x = grad_out.new_empty((0, grad_out.shape[1]))
     gx, gw = _ops.spmm_bwd(
-        csc_ptr, csc_row, csc_perm, rowptr, col, weight, x, grad_out.contiguous(), arg, ctx.reduce, need_x, need_w
+        csc_ptr,
+        csc_row,
+        csc_perm,
+        rowptr,
+        col,
+        weight,
+        x,
+        grad_out.contiguous(),
+        arg,
+        ctx.reduce,
+        need_x,
+        need_w,
     )
     return None, None, None, None, None, (gw if need_w else None), (gx if need_x else None), None
 
@@ -331,7 +354,9 @@ _spmm_op.register_autograd(_spmm_backward, setup_context=_spmm_setup)
 
 
 @torch.library.custom_op(f"{NS}::sddmm", mutates_args=())
-def _sddmm_op(rowptr: Tensor, col: Tensor, csc_ptr: Tensor, csc_row: Tensor, csc_perm: Tensor, a: Tensor, b: Tensor) -> Tensor:
+def _sddmm_op(
+    rowptr: Tensor, col: Tensor, csc_ptr: Tensor, csc_row: Tensor, csc_perm: Tensor, a: Tensor, b: Tensor
+) -> Tensor:
     return _ops.sddmm_fwd(rowptr, col, a, b)
 
 
@@ -480,7 +505,9 @@ def spmm(graph, x, edge_weight=None, reduce="sum", *, num_nodes=None, backend=No
     if edge_weight is not None:
         _check_tensor("edge_weight", edge_weight, graph, (1, 2), x.dtype)
         if edge_weight.shape[0] != graph.num_edges:
-            raise ValueError(f"edge_weight has {edge_weight.shape[0]} entries but the graph has {graph.num_edges} edges")
+            raise ValueError(
+                f"edge_weight has {edge_weight.shape[0]} entries but the graph has {graph.num_edges} edges"
+            )
         if edge_weight.dim() == 2 and (x.dim() != 3 or edge_weight.shape[1] != x.shape[1]):
             raise ValueError(
                 f"edge_weight of shape [E, H] needs x of shape [N, H, C] with the same H; "
@@ -494,7 +521,11 @@ def spmm(graph, x, edge_weight=None, reduce="sum", *, num_nodes=None, backend=No
         if edge_weight is not None:
             w = graph.to_csr_order(edge_weight.to(kd))
             w = (w if w.dim() == 2 else w.unsqueeze(1)).contiguous()
-        csc = graph.csc if torch.is_grad_enabled() and (x.requires_grad or (w is not None and w.requires_grad)) else _no_csc(graph)
+        csc = (
+            graph.csc
+            if torch.is_grad_enabled() and (x.requires_grad or (w is not None and w.requires_grad))
+            else _no_csc(graph)
+        )
         out, _ = _spmm_op(graph.rowptr, graph.col, *csc, w, x2, reduce)
         return out.view((graph.num_dst,) + tuple(x.shape[1:])).to(x.dtype)
 
@@ -527,7 +558,9 @@ def sddmm(graph, a, b, *, num_nodes=None, backend=None):
     _check_tensor("a", a, graph, (2, 3))
     _check_tensor("b", b, graph, (2, 3), a.dtype)
     if a.dim() != b.dim() or a.shape[1:] != b.shape[1:]:
-        raise ValueError(f"a and b must agree past the node dimension, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"a and b must agree past the node dimension, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     if a.shape[0] != graph.num_src:
         raise ValueError(f"a has {a.shape[0]} rows but the graph has {graph.num_src} source nodes")
     if b.shape[0] != graph.num_dst:
@@ -617,7 +650,11 @@ def gat_aggregate(graph, h, a_src, a_dst, negative_slope=0.2, *, num_nodes=None,
         return out.to(h.dtype)
 
     return _run(
-        backend, h.device, "gat_aggregate", kernel, lambda: ref.gat_aggregate(graph, h, a_src, a_dst, negative_slope)
+        backend,
+        h.device,
+        "gat_aggregate",
+        kernel,
+        lambda: ref.gat_aggregate(graph, h, a_src, a_dst, negative_slope),
     )
 
 

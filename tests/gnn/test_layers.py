@@ -85,7 +85,9 @@ def test_gat_bipartite_and_attention_weights():
 @pytest.mark.parametrize("normalize,project", [(False, False), (True, True)])
 def test_sage(data, aggr, out_channels, normalize, project):
     g, ei, x = data
-    ours, theirs = _pair(ff.nn.SAGEConv, pyg.SAGEConv, 12, out_channels, aggr=aggr, normalize=normalize, project=project)
+    ours, theirs = _pair(
+        ff.nn.SAGEConv, pyg.SAGEConv, 12, out_channels, aggr=aggr, normalize=normalize, project=project
+    )
     _compare(ours, theirs, [x], ei, g)
 
 
@@ -106,7 +108,10 @@ def test_state_dict_keys_match():
         (ff.nn.GATConv(4, 5, heads=2, residual=True), pyg.GATConv(4, 5, heads=2, residual=True)),
         (ff.nn.GATConv((4, 3), 5, heads=2), pyg.GATConv((4, 3), 5, heads=2)),
         (ff.nn.SAGEConv(4, 5, project=True), pyg.SAGEConv(4, 5, project=True)),
-        (ff.nn.SAGEConv(4, 5, bias=False, root_weight=False), pyg.SAGEConv(4, 5, bias=False, root_weight=False)),
+        (
+            ff.nn.SAGEConv(4, 5, bias=False, root_weight=False),
+            pyg.SAGEConv(4, 5, bias=False, root_weight=False),
+        ),
     ]:
         so, st = ours.state_dict(), theirs.state_dict()
         assert list(so) == list(st)

@@ -65,7 +65,9 @@ def test_opcheck_kernel_ops():
     torch.library.opcheck(ops.gat_fwd, (g.rowptr, g.col, h, a1, a2, 0.2), test_utils=plain)
     out, lse = ops.gat_fwd(g.rowptr, g.col, h, a1, a2, 0.2)
     torch.library.opcheck(
-        ops.gat_bwd, (g.rowptr, g.col, *g.csc, h, a1, a2, 0.2, out, lse, torch.randn_like(out)), test_utils=plain
+        ops.gat_bwd,
+        (g.rowptr, g.col, *g.csc, h, a1, a2, 0.2, out, lse, torch.randn_like(out)),
+        test_utils=plain,
     )
 
 
