@@ -9,6 +9,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -16,11 +18,45 @@
 #include "common/poison.h"
 #include "gnn/gnn_cpu.h"
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace frontiers_fast {
 namespace gnn {
 namespace {
 
 using at::Tensor;
+
+// Large outputs are written once, in parallel, by the kernel; a fresh one
+// comes from the allocator as untouched pages (glibc mmaps anything of 32 MiB
+// or more), so its first touch costs a page fault per 4 KiB -- for the
+// [N, F] int64 arg of a max/min SpMM that was a third of the op's time.
+// Asking for transparent huge pages (where the system leaves that to
+// madvise) makes it one fault per 2 MiB.  Only the 2 MiB-aligned interior is
+// advised and only for tensors this large, so small or heap-recycled buffers
+// are left alone; it changes where the memory comes from, never the values.
+void advise_huge_pages(const Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  constexpr size_t kMinBytes = size_t(32) << 20;
+  const size_t nbytes = t.nbytes();
+  if (nbytes < kMinBytes || !t.device().is_cpu()) return;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t b = (p + kHuge - 1) & ~(kHuge - 1), e = (p + nbytes) & ~(kHuge - 1);
+  if (e > b) (void)madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);  // advisory: errors are harmless
+#else
+  (void)t;
+#endif
+}
+
+// new_output (NaN-poisoned under FRONTIERS_FAST_DEBUG_POISON), advised first.
+Tensor output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  Tensor t = at::empty(sizes, options);
+  advise_huge_pages(t);
+  if (debug_poison() && at::isFloatingType(t.scalar_type())) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
 
 void check_cpu(const Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
@@ -132,9 +168,9 @@ std::tuple<Tensor, Tensor> spmm_fwd_cpu(const Tensor& rowptr_, const Tensor& col
   const int64_t F = x.size(1);
   std::optional<Tensor> w = weight_arg(weight_, x, E, F, op);
   TORCH_CHECK(E == 0 || x.size(0) > 0, op, ": x has no rows but the graph has ", E, " edges");
-  Tensor out = new_output({n, F}, x.options());
+  Tensor out = output({n, F}, x.options());
   const bool ext = reduce == Reduce::kMax || reduce == Reduce::kMin;
-  Tensor arg = at::empty(ext ? at::IntArrayRef({n, F}) : at::IntArrayRef({0}), x.options().dtype(at::kLong));
+  Tensor arg = output(ext ? at::IntArrayRef({n, F}) : at::IntArrayRef({0}), x.options().dtype(at::kLong));
   spmm_forward(rowptr, col, w ? &*w : nullptr, x, reduce, out, arg);
   return {out, arg};
 }
@@ -184,8 +220,8 @@ std::tuple<Tensor, Tensor> spmm_bwd_cpu(const Tensor& csc_ptr_, const Tensor& cs
   }
 
   Tensor g = reduce == Reduce::kMean ? scale_by_inverse_degree(grad_out, rowptr) : grad_out;
-  Tensor grad_x = need_x ? new_output({n_src, F}, grad_out.options()) : at::empty({0}, grad_out.options());
-  Tensor grad_w = want_w ? new_output({E, w->size(1)}, grad_out.options()) : at::empty({0}, grad_out.options());
+  Tensor grad_x = need_x ? output({n_src, F}, grad_out.options()) : at::empty({0}, grad_out.options());
+  Tensor grad_w = want_w ? output({E, w->size(1)}, grad_out.options()) : at::empty({0}, grad_out.options());
   if (need_x) {
     std::optional<Tensor> w_t;
     if (w) w_t = gather_rows(*w, csc_perm);
@@ -212,7 +248,7 @@ Tensor sddmm_fwd_cpu(const Tensor& rowptr_, const Tensor& col_, const Tensor& a_
   TORCH_CHECK(b.size(0) == n, op, ": b must be [N_dst, H, C] with N_dst = ", n, ", got shape ", b.sizes());
   TORCH_CHECK(E == 0 || a.size(0) > 0, op, ": a has no rows but the graph has ", E, " edges");
   const int64_t H = a.size(1);
-  Tensor out = new_output({E, H}, a.options());
+  Tensor out = output({E, H}, a.options());
   sddmm_forward(rowptr, col, a, b, H, a.size(2), nullptr, out);
   return out;
 }
@@ -222,7 +258,7 @@ Tensor edge_softmax_fwd_cpu(const Tensor& rowptr_, const Tensor& scores_) {
   Tensor rowptr = index_arg(rowptr_, op, "rowptr");
   Tensor scores = float_arg(scores_, op, "scores", 2);
   offsets_arg(rowptr, scores.size(0), op, "rowptr", "scores");
-  Tensor p = new_output(scores.sizes(), scores.options());
+  Tensor p = output(scores.sizes(), scores.options());
   edge_softmax_forward(rowptr, scores, p);
   return p;
 }
@@ -236,7 +272,7 @@ Tensor edge_softmax_bwd_cpu(const Tensor& rowptr_, const Tensor& p_, const Tenso
   TORCH_CHECK(grad_p.sizes() == p.sizes(), op, ": grad_p must have the shape of p ", p.sizes(), ", got ",
               grad_p.sizes());
   offsets_arg(rowptr, p.size(0), op, "rowptr", "p");
-  Tensor gs = new_output(p.sizes(), p.options());
+  Tensor gs = output(p.sizes(), p.options());
   edge_softmax_backward(rowptr, p, grad_p, gs);
   return gs;
 }
@@ -265,8 +301,8 @@ std::tuple<Tensor, Tensor> gat_fwd_cpu(const Tensor& rowptr_, const Tensor& col_
   const int64_t n = offsets_arg(rowptr, E, op, "rowptr", "col");
   check_gat(h, a_src, a_dst, n, negative_slope, op);
   TORCH_CHECK(E == 0 || h.size(0) > 0, op, ": h has no rows but the graph has ", E, " edges");
-  Tensor out = new_output({n, h.size(1), h.size(2)}, h.options());
-  Tensor lse = new_output({n, h.size(1)}, h.options());
+  Tensor out = output({n, h.size(1), h.size(2)}, h.options());
+  Tensor lse = output({n, h.size(1)}, h.options());
   gat_forward(rowptr, col, h, a_src, a_dst, negative_slope, out, lse);
   return {out, lse};
 }
@@ -302,9 +338,9 @@ std::tuple<Tensor, Tensor, Tensor> gat_bwd_cpu(const Tensor& rowptr_, const Tens
   same_dtype(lse, h, op, "lse", "h");
   TORCH_CHECK(lse.sizes() == a_dst.sizes(), op, ": lse must be [N_dst, H] like a_dst ", a_dst.sizes(), ", got ",
               lse.sizes());
-  Tensor grad_h = new_output(h.sizes(), h.options());
-  Tensor grad_a_src = new_output(a_src.sizes(), h.options());
-  Tensor grad_a_dst = new_output(a_dst.sizes(), h.options());
+  Tensor grad_h = output(h.sizes(), h.options());
+  Tensor grad_a_src = output(a_src.sizes(), h.options());
+  Tensor grad_a_dst = output(a_dst.sizes(), h.options());
   gat_backward(rowptr, col, csc_ptr, csc_row, csc_perm, h, a_src, a_dst, negative_slope, out, lse, grad_out, grad_h,
                grad_a_src, grad_a_dst);
   return {grad_h, grad_a_src, grad_a_dst};
