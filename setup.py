@@ -9,9 +9,16 @@ Environment switches:
   FRONTIERS_FAST_NO_CUDA=1      build the CPU extension only
   FRONTIERS_FAST_PORTABLE=1     do not tune the C++ code for the build machine (-march=native)
   FRONTIERS_FAST_CUDA_ARCH      e.g. "8.0;9.0" (default: 8.0;9.0)
+
+Sources are found by name, and a file under csrc/ that fits no rule stops the
+build (a silently skipped kernel would only show up as a missing backend):
+  csrc/init.cpp                  the module entry point
+  csrc/<family>/*_cpu.cpp        C++ kernels and their CPU registrations (always built)
+  csrc/<family>/*.cu             CUDA kernels, no torch headers (CUDA builds)
+  csrc/<family>/*_cuda.cpp       their torch bindings (CUDA builds)
+  csrc/<family>/*.h, *.cuh       headers
 """
 
-import glob
 import os
 import platform
 import shutil
@@ -23,6 +30,34 @@ def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+def native_sources(root):
+    """(cpu, cuda): the sources under ``root`` by the naming rules above; SystemExit on any other file."""
+    cpu, cuda, unknown = [], [], []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        depth = os.path.relpath(dirpath, root).count(os.sep) + (dirpath != root)
+        for f in sorted(filenames):
+            path = os.path.join(dirpath, f)
+            if depth == 0:
+                (cpu if f == "init.cpp" else unknown).append(path)
+            elif depth > 1:
+                unknown.append(path)
+            elif f.endswith("_cpu.cpp"):
+                cpu.append(path)
+            elif f.endswith(".cu") or f.endswith("_cuda.cpp"):
+                cuda.append(path)
+            elif not (f.endswith(".h") or f.endswith(".cuh")):
+                unknown.append(path)
+    if unknown:
+        raise SystemExit(
+            "setup.py: these files under csrc/ fit no build rule, so they would be left out: "
+            + ", ".join(unknown)
+            + ".  Name C++ kernels csrc/<family>/*_cpu.cpp, CUDA kernels *.cu, CUDA bindings *_cuda.cpp, "
+            "headers *.h or *.cuh (see the docstring of setup.py)."
+        )
+    return cpu, cuda
+
+
 def get_extensions():
     if _flag("FRONTIERS_FAST_NO_EXT"):
         return []
@@ -30,8 +65,7 @@ def get_extensions():
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
     here = os.path.dirname(os.path.abspath(__file__))
-    cpu_sources = sorted(glob.glob(os.path.join("csrc", "*", "*_cpu.cpp")))
-    cpu_sources += [os.path.join("csrc", "init.cpp")]
+    cpu_sources, cuda_sources = native_sources("csrc")
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-DNDEBUG"]
     if not _flag("FRONTIERS_FAST_PORTABLE") and platform.machine() in ("x86_64", "AMD64"):
         cxx.append("-march=native")
@@ -41,8 +75,6 @@ def get_extensions():
     use_cuda = torch.version.cuda is not None and nvcc_found and not _flag("FRONTIERS_FAST_NO_CUDA")
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("FRONTIERS_FAST_CUDA_ARCH", "8.0;9.0"))
-        cuda_sources = sorted(glob.glob(os.path.join("csrc", "*", "*.cu")))
-        cuda_sources += sorted(glob.glob(os.path.join("csrc", "*", "*_cuda.cpp")))
         return [
             CUDAExtension(
                 "frontiers_fast._C",

@@ -8,12 +8,24 @@ the plain Python type the op schemas need (numpy scalars are accepted).
 
 Family-specific contracts (layouts, index ranges, in-place states) stay in
 their ``ops/<family>.py``, built from these.
+
+The policy every family follows:
+
+* *Parameters* (sizes, tolerances, eps, indices, probabilities, options) are
+  validated and refused with an error that names them.
+* *Data tensors* (features, states, logits of a layer) may hold NaN and inf;
+  NaN propagates the same way on every backend, as each op's docstring says.
+* Value checks read tensor data, so they are skipped where there is none:
+  meta and fake tensors, and while ``torch.compile`` traces (a data read
+  would break the graph).  Ops whose checks must hold compiled too repeat
+  them in their op body, which runs on real tensors.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import os
 
 import numpy as np
 import torch
@@ -91,12 +103,76 @@ def check_same_dtype(name: str, t: Tensor, ref_name: str, dtype: torch.dtype) ->
         raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {dtype}; they must match")
 
 
+INTS = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def check_index_tensor(name: str, t, dtypes=INTS) -> None:
+    """An integer tensor (bool is refused: it is a mask, not an index)."""
+    check_tensor(name, t, dtypes, "an integer tensor (" + ", ".join(str(d) for d in dtypes) + ")")
+
+
+def check_shape(name: str, t: Tensor, shape, hint: str = "") -> None:
+    """``shape`` is one shape (None = any size along that dimension) or a list of alternatives."""
+    shapes = shape if isinstance(shape, list) else [shape]
+    if any(t.dim() == len(s) and all(w is None or w == d for w, d in zip(s, t.shape)) for s in shapes):
+        return
+    want = " or ".join("[" + ", ".join("*" if w is None else str(w) for w in s) + "]" for s in shapes)
+    raise ValueError(f"{name} must have shape {want}{hint}, got {list(t.shape)}")
+
+
 def has_values(t: Tensor) -> bool:
-    # Fake and meta tensors have no data to check.
-    return t.device.type != "meta" and t.numel() > 0 and not isinstance(t, torch._subclasses.FakeTensor)
+    """Whether ``t``'s values can be read here: not meta or fake, not empty, and not while torch.compile traces."""
+    return (
+        t.device.type != "meta"
+        and t.numel() > 0
+        and not isinstance(t, torch._subclasses.FakeTensor)
+        and not torch.compiler.is_compiling()
+    )
+
+
+def check_has_values(name: str, t: Tensor) -> None:
+    """Refuse a meta tensor where the values are needed (they decide shapes, not just fill them)."""
+    if t.device.type == "meta":
+        raise ValueError(
+            f"{name} is a meta tensor, which holds no values; this function reads them (not only their shape)"
+        )
 
 
 def check_finite(name: str, t: Tensor) -> None:
-    """No NaN or inf in ``t`` (skipped for tensors without data: meta, fake, empty)."""
+    """No NaN or inf in ``t`` (skipped where :func:`has_values` is false)."""
     if has_values(t) and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} must be finite (it contains NaN or inf)")
+
+
+def check_in_range(name: str, t: Tensor, low, high, what: str = "") -> None:
+    """Every value of ``t`` in ``[low, high]`` (skipped where :func:`has_values` is false; NaN is refused)."""
+    if not has_values(t):
+        return
+    lo, hi = (float(v) if t.is_floating_point() else int(v) for v in t.aminmax())
+    bad_nan = t.is_floating_point() and bool(torch.isnan(t).any())
+    if bad_nan or lo < low or hi > high:
+        got = "NaN" if bad_nan else f"values in [{lo:g}, {hi:g}]"
+        raise ValueError(f"{name} must lie in [{low:g}, {high:g}]{what}, got {got}")
+
+
+def memory_bytes(device) -> int | None:
+    """The memory of ``device`` in bytes (CPU: physical RAM), or None when it cannot be told."""
+    device = torch.device(device)
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return None
+    return None
+
+
+def check_memory(name: str, nbytes: int, device) -> None:
+    """Refuse a size whose buffers (``nbytes``) exceed the device's whole memory, before allocating them."""
+    total = memory_bytes(device)
+    if total is not None and nbytes > total:
+        raise ValueError(
+            f"{name} is too large: it needs {nbytes / 2**30:,.1f} GiB for its buffers, more than the "
+            f"{total / 2**30:,.1f} GiB of memory on {torch.device(device)}"
+        )

@@ -11,39 +11,68 @@ A :class:`Graph` holds one edge list in three layouts:
   ``csc_perm`` [E] (CSR position k of the edge at transposed position t).
 
 Edge-valued tensors given to the public ops (``edge_weight``, ``scores``) are
-in the user's edge order; the ops move them to CSR order with ``perm``.  The
+in the user's edge order.  The kernels read edge weights through the
+permutation (``perm`` forward, ``csc_eid`` = ``perm[csc_perm]`` backward)
+instead of a reordered copy, so a weight is read where it is on every call
+and can never be stale; other edge tensors are gathered with ``perm``.  The
 sort is stable, so among duplicate edges CSR order follows the user's order.
 All index tensors are int64: edge counts and offsets may pass 2**31.
 """
 
 from __future__ import annotations
 
-import weakref
-
 import torch
+
+from ._checks import (
+    check_has_values,
+    check_index_tensor,
+    check_int,
+    check_memory,
+    check_same_device,
+    check_tensor,
+)
 
 __all__ = ["Graph", "as_graph", "gcn_norm"]
 
 
-def _bucket_sort(keys, num_buckets):
-    """(ptr [num_buckets + 1], perm [E]): a stable sort of keys in [0, num_buckets)."""
-    from .ops import gnn  # noqa: F401  (registers the op)
+def stable_bucket_sort(keys, num_buckets):
+    # Imported here: frontiers_fast.ops imports this module (ops.gnn needs Graph).
+    from .ops.common import stable_bucket_sort as sort
 
-    return torch.ops.frontiers_fast.stable_bucket_sort(keys.contiguous(), num_buckets)
+    return sort(keys, num_buckets)
 
 
 def _check_num_nodes(num_nodes, name="num_nodes"):
     if isinstance(num_nodes, torch.Tensor):
-        if num_nodes.numel() != 1:
+        if num_nodes.numel() != 1 or num_nodes.is_floating_point() or num_nodes.is_complex():
             raise ValueError(
-                f"{name} must be a single integer, got a tensor of shape {tuple(num_nodes.shape)}"
+                f"{name} must be a single integer, got a {num_nodes.dtype} tensor of shape {tuple(num_nodes.shape)}"
             )
+        check_has_values(name, num_nodes)
         num_nodes = int(num_nodes.item())
-    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int):
-        raise TypeError(f"{name} must be an int, got {type(num_nodes).__name__}")
-    if num_nodes < 0:
-        raise ValueError(f"{name} must be non-negative, got {num_nodes}")
-    return num_nodes
+    return check_int(name, num_nodes, 0)
+
+
+def _check_edge_index(edge_index, name="edge_index"):
+    check_index_tensor(name, edge_index)
+    if edge_index.dim() != 2 or edge_index.shape[0] != 2:
+        raise ValueError(f"{name} must have shape [2, E], got {tuple(edge_index.shape)}")
+    check_has_values(name, edge_index)
+    return edge_index.to(torch.int64)
+
+
+def _check_node_range(edge_index, num_src, num_dst, name="edge_index"):
+    if edge_index.shape[1] == 0:
+        return
+    src, dst = edge_index[0], edge_index[1]
+    lo = int(torch.minimum(src.min(), dst.min()).item())
+    if lo < 0:
+        raise ValueError(f"{name} has a negative node index ({lo})")
+    smax, dmax = int(src.max().item()), int(dst.max().item())
+    if smax >= num_src:
+        raise ValueError(f"{name}[0] has node index {smax}, out of range for {num_src} source nodes")
+    if dmax >= num_dst:
+        raise ValueError(f"{name}[1] has node index {dmax}, out of range for {num_dst} destination nodes")
 
 
 class Graph:
@@ -62,13 +91,7 @@ class Graph:
     """
 
     def __init__(self, edge_index: torch.Tensor, num_nodes=None):
-        if not isinstance(edge_index, torch.Tensor):
-            raise TypeError(f"edge_index must be a torch.Tensor, got {type(edge_index).__name__}")
-        if edge_index.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-            raise TypeError(f"edge_index must be an integer tensor, got dtype {edge_index.dtype}")
-        if edge_index.dim() != 2 or edge_index.shape[0] != 2:
-            raise ValueError(f"edge_index must have shape [2, E], got {tuple(edge_index.shape)}")
-        edge_index = edge_index.to(torch.int64)
+        edge_index = _check_edge_index(edge_index)
         num_edges = edge_index.shape[1]
         if num_nodes is None:
             n = int(edge_index.max().item()) + 1 if num_edges > 0 else 0
@@ -80,20 +103,9 @@ class Graph:
             num_dst = _check_num_nodes(num_nodes[1], "num_nodes[1]")
         else:
             num_src = num_dst = _check_num_nodes(num_nodes)
-        if num_edges > 0:
-            src, dst = edge_index[0], edge_index[1]
-            lo = int(torch.minimum(src.min(), dst.min()).item())
-            if lo < 0:
-                raise ValueError(f"edge_index has a negative node index ({lo})")
-            smax, dmax = int(src.max().item()), int(dst.max().item())
-            if smax >= num_src:
-                raise ValueError(
-                    f"edge_index[0] has node index {smax}, out of range for {num_src} source nodes"
-                )
-            if dmax >= num_dst:
-                raise ValueError(
-                    f"edge_index[1] has node index {dmax}, out of range for {num_dst} destination nodes"
-                )
+        # The CSR offsets and their transpose: refuse a node count no memory holds before allocating.
+        check_memory("num_nodes", 8 * (num_src + num_dst + 2), edge_index.device)
+        _check_node_range(edge_index, num_src, num_dst)
         self.edge_index = edge_index
         self.num_src = num_src
         self.num_dst = num_dst
@@ -101,12 +113,12 @@ class Graph:
         dst = edge_index[1]
         # Stable sort so duplicate edges keep the user's relative order
         # (max/min ties resolve to the first of them).
-        self.rowptr, self.perm = _bucket_sort(dst, num_dst)
+        self.rowptr, self.perm = stable_bucket_sort(dst, num_dst)
         self.col = edge_index[0].index_select(0, self.perm).contiguous()
         self.in_degree = self.rowptr.diff()
         self.is_sorted = bool(num_edges == 0 or (dst[1:] >= dst[:-1]).all().item())
         self._csc = None
-        self._reordered = None  # (weakref to edge values, their version, values in CSR order)
+        self._csc_eid = None
 
     # -- layouts -------------------------------------------------------------
     @property
@@ -122,7 +134,7 @@ class Graph:
         return self.edge_index[1]
 
     def _build_csc(self):
-        csc_ptr, csc_perm = _bucket_sort(self.col, self.num_src)
+        csc_ptr, csc_perm = stable_bucket_sort(self.col, self.num_src)
         dst_csr = self.edge_index[1].index_select(0, self.perm)
         csc_row = dst_csr.index_select(0, csc_perm).contiguous()
         self._csc = (csc_ptr, csc_row, csc_perm)
@@ -134,24 +146,23 @@ class Graph:
             self._build_csc()
         return self._csc
 
+    @property
+    def csc_eid(self) -> torch.Tensor:
+        """[E]: the user's edge id of each transposed edge (``perm[csc_perm]``), cached with the transpose."""
+        if self._csc_eid is None:
+            self._csc_eid = self.perm.index_select(0, self.csc[2])
+        return self._csc_eid
+
+    @property
+    def weight_index(self):
+        """``perm``, the weight row of each CSR edge for weights in the user's order (None if already sorted)."""
+        return None if self.is_sorted else self.perm
+
     def to_csr_order(self, edge_values: torch.Tensor) -> torch.Tensor:
-        """Reorder an [E, ...] tensor from the user's edge order to CSR order."""
+        """Reorder an [E, ...] tensor from the user's edge order to CSR order (a gather; nothing is cached)."""
         if self.is_sorted:
             return edge_values
-        if (edge_values.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
-            return edge_values.index_select(0, self.perm)
-        if edge_values.is_inference():  # no version counter to validate a cached copy against
-            return edge_values.index_select(0, self.perm)
-        # Static edge values (weights, normalisations) come back on every call,
-        # and the gather costs about a third of a weighted spmm on a large
-        # graph: reorder each tensor once.  The version counter catches in-place
-        # updates; the weak reference keeps the cache from holding the tensor.
-        hit = self._reordered
-        if hit is not None and hit[0]() is edge_values and hit[1] == edge_values._version:
-            return hit[2]
-        out = edge_values.index_select(0, self.perm)
-        self._reordered = (weakref.ref(edge_values), edge_values._version, out)
-        return out
+        return edge_values.index_select(0, self.perm)
 
     def from_csr_order(self, edge_values: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`to_csr_order`."""
@@ -165,8 +176,9 @@ class Graph:
         g.__dict__.update(
             {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         )
+        g.__dict__.pop("_derived", None)  # the layers' derived graphs live on the old device
         g._csc = None if self._csc is None else tuple(t.to(device) for t in self._csc)
-        g._reordered = None
+        g._csc_eid = None if self._csc_eid is None else self._csc_eid.to(device)
         return g
 
     def __repr__(self):
@@ -203,13 +215,19 @@ def gcn_norm(edge_index, edge_weight=None, num_nodes=None, improved=False, add_s
 
         >>> ei, w = gcn_norm(torch.tensor([[0, 1], [1, 0]]), num_nodes=2)
     """
-    if not isinstance(edge_index, torch.Tensor) or edge_index.dim() != 2 or edge_index.shape[0] != 2:
-        raise ValueError("edge_index must be a tensor of shape [2, E]")
+    edge_index = _check_edge_index(edge_index)
     if num_nodes is None:
         num_nodes = int(edge_index.max().item()) + 1 if edge_index.numel() else 0
     num_nodes = _check_num_nodes(num_nodes)
+    check_memory("num_nodes", 8 * num_nodes, edge_index.device)
+    _check_node_range(edge_index, num_nodes, num_nodes)
+    if edge_weight is not None:
+        check_tensor("edge_weight", edge_weight)
+        check_same_device("edge_weight", edge_weight, "edge_index", edge_index.device)
     if dtype is None:
         dtype = edge_weight.dtype if edge_weight is not None else torch.get_default_dtype()
+    elif not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if edge_weight is None:
         improved = False  # PyG's add_remaining_self_loops ignores fill_value without edge weights
         edge_weight = torch.ones(edge_index.shape[1], dtype=dtype, device=edge_index.device)

@@ -22,60 +22,19 @@ inputs (the ``ACC`` constexpr); outputs have the input dtype.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-# reduce codes shared by the spmm kernels
-_REDUCE_CODE = {"sum": 0, "mean": 1, "max": 2, "min": 3}
+from frontiers_fast import _reduce
 
-_MAX_BLOCK_F = 128  # features per program: a [BLOCK_E, 128] fp32 tile stays in registers
-_TILE = 4096  # elements per [BLOCK_E, BLOCK_F] tile
+from ._utils import acc_dtype, acc_type, col_block, num_warps, on_device, row_block
 
-
-# ---------------------------------------------------------------------------
-# launch helpers
-# ---------------------------------------------------------------------------
-def _acc(dtype: torch.dtype):
-    """Accumulator type: float64 stays float64, everything else sums in float32."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _block_f(n: int) -> int:
-    return min(triton.next_power_of_2(max(n, 1)), _MAX_BLOCK_F)
-
-
-def _block_e(block_f: int) -> int:
-    # Wide feature tiles need fewer edges per step to fill a tile; narrow ones
-    # take more edges so that enough independent gathers are in flight.
-    return max(16, min(64, _TILE // block_f))
-
-
-def _warps(block_e: int, block_f: int) -> int:
-    return 4 if block_e * block_f >= 2048 else 2
-
-
-def _on_device(launcher):
-    """Launch on the inputs' GPU, not the current one (Triton uses the current device)."""
-
-    @functools.wraps(launcher)
-    def wrapper(*args, **kwargs):
-        # the first argument is always an index tensor on the graph's device
-        first = args[0] if args else next(iter(kwargs.values()))
-        if first.is_cuda:
-            with torch.cuda.device(first.device):
-                return launcher(*args, **kwargs)
-        return launcher(*args, **kwargs)
-
-    return wrapper
-
-
-def _check_reduce(reduce: str) -> int:
-    if reduce not in _REDUCE_CODE:
-        raise ValueError(f"reduce must be one of {tuple(_REDUCE_CODE)}, got {reduce!r}")
-    return _REDUCE_CODE[reduce]
+# Reduce codes (frontiers_fast._reduce), as constants the kernels can read.
+R_SUM = tl.constexpr(_reduce.SUM)
+R_MEAN = tl.constexpr(_reduce.MEAN)
+R_MAX = tl.constexpr(_reduce.MAX)
+R_MIN = tl.constexpr(_reduce.MIN)
 
 
 def _heads_of(weight, F: int) -> int:
@@ -86,13 +45,14 @@ def _heads_of(weight, F: int) -> int:
 
 
 # ---------------------------------------------------------------------------
-# SpMM: out[i, f] = reduce_{k in row i} w[k, f // FH] * x[col[k], f]
+# SpMM: out[i, f] = reduce_{k in row i} w[wrow(k), f // FH] * x[col[k], f]
 # ---------------------------------------------------------------------------
 @triton.jit
 def _spmm_fwd_kernel(
     rowptr_ptr,
     col_ptr,
     weight_ptr,
+    widx_ptr,
     x_ptr,
     out_ptr,
     arg_ptr,
@@ -103,7 +63,8 @@ def _spmm_fwd_kernel(
     out_stride_n,
     arg_stride_n,
     HAS_WEIGHT: tl.constexpr,  # constexpr: the unweighted kernel must not load a weight at all
-    REDUCE: tl.constexpr,  # constexpr: 0 sum, 1 mean, 2 max, 3 min; unused branches compile away
+    HAS_WIDX: tl.constexpr,  # constexpr: weights in the user's edge order, read through widx
+    REDUCE: tl.constexpr,  # constexpr: a code of frontiers_fast._reduce; unused branches compile away
     ACC: tl.constexpr,  # constexpr: a dtype (float32, or float64 for float64 inputs)
     BLOCK_E: tl.constexpr,
     BLOCK_F: tl.constexpr,
@@ -111,15 +72,17 @@ def _spmm_fwd_kernel(
     """Row-parallel CSR SpMM (GE-SpMM, Huang et al. 2020).
 
     Program (i, t) owns out[i, t*BLOCK_F : (t+1)*BLOCK_F].  With
-    m_k = w[k, f // FH] * x[col[k], f] for the edges k of row i:
+    m_k = w[wrow(k), f // FH] * x[col[k], f] for the edges k of row i
+    (wrow(k) = widx[k], or k):
 
       sum:  out[i, f] = sum_k m_k          mean: the sum over deg(i) = |row i|
       max:  out[i, f] = max_k m_k,  arg[i, f] = min{k : m_k = out[i, f]}
       min:  as max on -m_k (negation is exact, so ties are kept)
 
-    An empty row gives out = 0 and, for max/min, arg = -1.  Edge blocks are
-    visited in increasing k and a block only replaces the running extremum
-    when strictly better, so ties resolve to the first edge.
+    A NaN message is the extremum (out NaN, arg its first edge), as in
+    torch.amax.  An empty row gives out = 0 and, for max/min, arg = -1.  Edge
+    blocks are visited in increasing k and a block only replaces the running
+    extremum when strictly better, so ties resolve to the first edge.
     """
     row = tl.program_id(0).to(tl.int64)
     offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
@@ -129,7 +92,7 @@ def _spmm_fwd_kernel(
     if HAS_WEIGHT:
         head_f = offs_f // FH
 
-    if REDUCE <= 1:
+    if REDUCE == R_SUM or REDUCE == R_MEAN:
         acc = tl.full([BLOCK_F], 0.0, dtype=ACC)
     else:
         best = tl.full([BLOCK_F], float("-inf"), dtype=ACC)
@@ -142,30 +105,38 @@ def _spmm_fwd_kernel(
         src = tl.load(col_ptr + offs_e, mask=mask_e, other=0)
         msg = tl.load(x_ptr + src[:, None] * x_stride_n + offs_f[None, :], mask=mask, other=0.0).to(ACC)
         if HAS_WEIGHT:
-            w = tl.load(
-                weight_ptr + offs_e[:, None] * weight_stride_e + head_f[None, :], mask=mask, other=0.0
-            )
+            if HAS_WIDX:
+                wrow = tl.load(widx_ptr + offs_e, mask=mask_e, other=0)
+            else:
+                wrow = offs_e
+            w = tl.load(weight_ptr + wrow[:, None] * weight_stride_e + head_f[None, :], mask=mask, other=0.0)
             msg = msg * w.to(ACC)
-        if REDUCE <= 1:
+        if REDUCE == R_SUM or REDUCE == R_MEAN:
             acc += tl.sum(msg, axis=0)
         else:
-            if REDUCE == 3:
+            if REDUCE == R_MIN:
                 msg = -msg
-            msg = tl.where(mask, msg, float("-inf"))
+            nan = msg != msg
+            msg = tl.where(mask & ~nan, msg, float("-inf"))
             block_best = tl.max(msg, axis=0)
-            hit = mask & (msg == block_best[None, :])
+            hit = mask & ~nan & (msg == block_best[None, :])
             block_arg = tl.min(tl.where(hit, offs_e[:, None], end), axis=0)
-            # the (arg < 0) term admits a first value of -inf
-            better = (block_best > best) | ((arg < 0) & (block_arg < end))
+            # The block's first NaN, if any, is its extremum.
+            nan_arg = tl.min(tl.where(mask & nan, offs_e[:, None], end), axis=0)
+            block_nan = nan_arg < end
+            block_best = tl.where(block_nan, float("nan"), block_best)
+            block_arg = tl.where(block_nan, nan_arg, block_arg)
+            # Nothing replaces a NaN; the (arg < 0) term admits a first value of -inf.
+            better = (best == best) & (block_nan | (block_best > best) | ((arg < 0) & (block_arg < end)))
             best = tl.where(better, block_best, best)
             arg = tl.where(better, block_arg, arg)
 
-    if REDUCE <= 1:
-        if REDUCE == 1:
+    if REDUCE == R_SUM or REDUCE == R_MEAN:
+        if REDUCE == R_MEAN:
             acc = acc / tl.maximum(end - start, 1).to(ACC)
         res = acc
     else:
-        if REDUCE == 3:
+        if REDUCE == R_MIN:
             best = -best
         res = tl.where(arg >= 0, best, 0.0)
         tl.store(arg_ptr + row * arg_stride_n + offs_f, arg, mask=mask_f)
@@ -177,6 +148,7 @@ def _spmm_bwd_x_kernel(
     csc_ptr_ptr,
     csc_row_ptr,
     csc_perm_ptr,
+    csc_widx_ptr,
     rowptr_ptr,
     weight_ptr,
     grad_out_ptr,
@@ -189,17 +161,17 @@ def _spmm_bwd_x_kernel(
     arg_stride_n,
     grad_x_stride_n,
     HAS_WEIGHT: tl.constexpr,  # constexpr: the unweighted kernel must not load a weight at all
-    REDUCE: tl.constexpr,  # constexpr: 0 sum, 1 mean, 2 max, 3 min; unused branches compile away
+    REDUCE: tl.constexpr,  # constexpr: a code of frontiers_fast._reduce; unused branches compile away
     ACC: tl.constexpr,  # constexpr: a dtype (float32, or float64 for float64 inputs)
     BLOCK_E: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
     """Gradient of SpMM with respect to x, one program per source row j.
 
-    Walks the transpose of the CSR: for transposed edge t, i = csc_row[t] and
-    k = csc_perm[t],
+    Walks the transpose of the CSR: for transposed edge t, i = csc_row[t],
+    k = csc_perm[t] (its CSR position) and r = csc_widx[t] (its weight row),
 
-      sum:      grad_x[j, f] = sum_t w[k, f // FH] * g[i, f]
+      sum:      grad_x[j, f] = sum_t w[r, f // FH] * g[i, f]
       mean:     g[i, f] is divided by deg(i)
       max/min:  only edges with arg[i, f] == k contribute.
 
@@ -218,18 +190,19 @@ def _spmm_bwd_x_kernel(
         mask_t = offs_t < end
         mask = mask_t[:, None] & mask_f[None, :]
         dst = tl.load(csc_row_ptr + offs_t, mask=mask_t, other=0)
-        k = tl.load(csc_perm_ptr + offs_t, mask=mask_t, other=0)
         g = tl.load(grad_out_ptr + dst[:, None] * grad_out_stride_n + offs_f[None, :], mask=mask, other=0.0)
         g = g.to(ACC)
         if HAS_WEIGHT:
-            w = tl.load(weight_ptr + k[:, None] * weight_stride_e + head_f[None, :], mask=mask, other=0.0)
+            r = tl.load(csc_widx_ptr + offs_t, mask=mask_t, other=0)
+            w = tl.load(weight_ptr + r[:, None] * weight_stride_e + head_f[None, :], mask=mask, other=0.0)
             g = g * w.to(ACC)
-        if REDUCE == 1:
+        if REDUCE == R_MEAN:
             deg = tl.load(rowptr_ptr + dst + 1, mask=mask_t, other=1) - tl.load(
                 rowptr_ptr + dst, mask=mask_t, other=0
             )
             g = g / deg.to(ACC)[:, None]
-        if REDUCE >= 2:
+        if REDUCE == R_MAX or REDUCE == R_MIN:
+            k = tl.load(csc_perm_ptr + offs_t, mask=mask_t, other=0)
             chosen = tl.load(arg_ptr + dst[:, None] * arg_stride_n + offs_f[None, :], mask=mask, other=-1)
             g = tl.where(chosen == k[:, None], g, 0.0)
         acc += tl.sum(g, axis=0)
@@ -240,6 +213,7 @@ def _spmm_bwd_x_kernel(
 def _spmm_bwd_w_kernel(
     rowptr_ptr,
     col_ptr,
+    widx_ptr,
     x_ptr,
     grad_out_ptr,
     arg_ptr,
@@ -249,25 +223,26 @@ def _spmm_bwd_w_kernel(
     grad_out_stride_n,
     arg_stride_n,
     grad_w_stride_e,
-    REDUCE: tl.constexpr,  # constexpr: 0 sum, 1 mean, 2 max, 3 min; unused branches compile away
+    HAS_WIDX: tl.constexpr,  # constexpr: the weights (and so their gradient) are in the user's edge order
+    REDUCE: tl.constexpr,  # constexpr: a code of frontiers_fast._reduce; unused branches compile away
     ACC: tl.constexpr,  # constexpr: a dtype (float32, or float64 for float64 inputs)
     BLOCK_E: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """Gradient of SpMM with respect to the edge weight, one program per (row i, head h).
 
-      grad_w[k, h] = sum_{f in head h} g[i, f] * x[col[k], f]     (f = h*FH + c)
+      grad_w[wrow(k), h] = sum_{f in head h} g[i, f] * x[col[k], f]     (f = h*FH + c)
 
     with g[i] divided by deg(i) for mean and, for max/min, only the features
     whose arg[i, f] == k.  The head's FH features are reduced BLOCK_C at a
-    time; every edge of the row is written once.
+    time; every edge of the row is written once (wrow is a permutation).
     """
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     start = tl.load(rowptr_ptr + row)
     end = tl.load(rowptr_ptr + row + 1)
     scale = 1.0
-    if REDUCE == 1:
+    if REDUCE == R_MEAN:
         scale = 1.0 / tl.maximum(end - start, 1).to(ACC)
     for e0 in range(start, end, BLOCK_E):
         offs_e = e0 + tl.arange(0, BLOCK_E)
@@ -281,25 +256,30 @@ def _spmm_bwd_w_kernel(
             g = tl.load(grad_out_ptr + row * grad_out_stride_n + offs_f, mask=mask_c, other=0.0).to(ACC)
             xv = tl.load(x_ptr + src[:, None] * x_stride_n + offs_f[None, :], mask=mask, other=0.0).to(ACC)
             prod = xv * g[None, :]
-            if REDUCE >= 2:
+            if REDUCE == R_MAX or REDUCE == R_MIN:
                 chosen = tl.load(arg_ptr + row * arg_stride_n + offs_f, mask=mask_c, other=-1)
                 prod = tl.where(chosen[None, :] == offs_e[:, None], prod, 0.0)
             acc += tl.sum(prod, axis=1)
         acc = acc * scale
-        tl.store(
-            grad_w_ptr + offs_e * grad_w_stride_e + head, acc.to(grad_w_ptr.dtype.element_ty), mask=mask_e
-        )
+        if HAS_WIDX:
+            wrow = tl.load(widx_ptr + offs_e, mask=mask_e, other=0)
+        else:
+            wrow = offs_e
+        tl.store(grad_w_ptr + wrow * grad_w_stride_e + head, acc.to(grad_w_ptr.dtype.element_ty), mask=mask_e)
 
 
-@_on_device
-def spmm_fwd(rowptr, col, weight, x, reduce):
-    """CSR SpMM: ``out[i] = reduce_{k in row i} weight[k] * x[col[k]]``.
+@on_device
+def spmm_fwd(rowptr, col, weight, weight_index, x, reduce):
+    """CSR SpMM: ``out[i] = reduce_{k in row i} weight[wrow(k)] * x[col[k]]``.
 
     Args:
         rowptr: [N_dst+1] int64; col: [E] int64 (CSR order).
         weight: None or [E, Hw] with F % Hw == 0 (feature f uses column f // (F // Hw)).
+        weight_index: None (weight is in CSR order: wrow(k) = k) or [E] int64,
+            a permutation: wrow(k) = weight_index[k] (the graph's ``perm``
+            for weights in the user's edge order).
         x: [N_src, F].
-        reduce: "sum", "mean", "max" or "min".
+        reduce: a code of :mod:`frontiers_fast._reduce` (sum, mean, max, min).
 
     Returns:
         out [N_dst, F] (dtype of x) and arg [N_dst, F] int64 (first arg-extremum
@@ -307,14 +287,13 @@ def spmm_fwd(rowptr, col, weight, x, reduce):
 
     Example::
 
-        >>> out, _ = spmm_fwd(g.rowptr, g.col, None, torch.randn(g.num_src, 16, device="cuda"), "sum")
+        >>> out, _ = spmm_fwd(g.rowptr, g.col, None, None, torch.randn(g.num_src, 16, device="cuda"), 0)
     """
-    code = _check_reduce(reduce)
     x = x.contiguous()
     n_dst, F, E = rowptr.shape[0] - 1, x.shape[1], col.shape[0]
     hw = _heads_of(weight, F)
     out = torch.empty((n_dst, F), dtype=x.dtype, device=x.device)
-    extremum = code >= 2
+    extremum = reduce in (_reduce.MAX, _reduce.MIN)
     arg = torch.empty((n_dst, F) if extremum else (0,), dtype=torch.int64, device=x.device)
     if n_dst == 0 or F == 0:
         return out, arg
@@ -324,37 +303,43 @@ def spmm_fwd(rowptr, col, weight, x, reduce):
         return out, arg
     rowptr, col = rowptr.contiguous(), col.contiguous()
     w = weight.contiguous() if weight is not None else x
-    bf = _block_f(F)
-    be = _block_e(bf)
+    widx = weight_index.contiguous() if (weight is not None and weight_index is not None) else col
+    bf = col_block(F)
+    be = row_block(bf)
     _spmm_fwd_kernel[(n_dst, triton.cdiv(F, bf))](
-        rowptr, col, w, x, out, arg if extremum else out,
+        rowptr, col, w, widx, x, out, arg if extremum else out,
         F, F // hw,
         w.stride(0), x.stride(0), out.stride(0), arg.stride(0) if extremum else 0,
-        HAS_WEIGHT=weight is not None, REDUCE=code, ACC=_acc(x.dtype),
-        BLOCK_E=be, BLOCK_F=bf, num_warps=_warps(be, bf),
+        HAS_WEIGHT=weight is not None, HAS_WIDX=weight is not None and weight_index is not None,
+        REDUCE=reduce, ACC=acc_type(x.dtype), BLOCK_E=be, BLOCK_F=bf, num_warps=num_warps(be, bf),
     )  # fmt: skip
     return out, arg
 
 
-@_on_device
-def spmm_bwd(csc_ptr, csc_row, csc_perm, rowptr, col, weight, x, grad_out, arg, reduce, need_x, need_w):
+@on_device
+def spmm_bwd(
+    csc_ptr, csc_row, csc_perm, rowptr, col, weight, weight_index, csc_weight_index, x, grad_out, arg, reduce,
+    need_x, need_w,
+):  # fmt: skip
     """Gradients of :func:`spmm_fwd`, with no atomics.
 
     Args:
         csc_ptr: [N_src+1]; csc_row, csc_perm: [E] (the transpose of the CSR).
-        rowptr, col, weight, reduce: as in :func:`spmm_fwd`.
+        rowptr, col, weight, weight_index, reduce: as in :func:`spmm_fwd`.
+        csc_weight_index: None (the weight row of transposed edge t is
+            csc_perm[t], right for CSR-ordered weights) or [E] int64: that row
+            (the graph's ``csc_eid`` for weights in the user's edge order).
         x: [N_src, F] (may be [0, F] when ``need_w`` is false).
         grad_out: [N_dst, F]; arg: from :func:`spmm_fwd`.
 
     Returns:
-        grad_x [N_src, F] if ``need_x`` else an empty [0]; grad_w [E, Hw] if
-        ``need_w`` and ``weight`` is given, else an empty [0].
+        grad_x [N_src, F] if ``need_x`` else an empty [0]; grad_w [E, Hw] (in
+        the weight's order) if ``need_w`` and ``weight`` is given, else an empty [0].
 
     Example::
 
-        >>> gx, gw = spmm_bwd(*g.csc, g.rowptr, g.col, w, x, go, arg, "max", True, True)
+        >>> gx, gw = spmm_bwd(*g.csc, g.rowptr, g.col, w, g.perm, g.csc_eid, x, go, arg, 2, True, True)
     """
-    code = _check_reduce(reduce)
     F = grad_out.shape[1]
     n_src, E = csc_ptr.shape[0] - 1, col.shape[0]
     hw = _heads_of(weight, F)
@@ -363,8 +348,8 @@ def spmm_bwd(csc_ptr, csc_row, csc_perm, rowptr, col, weight, x, grad_out, arg, 
     dev, dtype = grad_out.device, grad_out.dtype
     grad_out = grad_out.contiguous()
     rowptr = rowptr.contiguous()
-    acc_t = _acc(dtype)
-    extremum = code >= 2
+    acc_t = acc_type(dtype)
+    extremum = reduce in (_reduce.MAX, _reduce.MIN)
     if extremum:
         arg = arg.contiguous()
     w = weight.contiguous() if weight is not None else grad_out
@@ -375,14 +360,16 @@ def spmm_bwd(csc_ptr, csc_row, csc_perm, rowptr, col, weight, x, grad_out, arg, 
         if E == 0:
             grad_x.zero_()
         else:
-            bf = _block_f(F)
-            be = _block_e(bf)
+            bf = col_block(F)
+            be = row_block(bf)
+            csc_perm = csc_perm.contiguous()
+            cw = csc_weight_index.contiguous() if csc_weight_index is not None else csc_perm
             _spmm_bwd_x_kernel[(n_src, triton.cdiv(F, bf))](
-                csc_ptr.contiguous(), csc_row.contiguous(), csc_perm.contiguous(), rowptr, w, grad_out, a, grad_x,
+                csc_ptr.contiguous(), csc_row.contiguous(), csc_perm, cw, rowptr, w, grad_out, a, grad_x,
                 F, F // hw,
                 w.stride(0), grad_out.stride(0), a.stride(0) if extremum else 0, grad_x.stride(0),
-                HAS_WEIGHT=weight is not None, REDUCE=code, ACC=acc_t,
-                BLOCK_E=be, BLOCK_F=bf, num_warps=_warps(be, bf),
+                HAS_WEIGHT=weight is not None, REDUCE=reduce, ACC=acc_t,
+                BLOCK_E=be, BLOCK_F=bf, num_warps=num_warps(be, bf),
             )  # fmt: skip
 
     grad_w = torch.empty((E, hw) if need_w else (0,), dtype=weight.dtype if need_w else dtype, device=dev)
@@ -392,14 +379,16 @@ def spmm_bwd(csc_ptr, csc_row, csc_perm, rowptr, col, weight, x, grad_out, arg, 
         else:
             x = x.contiguous()
             fh = F // hw
-            bc = _block_f(fh)
-            be = _block_e(bc)
+            bc = col_block(fh)
+            be = row_block(bc)
+            col = col.contiguous()
+            widx = weight_index.contiguous() if weight_index is not None else col
             _spmm_bwd_w_kernel[(rowptr.shape[0] - 1, hw)](
-                rowptr, col.contiguous(), x, grad_out, a, grad_w,
+                rowptr, col, widx, x, grad_out, a, grad_w,
                 fh,
                 x.stride(0), grad_out.stride(0), a.stride(0) if extremum else 0, grad_w.stride(0),
-                REDUCE=code, ACC=acc_t,
-                BLOCK_E=be, BLOCK_C=bc, num_warps=_warps(be, bc),
+                HAS_WIDX=weight_index is not None, REDUCE=reduce, ACC=acc_t,
+                BLOCK_E=be, BLOCK_C=bc, num_warps=num_warps(be, bc),
             )  # fmt: skip
     return grad_x, grad_w
 
@@ -453,7 +442,7 @@ def _sddmm_fwd_kernel(
         tl.store(out_ptr + offs_e * out_stride_e + head, acc.to(out_ptr.dtype.element_ty), mask=mask_e)
 
 
-@_on_device
+@on_device
 def sddmm_fwd(rowptr, col, a, b):
     """Per-edge dot product in CSR order.
 
@@ -475,13 +464,13 @@ def sddmm_fwd(rowptr, col, a, b):
         return out
     if C == 0:
         return out.zero_()
-    bc = _block_f(C)
-    be = _block_e(bc)
+    bc = col_block(C)
+    be = row_block(bc)
     _sddmm_fwd_kernel[(n_dst, H)](
         rowptr.contiguous(), col.contiguous(), a, b, out,
         C,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
-        ACC=_acc(a.dtype), BLOCK_E=be, BLOCK_C=bc, num_warps=_warps(be, bc),
+        ACC=acc_type(a.dtype), BLOCK_E=be, BLOCK_C=bc, num_warps=num_warps(be, bc),
     )  # fmt: skip
     return out
 
@@ -591,16 +580,16 @@ def _edge_softmax_launch(kernel, rowptr, tensors, out):
     if E == 0 or H == 0:
         return out
     bh = min(triton.next_power_of_2(H), 64)
-    be = _block_e(bh)
+    be = row_block(bh)
     strides = [t.stride(0) for t in (*tensors, out)]
     kernel[(n_dst, triton.cdiv(H, bh))](
         rowptr.contiguous(), *tensors, out, H, *strides,
-        ACC=_acc(out.dtype), BLOCK_E=be, BLOCK_H=bh, num_warps=_warps(be, bh),
+        ACC=acc_type(out.dtype), BLOCK_E=be, BLOCK_H=bh, num_warps=num_warps(be, bh),
     )  # fmt: skip
     return out
 
 
-@_on_device
+@on_device
 def edge_softmax_fwd(rowptr, scores):
     """Softmax of ``scores`` [E, H] (CSR order) over each row's edges.
 
@@ -613,7 +602,7 @@ def edge_softmax_fwd(rowptr, scores):
     return _edge_softmax_launch(_edge_softmax_fwd_kernel, rowptr, (scores,), out)
 
 
-@_on_device
+@on_device
 def edge_softmax_bwd(rowptr, p, grad_p):
     """Backward of :func:`edge_softmax_fwd`: ``p * (grad_p - rowsum(p * grad_p))``, [E, H].
 
@@ -914,7 +903,7 @@ def _gat_bwd_col_kernel(
     )
 
 
-@_on_device
+@on_device
 def gat_fwd(rowptr, col, h, a_src, a_dst, negative_slope):
     """Fused GAT aggregation in CSR order.
 
@@ -940,19 +929,19 @@ def gat_fwd(rowptr, col, h, a_src, a_dst, negative_slope):
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
-    bc = _block_f(C)
-    be = _block_e(bc)
+    bc = col_block(C)
+    be = row_block(bc)
     # one channel tile even for C == 0: that program still writes lse
     _gat_fwd_kernel[(n_dst, H, max(triton.cdiv(C, bc), 1))](
         rowptr.contiguous(), col.contiguous(), h, a_src, a_dst, out, lse,
         *_split_slope(negative_slope), C,
         h.stride(0), h.stride(1), a_src.stride(0), a_dst.stride(0), out.stride(0), out.stride(1), lse.stride(0),
-        ACC=_acc(h.dtype), BLOCK_E=be, BLOCK_C=bc, num_warps=_warps(be, bc),
+        ACC=acc_type(h.dtype), BLOCK_E=be, BLOCK_C=bc, num_warps=num_warps(be, bc),
     )  # fmt: skip
     return out, lse
 
 
-@_on_device
+@on_device
 def gat_bwd(rowptr, col, csc_ptr, csc_row, csc_perm, h, a_src, a_dst, negative_slope, out, lse, grad_out):
     """Gradients of :func:`gat_fwd` (FlashAttention-style, with no atomics).
 
@@ -978,19 +967,18 @@ def gat_bwd(rowptr, col, csc_ptr, csc_row, csc_perm, h, a_src, a_dst, negative_s
         return grad_h, grad_a_src, grad_a_dst
     if E == 0:
         return grad_h.zero_(), grad_a_src.zero_(), grad_a_dst.zero_()
-    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    p = torch.empty((E, H), dtype=acc_dtype, device=dev)
-    de = torch.empty((E, H), dtype=acc_dtype, device=dev)
-    acc_t = _acc(dtype)
-    bc = _block_f(C)
-    be = _block_e(bc)
+    p = torch.empty((E, H), dtype=acc_dtype(dtype), device=dev)
+    de = torch.empty((E, H), dtype=acc_dtype(dtype), device=dev)
+    acc_t = acc_type(dtype)
+    bc = col_block(C)
+    be = row_block(bc)
     _gat_bwd_row_kernel[(n_dst, H)](
         rowptr.contiguous(), col.contiguous(), h, a_src, a_dst, out, lse, grad_out, p, de, grad_a_dst,
         *_split_slope(negative_slope), C,
         h.stride(0), h.stride(1), a_src.stride(0), a_dst.stride(0), out.stride(0), out.stride(1),
         lse.stride(0), grad_out.stride(0), grad_out.stride(1), p.stride(0), grad_a_dst.stride(0),
         RECOMPUTE_STATS=dtype in (torch.float16, torch.bfloat16), ACC=acc_t,
-        BLOCK_E=be, BLOCK_C=bc, num_warps=_warps(be, bc),
+        BLOCK_E=be, BLOCK_C=bc, num_warps=num_warps(be, bc),
     )  # fmt: skip
     # one channel tile even for C == 0: that program still writes grad_a_src
     _gat_bwd_col_kernel[(n_src, H, max(triton.cdiv(C, bc), 1))](
@@ -998,7 +986,7 @@ def gat_bwd(rowptr, col, csc_ptr, csc_row, csc_perm, h, a_src, a_dst, negative_s
         C,
         grad_out.stride(0), grad_out.stride(1), p.stride(0), grad_h.stride(0), grad_h.stride(1),
         grad_a_src.stride(0),
-        ACC=acc_t, BLOCK_E=be, BLOCK_C=bc, num_warps=_warps(be, bc),
+        ACC=acc_t, BLOCK_E=be, BLOCK_C=bc, num_warps=num_warps(be, bc),
     )  # fmt: skip
     return grad_h, grad_a_src, grad_a_dst
 

@@ -1,106 +1,26 @@
-// CPU entry points of the GNN kernel ops: argument checks, output allocation,
-// and registration under frontiers_fast::<op> for the CPU dispatch key.  The
-// schemas and their contract live in frontiers_fast/ops/gnn.py.
-//
-// The checks guard direct op calls (the Python layer has validated user input
-// already), so they are O(1): dtypes, ranks, shapes, and the two ends of each
-// offset array.  Index values are trusted, as the Python layer built them.
+// CPU entry points of the GNN kernel ops: argument checks (common/checks.h),
+// output allocation (common/alloc.h), and registration under
+// frontiers_fast_native::<op> for the CPU dispatch key.  The schemas and their
+// contract live in frontiers_fast/ops/gnn.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
-#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
 
-#include "common/poison.h"
+#include "common/alloc.h"
+#include "common/checks.h"
 #include "gnn/gnn_cpu.h"
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 namespace frontiers_fast {
 namespace gnn {
 namespace {
 
 using at::Tensor;
-
-// Large outputs are written once, in parallel, by the kernel; a fresh one
-// comes from the allocator as untouched pages (glibc mmaps anything of 32 MiB
-// or more), so its first touch costs a page fault per 4 KiB -- for the
-// [N, F] int64 arg of a max/min SpMM that was a third of the op's time.
-// Asking for transparent huge pages (where the system leaves that to
-// madvise) makes it one fault per 2 MiB.  Only the 2 MiB-aligned interior is
-// advised and only for tensors this large, so small or heap-recycled buffers
-// are left alone; it changes where the memory comes from, never the values.
-void advise_huge_pages(const Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  constexpr size_t kMinBytes = size_t(32) << 20;
-  const size_t nbytes = t.nbytes();
-  if (nbytes < kMinBytes || !t.device().is_cpu()) return;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t b = (p + kHuge - 1) & ~(kHuge - 1), e = (p + nbytes) & ~(kHuge - 1);
-  if (e > b) (void)madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);  // advisory: errors are harmless
-#else
-  (void)t;
-#endif
-}
-
-// new_output (NaN-poisoned under FRONTIERS_FAST_DEBUG_POISON), advised first.
-Tensor output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  Tensor t = at::empty(sizes, options);
-  advise_huge_pages(t);
-  if (debug_poison() && at::isFloatingType(t.scalar_type())) t.fill_(std::numeric_limits<double>::quiet_NaN());
-  return t;
-}
-
-void check_cpu(const Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-}
-
-Tensor index_arg(const Tensor& t, const char* op, const char* name) {
-  check_cpu(t, op, name);
-  TORCH_CHECK(t.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1, op, ": ", name, " must be 1-D, got shape ", t.sizes());
-  return t.contiguous();
-}
-
-Tensor float_arg(const Tensor& t, const char* op, const char* name, int64_t dim) {
-  check_cpu(t, op, name);
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
-              " must be float32 or float64, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
-  return t.contiguous();
-}
-
-void same_dtype(const Tensor& t, const Tensor& ref, const char* op, const char* name, const char* ref_name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
-              ref_name, " has ", ref.scalar_type());
-}
-
-// An offset array [n + 1] over E edges: checks its length and both ends.
-int64_t offsets_arg(const Tensor& ptr, int64_t E, const char* op, const char* name, const char* edges) {
-  TORCH_CHECK(ptr.numel() >= 1, op, ": ", name, " must have at least one entry (n + 1 offsets)");
-  const int64_t* p = ptr.data_ptr<int64_t>();
-  const int64_t n = ptr.numel() - 1;
-  TORCH_CHECK(p[0] == 0, op, ": ", name, "[0] must be 0, got ", p[0]);
-  TORCH_CHECK(p[n] == E, op, ": ", name, "[-1] must equal the number of edges (", edges, " has ", E,
-              " entries), got ", p[n]);
-  return n;
-}
-
-Reduce reduce_arg(c10::string_view reduce, const char* op) {
-  if (reduce == "sum") return Reduce::kSum;
-  if (reduce == "mean") return Reduce::kMean;
-  if (reduce == "max") return Reduce::kMax;
-  if (reduce == "min") return Reduce::kMin;
-  TORCH_CHECK(false, op, ": reduce must be one of 'sum', 'mean', 'max', 'min', got '", std::string(reduce), "'");
-}
 
 // weight [E, Hw] with F % Hw == 0, or undefined.
 std::optional<Tensor> weight_arg(const std::optional<Tensor>& weight, const Tensor& like, int64_t E, int64_t F,
@@ -134,13 +54,15 @@ Tensor scale_by_inverse_degree(const Tensor& grad, const Tensor& rowptr) {
   return out;
 }
 
-// weight rows in transposed order: out[t] = weight[perm[t]].  (index_select
-// costs tens of microseconds of overhead on small graphs; this is a loop.)
-Tensor gather_rows(const Tensor& weight, const Tensor& perm) {
-  const int64_t E = perm.numel(), hw = weight.size(1);
-  Tensor out = at::empty({E, hw}, weight.options());
-  const int64_t* p = perm.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "spmm_bwd_gather", [&] {
+// out[k] = weight[index[k]]: the weights in the order the kernel walks the
+// edges.  A parallel gather before the kernel, rather than reading through the
+// index inside it: measured on the skewed 2M-edge graph, the dependent random
+// load in the edge loop cost three times what this pass costs.
+Tensor gather_rows(const Tensor& weight, const Tensor& index) {
+  const int64_t E = index.numel(), hw = weight.size(1);
+  Tensor out = new_output({E, hw}, weight.options());
+  const int64_t* p = index.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "spmm_gather", [&] {
     const scalar_t* w = weight.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, E, 32768, [&](int64_t b, int64_t e) {
@@ -155,11 +77,20 @@ Tensor gather_rows(const Tensor& weight, const Tensor& perm) {
   return out;
 }
 
-std::tuple<Tensor, Tensor> spmm_fwd_cpu(const Tensor& rowptr_, const Tensor& col_,
-                                        const std::optional<Tensor>& weight_, const Tensor& x_,
-                                        c10::string_view reduce_) {
+// An optional index [E] into the rows of a weight (a permutation of [0, E), trusted).
+std::optional<Tensor> weight_index_arg(const std::optional<Tensor>& index, int64_t E, const char* op,
+                                       const char* name) {
+  if (!index.has_value() || !index->defined()) return std::nullopt;
+  Tensor t = index_arg(*index, op, name);
+  TORCH_CHECK(t.numel() == E, op, ": ", name, " must have one entry per edge (", E, "), got ", t.numel());
+  return t;
+}
+
+std::tuple<Tensor, Tensor> spmm_fwd_cpu(const Tensor& rowptr_, const Tensor& col_, const std::optional<Tensor>& weight_,
+                                        const std::optional<Tensor>& weight_index_, const Tensor& x_,
+                                        int64_t reduce_code) {
   const char* op = "spmm_fwd";
-  const Reduce reduce = reduce_arg(reduce_, op);
+  const Reduce reduce = reduce_arg(reduce_code, op);
   Tensor rowptr = index_arg(rowptr_, op, "rowptr");
   Tensor col = index_arg(col_, op, "col");
   Tensor x = float_arg(x_, op, "x", 2);
@@ -167,22 +98,27 @@ std::tuple<Tensor, Tensor> spmm_fwd_cpu(const Tensor& rowptr_, const Tensor& col
   const int64_t n = offsets_arg(rowptr, E, op, "rowptr", "col");
   const int64_t F = x.size(1);
   std::optional<Tensor> w = weight_arg(weight_, x, E, F, op);
+  std::optional<Tensor> wid = w ? weight_index_arg(weight_index_, E, op, "weight_index") : std::nullopt;
   TORCH_CHECK(E == 0 || x.size(0) > 0, op, ": x has no rows but the graph has ", E, " edges");
-  Tensor out = output({n, F}, x.options());
-  const bool ext = reduce == Reduce::kMax || reduce == Reduce::kMin;
-  Tensor arg = output(ext ? at::IntArrayRef({n, F}) : at::IntArrayRef({0}), x.options().dtype(at::kLong));
-  spmm_forward(rowptr, col, w ? &*w : nullptr, x, reduce, out, arg);
+  Tensor out = new_output({n, F}, x.options());
+  const bool ext = is_extremum(reduce);
+  Tensor arg = new_output(ext ? at::IntArrayRef({n, F}) : at::IntArrayRef({0}), x.options().dtype(at::kLong));
+  std::optional<Tensor> w_csr;
+  if (w) w_csr = wid ? gather_rows(*w, *wid) : *w;
+  spmm_forward(rowptr, col, w_csr ? &*w_csr : nullptr, x, reduce, out, arg);
   return {out, arg};
 }
 
 std::tuple<Tensor, Tensor> spmm_bwd_cpu(const Tensor& csc_ptr_, const Tensor& csc_row_, const Tensor& csc_perm_,
                                         const Tensor& rowptr_, const Tensor& col_,
-                                        const std::optional<Tensor>& weight_, const Tensor& x_,
-                                        const Tensor& grad_out_, const Tensor& arg_, c10::string_view reduce_,
+                                        const std::optional<Tensor>& weight_,
+                                        const std::optional<Tensor>& weight_index_,
+                                        const std::optional<Tensor>& csc_weight_index_, const Tensor& x_,
+                                        const Tensor& grad_out_, const Tensor& arg_, int64_t reduce_code,
                                         bool need_x, bool need_w) {
   const char* op = "spmm_bwd";
-  const Reduce reduce = reduce_arg(reduce_, op);
-  const bool ext = reduce == Reduce::kMax || reduce == Reduce::kMin;
+  const Reduce reduce = reduce_arg(reduce_code, op);
+  const bool ext = is_extremum(reduce);
   Tensor rowptr = index_arg(rowptr_, op, "rowptr");
   Tensor col = index_arg(col_, op, "col");
   Tensor csc_ptr = index_arg(csc_ptr_, op, "csc_ptr");
@@ -198,6 +134,7 @@ std::tuple<Tensor, Tensor> spmm_bwd_cpu(const Tensor& csc_ptr_, const Tensor& cs
   same_dtype(x, grad_out, op, "x", "grad_out");
   TORCH_CHECK(x.size(1) == F, op, ": x must have ", F, " features like grad_out, got shape ", x.sizes());
   std::optional<Tensor> w = weight_arg(weight_, grad_out, E, F, op);
+  std::optional<Tensor> wid = w ? weight_index_arg(weight_index_, E, op, "weight_index") : std::nullopt;
   const bool want_w = need_w && w.has_value();
   if (want_w)
     TORCH_CHECK(x.size(0) == n_src, op, ": x must be [N_src, F] with N_src = ", n_src,
@@ -207,29 +144,34 @@ std::tuple<Tensor, Tensor> spmm_bwd_cpu(const Tensor& csc_ptr_, const Tensor& cs
     check_cpu(arg_, op, "arg");
     TORCH_CHECK(arg_.scalar_type() == at::kLong, op, ": arg must be int64, got ", arg_.scalar_type());
     TORCH_CHECK(arg_.dim() == 2 && arg_.size(0) == n_dst && arg_.size(1) == F, op, ": arg must be [", n_dst,
-                ", ", F, "] for reduce='", std::string(reduce_), "', got shape ", arg_.sizes());
+                ", ", F, "] for reduce ", reduce_code, " (max or min), got shape ", arg_.sizes());
     arg = arg_.contiguous();
   }
-  Tensor csc_row, csc_perm;
+  Tensor csc_row, csc_perm, csc_wid;
   if (need_x) {
     csc_row = index_arg(csc_row_, op, "csc_row");
     csc_perm = index_arg(csc_perm_, op, "csc_perm");
     TORCH_CHECK(csc_row.numel() == E && csc_perm.numel() == E, op, ": csc_row and csc_perm must have ", E,
                 " entries like col, got ", csc_row.numel(), " and ", csc_perm.numel());
     offsets_arg(csc_ptr, E, op, "csc_ptr", "col");
+    // Transposed edge t reads weight row csc_weight_index[t]; without it the
+    // weights are in CSR order, so that row is csc_perm[t].
+    std::optional<Tensor> cw = w ? weight_index_arg(csc_weight_index_, E, op, "csc_weight_index") : std::nullopt;
+    csc_wid = cw ? *cw : csc_perm;
   }
 
   Tensor g = reduce == Reduce::kMean ? scale_by_inverse_degree(grad_out, rowptr) : grad_out;
-  Tensor grad_x = need_x ? output({n_src, F}, grad_out.options()) : at::empty({0}, grad_out.options());
-  Tensor grad_w = want_w ? output({E, w->size(1)}, grad_out.options()) : at::empty({0}, grad_out.options());
+  Tensor grad_x = need_x ? new_output({n_src, F}, grad_out.options()) : at::empty({0}, grad_out.options());
+  Tensor grad_w = want_w ? new_output({E, w->size(1)}, grad_out.options()) : at::empty({0}, grad_out.options());
   if (need_x) {
     std::optional<Tensor> w_t;
-    if (w) w_t = gather_rows(*w, csc_perm);
+    if (w) w_t = gather_rows(*w, csc_wid);
     spmm_backward_x(csc_ptr, csc_row, csc_perm, w_t ? &*w_t : nullptr, g, ext ? &arg : nullptr, grad_x);
   }
   if (want_w) {
     const int64_t hw = w->size(1);
-    sddmm_forward(rowptr, col, x, g, hw, F / hw, ext ? &arg : nullptr, grad_w);
+    // The weight gradient lands in the weight's own order: row weight_index[k] for CSR edge k.
+    sddmm_forward(rowptr, col, x, g, hw, F / hw, ext ? &arg : nullptr, wid ? &*wid : nullptr, grad_w);
   }
   return {grad_x, grad_w};
 }
@@ -248,8 +190,8 @@ Tensor sddmm_fwd_cpu(const Tensor& rowptr_, const Tensor& col_, const Tensor& a_
   TORCH_CHECK(b.size(0) == n, op, ": b must be [N_dst, H, C] with N_dst = ", n, ", got shape ", b.sizes());
   TORCH_CHECK(E == 0 || a.size(0) > 0, op, ": a has no rows but the graph has ", E, " edges");
   const int64_t H = a.size(1);
-  Tensor out = output({E, H}, a.options());
-  sddmm_forward(rowptr, col, a, b, H, a.size(2), nullptr, out);
+  Tensor out = new_output({E, H}, a.options());
+  sddmm_forward(rowptr, col, a, b, H, a.size(2), nullptr, nullptr, out);
   return out;
 }
 
@@ -258,7 +200,7 @@ Tensor edge_softmax_fwd_cpu(const Tensor& rowptr_, const Tensor& scores_) {
   Tensor rowptr = index_arg(rowptr_, op, "rowptr");
   Tensor scores = float_arg(scores_, op, "scores", 2);
   offsets_arg(rowptr, scores.size(0), op, "rowptr", "scores");
-  Tensor p = output(scores.sizes(), scores.options());
+  Tensor p = new_output(scores.sizes(), scores.options());
   edge_softmax_forward(rowptr, scores, p);
   return p;
 }
@@ -272,7 +214,7 @@ Tensor edge_softmax_bwd_cpu(const Tensor& rowptr_, const Tensor& p_, const Tenso
   TORCH_CHECK(grad_p.sizes() == p.sizes(), op, ": grad_p must have the shape of p ", p.sizes(), ", got ",
               grad_p.sizes());
   offsets_arg(rowptr, p.size(0), op, "rowptr", "p");
-  Tensor gs = output(p.sizes(), p.options());
+  Tensor gs = new_output(p.sizes(), p.options());
   edge_softmax_backward(rowptr, p, grad_p, gs);
   return gs;
 }
@@ -301,8 +243,8 @@ std::tuple<Tensor, Tensor> gat_fwd_cpu(const Tensor& rowptr_, const Tensor& col_
   const int64_t n = offsets_arg(rowptr, E, op, "rowptr", "col");
   check_gat(h, a_src, a_dst, n, negative_slope, op);
   TORCH_CHECK(E == 0 || h.size(0) > 0, op, ": h has no rows but the graph has ", E, " edges");
-  Tensor out = output({n, h.size(1), h.size(2)}, h.options());
-  Tensor lse = output({n, h.size(1)}, h.options());
+  Tensor out = new_output({n, h.size(1), h.size(2)}, h.options());
+  Tensor lse = new_output({n, h.size(1)}, h.options());
   gat_forward(rowptr, col, h, a_src, a_dst, negative_slope, out, lse);
   return {out, lse};
 }
@@ -338,9 +280,9 @@ std::tuple<Tensor, Tensor, Tensor> gat_bwd_cpu(const Tensor& rowptr_, const Tens
   same_dtype(lse, h, op, "lse", "h");
   TORCH_CHECK(lse.sizes() == a_dst.sizes(), op, ": lse must be [N_dst, H] like a_dst ", a_dst.sizes(), ", got ",
               lse.sizes());
-  Tensor grad_h = output(h.sizes(), h.options());
-  Tensor grad_a_src = output(a_src.sizes(), h.options());
-  Tensor grad_a_dst = output(a_dst.sizes(), h.options());
+  Tensor grad_h = new_output(h.sizes(), h.options());
+  Tensor grad_a_src = new_output(a_src.sizes(), h.options());
+  Tensor grad_a_dst = new_output(a_dst.sizes(), h.options());
   gat_backward(rowptr, col, csc_ptr, csc_row, csc_perm, h, a_src, a_dst, negative_slope, out, lse, grad_out, grad_h,
                grad_a_src, grad_a_dst);
   return {grad_h, grad_a_src, grad_a_dst};
@@ -350,7 +292,7 @@ std::tuple<Tensor, Tensor, Tensor> gat_bwd_cpu(const Tensor& rowptr_, const Tens
 }  // namespace gnn
 }  // namespace frontiers_fast
 
-TORCH_LIBRARY_IMPL(frontiers_fast, CPU, m) {
+TORCH_LIBRARY_IMPL(frontiers_fast_native, CPU, m) {
   using namespace frontiers_fast::gnn;
   m.impl("spmm_fwd", &spmm_fwd_cpu);
   m.impl("spmm_bwd", &spmm_bwd_cpu);

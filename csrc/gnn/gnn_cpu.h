@@ -6,24 +6,25 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
-#include <string>
+
+#include "common/reduce.h"
 
 namespace frontiers_fast {
 namespace gnn {
 
-enum class Reduce { kSum, kMean, kMax, kMin };
-
-// out[i] = reduce_k w[k] * x[col[k]] over the CSR row i; arg for max/min.
+// out[i] = reduce_k w[k] * x[col[k]] over the CSR row i (weights in CSR order); arg for max/min.
 void spmm_forward(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor* weight, const at::Tensor& x,
                   Reduce reduce, at::Tensor& out, at::Tensor& arg);
 
-// grad_x over the transpose (sum/mean: grad_out pre-scaled by the caller for mean).
+// grad_x over the transpose, with weight_t the weights in transposed order.
+// (sum/mean: grad pre-scaled by the caller for mean; max/min: arg masks the edges.)
 void spmm_backward_x(const at::Tensor& csc_ptr, const at::Tensor& csc_row, const at::Tensor& csc_perm,
                      const at::Tensor* weight_t, const at::Tensor& grad, const at::Tensor* arg, at::Tensor& grad_x);
 
-// out[k, h] = sum_c a[col[k], h, c] * b[i, h, c], optionally only where arg[i, h*C + c] == k.
+// out[row(k), h] = sum_c a[col[k], h, c] * b[i, h, c], optionally only where arg[i, h*C + c] == k;
+// row(k) = out_index[k], or k without out_index.
 void sddmm_forward(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& a, const at::Tensor& b,
-                   int64_t H, int64_t C, const at::Tensor* arg, at::Tensor& out);
+                   int64_t H, int64_t C, const at::Tensor* arg, const at::Tensor* out_index, at::Tensor& out);
 
 void edge_softmax_forward(const at::Tensor& rowptr, const at::Tensor& scores, at::Tensor& p);
 void edge_softmax_backward(const at::Tensor& rowptr, const at::Tensor& p, const at::Tensor& grad_p,

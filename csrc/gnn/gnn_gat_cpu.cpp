@@ -26,10 +26,10 @@
 #include <memory>
 #include <vector>
 
-#include "common/workspace.h"
+#include "common/alloc.h"
+#include "common/sched.h"
+#include "common/simd.h"
 #include "gnn/gnn_cpu.h"
-#include "gnn/gnn_sched_cpu.h"
-#include "gnn/gnn_simd_cpu.h"
 #include "gnn/gnn_tile_cpu.h"
 
 namespace frontiers_fast {

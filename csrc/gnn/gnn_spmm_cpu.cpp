@@ -13,8 +13,8 @@
 #include <limits>
 #include <vector>
 
-#include "gnn/gnn_sched_cpu.h"
-#include "gnn/gnn_simd_cpu.h"
+#include "common/sched.h"
+#include "common/simd.h"
 #include "gnn/gnn_tile_cpu.h"
 
 namespace frontiers_fast {
@@ -39,6 +39,7 @@ struct RowAgg {
   HeadLanes<T> hl;
   T one = T(1);
 
+  // w: the weights of the edges in their order [E, hw] (null: unweighted).
   void init(const T* w, int64_t hw) {
     rt.init(F);
     C = F / std::max<int64_t>(hw, 1);
@@ -89,7 +90,7 @@ struct RowAgg {
       const T* xr = x + col[k] * F;
       for (int64_t f = 0; f < F; ++f) {
         const T m = weight_scalar(k, f) * xr[f];
-        if (k == kb || (mx ? m > acc[f] : m < acc[f])) {
+        if (k == kb || beats(m, acc[f], mx)) {
           acc[f] = m;
           arg[f] = k;
         }
@@ -281,7 +282,7 @@ void run_rows(const RowAgg<T>& agg, const int64_t* ptr, int64_t n, T* out, int64
       const int64_t* ca = carry_arg.data() + p * F;
       for (int64_t f = 0; f < F; ++f) {
         // A later piece holds later edges: it wins only when strictly better.
-        if (!have || (mx ? cv[f] > o[f] : cv[f] < o[f])) {
+        if (!have || beats(cv[f], o[f], mx)) {
           o[f] = cv[f];
           g[f] = ca[f];
         }
@@ -296,7 +297,7 @@ void run_rows(const RowAgg<T>& agg, const int64_t* ptr, int64_t n, T* out, int64
 // ---------------------------------------------------------------------------
 template <typename T>
 void sddmm_impl(const int64_t* ptr, int64_t n, const int64_t* col, int64_t E, const T* a, const T* b, int64_t H,
-                int64_t C, const int64_t* arg, T* out) {
+                int64_t C, const int64_t* arg, const int64_t* out_index, T* out) {
   typedef VecT<T> V;
   constexpr int W = Simd<T>::W;
   if (E == 0 || H == 0) return;
@@ -331,7 +332,9 @@ void sddmm_impl(const int64_t* ptr, int64_t n, const int64_t* col, int64_t E, co
               },
               [&](int64_t f) { return ar[f] == k ? xr[f] * br[f] : T(0); }, hv.data());
         }
-        for (int j = 0; j < HV; ++j) store_n(out + k * H + j * W, hv[j], int(std::min<int64_t>(W, H - j * W)));
+        // Edge k's row of out: k, or out_index[k] (a permutation: each row has one writer).
+        T* dst = out + (out_index ? out_index[k] : k) * H;
+        for (int j = 0; j < HV; ++j) store_n(dst + j * W, hv[j], int(std::min<int64_t>(W, H - j * W)));
       }
     };
     if (ch.head >= 0) run(plan.pieces[ch.head].row, plan.pieces[ch.head].kb, plan.pieces[ch.head].ke);
@@ -377,11 +380,12 @@ void spmm_backward_x(const at::Tensor& csc_ptr, const at::Tensor& csc_row, const
 }
 
 void sddmm_forward(const at::Tensor& rowptr, const at::Tensor& col, const at::Tensor& a, const at::Tensor& b,
-                   int64_t H, int64_t C, const at::Tensor* arg, at::Tensor& out) {
+                   int64_t H, int64_t C, const at::Tensor* arg, const at::Tensor* out_index, at::Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "sddmm_fwd", [&] {
     sddmm_impl<scalar_t>(rowptr.data_ptr<int64_t>(), rowptr.numel() - 1, col.data_ptr<int64_t>(), col.numel(),
                          a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), H, C,
-                         arg ? arg->data_ptr<int64_t>() : nullptr, out.data_ptr<scalar_t>());
+                         arg ? arg->data_ptr<int64_t>() : nullptr,
+                         out_index ? out_index->data_ptr<int64_t>() : nullptr, out.data_ptr<scalar_t>());
   });
 }
 

@@ -15,7 +15,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "gnn/gnn_simd_cpu.h"
+#include "common/reduce.h"
+#include "common/simd.h"
 
 namespace frontiers_fast {
 namespace gnn {
@@ -25,7 +26,16 @@ constexpr int kMaxNV = 8;          // accumulator vectors per tile (plus as many
 // a software prefetch a few edges ahead covers tiles spanning many lines.
 constexpr int64_t kPrefetch = 8;
 
-enum Mode { kModeSum = 0, kModeMax = 1, kModeMin = 2, kModeMasked = 3 };
+// What a row pass computes: a reduce of frontiers_fast::Reduce (mean is a sum
+// scaled afterwards), or the masked sum of the max/min backward, which keeps
+// only the edges that won the forward's arg.  Numbered as Reduce, so there is
+// one code per reduce throughout.
+enum Mode {
+  kModeSum = int(Reduce::kSum),
+  kModeMax = int(Reduce::kMax),
+  kModeMin = int(Reduce::kMin),
+  kModeMasked = kNumReduces
+};
 
 template <typename T>
 struct RowTiles {
@@ -179,6 +189,15 @@ inline void sum_edges(const TileArgs<T>& A, const WeightSrc<T>& ws, int64_t kb, 
   }
 }
 
+// Whether message m replaces the running extremum best of a max (mx) or min:
+// when it is strictly better, or when it is the first NaN.  So a NaN message
+// makes the output NaN (torch.amax and amin propagate NaN too) and the arg is
+// the first NaN edge; among equal values the first edge keeps the arg.
+template <typename T>
+inline bool beats(T m, T best, bool mx) {
+  return (mx ? m > best : m < best) || (m != m && best == best);
+}
+
 // Running max (min) of w * x over edges [kb, ke), ke > kb, with the offset
 // from kb of the first edge reaching it.
 template <typename T, int NV, bool PERM, bool MAX>
@@ -206,7 +225,8 @@ inline void ext_edges(const TileArgs<T>& A, const WeightSrc<T>& ws, int64_t kb, 
     const I rel = typename Simd<T>::Lane(k - kb) - I{};
     for (int v = 0; v < NV; ++v) {
       const V m = w0[v] * loadu<V>(x0 + o[v]);
-      const I better = MAX ? (m > acc[v]) : (m < acc[v]);
+      // NaN wins once and then keeps its place, as in torch.amax: see beats().
+      const I better = (MAX ? (m > acc[v]) : (m < acc[v])) | ((m != m) & (acc[v] == acc[v]));
       acc[v] = better ? m : acc[v];
       arg[v] = better ? rel : arg[v];
     }

@@ -84,7 +84,8 @@ __device__ __forceinline__ double divide(double a, double b) { return a / b; }
 template <typename scalar_t, bool kExtremum, bool kPerHead, int kFeatPerLane>
 __global__ void __launch_bounds__(kWarp * kRowsPerBlock, kMinBlocksPerSm)
     spmm_warp_kernel(const int64_t* __restrict__ rowptr, const int64_t* __restrict__ col,
-                     const scalar_t* __restrict__ weight, int64_t weight_heads, int64_t head_width,
+                     const scalar_t* __restrict__ weight, const int64_t* __restrict__ weight_index,
+                     int64_t weight_heads, int64_t head_width,
                      const scalar_t* __restrict__ x, int64_t num_dst, int64_t F, bool mean,
                      typename Acc<scalar_t>::type sign, scalar_t* __restrict__ out,
                      int64_t* __restrict__ arg) {
@@ -120,13 +121,16 @@ __global__ void __launch_bounds__(kWarp * kRowsPerBlock, kMinBlocksPerSm)
         const int64_t k_lane = k0 + lane;
         const bool live = k_lane < end;
         const int64_t src_lane = live ? col[k_lane] : 0;
-        const acc_t w_lane = (!kPerHead && has_weight && live) ? A::load(weight[k_lane]) : acc_t(1);
+        // The weight row of edge k: weight_index[k] (weights in the user's edge order), or k.
+        const int64_t wrow_lane = (has_weight && live) ? (weight_index ? weight_index[k_lane] : k_lane) : 0;
+        const acc_t w_lane = (!kPerHead && has_weight && live) ? A::load(weight[wrow_lane]) : acc_t(1);
         const int n = static_cast<int>(end - k0 < kWarp ? end - k0 : kWarp);
 
 #pragma unroll 4
         for (int j = 0; j < n; ++j) {
           const int64_t src = __shfl_sync(kFullMask, src_lane, j);
           const acc_t w = kPerHead ? acc_t(1) : __shfl_sync(kFullMask, w_lane, j);
+          const int64_t wrow = kPerHead ? __shfl_sync(kFullMask, wrow_lane, j) : 0;
           const int64_t k = k0 + j;
           const scalar_t* __restrict__ x_src = x + src * F;
 #pragma unroll
@@ -135,7 +139,7 @@ __global__ void __launch_bounds__(kWarp * kRowsPerBlock, kMinBlocksPerSm)
             if (f < F) {
               acc_t m = A::load(x_src[f]);
               if (kPerHead) {
-                m *= A::load(weight[k * weight_heads + head[t]]);
+                m *= A::load(weight[wrow * weight_heads + head[t]]);
               } else if (has_weight) {
                 m *= w;
               }
@@ -144,7 +148,9 @@ __global__ void __launch_bounds__(kWarp * kRowsPerBlock, kMinBlocksPerSm)
                 // comparing; rounding here makes ties (and so arg) agree for
                 // the half types.  A no-op for float and double.
                 m = sign * A::load(A::store(m));
-                if (best[t] < 0 || m > acc[t]) {
+                // A NaN message wins once and keeps its place (NaN propagates
+                // as in torch.amax); among equal values the first edge wins.
+                if (best[t] < 0 || m > acc[t] || (isnan(m) && !isnan(acc[t]))) {
                   acc[t] = m;
                   best[t] = k;
                 }
@@ -177,21 +183,21 @@ __global__ void __launch_bounds__(kWarp * kRowsPerBlock, kMinBlocksPerSm)
 
 template <typename scalar_t, bool kExtremum, bool kPerHead>
 cudaError_t launch(int feat_per_lane, dim3 grid, const int64_t* rowptr, const int64_t* col, const scalar_t* weight,
-                   int64_t weight_heads, int64_t head_width, const scalar_t* x, int64_t num_dst, int64_t F, bool mean,
+                   const int64_t* weight_index, int64_t weight_heads, int64_t head_width, const scalar_t* x, int64_t num_dst, int64_t F, bool mean,
                    typename Acc<scalar_t>::type sign, scalar_t* out, int64_t* arg, cudaStream_t stream) {
   const dim3 block(kWarp, kRowsPerBlock);
   switch (feat_per_lane) {
     case 1:
       spmm_warp_kernel<scalar_t, kExtremum, kPerHead, 1><<<grid, block, 0, stream>>>(
-          rowptr, col, weight, weight_heads, head_width, x, num_dst, F, mean, sign, out, arg);
+          rowptr, col, weight, weight_index, weight_heads, head_width, x, num_dst, F, mean, sign, out, arg);
       break;
     case 2:
       spmm_warp_kernel<scalar_t, kExtremum, kPerHead, 2><<<grid, block, 0, stream>>>(
-          rowptr, col, weight, weight_heads, head_width, x, num_dst, F, mean, sign, out, arg);
+          rowptr, col, weight, weight_index, weight_heads, head_width, x, num_dst, F, mean, sign, out, arg);
       break;
     default:
       spmm_warp_kernel<scalar_t, kExtremum, kPerHead, 4><<<grid, block, 0, stream>>>(
-          rowptr, col, weight, weight_heads, head_width, x, num_dst, F, mean, sign, out, arg);
+          rowptr, col, weight, weight_index, weight_heads, head_width, x, num_dst, F, mean, sign, out, arg);
       break;
   }
   return cudaGetLastError();
@@ -201,11 +207,11 @@ cudaError_t launch(int feat_per_lane, dim3 grid, const int64_t* rowptr, const in
 
 template <typename scalar_t>
 cudaError_t spmm_csr_forward(const int64_t* rowptr, const int64_t* col, const scalar_t* weight,
-                             int64_t weight_heads, const scalar_t* x, int64_t num_dst, int64_t F,
-                             SpmmReduce reduce, scalar_t* out, int64_t* arg, cudaStream_t stream) {
+                             const int64_t* weight_index, int64_t weight_heads, const scalar_t* x, int64_t num_dst,
+                             int64_t F, Reduce reduce, scalar_t* out, int64_t* arg, cudaStream_t stream) {
   using acc_t = typename Acc<scalar_t>::type;
-  const bool extremum = reduce == SpmmReduce::kMax || reduce == SpmmReduce::kMin;
-  if (reduce != SpmmReduce::kSum && reduce != SpmmReduce::kMean && !extremum) return cudaErrorInvalidValue;
+  const bool extremum = reduce == Reduce::kMax || reduce == Reduce::kMin;
+  if (reduce != Reduce::kSum && reduce != Reduce::kMean && !extremum) return cudaErrorInvalidValue;
   if (num_dst < 0 || F < 0) return cudaErrorInvalidValue;
   if (num_dst == 0 || F == 0) return cudaSuccess;
   // x, col and weight may be null for a graph without edges (empty tensors
@@ -223,29 +229,29 @@ cudaError_t spmm_csr_forward(const int64_t* rowptr, const int64_t* col, const sc
   const int64_t blocks_y = (F + tile - 1) / tile;
   const dim3 grid(static_cast<unsigned>(blocks_x < kMaxGridX ? blocks_x : kMaxGridX),
                   static_cast<unsigned>(blocks_y < kMaxGridY ? blocks_y : kMaxGridY));
-  const bool mean = reduce == SpmmReduce::kMean;
-  const acc_t sign = reduce == SpmmReduce::kMin ? acc_t(-1) : acc_t(1);
+  const bool mean = reduce == Reduce::kMean;
+  const acc_t sign = reduce == Reduce::kMin ? acc_t(-1) : acc_t(1);
 
   if (extremum) {
-    return per_head ? launch<scalar_t, true, true>(feat_per_lane, grid, rowptr, col, weight, weight_heads, head_width,
+    return per_head ? launch<scalar_t, true, true>(feat_per_lane, grid, rowptr, col, weight, weight_index, weight_heads, head_width,
                                                    x, num_dst, F, mean, sign, out, arg, stream)
-                    : launch<scalar_t, true, false>(feat_per_lane, grid, rowptr, col, weight, weight_heads,
+                    : launch<scalar_t, true, false>(feat_per_lane, grid, rowptr, col, weight, weight_index, weight_heads,
                                                     head_width, x, num_dst, F, mean, sign, out, arg, stream);
   }
-  return per_head ? launch<scalar_t, false, true>(feat_per_lane, grid, rowptr, col, weight, weight_heads, head_width,
+  return per_head ? launch<scalar_t, false, true>(feat_per_lane, grid, rowptr, col, weight, weight_index, weight_heads, head_width,
                                                   x, num_dst, F, mean, sign, out, arg, stream)
-                  : launch<scalar_t, false, false>(feat_per_lane, grid, rowptr, col, weight, weight_heads, head_width,
+                  : launch<scalar_t, false, false>(feat_per_lane, grid, rowptr, col, weight, weight_index, weight_heads, head_width,
                                                    x, num_dst, F, mean, sign, out, arg, stream);
 }
 
-template cudaError_t spmm_csr_forward<float>(const int64_t*, const int64_t*, const float*, int64_t, const float*,
-                                             int64_t, int64_t, SpmmReduce, float*, int64_t*, cudaStream_t);
-template cudaError_t spmm_csr_forward<double>(const int64_t*, const int64_t*, const double*, int64_t, const double*,
-                                              int64_t, int64_t, SpmmReduce, double*, int64_t*, cudaStream_t);
-template cudaError_t spmm_csr_forward<__half>(const int64_t*, const int64_t*, const __half*, int64_t, const __half*,
-                                              int64_t, int64_t, SpmmReduce, __half*, int64_t*, cudaStream_t);
-template cudaError_t spmm_csr_forward<__nv_bfloat16>(const int64_t*, const int64_t*, const __nv_bfloat16*, int64_t,
-                                                     const __nv_bfloat16*, int64_t, int64_t, SpmmReduce,
+template cudaError_t spmm_csr_forward<float>(const int64_t*, const int64_t*, const float*, const int64_t*, int64_t, const float*,
+                                             int64_t, int64_t, Reduce, float*, int64_t*, cudaStream_t);
+template cudaError_t spmm_csr_forward<double>(const int64_t*, const int64_t*, const double*, const int64_t*, int64_t, const double*,
+                                              int64_t, int64_t, Reduce, double*, int64_t*, cudaStream_t);
+template cudaError_t spmm_csr_forward<__half>(const int64_t*, const int64_t*, const __half*, const int64_t*, int64_t, const __half*,
+                                              int64_t, int64_t, Reduce, __half*, int64_t*, cudaStream_t);
+template cudaError_t spmm_csr_forward<__nv_bfloat16>(const int64_t*, const int64_t*, const __nv_bfloat16*, const int64_t*, int64_t,
+                                                     const __nv_bfloat16*, int64_t, int64_t, Reduce,
                                                      __nv_bfloat16*, int64_t*, cudaStream_t);
 
 }  // namespace gnn

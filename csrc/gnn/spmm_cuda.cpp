@@ -1,7 +1,8 @@
-// Torch binding of the warp-per-row CUDA SpMM (spmm.cu): registers
-// frontiers_fast::spmm_fwd_warp under the CUDA dispatch key.  The schema is
-// defined from Python (frontiers_fast/ops/gnn.py) so the op and its fake
-// kernel exist even when this library is not built.
+// Torch binding of the warp-per-row CUDA SpMM (spmm.cu): the "cuda" backend of
+// frontiers_fast::spmm_fwd, registered as frontiers_fast_native::spmm_fwd under
+// the CUDA dispatch key.  The schema is defined from Python
+// (frontiers_fast/ops/gnn.py), so the op and its fake exist even when this
+// library is not built.
 //
 // setup.py compiles this file only for a CUDA build and then defines
 // FRONTIERS_FAST_WITH_CUDA; the guard keeps any other compile of it harmless.
@@ -13,25 +14,17 @@
 #include <torch/library.h>
 
 #include <optional>
-#include <string>
 #include <tuple>
 
-#include "common/poison.h"
+#include "common/alloc.h"
+#include "common/reduce.h"
 #include "gnn/spmm.cuh"
 
 namespace frontiers_fast {
 namespace gnn {
 namespace {
 
-constexpr const char* kOp = "frontiers_fast::spmm_fwd_warp: ";
-
-SpmmReduce parse_reduce(c10::string_view reduce) {
-  if (reduce == "sum") return SpmmReduce::kSum;
-  if (reduce == "mean") return SpmmReduce::kMean;
-  if (reduce == "max") return SpmmReduce::kMax;
-  if (reduce == "min") return SpmmReduce::kMin;
-  TORCH_CHECK(false, kOp, "reduce must be one of 'sum', 'mean', 'max', 'min', got '", std::string(reduce), "'");
-}
+constexpr const char* kOp = "frontiers_fast::spmm_fwd (cuda): ";
 
 void check_on(const at::Tensor& t, const char* name, const at::Tensor& x) {
   TORCH_CHECK(t.is_cuda(), kOp, name, " must be a CUDA tensor, got one on ", t.device());
@@ -47,21 +40,24 @@ void check_index(const at::Tensor& t, const char* name, const at::Tensor& x) {
 
 template <typename cuda_t>
 cudaError_t launch(const at::Tensor& rowptr, const at::Tensor& col, const std::optional<at::Tensor>& weight,
-                   const at::Tensor& x, SpmmReduce reduce, at::Tensor& out, at::Tensor& arg, cudaStream_t stream) {
-  const bool extremum = reduce == SpmmReduce::kMax || reduce == SpmmReduce::kMin;
+                   const int64_t* weight_index, const at::Tensor& x, Reduce reduce, at::Tensor& out, at::Tensor& arg,
+                   cudaStream_t stream) {
   const auto* w = weight.has_value() ? static_cast<const cuda_t*>(weight->const_data_ptr()) : nullptr;
   const int64_t heads = weight.has_value() ? weight->size(1) : 1;
-  return spmm_csr_forward<cuda_t>(rowptr.const_data_ptr<int64_t>(), col.const_data_ptr<int64_t>(), w, heads,
-                                  static_cast<const cuda_t*>(x.const_data_ptr()), out.size(0), out.size(1), reduce,
-                                  static_cast<cuda_t*>(out.mutable_data_ptr()),
-                                  extremum ? arg.mutable_data_ptr<int64_t>() : nullptr, stream);
+  return spmm_csr_forward<cuda_t>(rowptr.const_data_ptr<int64_t>(), col.const_data_ptr<int64_t>(), w, weight_index,
+                                  heads, static_cast<const cuda_t*>(x.const_data_ptr()), out.size(0), out.size(1),
+                                  reduce, static_cast<cuda_t*>(out.mutable_data_ptr()),
+                                  is_extremum(reduce) ? arg.mutable_data_ptr<int64_t>() : nullptr, stream);
 }
 
-std::tuple<at::Tensor, at::Tensor> spmm_fwd_warp_cuda(const at::Tensor& rowptr, const at::Tensor& col,
-                                                      const std::optional<at::Tensor>& weight, const at::Tensor& x,
-                                                      c10::string_view reduce_name) {
-  const SpmmReduce reduce = parse_reduce(reduce_name);
-  const bool extremum = reduce == SpmmReduce::kMax || reduce == SpmmReduce::kMin;
+std::tuple<at::Tensor, at::Tensor> spmm_fwd_cuda(const at::Tensor& rowptr, const at::Tensor& col,
+                                                 const std::optional<at::Tensor>& weight_,
+                                                 const std::optional<at::Tensor>& weight_index,
+                                                 const at::Tensor& x, int64_t reduce_code) {
+  TORCH_CHECK(reduce_code >= 0 && reduce_code < kNumReduces, kOp, "reduce must be a code in [0, ", kNumReduces,
+              ") (sum, mean, max, min), got ", reduce_code);
+  const Reduce reduce = static_cast<Reduce>(reduce_code);
+  const bool extremum = is_extremum(reduce);
 
   TORCH_CHECK(x.is_cuda(), kOp, "x must be a CUDA tensor, got one on ", x.device());
   const auto dtype = x.scalar_type();
@@ -74,8 +70,10 @@ std::tuple<at::Tensor, at::Tensor> spmm_fwd_warp_cuda(const at::Tensor& rowptr, 
   TORCH_CHECK(rowptr.numel() >= 1, kOp, "rowptr must have N_dst + 1 >= 1 entries, got none");
   const int64_t num_dst = rowptr.numel() - 1;
   const int64_t F = x.size(1);
-  if (weight.has_value()) {
-    const at::Tensor& w = *weight;
+  std::optional<at::Tensor> weight;
+  const int64_t* widx = nullptr;
+  if (weight_.has_value() && weight_->defined()) {
+    const at::Tensor& w = *weight_;
     check_on(w, "weight", x);
     TORCH_CHECK(w.scalar_type() == dtype, kOp, "weight has dtype ", w.scalar_type(), " but x has ", dtype,
                 "; they must match");
@@ -85,36 +83,39 @@ std::tuple<at::Tensor, at::Tensor> spmm_fwd_warp_cuda(const at::Tensor& rowptr, 
                 " edges");
     TORCH_CHECK(w.size(1) >= 1 && F % w.size(1) == 0, kOp, "weight has ", w.size(1),
                 " heads, which must be at least 1 and divide F = ", F);
+    weight = w;
+    if (weight_index.has_value() && weight_index->defined()) {
+      check_index(*weight_index, "weight_index", x);
+      TORCH_CHECK(weight_index->numel() == col.numel(), kOp, "weight_index has ", weight_index->numel(),
+                  " entries but col has ", col.numel(), " edges");
+      widx = weight_index->const_data_ptr<int64_t>();
+    }
   }
-  // rowptr[N_dst] == E and 0 <= col < N_src are not checked: that would read
-  // the tensors back to the host and synchronize on every call.
+  // rowptr[N_dst] == E, 0 <= col < N_src and weight_index being a permutation
+  // are not checked: that would read the tensors back to the host and
+  // synchronize on every call.
 
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(x.get_device()).stream();
 
   at::Tensor out = new_output({num_dst, F}, x.options());
-  const auto index_options = x.options().dtype(at::kLong);
-  at::Tensor arg = extremum ? at::empty({num_dst, F}, index_options) : at::empty({0}, index_options);
-  if (extremum && debug_poison()) {
-    // -2 is neither a CSR position nor the empty-row -1, so an arg the
-    // kernel leaves unwritten cannot pass for a real one.
-    arg.fill_(-2);
-  }
+  at::Tensor arg = new_output(extremum ? at::IntArrayRef({num_dst, F}) : at::IntArrayRef({0}),
+                              x.options().dtype(at::kLong));
 
   cudaError_t err = cudaSuccess;
   switch (dtype) {
     case at::kFloat:
-      err = launch<float>(rowptr, col, weight, x, reduce, out, arg, stream);
+      err = launch<float>(rowptr, col, weight, widx, x, reduce, out, arg, stream);
       break;
     case at::kDouble:
-      err = launch<double>(rowptr, col, weight, x, reduce, out, arg, stream);
+      err = launch<double>(rowptr, col, weight, widx, x, reduce, out, arg, stream);
       break;
     case at::kHalf:
       // c10::Half and __half are both one IEEE binary16 in 2 bytes.
-      err = launch<__half>(rowptr, col, weight, x, reduce, out, arg, stream);
+      err = launch<__half>(rowptr, col, weight, widx, x, reduce, out, arg, stream);
       break;
     default:  // at::kBFloat16, checked above
-      err = launch<__nv_bfloat16>(rowptr, col, weight, x, reduce, out, arg, stream);
+      err = launch<__nv_bfloat16>(rowptr, col, weight, widx, x, reduce, out, arg, stream);
       break;
   }
   TORCH_CHECK(err == cudaSuccess, kOp, "launching the CUDA kernel failed (", cudaGetErrorName(err), ": ",
@@ -127,6 +128,6 @@ std::tuple<at::Tensor, at::Tensor> spmm_fwd_warp_cuda(const at::Tensor& rowptr, 
 }  // namespace gnn
 }  // namespace frontiers_fast
 
-TORCH_LIBRARY_IMPL(frontiers_fast, CUDA, m) { m.impl("spmm_fwd_warp", &frontiers_fast::gnn::spmm_fwd_warp_cuda); }
+TORCH_LIBRARY_IMPL(frontiers_fast_native, CUDA, m) { m.impl("spmm_fwd", &frontiers_fast::gnn::spmm_fwd_cuda); }
 
 #endif  // FRONTIERS_FAST_WITH_CUDA

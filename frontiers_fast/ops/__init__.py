@@ -1,5 +1,5 @@
 """Registered ``frontiers_fast::`` ops, one module per family."""
 
-from . import deq, gnn, moe, splat, ssm
+from . import common, deq, gnn, moe, splat, ssm
 
-__all__ = ["deq", "gnn", "moe", "splat", "ssm"]
+__all__ = ["common", "deq", "gnn", "moe", "splat", "ssm"]

@@ -1,35 +1,46 @@
-"""Sparse message-passing ops: registration, autograd and backend choice.
+"""Sparse message-passing ops: registration, autograd and the public functions.
 
-Two layers of ops live in the ``frontiers_fast::`` namespace.
+Two layers of ops in the ``frontiers_fast::`` namespace, all defined with
+:func:`frontiers_fast._library.define_op` (the last argument, ``backend``, is
+left out below):
 
-*Kernel ops* work on CSR tensors with edge values in CSR order and have no
-autograd.  Each has a fake kernel; its CPU kernel comes from the C++ library
-(``csrc/gnn/gnn_cpu.cpp``), its CUDA kernel is a Python function here that
-calls the Triton launcher or the CUDA extension.  If ``_C`` did not load, the
-reference (re-indexed to CSR order) is registered for CPU instead.
+*Kernel ops* work on CSR tensors and have no autograd.  Backends: ``cpp``
+(``csrc/gnn/gnn_cpu.cpp``), ``triton`` (``kernels/gnn.py``), ``reference``
+(below: the reference re-indexed to CSR order) and, for ``spmm_fwd``,
+``cuda`` (``csrc/gnn/spmm_cuda.cpp``).
 
-  spmm_fwd(rowptr, col, weight?, x, reduce) -> (out, arg)
-  spmm_bwd(csc_ptr, csc_row, csc_perm, rowptr, col, weight?, x, grad_out, arg, reduce, need_x, need_w)
-      -> (grad_x, grad_w)
+  spmm_fwd(rowptr, col, weight?, weight_index?, x, reduce) -> (out, arg)
+  spmm_bwd(csc_ptr, csc_row, csc_perm, rowptr, col, weight?, weight_index?, csc_weight_index?,
+           x, grad_out, arg, reduce, need_x, need_w) -> (grad_x, grad_w)
   sddmm_fwd(rowptr, col, a, b) -> out
   edge_softmax_fwd(rowptr, scores) -> p
   edge_softmax_bwd(rowptr, p, grad_p) -> grad_scores
   gat_fwd(rowptr, col, h, a_src, a_dst, negative_slope) -> (out, lse)
   gat_bwd(rowptr, col, csc_ptr, csc_row, csc_perm, h, a_src, a_dst, negative_slope, out, lse, grad_out)
       -> (grad_h, grad_a_src, grad_a_dst)
-  spmm_fwd_warp(rowptr, col, weight?, x, reduce) -> (out, arg)      [CUDA extension only]
 
 Shapes: rowptr [N_dst+1] int64, col [E] int64, csc_ptr [N_src+1], csc_row [E]
 and csc_perm [E] int64 (see :mod:`frontiers_fast.graph`).  x [N_src, F];
-weight [E, Hw] with F % Hw == 0 (feature f uses weight column f // (F // Hw));
-arg [N_dst, F] int64, the CSR position of the chosen edge (-1 for an empty row;
-[0] for sum and mean).  a [N_src, H, C], b [N_dst, H, C], scores [E, H],
-h [N_src, H, C], a_src [N_src, H], a_dst [N_dst, H], lse [N_dst, H] (-inf for
-an empty row).
+weight [E, Hw] with F % Hw == 0 (feature f uses weight column f // (F // Hw)).
+The weight of CSR edge k is row ``weight_index[k]`` (row k when it is None):
+weights stay in the user's edge order and are read through the graph's
+``perm``; backward, transposed edge t reads row ``csc_weight_index[t]``
+(``csc_perm[t]`` when None), and grad_w comes back in the weight's order.
+``reduce`` is a code of :mod:`frontiers_fast._reduce`.  arg [N_dst, F] int64
+is the CSR position of the chosen edge (-1 for an empty row; [0] for sum and
+mean).  a [N_src, H, C], b [N_dst, H, C], scores [E, H], h [N_src, H, C],
+a_src [N_src, H], a_dst [N_dst, H], lse [N_dst, H] (-inf for an empty row).
 
-*Public ops* (``spmm``, ``sddmm``, ``edge_softmax``, ``gat_aggregate``) take
-the graph tensors, call the kernel ops, and carry the registered autograd,
-whose backward is itself made of kernel ops.
+*Autograd ops* (``spmm``, ``sddmm``, ``edge_softmax``, ``gat_aggregate``) take
+the graph's tensors, transpose included, call the kernel ops with their
+backend, and carry the registered autograd, whose backward is made of kernel
+ops run with the same backend.
+
+NaN in the data propagates the same way on every backend: a sum or mean over
+a NaN message is NaN; max and min take a NaN message as the extremum (the
+output is NaN and the gradient goes to the first NaN edge, as in
+``torch.amax``); a NaN score makes its destination's softmax and GAT output
+NaN.
 """
 
 from __future__ import annotations
@@ -40,105 +51,18 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._checks import check_choice, check_dims, check_same_device, check_same_dtype, check_tensor
+from .._checks import check_dims, check_real, check_same_device, check_same_dtype, check_tensor
+from .._library import absent, define_op
+from .._reduce import MAX, MEAN, MIN, REDUCES, reduce_code, reduce_name
 from ..graph import Graph, as_graph
 from ..reference import gnn as ref
 
-NS = "frontiers_fast"
-_lib = torch.library.Library(NS, "FRAGMENT")
-
-_KERNEL_SCHEMAS = {
-    "spmm_fwd": "spmm_fwd(Tensor rowptr, Tensor col, Tensor? weight, Tensor x, str reduce) -> (Tensor, Tensor)",
-    "spmm_bwd": (
-        "spmm_bwd(Tensor csc_ptr, Tensor csc_row, Tensor csc_perm, Tensor rowptr, Tensor col, Tensor? weight, "
-        "Tensor x, Tensor grad_out, Tensor arg, str reduce, bool need_x, bool need_w) -> (Tensor, Tensor)"
-    ),
-    "sddmm_fwd": "sddmm_fwd(Tensor rowptr, Tensor col, Tensor a, Tensor b) -> Tensor",
-    "edge_softmax_fwd": "edge_softmax_fwd(Tensor rowptr, Tensor scores) -> Tensor",
-    "edge_softmax_bwd": "edge_softmax_bwd(Tensor rowptr, Tensor p, Tensor grad_p) -> Tensor",
-    "gat_fwd": (
-        "gat_fwd(Tensor rowptr, Tensor col, Tensor h, Tensor a_src, Tensor a_dst, float negative_slope) "
-        "-> (Tensor, Tensor)"
-    ),
-    "gat_bwd": (
-        "gat_bwd(Tensor rowptr, Tensor col, Tensor csc_ptr, Tensor csc_row, Tensor csc_perm, Tensor h, "
-        "Tensor a_src, Tensor a_dst, float negative_slope, Tensor out, Tensor lse, Tensor grad_out) "
-        "-> (Tensor, Tensor, Tensor)"
-    ),
-    "spmm_fwd_warp": "spmm_fwd_warp(Tensor rowptr, Tensor col, Tensor? weight, Tensor x, str reduce) -> (Tensor, Tensor)",
-    "stable_bucket_sort": "stable_bucket_sort(Tensor keys, int num_buckets) -> (Tensor, Tensor)",
-}
-for _schema in _KERNEL_SCHEMAS.values():
-    _lib.define(_schema)
-
 _ops = torch.ops.frontiers_fast
-REDUCES = ref.REDUCES
+_TRITON = "frontiers_fast.kernels.gnn:"
 
 
 # ---------------------------------------------------------------------------
-# fake kernels
-# ---------------------------------------------------------------------------
-def _fake_spmm_fwd(rowptr, col, weight, x, reduce):
-    torch._check(x.dim() == 2, lambda: "x must be [N_src, F]")
-    torch._check(reduce in REDUCES, lambda: f"reduce must be one of {REDUCES}")
-    n_dst = rowptr.shape[0] - 1
-    out = x.new_empty((n_dst, x.shape[1]))
-    arg = x.new_empty((n_dst, x.shape[1]) if reduce in ("max", "min") else (0,), dtype=torch.int64)
-    return out, arg
-
-
-def _fake_spmm_bwd(csc_ptr, csc_row, csc_perm, rowptr, col, weight, x, grad_out, arg, reduce, need_x, need_w):
-    # x may be a [0, F] placeholder when only grad_x is wanted: N_src comes from csc_ptr.
-    gx = grad_out.new_empty((csc_ptr.shape[0] - 1, grad_out.shape[1])) if need_x else grad_out.new_empty((0,))
-    gw = torch.empty_like(weight) if (need_w and weight is not None) else grad_out.new_empty((0,))
-    return gx, gw
-
-
-def _fake_sddmm_fwd(rowptr, col, a, b):
-    torch._check(a.dim() == 3 and b.dim() == 3, lambda: "a and b must be [N, H, C]")
-    return a.new_empty((col.shape[0], a.shape[1]))
-
-
-def _fake_edge_softmax_fwd(rowptr, scores):
-    return torch.empty_like(scores)
-
-
-def _fake_edge_softmax_bwd(rowptr, p, grad_p):
-    return torch.empty_like(p)
-
-
-def _fake_stable_bucket_sort(keys, num_buckets):
-    return keys.new_empty((num_buckets + 1,)), torch.empty_like(keys)
-
-
-def _fake_gat_fwd(rowptr, col, h, a_src, a_dst, negative_slope):
-    n_dst = rowptr.shape[0] - 1
-    return h.new_empty((n_dst, h.shape[1], h.shape[2])), h.new_empty((n_dst, h.shape[1]))
-
-
-def _fake_gat_bwd(
-    rowptr, col, csc_ptr, csc_row, csc_perm, h, a_src, a_dst, negative_slope, out, lse, grad_out
-):
-    return torch.empty_like(h), torch.empty_like(a_src), torch.empty_like(a_dst)
-
-
-for _name, _fake in {
-    "spmm_fwd": _fake_spmm_fwd,
-    "spmm_fwd_warp": _fake_spmm_fwd,
-    "spmm_bwd": _fake_spmm_bwd,
-    "sddmm_fwd": _fake_sddmm_fwd,
-    "edge_softmax_fwd": _fake_edge_softmax_fwd,
-    "edge_softmax_bwd": _fake_edge_softmax_bwd,
-    "gat_fwd": _fake_gat_fwd,
-    "gat_bwd": _fake_gat_bwd,
-    "stable_bucket_sort": _fake_stable_bucket_sort,
-}.items():
-    torch.library.register_fake(f"{NS}::{_name}", _fake, lib=_lib)
-
-
-# ---------------------------------------------------------------------------
-# reference kernels in CSR form (fallback for CPU without _C, and for CUDA
-# without Triton or the extension)
+# reference kernels in CSR form
 # ---------------------------------------------------------------------------
 class _CSR:
     """Just enough of a Graph for the reference, with edges in CSR order."""
@@ -159,36 +83,48 @@ def _heads_view(x, weight):
     return x.view(x.shape[0], hw, x.shape[1] // hw)
 
 
-def _ref_spmm_fwd(rowptr, col, weight, x, reduce):
+def _csr_weight(weight, index):
+    return weight if (weight is None or index is None) else weight.index_select(0, index)
+
+
+def _ref_spmm_fwd(rowptr, col, weight, weight_index, x, reduce):
     g = _CSR(rowptr, col, x.shape[0])
+    weight = _csr_weight(weight, weight_index)
+    name = reduce_name(reduce)
     xv = _heads_view(x, weight)
-    out = ref.spmm(g, xv, weight, reduce).reshape(g.num_dst, x.shape[1])
-    if reduce in ("sum", "mean"):
+    out = ref.spmm(g, xv, weight, name).reshape(g.num_dst, x.shape[1])
+    if reduce not in (MAX, MIN):
         return out, x.new_empty((0,), dtype=torch.int64)
     msg = xv.index_select(0, g.src)
     if weight is not None:
         msg = msg * weight.unsqueeze(-1)
-    arg = ref._first_arg_extremum(msg.reshape(g.num_edges, x.shape[1]), g.dst, g.num_dst, reduce)
+    arg = ref.first_arg_extremum(msg.reshape(g.num_edges, x.shape[1]), g.dst, g.num_dst, name)
     return out, arg.masked_fill(arg == g.num_edges, -1)
 
 
-def _ref_spmm_bwd(csc_ptr, csc_row, csc_perm, rowptr, col, weight, x, grad_out, arg, reduce, need_x, need_w):
+def _ref_spmm_bwd(
+    csc_ptr, csc_row, csc_perm, rowptr, col, weight, weight_index, csc_weight_index, x, grad_out, arg, reduce,
+    need_x, need_w,
+):  # fmt: skip
     g = _CSR(rowptr, col, csc_ptr.shape[0] - 1)
+    weight_csr = _csr_weight(weight, weight_index)
     F_ = grad_out.shape[1]
     hw = 1 if weight is None else weight.shape[1]
     geff = grad_out.index_select(0, g.dst)  # [E, F]: gradient arriving at each edge's message
-    if reduce == "mean":
+    if reduce == MEAN:
         geff = geff / rowptr.diff().clamp(min=1).to(geff.dtype).index_select(0, g.dst).unsqueeze(1)
-    elif reduce in ("max", "min"):
+    elif reduce in (MAX, MIN):
         k = torch.arange(g.num_edges, device=col.device).unsqueeze(1)
         geff = geff * (arg.index_select(0, g.dst) == k).to(geff.dtype)
     geff = geff.view(g.num_edges, hw, F_ // hw)
-    gx = gw = grad_out.new_empty((0,))
+    gx, gw = absent(grad_out), absent(grad_out)
     if need_x:
-        msg = geff if weight is None else geff * weight.unsqueeze(-1)
+        msg = geff if weight is None else geff * weight_csr.unsqueeze(-1)
         gx = grad_out.new_zeros((g.num_src, F_)).index_add(0, col, msg.reshape(g.num_edges, F_))
     if need_w and weight is not None:
         gw = (geff * x.index_select(0, col).view(g.num_edges, hw, F_ // hw)).sum(-1)
+        if weight_index is not None:
+            gw = torch.empty_like(gw).index_copy(0, weight_index, gw)
     return gx, gw
 
 
@@ -197,13 +133,12 @@ def _ref_sddmm_fwd(rowptr, col, a, b):
 
 
 def _ref_edge_softmax_fwd(rowptr, scores):
-    return ref.edge_softmax(
-        _CSR(rowptr, torch.zeros_like(rowptr[:-1]).repeat_interleave(rowptr.diff()), 0), scores
-    )
+    col = torch.zeros(scores.shape[0], dtype=torch.int64, device=scores.device)
+    return ref.edge_softmax(_CSR(rowptr, col, 0), scores)
 
 
 def _ref_edge_softmax_bwd(rowptr, p, grad_p):
-    dst = _CSR(rowptr, torch.empty(p.shape[0], dtype=torch.int64, device=p.device), 0).dst
+    dst = _CSR(rowptr, torch.zeros(p.shape[0], dtype=torch.int64, device=p.device), 0).dst
     pg = p * grad_p
     row_sum = torch.zeros((rowptr.shape[0] - 1,) + tuple(p.shape[1:]), dtype=p.dtype, device=p.device)
     row_sum = row_sum.index_add(0, dst, pg)
@@ -242,216 +177,231 @@ def _ref_gat_bwd(
     )
 
 
-def _ref_stable_bucket_sort(keys, num_buckets):
-    _, perm = torch.sort(keys, stable=True)
-    ptr = keys.new_zeros((num_buckets + 1,))
-    torch.cumsum(torch.bincount(keys, minlength=num_buckets), 0, out=ptr[1:])
-    return ptr, perm
+# ---------------------------------------------------------------------------
+# kernel ops
+# ---------------------------------------------------------------------------
+def _fake_spmm_fwd(rowptr, col, weight, weight_index, x, reduce, backend):
+    torch._check(x.dim() == 2, lambda: "x must be [N_src, F]")
+    n_dst = rowptr.shape[0] - 1
+    out = x.new_empty((n_dst, x.shape[1]))
+    arg = x.new_empty((n_dst, x.shape[1]) if reduce in (MAX, MIN) else (0,), dtype=torch.int64)
+    return out, arg
 
 
-_REFERENCE_KERNELS = {
-    "spmm_fwd": _ref_spmm_fwd,
-    "spmm_bwd": _ref_spmm_bwd,
-    "sddmm_fwd": _ref_sddmm_fwd,
-    "edge_softmax_fwd": _ref_edge_softmax_fwd,
-    "edge_softmax_bwd": _ref_edge_softmax_bwd,
-    "gat_fwd": _ref_gat_fwd,
-    "gat_bwd": _ref_gat_bwd,
-    "stable_bucket_sort": _ref_stable_bucket_sort,
-}
+def _fake_spmm_bwd(
+    csc_ptr, csc_row, csc_perm, rowptr, col, weight, weight_index, csc_weight_index, x, grad_out, arg, reduce,
+    need_x, need_w, backend,
+):  # fmt: skip
+    # x may be a [0, F] placeholder when only grad_x is wanted: N_src comes from csc_ptr.
+    gx = grad_out.new_empty((csc_ptr.shape[0] - 1, grad_out.shape[1])) if need_x else absent(grad_out)
+    gw = torch.empty_like(weight) if (need_w and weight is not None) else absent(grad_out)
+    return gx, gw
+
+
+def _fake_gat_fwd(rowptr, col, h, a_src, a_dst, negative_slope, backend):
+    n_dst = rowptr.shape[0] - 1
+    return h.new_empty((n_dst, h.shape[1], h.shape[2])), h.new_empty((n_dst, h.shape[1]))
+
+
+define_op(
+    "spmm_fwd(Tensor rowptr, Tensor col, Tensor? weight, Tensor? weight_index, Tensor x, int reduce) "
+    "-> (Tensor, Tensor)",
+    fake=_fake_spmm_fwd,
+    reference=_ref_spmm_fwd,
+    triton=_TRITON + "spmm_fwd",
+    native=("cpp", "cuda"),
+)
+define_op(
+    "spmm_bwd(Tensor csc_ptr, Tensor csc_row, Tensor csc_perm, Tensor rowptr, Tensor col, Tensor? weight, "
+    "Tensor? weight_index, Tensor? csc_weight_index, Tensor x, Tensor grad_out, Tensor arg, int reduce, "
+    "bool need_x, bool need_w) -> (Tensor, Tensor)",
+    fake=_fake_spmm_bwd,
+    reference=_ref_spmm_bwd,
+    triton=_TRITON + "spmm_bwd",
+    native=("cpp",),
+)
+define_op(
+    "sddmm_fwd(Tensor rowptr, Tensor col, Tensor a, Tensor b) -> Tensor",
+    fake=lambda rowptr, col, a, b, backend: a.new_empty((col.shape[0], a.shape[1])),
+    reference=_ref_sddmm_fwd,
+    triton=_TRITON + "sddmm_fwd",
+    native=("cpp",),
+)
+define_op(
+    "edge_softmax_fwd(Tensor rowptr, Tensor scores) -> Tensor",
+    fake=lambda rowptr, scores, backend: torch.empty_like(scores),
+    reference=_ref_edge_softmax_fwd,
+    triton=_TRITON + "edge_softmax_fwd",
+    native=("cpp",),
+)
+define_op(
+    "edge_softmax_bwd(Tensor rowptr, Tensor p, Tensor grad_p) -> Tensor",
+    fake=lambda rowptr, p, grad_p, backend: torch.empty_like(p),
+    reference=_ref_edge_softmax_bwd,
+    triton=_TRITON + "edge_softmax_bwd",
+    native=("cpp",),
+)
+define_op(
+    "gat_fwd(Tensor rowptr, Tensor col, Tensor h, Tensor a_src, Tensor a_dst, float negative_slope) "
+    "-> (Tensor, Tensor)",
+    fake=_fake_gat_fwd,
+    reference=_ref_gat_fwd,
+    triton=_TRITON + "gat_fwd",
+    native=("cpp",),
+)
+define_op(
+    "gat_bwd(Tensor rowptr, Tensor col, Tensor csc_ptr, Tensor csc_row, Tensor csc_perm, Tensor h, "
+    "Tensor a_src, Tensor a_dst, float negative_slope, Tensor out, Tensor lse, Tensor grad_out) "
+    "-> (Tensor, Tensor, Tensor)",
+    fake=lambda rowptr, col, cp, cr, cperm, h, a_src, a_dst, slope, out, lse, go, backend: (
+        torch.empty_like(h),
+        torch.empty_like(a_src),
+        torch.empty_like(a_dst),
+    ),
+    reference=_ref_gat_bwd,
+    triton=_TRITON + "gat_bwd",
+    native=("cpp",),
+)
 
 
 # ---------------------------------------------------------------------------
-# CUDA kernels: Triton launcher or CUDA extension
+# autograd ops
 # ---------------------------------------------------------------------------
-def _cuda_impl(name):
-    ref_fn = _REFERENCE_KERNELS[name]
-
-    def impl(*args):
-        if name == "stable_bucket_sort":
-            return ref_fn(*args)  # torch.sort is fast on the GPU
-        choice = _backend.gpu_choice()
-        if choice == "cuda" and name == "spmm_fwd" and _backend.available("cuda"):
-            return _ops.spmm_fwd_warp(*args)
-        if _backend.available("triton"):
-            from ..kernels import gnn as tk
-
-            return getattr(tk, name)(*args)
-        return ref_fn(*args)
-
-    return impl
+_CSC = "Tensor csc_ptr, Tensor csc_row, Tensor csc_perm"
 
 
-def _register_impls():
-    _backend._probe()
-    for name, fn in _REFERENCE_KERNELS.items():
-        torch.library.impl(f"{NS}::{name}", "CUDA", lib=_lib)(_cuda_impl(name))
-        # A missing or stale _C leaves the CPU key empty: the reference fills it.
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{NS}::{name}", "CPU"):
-            torch.library.impl(f"{NS}::{name}", "CPU", lib=_lib)(fn)
+def _spmm(rowptr, col, csc_ptr, csc_row, csc_perm, csc_weight_index, weight, weight_index, x, reduce, backend):
+    return _ops.spmm_fwd(rowptr, col, weight, weight_index, x, reduce, backend)
 
 
-_register_impls()
-
-
-# ---------------------------------------------------------------------------
-# public ops with autograd
-# ---------------------------------------------------------------------------
-@torch.library.custom_op(f"{NS}::spmm", mutates_args=())
-def _spmm_op(
-    rowptr: Tensor,
-    col: Tensor,
-    csc_ptr: Tensor,
-    csc_row: Tensor,
-    csc_perm: Tensor,
-    weight: Tensor | None,
-    x: Tensor,
-    reduce: str,
-) -> tuple[Tensor, Tensor]:
-    return _ops.spmm_fwd(rowptr, col, weight, x, reduce)
-
-
-@_spmm_op.register_fake
-def _(rowptr, col, csc_ptr, csc_row, csc_perm, weight, x, reduce):
-    return _fake_spmm_fwd(rowptr, col, weight, x, reduce)
-
-
-def _spmm_setup(ctx, inputs, output):
-    rowptr, col, csc_ptr, csc_row, csc_perm, weight, x, reduce = inputs
-    _, arg = output
-    ctx.reduce = reduce
-    ctx.has_weight = weight is not None
-    need_w = weight is not None and ctx.needs_input_grad[5]
+def _spmm_setup(ctx, a, output):
+    ctx.reduce = a.reduce
     # x is only read by the weight gradient; keep it alive only then.  The
     # weight (an [E, Hw] input, saved by reference) tells the kernel Hw.
-    ctx.save_for_backward(rowptr, col, csc_ptr, csc_row, csc_perm, weight, x if need_w else None, arg)
+    need_w = ctx.needs.weight
+    ctx.save_for_backward(
+        a.rowptr, a.col, a.csc_ptr, a.csc_row, a.csc_perm, a.csc_weight_index, a.weight, a.weight_index,
+        a.x if need_w else None, output[1],
+    )  # fmt: skip
 
 
 def _spmm_backward(ctx, grad_out, _grad_arg):
-    rowptr, col, csc_ptr, csc_row, csc_perm, weight, x, arg = ctx.saved_tensors
-    need_x = ctx.needs_input_grad[6]
-    need_w = ctx.has_weight and ctx.needs_input_grad[5]
+    rowptr, col, csc_ptr, csc_row, csc_perm, csc_wid, weight, wid, x, arg = ctx.saved_tensors
     if x is None:
         x = grad_out.new_empty((0, grad_out.shape[1]))
     gx, gw = _ops.spmm_bwd(
-        csc_ptr,
-        csc_row,
-        csc_perm,
-        rowptr,
-        col,
-        weight,
-        x,
-        grad_out.contiguous(),
-        arg,
-        ctx.reduce,
-        need_x,
-        need_w,
-    )
-    return None, None, None, None, None, (gw if need_w else None), (gx if need_x else None), None
+        csc_ptr, csc_row, csc_perm, rowptr, col, weight, wid, csc_wid, x, grad_out.contiguous(), arg, ctx.reduce,
+        ctx.needs.x, ctx.needs.weight, ctx.backend,
+    )  # fmt: skip
+    return {"x": gx, "weight": gw}
 
 
-_spmm_op.register_autograd(_spmm_backward, setup_context=_spmm_setup)
+define_op(
+    f"spmm(Tensor rowptr, Tensor col, {_CSC}, Tensor? csc_weight_index, Tensor? weight, Tensor? weight_index, "
+    "Tensor x, int reduce) -> (Tensor, Tensor)",
+    fake=lambda rowptr, col, cp, cr, cperm, cwid, weight, wid, x, reduce, backend: _fake_spmm_fwd(
+        rowptr, col, weight, wid, x, reduce, backend
+    ),
+    composite=_spmm,
+    uses=("spmm_fwd", "spmm_bwd"),
+    backward=_spmm_backward,
+    setup_context=_spmm_setup,
+)
 
 
-@torch.library.custom_op(f"{NS}::sddmm", mutates_args=())
-def _sddmm_op(
-    rowptr: Tensor, col: Tensor, csc_ptr: Tensor, csc_row: Tensor, csc_perm: Tensor, a: Tensor, b: Tensor
-) -> Tensor:
-    return _ops.sddmm_fwd(rowptr, col, a, b)
+def _sddmm(rowptr, col, csc_ptr, csc_row, csc_perm, a, b, backend):
+    return _ops.sddmm_fwd(rowptr, col, a, b, backend)
 
 
-@_sddmm_op.register_fake
-def _(rowptr, col, csc_ptr, csc_row, csc_perm, a, b):
-    return _fake_sddmm_fwd(rowptr, col, a, b)
-
-
-def _sddmm_setup(ctx, inputs, output):
-    rowptr, col, csc_ptr, csc_row, csc_perm, a, b = inputs
-    ctx.save_for_backward(rowptr, col, csc_ptr, csc_row, csc_perm, a, b)
+def _sddmm_setup(ctx, a, output):
+    ctx.save_for_backward(a.rowptr, a.col, a.csc_ptr, a.csc_row, a.csc_perm, a.a, a.b)
 
 
 def _sddmm_backward(ctx, grad):
     rowptr, col, csc_ptr, csc_row, csc_perm, a, b = ctx.saved_tensors
     grad = grad.contiguous()
     H, C = a.shape[1], a.shape[2]
-    ga = gb = None
-    if ctx.needs_input_grad[6]:
+    out = {}
+    if ctx.needs.b:
         # grad_b[i] = sum_{k in row i} g[k] a[col[k]]
-        gb = _ops.spmm_fwd(rowptr, col, grad, a.reshape(a.shape[0], H * C), "sum")[0].view(b.shape)
-    if ctx.needs_input_grad[5]:
-        # grad_a[j] = sum over the transpose of g[k] b[dst(k)]
-        gcsc = grad.index_select(0, csc_perm)
-        ga = _ops.spmm_fwd(csc_ptr, csc_row, gcsc, b.reshape(b.shape[0], H * C), "sum")[0].view(a.shape)
-    return None, None, None, None, None, ga, gb
+        flat = a.reshape(a.shape[0], H * C)
+        out["b"] = _ops.spmm_fwd(rowptr, col, grad, None, flat, 0, ctx.backend)[0].view(b.shape)
+    if ctx.needs.a:
+        # grad_a[j] = sum over the transpose of g[k] b[dst(k)], g read through csc_perm
+        flat = b.reshape(b.shape[0], H * C)
+        out["a"] = _ops.spmm_fwd(csc_ptr, csc_row, grad, csc_perm, flat, 0, ctx.backend)[0].view(a.shape)
+    return out
 
 
-_sddmm_op.register_autograd(_sddmm_backward, setup_context=_sddmm_setup)
+define_op(
+    f"sddmm(Tensor rowptr, Tensor col, {_CSC}, Tensor a, Tensor b) -> Tensor",
+    fake=lambda rowptr, col, cp, cr, cperm, a, b, backend: a.new_empty((col.shape[0], a.shape[1])),
+    composite=_sddmm,
+    uses=("sddmm_fwd", "spmm_fwd"),
+    backward=_sddmm_backward,
+    setup_context=_sddmm_setup,
+)
 
 
-@torch.library.custom_op(f"{NS}::edge_softmax", mutates_args=())
-def _edge_softmax_op(rowptr: Tensor, scores: Tensor) -> Tensor:
-    return _ops.edge_softmax_fwd(rowptr, scores)
-
-
-@_edge_softmax_op.register_fake
-def _(rowptr, scores):
-    return torch.empty_like(scores)
-
-
-def _edge_softmax_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], output)
+def _edge_softmax_setup(ctx, a, output):
+    ctx.save_for_backward(a.rowptr, output)
 
 
 def _edge_softmax_backward(ctx, grad):
     rowptr, p = ctx.saved_tensors
-    return None, _ops.edge_softmax_bwd(rowptr, p, grad.contiguous())
+    return {"scores": _ops.edge_softmax_bwd(rowptr, p, grad.contiguous(), ctx.backend)}
 
 
-_edge_softmax_op.register_autograd(_edge_softmax_backward, setup_context=_edge_softmax_setup)
+define_op(
+    "edge_softmax(Tensor rowptr, Tensor scores) -> Tensor",
+    fake=lambda rowptr, scores, backend: torch.empty_like(scores),
+    composite=lambda rowptr, scores, backend: _ops.edge_softmax_fwd(rowptr, scores, backend),
+    uses=("edge_softmax_fwd", "edge_softmax_bwd"),
+    backward=_edge_softmax_backward,
+    setup_context=_edge_softmax_setup,
+)
 
 
-@torch.library.custom_op(f"{NS}::gat_aggregate", mutates_args=())
-def _gat_op(
-    rowptr: Tensor,
-    col: Tensor,
-    csc_ptr: Tensor,
-    csc_row: Tensor,
-    csc_perm: Tensor,
-    h: Tensor,
-    a_src: Tensor,
-    a_dst: Tensor,
-    negative_slope: float,
-) -> tuple[Tensor, Tensor]:
-    return _ops.gat_fwd(rowptr, col, h, a_src, a_dst, negative_slope)
+def _gat(rowptr, col, csc_ptr, csc_row, csc_perm, h, a_src, a_dst, negative_slope, backend):
+    return _ops.gat_fwd(rowptr, col, h, a_src, a_dst, negative_slope, backend)
 
 
-@_gat_op.register_fake
-def _(rowptr, col, csc_ptr, csc_row, csc_perm, h, a_src, a_dst, negative_slope):
-    return _fake_gat_fwd(rowptr, col, h, a_src, a_dst, negative_slope)
-
-
-def _gat_setup(ctx, inputs, output):
-    rowptr, col, csc_ptr, csc_row, csc_perm, h, a_src, a_dst, slope = inputs
-    out, lse = output
-    ctx.slope = slope
-    ctx.save_for_backward(rowptr, col, csc_ptr, csc_row, csc_perm, h, a_src, a_dst, out, lse)
+def _gat_setup(ctx, a, output):
+    ctx.slope = a.negative_slope
+    ctx.save_for_backward(a.rowptr, a.col, a.csc_ptr, a.csc_row, a.csc_perm, a.h, a.a_src, a.a_dst, *output)
 
 
 def _gat_backward(ctx, grad_out, _grad_lse):
     rowptr, col, csc_ptr, csc_row, csc_perm, h, a_src, a_dst, out, lse = ctx.saved_tensors
     gh, gs, gd = _ops.gat_bwd(
-        rowptr, col, csc_ptr, csc_row, csc_perm, h, a_src, a_dst, ctx.slope, out, lse, grad_out.contiguous()
-    )
-    return None, None, None, None, None, gh, gs, gd, None
+        rowptr, col, csc_ptr, csc_row, csc_perm, h, a_src, a_dst, ctx.slope, out, lse, grad_out.contiguous(),
+        ctx.backend,
+    )  # fmt: skip
+    return {"h": gh, "a_src": gs, "a_dst": gd}
 
 
-_gat_op.register_autograd(_gat_backward, setup_context=_gat_setup)
+define_op(
+    f"gat_aggregate(Tensor rowptr, Tensor col, {_CSC}, Tensor h, Tensor a_src, Tensor a_dst, "
+    "float negative_slope) -> (Tensor, Tensor)",
+    fake=lambda rowptr, col, cp, cr, cperm, h, a_src, a_dst, slope, backend: _fake_gat_fwd(
+        rowptr, col, h, a_src, a_dst, slope, backend
+    ),
+    composite=_gat,
+    uses=("gat_fwd", "gat_bwd"),
+    backward=_gat_backward,
+    setup_context=_gat_setup,
+)
+
+_backend.register_function("spmm", ops=("spmm_fwd",), grad_ops=("spmm_bwd",))
+_backend.register_function("sddmm", ops=("sddmm_fwd",), grad_ops=("spmm_fwd",))
+_backend.register_function("edge_softmax", ops=("edge_softmax_fwd",), grad_ops=("edge_softmax_bwd",))
+_backend.register_function("gat_aggregate", ops=("gat_fwd",), grad_ops=("gat_bwd",))
 
 
 # ---------------------------------------------------------------------------
-# public functional API (validation, layout, backend choice)
+# public functions (validation, layout, backend choice)
 # ---------------------------------------------------------------------------
-def _check_tensor(name, t, graph, dims, dtype=None):
+def _check_input(name, t, graph, dims, dtype=None):
     check_tensor(name, t)
     if dtype is not None:
         check_same_dtype(name, t, "x", dtype)
@@ -459,21 +409,23 @@ def _check_tensor(name, t, graph, dims, dtype=None):
     check_dims(name, t, dims)
 
 
-def _kernel_dtype(t: Tensor, device_type: str) -> torch.dtype:
+def _kernel_dtype(t: Tensor) -> torch.dtype:
     # The C++ kernels compute in float32/float64; half types are widened on CPU.
-    if device_type == "cpu" and t.dtype in (torch.float16, torch.bfloat16):
+    if t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16):
         return torch.float32
     return t.dtype
 
 
-def _run(backend, device, op, fn_kernel, fn_reference):
-    choice = _backend.resolve(backend, device, op)
-    if choice == "reference":
-        return fn_reference()
-    if device.type == "cuda":
-        with _backend.use_backend(choice):
-            return fn_kernel()
-    return fn_kernel()
+def _records_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _csc_for(graph, grad):
+    # Forward-only calls skip building the transpose.
+    if grad or graph._csc is not None:
+        return graph.csc
+    e = graph.rowptr.new_empty((0,))
+    return (graph.rowptr.new_zeros((graph.num_src + 1,)), e, e)
 
 
 def spmm(graph, x, edge_weight=None, reduce="sum", *, num_nodes=None, backend=None):
@@ -482,11 +434,15 @@ def spmm(graph, x, edge_weight=None, reduce="sum", *, num_nodes=None, backend=No
     Args:
         graph: a :class:`Graph`, or an ``edge_index`` [2, E] (then ``num_nodes``).
         x: [N_src, F] or [N_src, H, C] node features.
-        edge_weight: optional [E] (or [E, H] with a 3-D ``x``) in edge order.
+        edge_weight: optional [E] (or [E, H] with a 3-D ``x``) in edge order;
+            read where it is on every call (no copy is kept).
         reduce: ``"sum"``, ``"mean"`` (divides by the in-degree), ``"max"`` or
             ``"min"`` (gradients go to the first arg-extremum edge).
-            Destinations with no incoming edge get 0.
-        backend: force ``"cpp"``, ``"triton"``, ``"cuda"`` or ``"reference"``.
+            Destinations with no incoming edge get 0.  NaN propagates: a NaN
+            message makes a sum or mean NaN, and is the extremum of a max or
+            min (its first edge gets the gradient).
+        backend: force ``"cpp"``, ``"triton"``, ``"cuda"`` or ``"reference"``
+            (``"cuda"`` has the forward only).
 
     Returns:
         [N_dst, F] (or [N_dst, H, C]), dtype of ``x``.
@@ -498,12 +454,12 @@ def spmm(graph, x, edge_weight=None, reduce="sum", *, num_nodes=None, backend=No
         torch.Size([3, 4])
     """
     graph = as_graph(graph, num_nodes)
-    check_choice("reduce", reduce, REDUCES)
-    _check_tensor("x", x, graph, (2, 3))
+    code = reduce_code(reduce)
+    _check_input("x", x, graph, (2, 3))
     if x.shape[0] != graph.num_src:
         raise ValueError(f"x has {x.shape[0]} rows but the graph has {graph.num_src} source nodes")
     if edge_weight is not None:
-        _check_tensor("edge_weight", edge_weight, graph, (1, 2), x.dtype)
+        _check_input("edge_weight", edge_weight, graph, (1, 2), x.dtype)
         if edge_weight.shape[0] != graph.num_edges:
             raise ValueError(
                 f"edge_weight has {edge_weight.shape[0]} entries but the graph has {graph.num_edges} edges"
@@ -513,31 +469,19 @@ def spmm(graph, x, edge_weight=None, reduce="sum", *, num_nodes=None, backend=No
                 f"edge_weight of shape [E, H] needs x of shape [N, H, C] with the same H; "
                 f"got edge_weight {tuple(edge_weight.shape)} and x {tuple(x.shape)}"
             )
-
-    def kernel():
-        kd = _kernel_dtype(x, x.device.type)
-        x2 = x.reshape(x.shape[0], math.prod(x.shape[1:])).to(kd).contiguous()
-        w = None
-        if edge_weight is not None:
-            w = graph.to_csr_order(edge_weight.to(kd))
-            w = (w if w.dim() == 2 else w.unsqueeze(1)).contiguous()
-        csc = (
-            graph.csc
-            if torch.is_grad_enabled() and (x.requires_grad or (w is not None and w.requires_grad))
-            else _no_csc(graph)
-        )
-        out, _ = _spmm_op(graph.rowptr, graph.col, *csc, w, x2, reduce)
-        return out.view((graph.num_dst,) + tuple(x.shape[1:])).to(x.dtype)
-
-    return _run(backend, x.device, "spmm", kernel, lambda: ref.spmm(graph, x, edge_weight, reduce))
-
-
-def _no_csc(graph):
-    # Forward-only calls skip building the transpose.
-    if graph._csc is not None:
-        return graph._csc
-    e = graph.rowptr.new_empty((0,))
-    return (graph.rowptr.new_zeros((graph.num_src + 1,)), e, e)
+    grad = _records_grad(x, edge_weight)
+    backend = _backend.resolve(backend, x.device, "spmm", grad)
+    kd = _kernel_dtype(x)
+    x2 = x.reshape(x.shape[0], math.prod(x.shape[1:])).to(kd).contiguous()
+    w = wid = cwid = None
+    if edge_weight is not None:
+        w = edge_weight.to(kd)
+        w = (w if w.dim() == 2 else w.unsqueeze(1)).contiguous()
+        wid = graph.weight_index
+        if wid is not None and grad:
+            cwid = graph.csc_eid
+    out, _ = _ops.spmm(graph.rowptr, graph.col, *_csc_for(graph, grad), cwid, w, wid, x2, code, backend)
+    return out.view((graph.num_dst,) + tuple(x.shape[1:])).to(x.dtype)
 
 
 def sddmm(graph, a, b, *, num_nodes=None, backend=None):
@@ -547,7 +491,8 @@ def sddmm(graph, a, b, *, num_nodes=None, backend=None):
         a: [N_src, H, C] (or [N_src, C]); b: [N_dst, H, C] (or [N_dst, C]).
 
     Returns:
-        [E, H] (or [E]) in edge order.
+        [E, H] (or [E]) in edge order.  NaN in a row of ``a`` or ``b`` makes
+        the dot products that read it NaN.
 
     Example::
 
@@ -555,8 +500,8 @@ def sddmm(graph, a, b, *, num_nodes=None, backend=None):
         torch.Size([3, 2])
     """
     graph = as_graph(graph, num_nodes)
-    _check_tensor("a", a, graph, (2, 3))
-    _check_tensor("b", b, graph, (2, 3), a.dtype)
+    _check_input("a", a, graph, (2, 3))
+    _check_input("b", b, graph, (2, 3), a.dtype)
     if a.dim() != b.dim() or a.shape[1:] != b.shape[1:]:
         raise ValueError(
             f"a and b must agree past the node dimension, got {tuple(a.shape)} and {tuple(b.shape)}"
@@ -565,17 +510,14 @@ def sddmm(graph, a, b, *, num_nodes=None, backend=None):
         raise ValueError(f"a has {a.shape[0]} rows but the graph has {graph.num_src} source nodes")
     if b.shape[0] != graph.num_dst:
         raise ValueError(f"b has {b.shape[0]} rows but the graph has {graph.num_dst} destination nodes")
-
-    def kernel():
-        kd = _kernel_dtype(a, a.device.type)
-        a3 = (a if a.dim() == 3 else a.unsqueeze(1)).to(kd).contiguous()
-        b3 = (b if b.dim() == 3 else b.unsqueeze(1)).to(kd).contiguous()
-        csc = graph.csc if torch.is_grad_enabled() and a.requires_grad else _no_csc(graph)
-        out = _sddmm_op(graph.rowptr, graph.col, *csc, a3, b3)
-        out = graph.from_csr_order(out).to(a.dtype)
-        return out if a.dim() == 3 else out.squeeze(1)
-
-    return _run(backend, a.device, "sddmm", kernel, lambda: ref.sddmm(graph, a, b))
+    grad = _records_grad(a, b)
+    backend = _backend.resolve(backend, a.device, "sddmm", grad)
+    kd = _kernel_dtype(a)
+    a3 = (a if a.dim() == 3 else a.unsqueeze(1)).to(kd).contiguous()
+    b3 = (b if b.dim() == 3 else b.unsqueeze(1)).to(kd).contiguous()
+    out = _ops.sddmm(graph.rowptr, graph.col, *_csc_for(graph, grad and a.requires_grad), a3, b3, backend)
+    out = graph.from_csr_order(out).to(a.dtype)
+    return out if a.dim() == 3 else out.squeeze(1)
 
 
 def edge_softmax(graph, scores, *, num_nodes=None, backend=None):
@@ -585,26 +527,23 @@ def edge_softmax(graph, scores, *, num_nodes=None, backend=None):
         scores: [E] or [E, H] in edge order.
 
     Returns:
-        the same shape; each destination's incoming edges sum to 1.
+        the same shape; each destination's incoming edges sum to 1.  A NaN
+        score makes its destination's whole softmax NaN.
 
     Example::
 
         >>> p = edge_softmax(g, torch.randn(g.num_edges, 4))
     """
     graph = as_graph(graph, num_nodes)
-    _check_tensor("scores", scores, graph, (1, 2))
+    _check_input("scores", scores, graph, (1, 2))
     if scores.shape[0] != graph.num_edges:
         raise ValueError(f"scores has {scores.shape[0]} entries but the graph has {graph.num_edges} edges")
-
-    def kernel():
-        kd = _kernel_dtype(scores, scores.device.type)
-        s = graph.to_csr_order(scores.to(kd))
-        s2 = (s if s.dim() == 2 else s.unsqueeze(1)).contiguous()
-        p = _edge_softmax_op(graph.rowptr, s2)
-        p = graph.from_csr_order(p if scores.dim() == 2 else p.squeeze(1))
-        return p.to(scores.dtype)
-
-    return _run(backend, scores.device, "edge_softmax", kernel, lambda: ref.edge_softmax(graph, scores))
+    backend = _backend.resolve(backend, scores.device, "edge_softmax", _records_grad(scores))
+    s = graph.to_csr_order(scores.to(_kernel_dtype(scores)))
+    s2 = (s if s.dim() == 2 else s.unsqueeze(1)).contiguous()
+    p = _ops.edge_softmax(graph.rowptr, s2, backend)
+    p = graph.from_csr_order(p if scores.dim() == 2 else p.squeeze(1))
+    return p.to(scores.dtype)
 
 
 def gat_aggregate(graph, h, a_src, a_dst, negative_slope=0.2, *, num_nodes=None, backend=None):
@@ -618,16 +557,18 @@ def gat_aggregate(graph, h, a_src, a_dst, negative_slope=0.2, *, num_nodes=None,
         negative_slope: LeakyReLU slope (finite).
 
     Returns:
-        [N_dst, H, C]; destinations with no incoming edge get 0.
+        [N_dst, H, C]; destinations with no incoming edge get 0.  A NaN
+        attention logit (from ``a_src`` or ``a_dst``) makes its destination's
+        output NaN, in that head.
 
     Example::
 
         >>> out = gat_aggregate(g, torch.randn(3, 2, 8), torch.randn(3, 2), torch.randn(3, 2))
     """
     graph = as_graph(graph, num_nodes)
-    _check_tensor("h", h, graph, (3,))
-    _check_tensor("a_src", a_src, graph, (2,), h.dtype)
-    _check_tensor("a_dst", a_dst, graph, (2,), h.dtype)
+    _check_input("h", h, graph, (3,))
+    _check_input("a_src", a_src, graph, (2,), h.dtype)
+    _check_input("a_dst", a_dst, graph, (2,), h.dtype)
     H = h.shape[1]
     if h.shape[0] != graph.num_src:
         raise ValueError(f"h has {h.shape[0]} rows but the graph has {graph.num_src} source nodes")
@@ -635,27 +576,13 @@ def gat_aggregate(graph, h, a_src, a_dst, negative_slope=0.2, *, num_nodes=None,
         raise ValueError(f"a_src must have shape [N_src, H]=[{graph.num_src}, {H}], got {tuple(a_src.shape)}")
     if a_dst.shape != (graph.num_dst, H):
         raise ValueError(f"a_dst must have shape [N_dst, H]=[{graph.num_dst}, {H}], got {tuple(a_dst.shape)}")
-    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
-        raise TypeError(f"negative_slope must be a float, got {type(negative_slope).__name__}")
-    negative_slope = float(negative_slope)
-    if negative_slope != negative_slope or negative_slope in (float("inf"), float("-inf")):
-        raise ValueError(f"negative_slope must be finite, got {negative_slope}")
-
-    def kernel():
-        kd = _kernel_dtype(h, h.device.type)
-        hs, s, d = (t.to(kd).contiguous() for t in (h, a_src, a_dst))
-        need = torch.is_grad_enabled() and any(t.requires_grad for t in (h, a_src, a_dst))
-        csc = graph.csc if need else _no_csc(graph)
-        out, _ = _gat_op(graph.rowptr, graph.col, *csc, hs, s, d, negative_slope)
-        return out.to(h.dtype)
-
-    return _run(
-        backend,
-        h.device,
-        "gat_aggregate",
-        kernel,
-        lambda: ref.gat_aggregate(graph, h, a_src, a_dst, negative_slope),
-    )
+    negative_slope = check_real("negative_slope", negative_slope)
+    grad = _records_grad(h, a_src, a_dst)
+    backend = _backend.resolve(backend, h.device, "gat_aggregate", grad)
+    kd = _kernel_dtype(h)
+    hs, s, d = (t.to(kd).contiguous() for t in (h, a_src, a_dst))
+    out, _ = _ops.gat_aggregate(graph.rowptr, graph.col, *_csc_for(graph, grad), hs, s, d, negative_slope, backend)
+    return out.to(h.dtype)
 
 
-__all__ = ["Graph", "spmm", "sddmm", "edge_softmax", "gat_aggregate"]
+__all__ = ["Graph", "REDUCES", "spmm", "sddmm", "edge_softmax", "gat_aggregate"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-REDUCES = ("sum", "mean", "max", "min")
+from .._reduce import REDUCES
 
 
 def _broadcast_weight(w: torch.Tensor, x_src: torch.Tensor) -> torch.Tensor:
@@ -21,21 +21,34 @@ def _broadcast_weight(w: torch.Tensor, x_src: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape + (1,) * (x_src.dim() - w.dim()))
 
 
-def _first_arg_extremum(msg, dst, num_dst, reduce):
-    """Per destination and feature, the first edge (lowest edge id) whose
-    message equals the max (min).  Ties resolve to the first edge so that the
-    routed gradient is well defined, matching the kernels."""
+def first_arg_extremum(msg, dst, num_dst, reduce):
+    """Per destination and feature, the edge (lowest edge id) whose message is the max (min).
+
+    Ties resolve to the first edge so that the routed gradient is well
+    defined.  A NaN message is the extremum, as in ``torch.amax``: the first
+    NaN edge is chosen, and the output is NaN.  Returns E where the
+    destination has no edge.
+    """
     E = msg.shape[0]
     idx = dst.view((E,) + (1,) * (msg.dim() - 1)).expand_as(msg)
+    m = msg.detach()
+    nan = torch.isnan(m)
     amax = "amax" if reduce == "max" else "amin"
+    # NaN messages take no part in finding the (non-NaN) extremum...
+    neutral = float("-inf") if reduce == "max" else float("inf")
     ext = torch.zeros((num_dst,) + msg.shape[1:], dtype=msg.dtype, device=msg.device)
-    ext = ext.scatter_reduce(0, idx, msg.detach(), amax, include_self=False)
-    hit = msg.detach() == ext.gather(0, idx)
+    ext = ext.scatter_reduce(0, idx, m.masked_fill(nan, neutral), amax, include_self=False)
+    hit = (m == ext.gather(0, idx)) & ~nan
     eid = torch.arange(E, device=msg.device).view((E,) + (1,) * (msg.dim() - 1)).expand_as(msg)
-    big = torch.full_like(eid, E)
-    first = torch.full((num_dst,) + msg.shape[1:], E, dtype=torch.int64, device=msg.device)
-    first = first.scatter_reduce(0, idx, torch.where(hit, eid, big), "amin", include_self=True)
-    return first  # == E where the destination has no edge
+    none = torch.full_like(eid, E)
+
+    def first(where):
+        out = torch.full((num_dst,) + msg.shape[1:], E, dtype=torch.int64, device=msg.device)
+        return out.scatter_reduce(0, idx, torch.where(where, eid, none), "amin", include_self=True)
+
+    # ... but the first of them, if there is one, wins.
+    first_nan = first(nan)
+    return torch.where(first_nan < E, first_nan, first(hit))
 
 
 def spmm(graph, x, edge_weight=None, reduce="sum"):
@@ -53,7 +66,7 @@ def spmm(graph, x, edge_weight=None, reduce="sum"):
             cnt = torch.bincount(dst, minlength=graph.num_dst).clamp(min=1).to(out.dtype)
             out = out / cnt.view((-1,) + (1,) * (out.dim() - 1))
         return out
-    first = _first_arg_extremum(msg, dst, graph.num_dst, reduce)
+    first = first_arg_extremum(msg, dst, graph.num_dst, reduce)
     empty = first == graph.num_edges
     # Gather the chosen message so that autograd routes the gradient to it alone.
     padded = torch.cat([msg, msg.new_zeros((1,) + tuple(msg.shape[1:]))], 0)

@@ -6,7 +6,7 @@ import torch
 from frontiers_fast.nn.deq import DEQFixedPoint
 from frontiers_fast.ops import deq as ops
 
-from ..conftest import assert_close
+from ..helpers import assert_close
 from .cells import contraction, unrolled_picard
 
 LIP = 0.5

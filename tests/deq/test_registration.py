@@ -6,7 +6,7 @@ import torch
 from frontiers_fast.ops import deq as ops
 from frontiers_fast.reference import deq as ref
 
-from ..conftest import assert_close
+from ..helpers import assert_close
 
 tops = torch.ops.frontiers_fast
 F64 = dict(dtype=torch.float64)

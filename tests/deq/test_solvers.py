@@ -8,7 +8,7 @@ import torch
 from frontiers_fast.ops import deq as ops
 from frontiers_fast.reference import deq as ref
 
-from ..conftest import assert_close
+from ..helpers import assert_close
 from .cells import contraction
 
 SOLVERS = ["anderson", "broyden", "picard"]

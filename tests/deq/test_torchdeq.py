@@ -18,7 +18,7 @@ import torch
 
 from frontiers_fast.ops import deq as ops
 
-from ..conftest import assert_close
+from ..helpers import assert_close
 from .cells import contraction
 
 torchdeq_solver = pytest.importorskip("torchdeq.solver")

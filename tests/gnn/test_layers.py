@@ -5,7 +5,7 @@ import torch
 
 import frontiers_fast as ff
 
-from ..conftest import assert_close
+from ..helpers import assert_close
 from .graphs import random_graph
 
 pyg = pytest.importorskip("torch_geometric.nn")

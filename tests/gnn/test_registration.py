@@ -4,81 +4,70 @@ import pytest
 import torch
 
 import frontiers_fast as ff
+from frontiers_fast._reduce import MAX, REDUCES
 from frontiers_fast.reference import gnn as ref
 
-from ..conftest import assert_close
+from ..helpers import assert_close, check_compiled, first_cpu_backend, opcheck
 from .graphs import random_graph
 
 ops = torch.ops.frontiers_fast
+B = first_cpu_backend("spmm")
 
 
 def _graph_tensors(g):
     return (g.rowptr, g.col, *g.csc)
 
 
-def _opcheck(op, args):
-    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration",
-                                               "test_aot_dispatch_dynamic"))  # fmt: skip
-
-
-@pytest.mark.parametrize("reduce", ["sum", "mean", "max", "min"])
+@pytest.mark.parametrize("reduce", range(len(REDUCES)), ids=REDUCES)
 def test_opcheck_spmm(reduce):
     g = random_graph(23, 90)
     x = torch.randn(23, 6, dtype=torch.float64, requires_grad=True)
     w = torch.rand(g.num_edges, 2, dtype=torch.float64, requires_grad=True)
-    _opcheck(ops.spmm, (*_graph_tensors(g), w, x, reduce))
-    _opcheck(ops.spmm, (*_graph_tensors(g), None, x, reduce))
+    opcheck(ops.spmm, (*_graph_tensors(g), g.csc_eid, w, g.perm, x, reduce, B))
+    opcheck(ops.spmm, (*_graph_tensors(g), None, w, None, x, reduce, B))
+    opcheck(ops.spmm, (*_graph_tensors(g), None, None, None, x, reduce, B))
 
 
 def test_opcheck_sddmm_softmax_gat():
     g = random_graph(19, 70, 11)
     a = torch.randn(19, 2, 4, dtype=torch.float64, requires_grad=True)
     b = torch.randn(11, 2, 4, dtype=torch.float64, requires_grad=True)
-    _opcheck(ops.sddmm, (*_graph_tensors(g), a, b))
+    opcheck(ops.sddmm, (*_graph_tensors(g), a, b, B))
     s = torch.randn(g.num_edges, 3, dtype=torch.float64, requires_grad=True)
-    _opcheck(ops.edge_softmax, (g.rowptr, s))
+    opcheck(ops.edge_softmax, (g.rowptr, s, B))
     h = torch.randn(19, 2, 5, dtype=torch.float64, requires_grad=True)
     asrc = torch.randn(19, 2, dtype=torch.float64, requires_grad=True)
     adst = torch.randn(11, 2, dtype=torch.float64, requires_grad=True)
-    _opcheck(ops.gat_aggregate, (*_graph_tensors(g), h, asrc, adst, 0.2))
+    opcheck(ops.gat_aggregate, (*_graph_tensors(g), h, asrc, adst, 0.2, B))
 
 
 def test_opcheck_kernel_ops():
     g = random_graph(17, 60)
     x = torch.randn(17, 4, dtype=torch.float64)
     w = torch.rand(g.num_edges, 1, dtype=torch.float64)
-    plain = ("test_schema", "test_faketensor")
-    for reduce in ["sum", "max"]:
-        torch.library.opcheck(ops.spmm_fwd, (g.rowptr, g.col, w, x, reduce), test_utils=plain)
-        out, arg = ops.spmm_fwd(g.rowptr, g.col, w, x, reduce)
+    for reduce in (0, MAX):
+        opcheck(ops.spmm_fwd, (g.rowptr, g.col, w, g.perm, x, reduce, B), full=False)
+        out, arg = ops.spmm_fwd(g.rowptr, g.col, w, g.perm, x, reduce, B)
         go = torch.randn_like(out)
-        torch.library.opcheck(
-            ops.spmm_bwd, (*g.csc, g.rowptr, g.col, w, x, go, arg, reduce, True, True), test_utils=plain
-        )
+        args = (*g.csc, g.rowptr, g.col, w, g.perm, g.csc_eid, x, go, arg, reduce, True, True, B)
+        opcheck(ops.spmm_bwd, args, full=False)
     s = torch.randn(g.num_edges, 2, dtype=torch.float64)
-    p = ops.edge_softmax_fwd(g.rowptr, s)
-    torch.library.opcheck(ops.edge_softmax_fwd, (g.rowptr, s), test_utils=plain)
-    torch.library.opcheck(ops.edge_softmax_bwd, (g.rowptr, p, torch.randn_like(p)), test_utils=plain)
+    p = ops.edge_softmax_fwd(g.rowptr, s, B)
+    opcheck(ops.edge_softmax_fwd, (g.rowptr, s, B), full=False)
+    opcheck(ops.edge_softmax_bwd, (g.rowptr, p, torch.randn_like(p), B), full=False)
     h = torch.randn(17, 2, 3, dtype=torch.float64)
     a1, a2 = torch.randn(17, 2, dtype=torch.float64), torch.randn(17, 2, dtype=torch.float64)
-    torch.library.opcheck(ops.sddmm_fwd, (g.rowptr, g.col, h, h), test_utils=plain)
-    torch.library.opcheck(ops.gat_fwd, (g.rowptr, g.col, h, a1, a2, 0.2), test_utils=plain)
-    out, lse = ops.gat_fwd(g.rowptr, g.col, h, a1, a2, 0.2)
-    torch.library.opcheck(
-        ops.gat_bwd,
-        (g.rowptr, g.col, *g.csc, h, a1, a2, 0.2, out, lse, torch.randn_like(out)),
-        test_utils=plain,
-    )
+    opcheck(ops.sddmm_fwd, (g.rowptr, g.col, h, h, B), full=False)
+    opcheck(ops.gat_fwd, (g.rowptr, g.col, h, a1, a2, 0.2, B), full=False)
+    out, lse = ops.gat_fwd(g.rowptr, g.col, h, a1, a2, 0.2, B)
+    opcheck(ops.gat_bwd, (g.rowptr, g.col, *g.csc, h, a1, a2, 0.2, out, lse, torch.randn_like(out), B), full=False)
+    keys = torch.randint(0, 9, (50,))
+    opcheck(ops.stable_bucket_sort, (keys, 9, B), full=False)
 
 
 def test_compile_fullgraph_cpu():
-    torch._dynamo.reset()
     g = random_graph(41, 200)
     _ = g.csc  # build the transpose outside the compiled region
-    x = torch.randn(41, 2, 8, requires_grad=True)
-    s = torch.randn(41, 2, requires_grad=True)
-    d = torch.randn(41, 2, requires_grad=True)
-    w = torch.rand(g.num_edges, requires_grad=True)
 
     def model(x, s, d, w):
         y = ff.gat_aggregate(g, x, s, d)
@@ -86,14 +75,8 @@ def test_compile_fullgraph_cpu():
         e = ff.sddmm(g, y.view(41, 2, 8), y.view(41, 2, 8))
         return y.sum() + ff.edge_softmax(g, e).pow(2).sum()
 
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    got = compiled(x, s, d, w)
-    gx = torch.autograd.grad(got, [x, s, d, w])
-    want = model(x, s, d, w)
-    wx = torch.autograd.grad(want, [x, s, d, w])
-    assert_close(got, want)
-    for a, b in zip(gx, wx):
-        assert_close(a, b)
+    leaves = [torch.randn(41, 2, 8), torch.randn(41, 2), torch.randn(41, 2), torch.rand(g.num_edges)]
+    check_compiled(model, [t.requires_grad_(True) for t in leaves])
 
 
 def test_compile_inductor_layer():

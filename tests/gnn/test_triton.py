@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from frontiers_fast import Graph
+from frontiers_fast._reduce import MAX, MEAN, MIN, REDUCES
 from frontiers_fast.ops import gnn as ops
-from tests.conftest import assert_close
+from tests.helpers import assert_close
 from tests.gnn.graphs import GRAPH_CASES, random_graph
 
 pytest.importorskip("triton")
@@ -75,21 +76,29 @@ def _f64(t):
 # ---------------------------------------------------------------------------
 # spmm
 # ---------------------------------------------------------------------------
-def _check_spmm(g, reduce, hw, F, dtype, device):
+def _weight_layout(g, w, user_order):
+    """(weight, weight_index, csc_weight_index): w read in CSR order, or in the user's order through perm."""
+    if w is None or not user_order:
+        return w, None, None
+    return g.from_csr_order(w), g.perm, g.csc_eid
+
+
+def _check_spmm(g, reduce, hw, F, dtype, device, user_order=False):
     """Forward (out, arg) and both gradients against the reference."""
     x = _randn(g.num_src, F, dtype=dtype, device=device)
     w = None if hw is None else _randn(g.num_edges, hw, dtype=dtype, device=device)
-    out, arg = K.spmm_fwd(g.rowptr, g.col, w, x, reduce)
-    ref_out, ref_arg = ops._ref_spmm_fwd(g.rowptr, g.col, _f64(w), x.double(), reduce)
+    w, wid, cwid = _weight_layout(g, w, user_order)
+    out, arg = K.spmm_fwd(g.rowptr, g.col, w, wid, x, reduce)
+    ref_out, ref_arg = ops._ref_spmm_fwd(g.rowptr, g.col, _f64(w), wid, x.double(), reduce)
     assert out.dtype == dtype and out.shape == (g.num_dst, F)
     assert_close(out, ref_out)
     assert arg.dtype == torch.int64
     assert torch.equal(arg, ref_arg), "arg differs from the first arg-extremum edge"
 
     grad_out = _randn(g.num_dst, F, dtype=dtype, device=device)
-    gx, gw = K.spmm_bwd(*g.csc, g.rowptr, g.col, w, x, grad_out, arg, reduce, True, True)
+    gx, gw = K.spmm_bwd(*g.csc, g.rowptr, g.col, w, wid, cwid, x, grad_out, arg, reduce, True, True)
     ref_gx, ref_gw = ops._ref_spmm_bwd(
-        *g.csc, g.rowptr, g.col, _f64(w), x.double(), grad_out.double(), ref_arg, reduce, True, True
+        *g.csc, g.rowptr, g.col, _f64(w), wid, cwid, x.double(), grad_out.double(), ref_arg, reduce, True, True
     )
     assert gx.dtype == dtype and gx.shape == x.shape
     assert_close(gx, ref_gx)
@@ -102,53 +111,53 @@ def _check_spmm(g, reduce, hw, F, dtype, device):
 
 # mean covers the sum path plus the degree scaling, max the arg-extremum path
 # (min is max on negated messages); every reduce runs on every weight layout below.
-@pytest.mark.parametrize("reduce", ["mean", "max"])
+@pytest.mark.parametrize("reduce", [MEAN, MAX])
 @pytest.mark.parametrize("case", GRAPHS)
 @pytest.mark.parametrize("device,dtype", SWEEP)
 def test_spmm_graphs(device, dtype, case, reduce):
-    _check_spmm(_graph(case, device), reduce, 1, 33, dtype, device)
+    _check_spmm(_graph(case, device), reduce, 1, 33, dtype, device, user_order=True)
 
 
 WEIGHT_LAYOUTS = [(None, 1), (None, 33), (1, 1), (1, 33), (3, 33)]  # (Hw or None, F)
 
 
+@pytest.mark.parametrize("user_order", [False, True], ids=["csr-order", "user-order"])
 @pytest.mark.parametrize("hw,F", WEIGHT_LAYOUTS)
-@pytest.mark.parametrize("reduce", ops.REDUCES)
+@pytest.mark.parametrize("reduce", range(len(REDUCES)), ids=REDUCES)
 @pytest.mark.parametrize("device,dtype", SWEEP)
-def test_spmm_weights(device, dtype, reduce, hw, F):
-    _check_spmm(_graph(SMALL_GRAPH, device), reduce, hw, F, dtype, device)
+def test_spmm_weights(device, dtype, reduce, hw, F, user_order):
+    _check_spmm(_graph(SMALL_GRAPH, device), reduce, hw, F, dtype, device, user_order)
 
 
 # on CPU, float64 runs the heads layout only; on CUDA test_spmm_weights covers it all
-@pytest.mark.parametrize("reduce", ops.REDUCES)
+@pytest.mark.parametrize("reduce", range(len(REDUCES)), ids=REDUCES)
 @pytest.mark.parametrize("device,dtype", [p for p in SMALL if p.values == ("cpu", torch.float64)])
 def test_spmm_float64_cpu(device, dtype, reduce):
-    _check_spmm(_graph(SMALL_GRAPH, device), reduce, 3, 33, dtype, device)
+    _check_spmm(_graph(SMALL_GRAPH, device), reduce, 3, 33, dtype, device, user_order=True)
 
 
-@pytest.mark.parametrize("reduce", ["mean", "min"])
+@pytest.mark.parametrize("reduce", [MEAN, MIN])
 @pytest.mark.parametrize("device,dtype", SMALL)
 def test_spmm_bwd_need_flags(device, dtype, reduce):
     g = _graph(SMALL_GRAPH, device)
     F, hw = 6, 2
     x = _randn(g.num_src, F, dtype=dtype, device=device)
-    w = _randn(g.num_edges, hw, dtype=dtype, device=device)
-    out, arg = K.spmm_fwd(g.rowptr, g.col, w, x, reduce)
+    w, wid, cwid = _weight_layout(g, _randn(g.num_edges, hw, dtype=dtype, device=device), True)
+    out, arg = K.spmm_fwd(g.rowptr, g.col, w, wid, x, reduce)
     go = _randn(g.num_dst, F, dtype=dtype, device=device)
     ref_gx, ref_gw = ops._ref_spmm_bwd(
-        *g.csc, g.rowptr, g.col, w.double(), x.double(), go.double(), arg, reduce, True, True
+        *g.csc, g.rowptr, g.col, w.double(), wid, cwid, x.double(), go.double(), arg, reduce, True, True
     )
-
     # only grad_x: x may be an empty [0, F] placeholder (autograd does not save it)
-    gx, gw = K.spmm_bwd(*g.csc, g.rowptr, g.col, w, x[:0], go, arg, reduce, True, False)
+    gx, gw = K.spmm_bwd(*g.csc, g.rowptr, g.col, w, wid, cwid, x[:0], go, arg, reduce, True, False)
     assert_close(gx, ref_gx)
     assert gw.numel() == 0
     # only grad_w
-    gx, gw = K.spmm_bwd(*g.csc, g.rowptr, g.col, w, x, go, arg, reduce, False, True)
+    gx, gw = K.spmm_bwd(*g.csc, g.rowptr, g.col, w, wid, cwid, x, go, arg, reduce, False, True)
     assert gx.numel() == 0
     assert_close(gw, ref_gw)
     # neither
-    gx, gw = K.spmm_bwd(*g.csc, g.rowptr, g.col, w, x, go, arg, reduce, False, False)
+    gx, gw = K.spmm_bwd(*g.csc, g.rowptr, g.col, w, wid, cwid, x, go, arg, reduce, False, False)
     assert gx.numel() == 0 and gw.numel() == 0
 
 
@@ -159,25 +168,33 @@ def test_spmm_noncontiguous_and_deterministic(device):
     x = big[:, ::2]  # [N, 33], stride 66
     w = torch.randn(3, g.num_edges, device=device).t()  # [E, 3], column-major
     assert not x.is_contiguous() and not w.is_contiguous()
-    out, arg = K.spmm_fwd(g.rowptr, g.col, w, x, "max")
-    ref_out, ref_arg = ops._ref_spmm_fwd(g.rowptr, g.col, w.double(), x.double(), "max")
+    out, arg = K.spmm_fwd(g.rowptr, g.col, w, g.perm, x, MAX)
+    ref_out, ref_arg = ops._ref_spmm_fwd(g.rowptr, g.col, w.double(), g.perm, x.double(), MAX)
     assert_close(out, ref_out)
     assert torch.equal(arg, ref_arg)
     go = torch.randn(g.num_dst, 66, device=device)[:, 1::2]
-    first = K.spmm_bwd(*g.csc, g.rowptr, g.col, w, x, go, arg, "max", True, True)
-    again = K.spmm_bwd(*g.csc, g.rowptr, g.col, w, x, go, arg, "max", True, True)
+    args = (*g.csc, g.rowptr, g.col, w, g.perm, g.csc_eid, x, go, arg, MAX, True, True)
+    first, again = K.spmm_bwd(*args), K.spmm_bwd(*args)
     ref = ops._ref_spmm_bwd(
-        *g.csc, g.rowptr, g.col, w.double(), x.double(), go.double(), ref_arg, "max", True, True
+        *g.csc, g.rowptr, g.col, w.double(), g.perm, g.csc_eid, x.double(), go.double(), ref_arg, MAX, True, True
     )
     for a, b, r in zip(first, again, ref):
         assert torch.equal(a, b), "the backward has no atomics, so it must be bitwise reproducible"
         assert_close(a, r)
 
 
-def test_spmm_bad_reduce():
-    g = _graph(SMALL_GRAPH, "cpu")
-    with pytest.raises(ValueError, match="reduce"):  # raised by the launcher, before any launch
-        K.spmm_fwd(g.rowptr, g.col, None, torch.randn(g.num_src, 4), "prod")
+@pytest.mark.parametrize("reduce", [MAX, MIN], ids=["max", "min"])
+@pytest.mark.parametrize("device", devices())
+def test_spmm_nan_is_the_extremum(device, reduce):
+    # A NaN message wins (first NaN edge) exactly as in the reference and the C++ kernels.
+    g = _graph("hub", device)
+    x = torch.randn(g.num_src, 5, device=device)
+    x[0, 1] = float("nan")  # node 0 is the hub source: its NaN reaches many rows
+    x[3, 4] = float("nan")
+    out, arg = K.spmm_fwd(g.rowptr, g.col, None, None, x, reduce)
+    ref_out, ref_arg = ops._ref_spmm_fwd(g.rowptr, g.col, None, None, x.double(), reduce)
+    assert_close(out, ref_out, equal_nan=True)
+    assert torch.equal(arg, ref_arg)
 
 
 # ---------------------------------------------------------------------------

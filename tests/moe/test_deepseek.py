@@ -5,7 +5,7 @@ import torch
 
 from frontiers_fast.ops import moe
 
-from ..conftest import assert_close
+from ..helpers import assert_close
 
 ds = pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_v3")
 DeepseekV3Config = pytest.importorskip("transformers").DeepseekV3Config

@@ -9,7 +9,7 @@ from torch import nn
 from frontiers_fast.nn.moe import MixtralSparseMoeBlock, from_mixtral, mixtral_activation
 from frontiers_fast.ops import moe
 
-from ..conftest import assert_close
+from ..helpers import assert_close
 
 mixtral = pytest.importorskip("transformers.models.mixtral.modeling_mixtral")
 MixtralConfig = pytest.importorskip("transformers").MixtralConfig

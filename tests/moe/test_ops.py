@@ -6,7 +6,7 @@ import torch
 from frontiers_fast.ops import moe
 from frontiers_fast.reference import moe as ref
 
-from ..conftest import assert_close
+from ..helpers import assert_close
 from .naive import naive_moe, naive_route, random_moe
 
 E = 16

@@ -6,7 +6,7 @@ import torch
 from frontiers_fast.ops import moe
 from frontiers_fast.reference import moe as ref
 
-from ..conftest import assert_close
+from ..helpers import assert_close
 from .naive import random_moe
 
 ops = torch.ops.frontiers_fast

@@ -8,7 +8,7 @@ import torch
 from frontiers_fast.ops import splat as ops
 from frontiers_fast.reference import splat as ref
 
-from ..conftest import assert_close
+from ..helpers import assert_close
 from .scenes import blend_depth_order, blend_pixel_loop, cameras, gaussians, projected
 
 W, H = 37, 29

@@ -6,7 +6,7 @@ import torch
 from frontiers_fast.ops import splat as splat_ops
 from frontiers_fast.reference import splat as ref
 
-from ..conftest import assert_close
+from ..helpers import assert_close
 from .scenes import cameras, gaussians, projected
 
 ops = torch.ops.frontiers_fast

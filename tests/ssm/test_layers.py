@@ -6,7 +6,7 @@ import torch
 
 from frontiers_fast.nn.ssm import Mamba
 
-from ..conftest import assert_close
+from ..helpers import assert_close
 
 
 def test_step_reproduces_forward():

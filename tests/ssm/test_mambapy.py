@@ -11,7 +11,7 @@ import torch
 from frontiers_fast.ops import ssm as ops
 from frontiers_fast.reference import ssm as ref
 
-from ..conftest import assert_close
+from ..helpers import assert_close
 from .inputs import scan_inputs
 
 mamba = pytest.importorskip("mambapy.mamba")

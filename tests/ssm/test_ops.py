@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from frontiers_fast.ops import ssm as ops
 from frontiers_fast.reference import ssm as ref
 
-from ..conftest import assert_close
+from ..helpers import assert_close
 from .inputs import LAYOUTS, scan_inputs
 
 f64 = torch.float64

@@ -5,7 +5,7 @@ import torch
 
 from frontiers_fast.ops import ssm as ops
 
-from ..conftest import assert_close
+from ..helpers import assert_close
 from .inputs import scan_inputs
 
 tops = torch.ops.frontiers_fast

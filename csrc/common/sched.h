@@ -1,4 +1,5 @@
-// Load balancing for row-wise sparse kernels.
+// Load balancing and thread scheduling for the CPU kernels: row-wise sparse
+// passes (merge-path chunks) and dense ranges.
 //
 // Rows of a CSR matrix are cut into chunks of about equal cost with the
 // merge-path partition (Merrill & Garland, "Merge-based parallel sparse
@@ -19,7 +20,6 @@
 #include <vector>
 
 namespace frontiers_fast {
-namespace gnn {
 
 struct Piece {
   int64_t row, kb, ke;
@@ -129,5 +129,4 @@ inline void for_each_split_row(const Plan& plan, const Fn& fn) {
   }
 }
 
-}  // namespace gnn
 }  // namespace frontiers_fast

@@ -1,4 +1,4 @@
-// Portable 64-byte vectors for the GNN CPU kernels.
+// Portable 64-byte vectors for the CPU kernels of every family.
 //
 // GCC/Clang vector extensions rather than intrinsics: with -march=native on
 // an AVX-512 machine they become zmm registers, and under
@@ -21,7 +21,6 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace frontiers_fast {
-namespace gnn {
 
 template <typename T>
 struct Simd;
@@ -407,5 +406,4 @@ struct SegDot {
   }
 };
 
-}  // namespace gnn
 }  // namespace frontiers_fast

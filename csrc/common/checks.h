@@ -1,0 +1,62 @@
+// Argument checks for the C++ entry points of every family.
+//
+// They guard direct calls of the registered ops (the Python layer has already
+// validated user input), so they are O(1): device, dtype, rank, shape, and
+// the two ends of an offset array.  Index values are trusted, as the Python
+// layer built them.  Every message starts with the op and names the argument.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+#include "common/reduce.h"
+
+namespace frontiers_fast {
+
+inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+}
+
+// A 1-D int64 CPU tensor, made contiguous.
+inline at::Tensor index_arg(const at::Tensor& t, const char* op, const char* name) {
+  check_cpu(t, op, name);
+  TORCH_CHECK(t.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1, op, ": ", name, " must be 1-D, got shape ", t.sizes());
+  return t.contiguous();
+}
+
+// A float32/float64 CPU tensor of `dim` dimensions, made contiguous.
+inline at::Tensor float_arg(const at::Tensor& t, const char* op, const char* name, int64_t dim) {
+  check_cpu(t, op, name);
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
+  return t.contiguous();
+}
+
+inline void same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
+                       const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
+              ref_name, " has ", ref.scalar_type());
+}
+
+// An offset array [n + 1] over `count` entries (of the tensor named `of`): its
+// length and both ends.  Returns n.
+inline int64_t offsets_arg(const at::Tensor& ptr, int64_t count, const char* op, const char* name, const char* of) {
+  TORCH_CHECK(ptr.numel() >= 1, op, ": ", name, " must have at least one entry (n + 1 offsets)");
+  const int64_t* p = ptr.data_ptr<int64_t>();
+  const int64_t n = ptr.numel() - 1;
+  TORCH_CHECK(p[0] == 0, op, ": ", name, "[0] must be 0, got ", p[0]);
+  TORCH_CHECK(p[n] == count, op, ": ", name, "[-1] must equal the length of ", of, " (", count, "), got ", p[n]);
+  return n;
+}
+
+inline Reduce reduce_arg(int64_t code, const char* op) {
+  TORCH_CHECK(code >= 0 && code < kNumReduces, op, ": reduce must be a code in [0, ", kNumReduces,
+              ") (sum, mean, max, min), got ", code);
+  return static_cast<Reduce>(code);
+}
+
+}  // namespace frontiers_fast
