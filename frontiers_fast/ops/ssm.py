@@ -1,7 +1,10 @@
-"""Selective state-space (Mamba) ops: registration, autograd and argument checks.
+"""Selective state-space (Mamba) ops: registration, autograd and the public functions.
 
-Registered in the ``frontiers_fast::`` namespace (every device runs the
-PyTorch reference of :mod:`frontiers_fast.reference.ssm` until kernels land):
+Every op is defined with :func:`frontiers_fast._library.define_op` in the
+``frontiers_fast::`` namespace; the last argument, ``backend``, is left out
+below.  The only backend so far is ``reference`` (the PyTorch code of
+:mod:`frontiers_fast.reference.ssm`, on every device), so forcing ``cpp``,
+``triton`` or ``cuda`` raises ``NotImplementedError`` naming the function.
 
   selective_scan(u, delta, A, B, C, D?, z?, delta_bias?, delta_softplus, initial_state?)
       -> (out, last_state)                                          [autograd]
@@ -14,10 +17,14 @@ PyTorch reference of :mod:`frontiers_fast.reference.ssm` until kernels land):
   selective_state_update(state!, x, dt, A, B, C, D?, z?, dt_bias?, dt_softplus) -> y
   causal_conv1d_update(x, conv_state!, weight, bias?, silu) -> out
 
-The backward ops return a [0]-shaped tensor in place of the gradient of an
-absent optional input.  The two decoding ops write their state in place and
-have no autograd: they serve inference, and the public functions run them
-under ``torch.no_grad()``.
+The backward ops compute every gradient and hand back :func:`absent` for an
+optional input that was None.  The two decoding ops write their state in
+place and have no autograd: they serve inference, and the public functions
+run them under ``torch.no_grad()``.
+
+NaN in any tensor argument propagates along the data flow of the recurrence
+(each public function's docstring says where to); no value is read to
+validate an argument, so meta tensors and torch.compile see the same checks.
 """
 
 from __future__ import annotations
@@ -26,273 +33,232 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._checks import check_bool, check_dims, check_same_device, check_tensor
+from .._checks import (
+    FLOATS,
+    check_bool,
+    check_choice,
+    check_dims,
+    check_same_device,
+    check_shape,
+    check_tensor,
+    check_writable,
+)
+from .._library import absent, define_op
 from ..reference import ssm as ref
 
-NS = "frontiers_fast"
-_IMPLEMENTED = ("reference",)
 _ops = torch.ops.frontiers_fast
 
 
-def _absent(like: Tensor) -> Tensor:
-    return like.new_empty((0,))
-
-
 # ---------------------------------------------------------------------------
-# selective_scan
+# reference implementations in the ops' calling convention
 # ---------------------------------------------------------------------------
-@torch.library.custom_op(f"{NS}::selective_scan", mutates_args=())
-def _selective_scan_op(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None,
-    z: Tensor | None,
-    delta_bias: Tensor | None,
-    delta_softplus: bool,
-    initial_state: Tensor | None,
-) -> tuple[Tensor, Tensor]:
+def _ref_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
     out, last = ref.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True, initial_state)
-    # The last state is a view of the stacked states: hand back its own storage.
+    # The last state is a view of the stacked states: give it storage of its own.
     return out.contiguous(), last.clone(memory_format=torch.contiguous_format)
 
 
-@_selective_scan_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+def _ref_selective_scan_bwd(
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, grad_out, grad_last_state
+):
+    grads = ref.selective_scan_bwd(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, grad_out, grad_last_state
+    )
+    return tuple(absent(u) if g is None else g.contiguous() for g in grads)
+
+
+def _ref_causal_conv1d(x, weight, bias, initial_states, silu):
+    out, final = ref.causal_conv1d(x, weight, bias, "silu" if silu else None, initial_states, True)
+    return out.contiguous(), final.clone(memory_format=torch.contiguous_format)
+
+
+def _ref_causal_conv1d_bwd(x, weight, bias, initial_states, silu, grad_out, grad_final_states):
+    grads = ref.causal_conv1d_bwd(
+        x, weight, bias, "silu" if silu else None, initial_states, grad_out, grad_final_states
+    )
+    # grad_x and grad_initial_states are slices of one buffer, and outputs may not alias.
+    return tuple(absent(x) if g is None else g.clone(memory_format=torch.contiguous_format) for g in grads)
+
+
+def _ref_causal_conv1d_update(x, conv_state, weight, bias, silu):
+    return ref.causal_conv1d_update(x, conv_state, weight, bias, "silu" if silu else None)
+
+
+# ---------------------------------------------------------------------------
+# fakes
+# ---------------------------------------------------------------------------
+def _fake_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, backend):
     torch._check(u.dim() == 3, lambda: "u must be [batch, dim, L]")
     torch._check(A.dim() == 2, lambda: "A must be [dim, N]")
     ct = ref.compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     return u.new_empty(u.shape), u.new_empty((u.shape[0], u.shape[1], A.shape[1]), dtype=ct)
 
 
-@torch.library.custom_op(f"{NS}::selective_scan_bwd", mutates_args=())
-def _selective_scan_bwd_op(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None,
-    z: Tensor | None,
-    delta_bias: Tensor | None,
-    delta_softplus: bool,
-    initial_state: Tensor | None,
-    grad_out: Tensor,
-    grad_last_state: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = ref.selective_scan_bwd(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, grad_out, grad_last_state
-    )
-    return tuple(_absent(u) if g is None else g.contiguous() for g in grads)
-
-
-@_selective_scan_bwd_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, grad_out, grad_last_state):
+def _fake_selective_scan_bwd(
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, grad_out, grad_last_state, backend
+):
     ins = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    return tuple(_absent(u) if t is None else t.new_empty(t.shape) for t in ins)
+    return tuple(absent(u) if t is None else t.new_empty(t.shape) for t in ins)
 
 
-def _scan_setup(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state = inputs
-    ctx.delta_softplus = delta_softplus
-    # The backward recomputes the states from the inputs rather than keeping [L, batch, dim, N].
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state)
-
-
-def _scan_backward(ctx, grad_out, grad_last_state):
-    u, delta, A, B, C, D, z, delta_bias, initial_state = ctx.saved_tensors
-    grads = _ops.selective_scan_bwd(
-        u,
-        delta,
-        A,
-        B,
-        C,
-        D,
-        z,
-        delta_bias,
-        ctx.delta_softplus,
-        initial_state,
-        grad_out.contiguous(),
-        grad_last_state,
-    )
-    needs = ctx.needs_input_grad
-    present = (
-        True,
-        True,
-        True,
-        True,
-        True,
-        D is not None,
-        z is not None,
-        delta_bias is not None,
-        initial_state is not None,
-    )
-    out = [g if (p and n) else None for g, p, n in zip(grads, present, needs[:8] + needs[9:])]
-    return (*out[:8], None, out[8])
-
-
-_selective_scan_op.register_autograd(_scan_backward, setup_context=_scan_setup)
-
-
-# ---------------------------------------------------------------------------
-# causal_conv1d
-# ---------------------------------------------------------------------------
-@torch.library.custom_op(f"{NS}::causal_conv1d", mutates_args=())
-def _causal_conv1d_op(
-    x: Tensor, weight: Tensor, bias: Tensor | None, initial_states: Tensor | None, silu: bool
-) -> tuple[Tensor, Tensor]:
-    out, final = ref.causal_conv1d(x, weight, bias, "silu" if silu else None, initial_states, True)
-    return out.contiguous(), final.clone(memory_format=torch.contiguous_format)
-
-
-@_causal_conv1d_op.register_fake
-def _(x, weight, bias, initial_states, silu):
+def _fake_causal_conv1d(x, weight, bias, initial_states, silu, backend):
     torch._check(x.dim() == 3, lambda: "x must be [batch, dim, L]")
     torch._check(weight.dim() == 2, lambda: "weight must be [dim, width]")
     return x.new_empty(x.shape), x.new_empty((x.shape[0], x.shape[1], weight.shape[1] - 1))
 
 
-@torch.library.custom_op(f"{NS}::causal_conv1d_bwd", mutates_args=())
-def _causal_conv1d_bwd_op(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    initial_states: Tensor | None,
-    silu: bool,
-    grad_out: Tensor,
-    grad_final_states: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    grads = ref.causal_conv1d_bwd(
-        x, weight, bias, "silu" if silu else None, initial_states, grad_out, grad_final_states
-    )
-    # grad_x and grad_initial_states are two slices of one buffer; outputs may not alias.
-    return tuple(_absent(x) if g is None else g.clone(memory_format=torch.contiguous_format) for g in grads)
+def _fake_causal_conv1d_bwd(x, weight, bias, initial_states, silu, grad_out, grad_final_states, backend):
+    return tuple(absent(x) if t is None else t.new_empty(t.shape) for t in (x, weight, bias, initial_states))
 
 
-@_causal_conv1d_bwd_op.register_fake
-def _(x, weight, bias, initial_states, silu, grad_out, grad_final_states):
-    return tuple(_absent(x) if t is None else t.new_empty(t.shape) for t in (x, weight, bias, initial_states))
-
-
-def _conv_setup(ctx, inputs, output):
-    x, weight, bias, initial_states, silu = inputs
-    ctx.silu = silu
-    ctx.save_for_backward(x, weight, bias, initial_states)
-
-
-def _conv_backward(ctx, grad_out, grad_final_states):
-    x, weight, bias, initial_states = ctx.saved_tensors
-    gx, gw, gb, gi = _ops.causal_conv1d_bwd(
-        x, weight, bias, initial_states, ctx.silu, grad_out.contiguous(), grad_final_states
-    )
-    n = ctx.needs_input_grad
-    return (
-        gx if n[0] else None,
-        gw if n[1] else None,
-        gb if (n[2] and bias is not None) else None,
-        gi if (n[3] and initial_states is not None) else None,
-        None,
-    )
-
-
-_causal_conv1d_op.register_autograd(_conv_backward, setup_context=_conv_setup)
-
-
-# ---------------------------------------------------------------------------
-# decoding steps (in place, no autograd)
-# ---------------------------------------------------------------------------
-@torch.library.custom_op(f"{NS}::selective_state_update", mutates_args=("state",))
-def _state_update_op(
-    state: Tensor,
-    x: Tensor,
-    dt: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None,
-    z: Tensor | None,
-    dt_bias: Tensor | None,
-    dt_softplus: bool,
-) -> Tensor:
-    return ref.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-
-
-@_state_update_op.register_fake
-def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+def _fake_selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, backend):
     torch._check(x.dim() == 2, lambda: "x must be [batch, dim]")
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op(f"{NS}::causal_conv1d_update", mutates_args=("conv_state",))
-def _conv_update_op(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
-    return ref.causal_conv1d_update(x, conv_state, weight, bias, "silu" if silu else None)
+# ---------------------------------------------------------------------------
+# autograd
+# ---------------------------------------------------------------------------
+_SCAN_GRADS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+_CONV_GRADS = ("x", "weight", "bias", "initial_states")
 
 
-@_conv_update_op.register_fake
-def _(x, conv_state, weight, bias, silu):
-    return x.new_empty(x.shape)
+def _scan_setup(ctx, a, output):
+    ctx.delta_softplus = a.delta_softplus
+    # The backward recomputes the states rather than keeping [L, batch, dim, N] of them.
+    ctx.save_for_backward(*(getattr(a, n) for n in _SCAN_GRADS))
+
+
+def _scan_backward(ctx, grad_out, grad_last_state):
+    u, delta, A, B, C, D, z, delta_bias, initial_state = ctx.saved_tensors
+    grads = _ops.selective_scan_bwd(
+        u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, initial_state,
+        grad_out.contiguous(), grad_last_state, ctx.backend,
+    )  # fmt: skip
+    return dict(zip(_SCAN_GRADS, grads))
+
+
+def _conv_setup(ctx, a, output):
+    ctx.silu = a.silu
+    ctx.save_for_backward(*(getattr(a, n) for n in _CONV_GRADS))
+
+
+def _conv_backward(ctx, grad_out, grad_final_states):
+    x, weight, bias, initial_states = ctx.saved_tensors
+    grads = _ops.causal_conv1d_bwd(
+        x, weight, bias, initial_states, ctx.silu, grad_out.contiguous(), grad_final_states, ctx.backend
+    )
+    return dict(zip(_CONV_GRADS, grads))
 
 
 # ---------------------------------------------------------------------------
-# argument checks
+# the ops
 # ---------------------------------------------------------------------------
-def _check_tensor(name, t, first, ndims, optional=False):
-    """``first``: (name, tensor) of the input whose device the others must share; None for that input."""
+_SCAN_ARGS = (
+    "Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
+    "bool delta_softplus, Tensor? initial_state"
+)
+define_op(
+    f"selective_scan({_SCAN_ARGS}) -> (Tensor, Tensor)",
+    fake=_fake_selective_scan,
+    reference=_ref_selective_scan,
+    backward=_scan_backward,
+    setup_context=_scan_setup,
+)
+define_op(
+    f"selective_scan_bwd({_SCAN_ARGS}, Tensor grad_out, Tensor? grad_last_state) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    fake=_fake_selective_scan_bwd,
+    reference=_ref_selective_scan_bwd,
+)
+define_op(
+    "causal_conv1d(Tensor x, Tensor weight, Tensor? bias, Tensor? initial_states, bool silu) -> (Tensor, Tensor)",
+    fake=_fake_causal_conv1d,
+    reference=_ref_causal_conv1d,
+    backward=_conv_backward,
+    setup_context=_conv_setup,
+)
+define_op(
+    "causal_conv1d_bwd(Tensor x, Tensor weight, Tensor? bias, Tensor? initial_states, bool silu, "
+    "Tensor grad_out, Tensor? grad_final_states) -> (Tensor, Tensor, Tensor, Tensor)",
+    fake=_fake_causal_conv1d_bwd,
+    reference=_ref_causal_conv1d_bwd,
+)
+define_op(
+    "selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, "
+    "Tensor? z, Tensor? dt_bias, bool dt_softplus) -> Tensor",
+    fake=_fake_selective_state_update,
+    reference=ref.selective_state_update,
+)
+define_op(
+    "causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, bool silu) -> Tensor",
+    fake=lambda x, conv_state, weight, bias, silu, backend: x.new_empty(x.shape),
+    reference=_ref_causal_conv1d_update,
+)
+
+_backend.register_function("selective_scan", ops=("selective_scan",), grad_ops=("selective_scan_bwd",))
+_backend.register_function("causal_conv1d", ops=("causal_conv1d",), grad_ops=("causal_conv1d_bwd",))
+_backend.register_function("selective_state_update", ops=("selective_state_update",))
+_backend.register_function("causal_conv1d_update", ops=("causal_conv1d_update",))
+
+
+# ---------------------------------------------------------------------------
+# argument checks (the family's layouts, built from the shared checks)
+# ---------------------------------------------------------------------------
+_REAL = "real: complex tensors (as S4D-Lin's complex A) are not supported"
+
+
+def _check_input(name, t, dims, layout, like=None, optional=False):
+    """A real floating tensor of ``layout`` (``dims`` dimensions) on the device of ``like`` = (name, tensor)."""
     if t is None and optional:
         return
-    if isinstance(t, Tensor) and t.is_complex():
-        raise TypeError(
-            f"{name} is complex ({t.dtype}); complex parameters (as in S4D-Lin) are not supported, pass a real tensor"
-        )
-    check_tensor(name, t)
-    if first is not None:
-        check_same_device(name, t, first[0], first[1].device)
-    check_dims(name, t, ndims)
+    # Complex parameters (S4D-Lin's complex A) would need a complex recurrence the
+    # kernels do not have: say so, instead of the generic dtype message.
+    complex_ = isinstance(t, Tensor) and t.is_complex()
+    check_tensor(name, t, FLOATS, _REAL if complex_ else None)
+    if like is not None:
+        check_same_device(name, t, like[0], like[1].device)
+    check_dims(name, t, dims, layout)
 
 
-def _check_shape(name, t, shape, what):
-    if t is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must be {what} = {list(shape)}, got {list(t.shape)}")
-
-
-def _check_writable(name, t):
-    # An expanded (stride-0) view shares one element among several indices:
-    # the in-place update cannot write to it.
-    if any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride())):
-        raise ValueError(
-            f"{name} is updated in place, so it cannot be an expanded (stride-0) view "
-            f"(shape {list(t.shape)}, strides {list(t.stride())}); pass {name}.clone()"
-        )
+def _check_sized(name, t, shape, layout, like, optional=False):
+    """:func:`_check_input`, then ``shape`` (None: any size there); ``layout`` names its dimensions."""
+    _check_input(name, t, len(shape), layout, like, optional)
+    if t is not None:
+        check_shape(name, t, shape, f" ({layout})")
 
 
 def _check_bc(name, M, batch, dim, N, L=None):
-    """Scan (L given): constant [dim, N], variable [batch, N, L] or grouped
+    """B or C.  Scan (L given): constant [dim, N], variable [batch, N, L] or grouped
     [batch, G, N, L].  Decoding step: [batch, N] or grouped [batch, G, N]."""
     steps = () if L is None else (L,)
     tail = ", L]" if steps else "]"
     if steps and M.dim() == 2:
-        _check_shape(name, M, (dim, N), "[dim, N] (constant)")
+        check_shape(name, M, (dim, N), " ([dim, N], constant)")
     elif M.dim() == 2 + len(steps):
-        _check_shape(name, M, (batch, N, *steps), "[batch, N" + tail)
+        check_shape(name, M, (batch, N, *steps), " ([batch, N" + tail + ")")
     else:
         G = M.shape[1]
         if G < 1 or dim % G:
             raise ValueError(f"{name} has G={G} groups (shape {list(M.shape)}), which must divide dim={dim}")
-        _check_shape(name, M, (batch, G, N, *steps), "[batch, G, N" + tail)
+        check_shape(name, M, (batch, G, N, *steps), " ([batch, G, N" + tail + ")")
 
 
-def _activation(activation):
-    if activation is None:
-        return False
-    if activation in ("silu", "swish"):
-        return True
-    raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+def _check_weight(weight, dim, like):
+    _check_input("weight", weight, 2, "[dim, width]", like)
+    if weight.shape[0] != dim or weight.shape[1] < 1:
+        raise ValueError(
+            f"weight must be [dim, width] with dim={dim} (from {like[0]}) and width >= 1, got {list(weight.shape)}"
+        )
+    return weight.shape[1]
+
+
+def _silu(activation) -> bool:
+    return check_choice("activation", activation, (None, "silu", "swish")) is not None
 
 
 # ---------------------------------------------------------------------------
-# public functional API
+# public functions
 # ---------------------------------------------------------------------------
 def selective_scan(
     u,
@@ -318,7 +284,7 @@ def selective_scan(
     ``out[t] = (sum_n C[t] h[t] + D u[t]) * silu(z[t])``.
 
     Args:
-        u, delta: [batch, dim, L].
+        u, delta: [batch, dim, L], L >= 1.
         A: [dim, N], real (complex A is refused).
         B, C: constant [dim, N], variable [batch, N, L], or grouped
             [batch, G, N, L] with dim % G == 0 (channel d reads group
@@ -326,10 +292,22 @@ def selective_scan(
         D, delta_bias: [dim].  z: [batch, dim, L].
         initial_state: [batch, dim, N] (an extension of mamba_ssm's API: pass a
             previous call's last state to continue a sequence).
-        backend: only ``"reference"`` exists for this op so far.
+        backend: force one; only ``"reference"`` is implemented so far.
 
     Computed in float32 (float64 when any input is float64); fp16 and bf16
-    inputs are accepted.
+    inputs are accepted.  Empty batch, dim or N give empty (or, for N = 0,
+    state-free) results.
+
+    NaN is not refused; it follows the recurrence.  A NaN in ``u``,
+    ``delta`` or ``B`` at step t (or in ``initial_state``) enters the state,
+    so the output is NaN from step t (from the start) to the end, and so are
+    the states it reached in the last state, in every channel that reads it
+    (a constant ``B`` or ``C`` is read at every step; a variable one by every
+    channel, a grouped one by its group's).  A NaN in ``C`` or ``z`` at step
+    t makes only step t's output NaN and leaves the state alone.  A NaN in
+    ``A``, ``D`` or ``delta_bias`` makes its channel's whole output NaN; in
+    the last state, ``A[d, n]`` spoils state n of channel d, ``delta_bias[d]``
+    all of channel d's states, and ``D`` none.
 
     Returns:
         out [batch, dim, L] in u's dtype, or ``(out, last_state)`` when
@@ -343,34 +321,30 @@ def selective_scan(
         >>> B, C = torch.randn(2, 16, 64), torch.randn(2, 16, 64)
         >>> out, h = selective_scan(u, dt, A, B, C, return_last_state=True)
     """
-    _check_tensor("u", u, None, (3,))
-    dev = u.device
-    first = ("u", u)
+    _check_input("u", u, 3, "[batch, dim, L]")
+    like = ("u", u)
     batch, dim, L = u.shape
-    _check_tensor("delta", delta, first, (3,))
-    _check_shape("delta", delta, u.shape, "[batch, dim, L] like u")
-    _check_tensor("A", A, first, (2,))
-    if A.shape[0] != dim:
-        raise ValueError(f"A must be [dim, N] with dim={dim} (from u), got {list(A.shape)}")
+    _check_sized("delta", delta, u.shape, "[batch, dim, L]", like)
+    _check_sized("A", A, (dim, None), "[dim, N]", like)
     N = A.shape[1]
-    _check_tensor("B", B, first, (2, 3, 4))
+    bc_layout = "[dim, N], [batch, N, L] or [batch, G, N, L]"
+    _check_input("B", B, (2, 3, 4), bc_layout, like)
     _check_bc("B", B, batch, dim, N, L)
-    _check_tensor("C", C, first, (2, 3, 4))
+    _check_input("C", C, (2, 3, 4), bc_layout, like)
     _check_bc("C", C, batch, dim, N, L)
-    _check_tensor("D", D, first, (1,), optional=True)
-    _check_shape("D", D, (dim,), "[dim]")
-    _check_tensor("z", z, first, (3,), optional=True)
-    _check_shape("z", z, u.shape, "[batch, dim, L] like u")
-    _check_tensor("delta_bias", delta_bias, first, (1,), optional=True)
-    _check_shape("delta_bias", delta_bias, (dim,), "[dim]")
-    _check_tensor("initial_state", initial_state, first, (3,), optional=True)
-    _check_shape("initial_state", initial_state, (batch, dim, N), "[batch, dim, N]")
+    _check_sized("D", D, (dim,), "[dim]", like, optional=True)
+    _check_sized("z", z, u.shape, "[batch, dim, L]", like, optional=True)
+    _check_sized("delta_bias", delta_bias, (dim,), "[dim]", like, optional=True)
+    _check_sized("initial_state", initial_state, (batch, dim, N), "[batch, dim, N]", like, optional=True)
     delta_softplus = check_bool("delta_softplus", delta_softplus)
     return_last_state = check_bool("return_last_state", return_last_state)
     if L == 0:
         raise ValueError("u must have at least one time step (L >= 1), got L=0")
-    _backend.resolve(backend, dev, "selective_scan", implemented=_IMPLEMENTED)
-    out, last = _ops.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    grad = _backend.records_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    backend = _backend.resolve(backend, u.device, "selective_scan", grad)
+    out, last = _ops.selective_scan(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, backend
+    )
     return (out, last) if return_last_state else out
 
 
@@ -392,6 +366,13 @@ def selective_state_update(
         state: [batch, dim, N], any float dtype (written back in that dtype).
         x, dt, z: [batch, dim].  A: [dim, N].  B, C: [batch, N] or grouped
             [batch, G, N] with dim % G == 0.  D, dt_bias: [dim].
+        backend: force one; only ``"reference"`` is implemented so far.
+
+    NaN is not refused.  A NaN in ``state``, ``x``, ``dt``, ``B``, ``A`` or
+    ``dt_bias`` makes the new state NaN where it flows (a channel's states,
+    or for ``B`` a state of every channel of its group) and so the output of
+    those channels; a NaN in ``C``, ``z`` or ``D`` makes the output NaN and
+    leaves the state alone.
 
     Returns:
         y [batch, dim] in x's dtype (computed in float32, or float64 when an
@@ -403,31 +384,24 @@ def selective_state_update(
         >>> y = selective_state_update(state, torch.randn(2, 8), torch.rand(2, 8), -torch.rand(8, 16),
         ...                            torch.randn(2, 16), torch.randn(2, 16))
     """
-    _check_tensor("state", state, None, (3,))
-    _check_writable("state", state)
-    dev = state.device
-    first = ("state", state)
+    _check_input("state", state, 3, "[batch, dim, N]")
+    check_writable("state", state)
+    like = ("state", state)
     batch, dim, N = state.shape
-    _check_tensor("x", x, first, (2,))
-    _check_shape("x", x, (batch, dim), "[batch, dim] (from state)")
-    _check_tensor("dt", dt, first, (2,))
-    _check_shape("dt", dt, (batch, dim), "[batch, dim] (from state)")
-    _check_tensor("A", A, first, (2,))
-    _check_shape("A", A, (dim, N), "[dim, N] (from state)")
-    _check_tensor("B", B, first, (2, 3))
+    _check_sized("x", x, (batch, dim), "[batch, dim]", like)
+    _check_sized("dt", dt, (batch, dim), "[batch, dim]", like)
+    _check_sized("A", A, (dim, N), "[dim, N]", like)
+    _check_input("B", B, (2, 3), "[batch, N] or [batch, G, N]", like)
     _check_bc("B", B, batch, dim, N)
-    _check_tensor("C", C, first, (2, 3))
+    _check_input("C", C, (2, 3), "[batch, N] or [batch, G, N]", like)
     _check_bc("C", C, batch, dim, N)
-    _check_tensor("D", D, first, (1,), optional=True)
-    _check_shape("D", D, (dim,), "[dim]")
-    _check_tensor("z", z, first, (2,), optional=True)
-    _check_shape("z", z, (batch, dim), "[batch, dim]")
-    _check_tensor("dt_bias", dt_bias, first, (1,), optional=True)
-    _check_shape("dt_bias", dt_bias, (dim,), "[dim]")
+    _check_sized("D", D, (dim,), "[dim]", like, optional=True)
+    _check_sized("z", z, (batch, dim), "[batch, dim]", like, optional=True)
+    _check_sized("dt_bias", dt_bias, (dim,), "[dim]", like, optional=True)
     dt_softplus = check_bool("dt_softplus", dt_softplus)
-    _backend.resolve(backend, dev, "selective_state_update", implemented=_IMPLEMENTED)
+    backend = _backend.resolve(backend, state.device, "selective_state_update", False)
     with torch.no_grad():
-        return _ops.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+        return _ops.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, backend)
 
 
 def causal_conv1d(
@@ -447,9 +421,15 @@ def causal_conv1d(
         return_final_states: also return the last width - 1 inputs
             [batch, dim, width - 1] (taken from ``initial_states``, or zeros,
             when L < width - 1), the next call's ``initial_states``.
+        backend: force one; only ``"reference"`` is implemented so far.
 
     L must be at least 1, as for :func:`selective_scan`; any L below the
     filter width is fine.
+
+    NaN is not refused.  A NaN input (in ``x`` or ``initial_states``) makes
+    NaN exactly the outputs of its channel whose window of ``width`` inputs
+    holds it (and the final states that keep it); a NaN in ``weight`` or
+    ``bias`` makes its channel's whole output NaN.
 
     Returns:
         out [batch, dim, L] in x's dtype (computed in float32, or float64 when
@@ -459,27 +439,21 @@ def causal_conv1d(
 
         >>> out = causal_conv1d(torch.randn(2, 8, 100), torch.randn(8, 4), torch.randn(8), activation="silu")
     """
-    _check_tensor("x", x, None, (3,))
-    dev = x.device
-    first = ("x", x)
+    _check_input("x", x, 3, "[batch, dim, L]")
+    like = ("x", x)
     batch, dim, L = x.shape
-    _check_tensor("weight", weight, first, (2,))
-    if weight.shape[0] != dim or weight.shape[1] < 1:
-        raise ValueError(
-            f"weight must be [dim, width] with dim={dim} (from x) and width >= 1, got {list(weight.shape)}"
-        )
-    width = weight.shape[1]
-    _check_tensor("bias", bias, first, (1,), optional=True)
-    _check_shape("bias", bias, (dim,), "[dim]")
-    _check_tensor("initial_states", initial_states, first, (3,), optional=True)
-    _check_shape("initial_states", initial_states, (batch, dim, width - 1), "[batch, dim, width - 1]")
-    silu = _activation(activation)
+    width = _check_weight(weight, dim, like)
+    _check_sized("bias", bias, (dim,), "[dim]", like, optional=True)
+    shape = (batch, dim, width - 1)
+    _check_sized("initial_states", initial_states, shape, "[batch, dim, width - 1]", like, optional=True)
+    silu = _silu(activation)
     return_final_states = check_bool("return_final_states", return_final_states)
     if L == 0:
         # As selective_scan (and causal-conv1d's kernels): an empty sequence is refused.
         raise ValueError("x must have at least one time step (L >= 1), got L=0")
-    _backend.resolve(backend, dev, "causal_conv1d", implemented=_IMPLEMENTED)
-    out, final = _ops.causal_conv1d(x, weight, bias, initial_states, silu)
+    grad = _backend.records_grad(x, weight, bias, initial_states)
+    backend = _backend.resolve(backend, x.device, "causal_conv1d", grad)
+    out, final = _ops.causal_conv1d(x, weight, bias, initial_states, silu, backend)
     return (out, final) if return_final_states else out
 
 
@@ -495,9 +469,17 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, b
     ``initial_states``/``final_states``.  There is no autograd.
 
     Args:
-        x: [batch, dim] (one step) or [batch, dim, L] (L steps).
+        x: [batch, dim] (one step) or [batch, dim, L] (L steps; L = 0 leaves
+            the state as it is).
         conv_state: [batch, dim, S], S >= width - 1.
         weight: [dim, width].  bias: [dim].  activation: None, ``"silu"`` or ``"swish"``.
+        backend: force one; only ``"reference"`` is implemented so far.
+
+    NaN is not refused, and behaves as in :func:`causal_conv1d`: a NaN input
+    (new, or held in ``conv_state``) makes NaN the outputs whose window of
+    the last ``width`` inputs holds it, and stays in the state until S newer
+    inputs have pushed it out; a NaN in ``weight`` or ``bias`` makes its
+    channel's output NaN.
 
     Returns:
         out with x's shape and dtype.
@@ -507,29 +489,22 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, b
         >>> conv_state = torch.zeros(2, 8, 4)
         >>> y = causal_conv1d_update(torch.randn(2, 8), conv_state, torch.randn(8, 4), activation="silu")
     """
-    _check_tensor("x", x, None, (2, 3))
-    dev = x.device
-    first = ("x", x)
+    _check_input("x", x, (2, 3), "[batch, dim] or [batch, dim, L]")
+    like = ("x", x)
     batch, dim = x.shape[:2]
-    _check_tensor("conv_state", conv_state, first, (3,))
-    _check_writable("conv_state", conv_state)
-    _check_tensor("weight", weight, first, (2,))
-    if weight.shape[0] != dim or weight.shape[1] < 1:
-        raise ValueError(
-            f"weight must be [dim, width] with dim={dim} (from x) and width >= 1, got {list(weight.shape)}"
-        )
-    width = weight.shape[1]
+    _check_input("conv_state", conv_state, 3, "[batch, dim, S]", like)
+    check_writable("conv_state", conv_state)
+    width = _check_weight(weight, dim, like)
     if conv_state.shape[:2] != (batch, dim) or conv_state.shape[2] < width - 1:
         raise ValueError(
             f"conv_state must be [batch, dim, S] = [{batch}, {dim}, S] with S >= width - 1 = {width - 1}, "
             f"got {list(conv_state.shape)}"
         )
-    _check_tensor("bias", bias, first, (1,), optional=True)
-    _check_shape("bias", bias, (dim,), "[dim]")
-    silu = _activation(activation)
-    _backend.resolve(backend, dev, "causal_conv1d_update", implemented=_IMPLEMENTED)
+    _check_sized("bias", bias, (dim,), "[dim]", like, optional=True)
+    silu = _silu(activation)
+    backend = _backend.resolve(backend, x.device, "causal_conv1d_update", False)
     with torch.no_grad():
-        return _ops.causal_conv1d_update(x, conv_state, weight, bias, silu)
+        return _ops.causal_conv1d_update(x, conv_state, weight, bias, silu, backend)
 
 
 __all__ = ["causal_conv1d", "causal_conv1d_update", "selective_scan", "selective_state_update"]

@@ -63,3 +63,15 @@ def test_compile_inductor_layer():
     x = torch.randn(2, 20, 16)
     compiled = torch.compile(layer, fullgraph=True)
     assert_close(compiled(x), layer(x))
+
+
+def test_autocast_input_of_another_dtype_is_accepted():
+    # Outside autocast a bf16 input to a float32 layer is refused by name (tests/ssm/test_fuzz.py);
+    # inside, the projections cast it, as for any torch layer.
+    layer = Mamba(8, d_state=4)
+    x = torch.randn(2, 5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x.bfloat16())
+        want = layer(x.bfloat16().float())
+    assert got.dtype == torch.bfloat16
+    assert_close(got, want, torch.bfloat16)
