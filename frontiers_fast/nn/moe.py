@@ -20,7 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.moe import fused_moe, moe_route
+from .._checks import (
+    check_dims,
+    check_features,
+    check_in_range,
+    check_index_tensor,
+    check_int,
+    check_option,
+    check_real,
+    check_tensor,
+)
+from ..ops.moe import ACTIVATIONS, fused_moe, moe_route
 
 __all__ = ["MixtralSparseMoeBlock", "MoeTopKRouter", "MoeExperts", "from_mixtral", "mixtral_activation"]
 
@@ -34,10 +44,22 @@ class MoeTopKRouter(nn.Module):
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int):
         super().__init__()
+        hidden_size = check_int("hidden_size", hidden_size, 1)
+        num_experts = check_int("num_experts", num_experts, 1)
+        top_k = check_int("top_k", top_k, 1, num_experts, why=f" (num_experts={num_experts})")
         self.top_k, self.num_experts, self.hidden_dim = top_k, num_experts, hidden_size
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
 
     def forward(self, hidden_states: Tensor):
+        # Before the reshape: a wrong width whose size divides evenly would otherwise be
+        # silently regrouped into rows of hidden_size.
+        check_features(
+            "hidden_states",
+            hidden_states,
+            "the module's hidden_size",
+            self.hidden_dim,
+            like=("weight", self.weight),
+        )
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
         logits = F.linear(hidden_states, self.weight)
         weights, ids = moe_route(logits, self.top_k, "softmax", renormalize=True)
@@ -49,12 +71,40 @@ class MoeExperts(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, activation: str = "silu"):
         super().__init__()
+        hidden_size = check_int("hidden_size", hidden_size, 1)
+        intermediate_size = check_int("intermediate_size", intermediate_size, 1)
+        num_experts = check_int("num_experts", num_experts, 1)
+        check_option("activation", activation, ACTIVATIONS)
         self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden_size, intermediate_size
         self.activation = activation
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        # Checked here under the module's own argument names; fused_moe would name x, ids and weights.
+        check_features(
+            "hidden_states",
+            hidden_states,
+            "the module's hidden_size",
+            self.hidden_dim,
+            like=("gate_up_proj", self.gate_up_proj),
+        )
+        check_dims("hidden_states", hidden_states, 2, "[T, hidden_size]")
+        check_index_tensor("top_k_index", top_k_index, (torch.int32, torch.int64))
+        check_dims("top_k_index", top_k_index, 2, "[T, top_k]")
+        check_tensor("top_k_weights", top_k_weights)
+        if top_k_index.shape[0] != hidden_states.shape[0]:
+            raise ValueError(
+                f"top_k_index has {top_k_index.shape[0]} rows but hidden_states has {hidden_states.shape[0]} tokens"
+            )
+        if top_k_weights.shape != top_k_index.shape:
+            raise ValueError(
+                f"top_k_weights must have the shape of top_k_index {tuple(top_k_index.shape)}, "
+                f"got {tuple(top_k_weights.shape)}"
+            )
+        check_in_range(
+            "top_k_index", top_k_index, 0, self.num_experts - 1, f" (num_experts={self.num_experts})"
+        )
         return fused_moe(
             hidden_states, self.gate_up_proj, self.down_proj, top_k_weights, top_k_index, self.activation
         )
@@ -97,20 +147,23 @@ class MixtralSparseMoeBlock(nn.Module):
             top_k = config.num_experts_per_tok
             hidden_act = getattr(config, "hidden_act", hidden_act)
             router_jitter_noise = getattr(config, "router_jitter_noise", router_jitter_noise) or 0.0
+        sizes = {}
         for name, v in (
             ("hidden_size", hidden_size),
             ("intermediate_size", intermediate_size),
             ("num_experts", num_experts),
             ("top_k", top_k),
         ):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int (or come from config), got {v!r}")
+            # None is the "not given" default: a missing value, not a value of the wrong kind.
+            if v is None:
+                raise ValueError(f"{name} must be given, as an argument or through config")
+            sizes[name] = check_int(name, v, 1)
+        hidden_size, intermediate_size, num_experts, top_k = sizes.values()
         if top_k > num_experts:
             raise ValueError(f"top_k={top_k} must be <= num_experts={num_experts}")
-        if hidden_act not in ("silu", "gelu"):
-            raise ValueError(f"hidden_act must be 'silu' or 'gelu', got {hidden_act!r}")
+        check_option("hidden_act", hidden_act, ACTIVATIONS)
         self.top_k = top_k
-        self.jitter_noise = float(router_jitter_noise)
+        self.jitter_noise = check_real("router_jitter_noise", router_jitter_noise, 0.0)
         self.gate = MoeTopKRouter(hidden_size, num_experts, top_k)
         self.experts = MoeExperts(hidden_size, intermediate_size, num_experts, hidden_act)
         self.reset_parameters()
@@ -123,6 +176,14 @@ class MixtralSparseMoeBlock(nn.Module):
         nn.init.normal_(self.experts.down_proj, std=1.0 / math.sqrt(inter))
 
     def forward(self, hidden_states: Tensor) -> Tensor:
+        # First: the jitter below would fail on an integer tensor with a less useful message.
+        check_features(
+            "hidden_states",
+            hidden_states,
+            "the module's hidden_size",
+            self.experts.hidden_dim,
+            like=("gate.weight", self.gate.weight),
+        )
         shape = hidden_states.shape
         if self.training and self.jitter_noise > 0:
             noise = torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
@@ -141,9 +202,10 @@ class MixtralSparseMoeBlock(nn.Module):
         w_router, w_gate_up, w_down = from_mixtral(block)
         E, two_i, H = w_gate_up.shape
         act = mixtral_activation(block)
-        ours = cls(
-            hidden_size=H, intermediate_size=two_i // 2, num_experts=E, top_k=int(block.top_k), hidden_act=act
-        )
+        top_k = getattr(block, "top_k", None)
+        if top_k is None:
+            raise TypeError(f"block must have .top_k like a Mixtral MoE block, got {type(block).__name__}")
+        ours = cls(hidden_size=H, intermediate_size=two_i // 2, num_experts=E, top_k=top_k, hidden_act=act)
         ours.jitter_noise = float(getattr(block, "jitter_noise", 0.0) or 0.0)
         ours.to(device=w_gate_up.device, dtype=w_gate_up.dtype)
         with torch.no_grad():
@@ -189,6 +251,9 @@ def mixtral_activation(block) -> str:
         'silu'
     """
     experts = getattr(block, "experts", None)
+    if experts is None:
+        # Without this, any object would read as a block that names no activation: "silu".
+        raise TypeError(f"block must have .experts like a Mixtral MoE block, got {type(block).__name__}")
     if isinstance(experts, (nn.ModuleList, list, tuple)):
         acts = [
             (f"block.experts[{i}].act_fn", m.act_fn) for i, m in enumerate(experts) if hasattr(m, "act_fn")

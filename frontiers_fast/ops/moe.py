@@ -1,7 +1,9 @@
-"""Mixture-of-experts dispatch ops: registration, autograd and validation.
+"""Mixture-of-experts dispatch ops: registration, autograd and the public functions.
 
-Public ops (``frontiers_fast::``), each with a fake kernel and a registered
-autograd whose backward is itself a registered op:
+The ops of the ``frontiers_fast::`` namespace, all defined with
+:func:`frontiers_fast._library.define_op` (the last argument, ``backend``, is
+left out below).  The four forward ops carry a registered autograd whose
+backward is the matching ``*_bwd`` op, run with the forward's backend:
 
   moe_route(logits, top_k, scoring, renormalize, correction_bias?, n_group?, topk_group?, scaling)
       -> (weights [T, k], ids [T, k] int32)
@@ -14,17 +16,22 @@ autograd whose backward is itself a registered op:
   fused_moe_bwd(x, w_gate_up, w_down, weights, ids, grad_out, activation,
                 need_x, need_w_gate_up, need_w_down, need_weights) -> 4 gradients
 
-Only the reference backend exists today: every op's implementation is the
-plain PyTorch of :mod:`frontiers_fast.reference.moe` (registered for every
-device).  Gradients not asked for come back as empty [0] tensors.  The
-backward ops are written out rather than autograd through the reference,
-because op implementations run below the autograd dispatch key.
+Only the ``reference`` backend exists so far: plain PyTorch built on
+:mod:`frontiers_fast.reference.moe`, for every device.  Gradients not asked
+for come back as :func:`~frontiers_fast._library.absent` placeholders.  The
+backward ops are written out rather than left to autograd through the
+reference, because op implementations run below the autograd dispatch key.
 
 The data checks (ids and row_map in range, logits free of NaN and +inf,
 enough unmasked experts per row) run in the public functions and again in
-the forward op implementations: under torch.compile the former are skipped
-(a data read would break the graph) but the latter still run, on real
-tensors, so bad input raises the same ValueError compiled or not.
+the forward op bodies: while torch.compile traces, the former are skipped
+(a data read would break the graph), but the op bodies run on real tensors
+inside the compiled graph, so bad input raises the same ValueError there.
+
+NaN policy: router logits and the correction bias are refused when they hold
+NaN (a NaN logit cannot be ranked); the data (tokens, expert outputs, router
+weights, expert weights) may hold NaN, which reaches exactly the output rows
+that read it (see each function's docstring).
 """
 
 from __future__ import annotations
@@ -35,45 +42,64 @@ from torch import Tensor
 from .. import _backend
 from .._checks import (
     check_bool,
-    check_choice,
     check_dims,
     check_finite,
+    check_in_range,
+    check_index_tensor,
     check_int,
+    check_memory,
+    check_option,
     check_real,
     check_same_device,
     check_same_dtype,
     check_tensor,
     has_values,
 )
+from .._library import absent, define_op
 from ..reference import moe as ref
 
-NS = "frontiers_fast"
 _ops = torch.ops.frontiers_fast
 SCORINGS = ref.SCORINGS
 ACTIVATIONS = ref.ACTIVATIONS
-_IMPLEMENTED = ("reference",)
-
-
-def _none(t: Tensor) -> Tensor:
-    return t.new_empty((0,))
+_INTS = (torch.int32, torch.int64)
 
 
 # ---------------------------------------------------------------------------
-# moe_route
+# value checks: called by the public functions and again by the op bodies
 # ---------------------------------------------------------------------------
-@torch.library.custom_op(f"{NS}::moe_route", mutates_args=())
-def _route_op(
-    logits: Tensor,
-    top_k: int,
-    scoring: str,
-    renormalize: bool,
-    correction_bias: Tensor | None,
-    n_group: int | None,
-    topk_group: int | None,
-    scaling: float,
-) -> tuple[Tensor, Tensor]:
-    # The value checks run here too: this body runs on real tensors even
-    # inside a compiled graph, where the public function's checks are skipped.
+def _check_ids(name, ids, num_experts):
+    check_in_range(name, ids, 0, num_experts - 1, f" (there are {num_experts} experts)")
+
+
+def _check_row_map(row_map, rows):
+    check_in_range("row_map", row_map, 0, rows - 1, f" (y has {rows} rows)")
+
+
+def _check_logits(logits):
+    # -inf masks an expert (as with transformers' Mixtral router); NaN and +inf cannot be ranked.
+    if has_values(logits) and bool((torch.isnan(logits) | torch.isposinf(logits)).any()):
+        raise ValueError("logits must not contain NaN or +inf (-inf is allowed: it masks an expert)")
+
+
+def _check_selectable(choice, ids, top_k, n_group):
+    # A chosen expert with a -inf selection score means the row had fewer than
+    # top_k experts with a finite logit (in its kept groups, when grouping).
+    if not has_values(ids):
+        return
+    bad = torch.isneginf(choice.gather(1, ids)).any(-1)
+    if bool(bad.any()):
+        t = int(bad.nonzero()[0, 0])
+        where = " in its topk_group kept groups" if n_group is not None else ""
+        raise ValueError(
+            f"logits row {t} has fewer than top_k={top_k} selectable experts{where}: "
+            f"each row needs at least top_k finite (not -inf) logits"
+        )
+
+
+# ---------------------------------------------------------------------------
+# reference implementations
+# ---------------------------------------------------------------------------
+def _ref_route(logits, top_k, scoring, renormalize, correction_bias, n_group, topk_group, scaling):
     _check_logits(logits)
     if correction_bias is not None:
         check_finite("correction_bias", correction_bias)
@@ -83,18 +109,7 @@ def _route_op(
     return w.contiguous(), ids.to(torch.int32).contiguous()
 
 
-@_route_op.register_fake
-def _(logits, top_k, scoring, renormalize, correction_bias, n_group, topk_group, scaling):
-    torch._check(logits.dim() == 2, lambda: "logits must be [T, E]")
-    T = logits.shape[0]
-    w = logits.new_empty((T, top_k), dtype=ref.score_dtype(logits.dtype))
-    return w, logits.new_empty((T, top_k), dtype=torch.int32)
-
-
-@torch.library.custom_op(f"{NS}::moe_route_bwd", mutates_args=())
-def _route_bwd_op(
-    logits: Tensor, ids: Tensor, grad_weights: Tensor, scoring: str, renormalize: bool, scaling: float
-) -> Tensor:
+def _ref_route_bwd(logits, ids, grad_weights, scoring, renormalize, scaling):
     scores = ref.scores_of(logits, scoring)
     idx = ids.long()
     g = grad_weights.to(scores.dtype) * scaling
@@ -111,53 +126,12 @@ def _route_bwd_op(
     return g_logits.to(logits.dtype)
 
 
-@_route_bwd_op.register_fake
-def _(logits, ids, grad_weights, scoring, renormalize, scaling):
-    return logits.new_empty(logits.shape)
-
-
-def _route_setup(ctx, inputs, output):
-    logits, _, scoring, renormalize, _, _, _, scaling = inputs
-    ctx.scoring, ctx.renormalize, ctx.scaling = scoring, renormalize, scaling
-    ctx.save_for_backward(logits, output[1])
-
-
-def _route_backward(ctx, grad_weights, _grad_ids):
-    logits, ids = ctx.saved_tensors
-    g = None
-    if ctx.needs_input_grad[0] and grad_weights is not None:
-        g = _ops.moe_route_bwd(
-            logits, ids, grad_weights.contiguous(), ctx.scoring, ctx.renormalize, ctx.scaling
-        )
-    # correction_bias only steers the selection: it gets no gradient.
-    return g, None, None, None, None, None, None, None
-
-
-_route_op.register_autograd(_route_backward, setup_context=_route_setup)
-
-
-# ---------------------------------------------------------------------------
-# moe_permute / moe_unpermute
-# ---------------------------------------------------------------------------
-@torch.library.custom_op(f"{NS}::moe_permute", mutates_args=())
-def _permute_op(x: Tensor, ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
-    _check_ids("ids", ids, num_experts)  # also under torch.compile: see _route_op
+def _ref_permute(x, ids, num_experts):
+    _check_ids("ids", ids, num_experts)
     return ref.moe_permute(x, ids, num_experts)
 
 
-@_permute_op.register_fake
-def _(x, ids, num_experts):
-    torch._check(x.dim() == 2 and ids.dim() == 2, lambda: "x must be [T, H] and ids [T, k]")
-    T, k = ids.shape
-    return (
-        x.new_empty((T * k, x.shape[1])),
-        x.new_empty((num_experts + 1,), dtype=torch.int64),
-        x.new_empty((T, k), dtype=torch.int64),
-    )
-
-
-@torch.library.custom_op(f"{NS}::moe_permute_bwd", mutates_args=())
-def _permute_bwd_op(grad_x_perm: Tensor, row_map: Tensor) -> Tensor:
+def _ref_permute_bwd(grad_x_perm, row_map):
     # Each token's gradient is the sum of its k copies' gradients: a gather, no atomics.
     T, k = row_map.shape
     cdt = ref.compute_dtype(grad_x_perm.dtype)
@@ -165,47 +139,17 @@ def _permute_bwd_op(grad_x_perm: Tensor, row_map: Tensor) -> Tensor:
     return picked.to(cdt).sum(1).to(grad_x_perm.dtype)
 
 
-@_permute_bwd_op.register_fake
-def _(grad_x_perm, row_map):
-    return grad_x_perm.new_empty((row_map.shape[0], grad_x_perm.shape[1]))
-
-
-def _permute_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[2])
-
-
-def _permute_backward(ctx, grad_x_perm, _g_offsets, _g_map):
-    (row_map,) = ctx.saved_tensors
-    g = None
-    if ctx.needs_input_grad[0] and grad_x_perm is not None:
-        g = _ops.moe_permute_bwd(grad_x_perm.contiguous(), row_map)
-    return g, None, None
-
-
-_permute_op.register_autograd(_permute_backward, setup_context=_permute_setup)
-
-
-@torch.library.custom_op(f"{NS}::moe_unpermute", mutates_args=())
-def _unpermute_op(y: Tensor, row_map: Tensor, weights: Tensor) -> Tensor:
-    _check_row_map(row_map, y.shape[0])  # also under torch.compile: see _route_op
+def _ref_unpermute(y, row_map, weights):
+    _check_row_map(row_map, y.shape[0])
     return ref.moe_unpermute(y, row_map, weights)
 
 
-@_unpermute_op.register_fake
-def _(y, row_map, weights):
-    torch._check(y.dim() == 2 and row_map.dim() == 2, lambda: "y must be [R, H] and row_map [T, k]")
-    return y.new_empty((row_map.shape[0], y.shape[1]))
-
-
-@torch.library.custom_op(f"{NS}::moe_unpermute_bwd", mutates_args=())
-def _unpermute_bwd_op(
-    y: Tensor, row_map: Tensor, weights: Tensor, grad_out: Tensor, need_y: bool, need_weights: bool
-) -> tuple[Tensor, Tensor]:
+def _ref_unpermute_bwd(y, row_map, weights, grad_out, need_y, need_weights):
     cdt = ref.compute_dtype(y.dtype, weights.dtype)
     T, k = row_map.shape
     rows = row_map.reshape(-1)
     go = grad_out.to(cdt)
-    gy, gw = _none(y), _none(y)
+    gy, gw = absent(y), absent(y)
     if need_y:
         contrib = (weights.to(cdt).unsqueeze(-1) * go.unsqueeze(1)).reshape(T * k, y.shape[1])
         # index_add, not a scatter: row_map need not be a permutation of y's rows.
@@ -216,60 +160,24 @@ def _unpermute_bwd_op(
     return gy, gw
 
 
-@_unpermute_bwd_op.register_fake
-def _(y, row_map, weights, grad_out, need_y, need_weights):
-    gy = y.new_empty(y.shape) if need_y else _none(y)
-    gw = weights.new_empty(weights.shape) if need_weights else _none(y)
-    return gy, gw
-
-
-def _unpermute_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _unpermute_backward(ctx, grad_out):
-    y, row_map, weights = ctx.saved_tensors
-    need_y, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    if grad_out is None or not (need_y or need_w):
-        return None, None, None
-    gy, gw = _ops.moe_unpermute_bwd(y, row_map, weights, grad_out.contiguous(), need_y, need_w)
-    return (gy if need_y else None), None, (gw if need_w else None)
-
-
-_unpermute_op.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
-
-
-# ---------------------------------------------------------------------------
-# fused_moe
-# ---------------------------------------------------------------------------
-@torch.library.custom_op(f"{NS}::fused_moe", mutates_args=())
-def _fused_op(
-    x: Tensor, w_gate_up: Tensor, w_down: Tensor, weights: Tensor, ids: Tensor, activation: str
-) -> Tensor:
-    _check_ids("ids", ids, w_gate_up.shape[0])  # also under torch.compile: see _route_op
+def _ref_fused(x, w_gate_up, w_down, weights, ids, activation):
+    _check_ids("ids", ids, w_gate_up.shape[0])
     return ref.fused_moe(x, w_gate_up, w_down, weights, ids, activation)
 
 
-@_fused_op.register_fake
-def _(x, w_gate_up, w_down, weights, ids, activation):
-    torch._check(x.dim() == 2, lambda: "x must be [T, H]")
-    return x.new_empty(x.shape)
-
-
-@torch.library.custom_op(f"{NS}::fused_moe_bwd", mutates_args=())
-def _fused_bwd_op(
-    x: Tensor,
-    w_gate_up: Tensor,
-    w_down: Tensor,
-    weights: Tensor,
-    ids: Tensor,
-    grad_out: Tensor,
-    activation: str,
-    need_x: bool,
-    need_w_gate_up: bool,
-    need_w_down: bool,
-    need_weights: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _ref_fused_bwd(
+    x,
+    w_gate_up,
+    w_down,
+    weights,
+    ids,
+    grad_out,
+    activation,
+    need_x,
+    need_w_gate_up,
+    need_w_down,
+    need_weights,
+):
     act = ref.activation_fn(activation)
     act_grad = ref.ACTIVATION_GRADS[activation]
     T, k = ids.shape
@@ -305,8 +213,7 @@ def _fused_bwd_op(
             g_wgu[e] = g_gate_up.T @ xs
         if need_x:
             gx_perm[lo:hi] = g_gate_up @ wgu
-    # Separate placeholders: a custom op's outputs may not alias each other.
-    gx, gwgu, gwd, gw = (_none(x) for _ in range(4))
+    gx, gwgu, gwd, gw = (absent(x) for _ in range(4))
     if need_x:
         gx = gx_perm.index_select(0, row_map.reshape(-1)).view(T, k, H).sum(1).to(x.dtype)
     if need_w_gate_up:
@@ -318,21 +225,47 @@ def _fused_bwd_op(
     return gx, gwgu, gwd, gw
 
 
-@_fused_bwd_op.register_fake
-def _(
-    x,
-    w_gate_up,
-    w_down,
-    weights,
-    ids,
-    grad_out,
-    activation,
-    need_x,
-    need_w_gate_up,
-    need_w_down,
-    need_weights,
-):
-    pick = lambda need, t: t.new_empty(t.shape) if need else _none(x)
+# ---------------------------------------------------------------------------
+# fake kernels
+# ---------------------------------------------------------------------------
+def _fake_route(logits, top_k, scoring, renormalize, correction_bias, n_group, topk_group, scaling, backend):
+    torch._check(logits.dim() == 2, lambda: "logits must be [T, E]")
+    T = logits.shape[0]
+    w = logits.new_empty((T, top_k), dtype=ref.score_dtype(logits.dtype))
+    return w, logits.new_empty((T, top_k), dtype=torch.int32)
+
+
+def _fake_permute(x, ids, num_experts, backend):
+    torch._check(x.dim() == 2 and ids.dim() == 2, lambda: "x must be [T, H] and ids [T, k]")
+    T, k = ids.shape
+    return (
+        x.new_empty((T * k, x.shape[1])),
+        x.new_empty((num_experts + 1,), dtype=torch.int64),
+        x.new_empty((T, k), dtype=torch.int64),
+    )
+
+
+def _fake_unpermute(y, row_map, weights, backend):
+    torch._check(y.dim() == 2 and row_map.dim() == 2, lambda: "y must be [R, H] and row_map [T, k]")
+    return y.new_empty((row_map.shape[0], y.shape[1]))
+
+
+def _fake_unpermute_bwd(y, row_map, weights, grad_out, need_y, need_weights, backend):
+    gy = y.new_empty(y.shape) if need_y else absent(y)
+    gw = weights.new_empty(weights.shape) if need_weights else absent(y)
+    return gy, gw
+
+
+def _fake_fused(x, w_gate_up, w_down, weights, ids, activation, backend):
+    torch._check(x.dim() == 2, lambda: "x must be [T, H]")
+    return x.new_empty(x.shape)
+
+
+def _fake_fused_bwd(
+    x, w_gate_up, w_down, weights, ids, grad_out, activation, need_x, need_w_gate_up, need_w_down, need_weights,
+    backend,
+):  # fmt: skip
+    pick = lambda need, t: t.new_empty(t.shape) if need else absent(x)
     return (
         pick(need_x, x),
         pick(need_w_gate_up, w_gate_up),
@@ -341,82 +274,140 @@ def _(
     )
 
 
-def _fused_setup(ctx, inputs, output):
-    x, w_gate_up, w_down, weights, ids, activation = inputs
-    ctx.activation = activation
-    ctx.save_for_backward(x, w_gate_up, w_down, weights, ids)
+# ---------------------------------------------------------------------------
+# autograd
+# ---------------------------------------------------------------------------
+def _route_setup(ctx, a, output):
+    ctx.scoring, ctx.renormalize, ctx.scaling = a.scoring, a.renormalize, a.scaling
+    ctx.save_for_backward(a.logits, output[1])
+
+
+def _route_backward(ctx, grad_weights, _grad_ids):
+    # correction_bias only steers the selection: it gets no gradient.
+    if not ctx.needs.logits:
+        return {}
+    logits, ids = ctx.saved_tensors
+    g = _ops.moe_route_bwd(
+        logits, ids, grad_weights.contiguous(), ctx.scoring, ctx.renormalize, ctx.scaling, ctx.backend
+    )
+    return {"logits": g}
+
+
+def _permute_setup(ctx, a, output):
+    ctx.save_for_backward(output[2])
+
+
+def _permute_backward(ctx, grad_x_perm, _grad_offsets, _grad_row_map):
+    (row_map,) = ctx.saved_tensors
+    return {"x": _ops.moe_permute_bwd(grad_x_perm.contiguous(), row_map, ctx.backend)}
+
+
+def _unpermute_setup(ctx, a, output):
+    # Each of y and weights is read by the other's gradient; both are inputs, so saving them copies nothing.
+    ctx.save_for_backward(a.y, a.row_map, a.weights)
+
+
+def _unpermute_backward(ctx, grad_out):
+    y, row_map, weights = ctx.saved_tensors
+    gy, gw = _ops.moe_unpermute_bwd(
+        y, row_map, weights, grad_out.contiguous(), ctx.needs.y, ctx.needs.weights, ctx.backend
+    )
+    return {"y": gy, "weights": gw}
+
+
+def _fused_setup(ctx, a, output):
+    ctx.activation = a.activation
+    ctx.save_for_backward(a.x, a.w_gate_up, a.w_down, a.weights, a.ids)
 
 
 def _fused_backward(ctx, grad_out):
     x, w_gate_up, w_down, weights, ids = ctx.saved_tensors
-    need = [ctx.needs_input_grad[i] for i in range(4)]
-    if grad_out is None or not any(need):
-        return None, None, None, None, None, None
-    grads = _ops.fused_moe_bwd(
-        x, w_gate_up, w_down, weights, ids, grad_out.contiguous(), ctx.activation, *need
-    )
-    return (*(g if n else None for g, n in zip(grads, need)), None, None)
-
-
-_fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
+    n = ctx.needs
+    gx, gwgu, gwd, gw = _ops.fused_moe_bwd(
+        x, w_gate_up, w_down, weights, ids, grad_out.contiguous(), ctx.activation,
+        n.x, n.w_gate_up, n.w_down, n.weights, ctx.backend,
+    )  # fmt: skip
+    return {"x": gx, "w_gate_up": gwgu, "w_down": gwd, "weights": gw}
 
 
 # ---------------------------------------------------------------------------
-# public functional API (validation, backend choice)
+# the ops
 # ---------------------------------------------------------------------------
-_INTS = (torch.int32, torch.int64)
+define_op(
+    "moe_route(Tensor logits, int top_k, str scoring, bool renormalize, Tensor? correction_bias, "
+    "int? n_group, int? topk_group, float scaling) -> (Tensor, Tensor)",
+    fake=_fake_route,
+    reference=_ref_route,
+    backward=_route_backward,
+    setup_context=_route_setup,
+)
+define_op(
+    "moe_route_bwd(Tensor logits, Tensor ids, Tensor grad_weights, str scoring, bool renormalize, "
+    "float scaling) -> Tensor",
+    fake=lambda logits, ids, grad_weights, scoring, renormalize, scaling, backend: logits.new_empty(
+        logits.shape
+    ),
+    reference=_ref_route_bwd,
+)
+define_op(
+    "moe_permute(Tensor x, Tensor ids, int num_experts) -> (Tensor, Tensor, Tensor)",
+    fake=_fake_permute,
+    reference=_ref_permute,
+    backward=_permute_backward,
+    setup_context=_permute_setup,
+)
+define_op(
+    "moe_permute_bwd(Tensor grad_x_perm, Tensor row_map) -> Tensor",
+    fake=lambda grad_x_perm, row_map, backend: grad_x_perm.new_empty(
+        (row_map.shape[0], grad_x_perm.shape[1])
+    ),
+    reference=_ref_permute_bwd,
+)
+define_op(
+    "moe_unpermute(Tensor y, Tensor row_map, Tensor weights) -> Tensor",
+    fake=_fake_unpermute,
+    reference=_ref_unpermute,
+    backward=_unpermute_backward,
+    setup_context=_unpermute_setup,
+)
+define_op(
+    "moe_unpermute_bwd(Tensor y, Tensor row_map, Tensor weights, Tensor grad_out, bool need_y, "
+    "bool need_weights) -> (Tensor, Tensor)",
+    fake=_fake_unpermute_bwd,
+    reference=_ref_unpermute_bwd,
+)
+define_op(
+    "fused_moe(Tensor x, Tensor w_gate_up, Tensor w_down, Tensor weights, Tensor ids, str activation) -> Tensor",
+    fake=_fake_fused,
+    reference=_ref_fused,
+    backward=_fused_backward,
+    setup_context=_fused_setup,
+)
+define_op(
+    "fused_moe_bwd(Tensor x, Tensor w_gate_up, Tensor w_down, Tensor weights, Tensor ids, Tensor grad_out, "
+    "str activation, bool need_x, bool need_w_gate_up, bool need_w_down, bool need_weights) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+    fake=_fake_fused_bwd,
+    reference=_ref_fused_bwd,
+)
+
+_backend.register_function("moe_route", ops=("moe_route",), grad_ops=("moe_route_bwd",))
+_backend.register_function("moe_permute", ops=("moe_permute",), grad_ops=("moe_permute_bwd",))
+_backend.register_function("moe_unpermute", ops=("moe_unpermute",), grad_ops=("moe_unpermute_bwd",))
+_backend.register_function("fused_moe", ops=("fused_moe",), grad_ops=("fused_moe_bwd",))
 
 
-def _tensor(name, t, layout, ndim, kind="float"):
-    if kind == "float":
-        check_tensor(name, t)
-    else:
-        check_tensor(name, t, _INTS, "an int32 or int64 tensor")
+# ---------------------------------------------------------------------------
+# public functions (validation, backend choice)
+# ---------------------------------------------------------------------------
+def _tensor(name, t, layout, ndim):
+    check_tensor(name, t)
     check_dims(name, t, ndim, layout)
 
 
-def _values_checkable(t: Tensor) -> bool:
-    # The public functions read the data only in eager mode: while
-    # torch.compile traces, a data read would break the graph.  The op
-    # bodies repeat the checks, and they run on real tensors even in a graph.
-    return not torch.compiler.is_compiling() and has_values(t)
-
-
-def _check_ids(name, ids, num_experts):
-    if has_values(ids):
-        lo, hi = (int(v) for v in ids.aminmax())
-        if lo < 0 or hi >= num_experts:
-            raise ValueError(
-                f"{name} must lie in [0, {num_experts}) (there are {num_experts} experts), got values in [{lo}, {hi}]"
-            )
-
-
-def _check_row_map(row_map, rows):
-    if has_values(row_map):
-        lo, hi = (int(v) for v in row_map.aminmax())
-        if lo < 0 or hi >= rows:
-            raise ValueError(f"row_map must lie in [0, {rows}) (the rows of y), got values in [{lo}, {hi}]")
-
-
-def _check_logits(logits):
-    # -inf masks an expert (as with transformers' Mixtral router); NaN and +inf have no meaning.
-    if has_values(logits) and bool((torch.isnan(logits) | torch.isposinf(logits)).any()):
-        raise ValueError("logits must not contain NaN or +inf (-inf is allowed: it masks an expert)")
-
-
-def _check_selectable(choice, ids, top_k, n_group):
-    # A chosen expert with a -inf selection score means the row had fewer than
-    # top_k experts with a finite logit (in its kept groups, when grouping).
-    if not has_values(ids):
-        return
-    bad = torch.isneginf(choice.gather(1, ids)).any(-1)
-    if bool(bad.any()):
-        t = int(bad.nonzero()[0, 0])
-        where = " in its topk_group kept groups" if n_group is not None else ""
-        raise ValueError(
-            f"logits row {t} has fewer than top_k={top_k} selectable experts{where}: "
-            f"each row needs at least top_k finite (not -inf) logits"
-        )
+def _index(name, t, layout):
+    check_index_tensor(name, t, _INTS)
+    check_dims(name, t, 2, layout)
 
 
 def moe_route(
@@ -445,8 +436,13 @@ def moe_route(
     revive it), its softmax score is 0, and it counts as ``-inf`` in its
     group's score (so under the biased top-2 rule a group needs two unmasked
     experts to compete).  Every row needs ``top_k`` unmasked experts (in its
-    kept groups, when grouping); a row with fewer is an error, as are NaN and
-    ``+inf`` logits.
+    kept groups, when grouping); a row with fewer is an error.
+
+    NaN: the logits steer a discrete choice, so they are treated like a
+    configuration: NaN and ``+inf`` logits, and a non-finite
+    ``correction_bias``, are refused with a ValueError (also under
+    torch.compile, where the op itself checks).  For every accepted input the
+    weights are finite.
 
     Args:
         logits: [T, E] router logits: finite, or ``-inf`` to mask an expert.
@@ -456,7 +452,7 @@ def moe_route(
         correction_bias: optional [E] finite selection bias (no gradient).
         n_group, topk_group: grouped top-k; E % n_group == 0, 1 <= topk_group <= n_group.
         scaling: finite factor on the weights (int, float or numpy scalar).
-        backend: only ``"reference"`` exists for this op.
+        backend: only ``"reference"`` exists for this function.
 
     Returns:
         weights [T, k] float32 (float64 for float64 logits), ids [T, k] int32, best first.
@@ -473,7 +469,7 @@ def moe_route(
     if E < 1:
         raise ValueError(f"logits must have at least one expert (E >= 1), got shape {tuple(logits.shape)}")
     top_k = check_int("top_k", top_k, 1, E, why=f" (logits has E={E} experts)")
-    check_choice("scoring", scoring, SCORINGS)
+    check_option("scoring", scoring, SCORINGS)
     renormalize = check_bool("renormalize", renormalize)
     if correction_bias is not None:
         _tensor("correction_bias", correction_bias, "[E]", 1)
@@ -495,31 +491,39 @@ def moe_route(
                 f"top_k={top_k} exceeds the {kept} experts in the topk_group={topk_group} kept groups"
             )
     scaling = check_real("scaling", scaling)
-    if _values_checkable(logits):
-        _check_logits(logits)
-    if correction_bias is not None and _values_checkable(correction_bias):
+    _check_logits(logits)
+    if correction_bias is not None:
         check_finite("correction_bias", correction_bias)
-    _backend.resolve(backend, logits.device, "moe_route", implemented=_IMPLEMENTED)
-    return _ops.moe_route(logits, top_k, scoring, renormalize, correction_bias, n_group, topk_group, scaling)
+    backend = _backend.resolve(backend, logits.device, "moe_route", _backend.records_grad(logits))
+    return _ops.moe_route(
+        logits, top_k, scoring, renormalize, correction_bias, n_group, topk_group, scaling, backend
+    )
 
 
 def _check_dispatch(x, ids, num_experts, x_name="x"):
     _tensor(x_name, x, "[T, H]", 2)
-    _tensor("ids", ids, "[T, k]", 2, kind="int")
+    _index("ids", ids, "[T, k]")
     check_same_device("ids", ids, x_name, x.device)
     if ids.shape[0] != x.shape[0]:
         raise ValueError(f"ids has {ids.shape[0]} rows but {x_name} has {x.shape[0]} tokens")
     if ids.shape[1] > num_experts:
         raise ValueError(f"ids has k={ids.shape[1]} columns but there are only {num_experts} experts (k > E)")
+    _check_ids("ids", ids, num_experts)
 
 
 def moe_permute(x: Tensor, ids: Tensor, num_experts: int, *, backend: str | None = None):
     """Copy each token once per chosen expert, grouped by expert (stable by token).
 
+    NaN in ``x`` is copied as it is: a NaN in ``x[t]`` shows in the k rows of
+    ``x_perm`` that hold token t and nowhere else; ``expert_offsets`` and
+    ``row_map`` depend on ``ids`` only.  The gradient of ``x[t]`` is the sum
+    of its k rows' gradients, so a NaN there reaches token t alone.
+
     Args:
         x: [T, H] tokens.
         ids: [T, k] int32/int64 expert ids in [0, num_experts).
         num_experts: E >= 1.
+        backend: only ``"reference"`` exists for this function.
 
     Returns:
         x_perm [T*k, H] (dtype of x), expert_offsets [E+1] int64 (expert e owns
@@ -533,19 +537,27 @@ def moe_permute(x: Tensor, ids: Tensor, num_experts: int, *, backend: str | None
     """
     num_experts = check_int("num_experts", num_experts, 1)
     _check_dispatch(x, ids, num_experts)
-    if _values_checkable(ids):
-        _check_ids("ids", ids, num_experts)
-    _backend.resolve(backend, x.device, "moe_permute", implemented=_IMPLEMENTED)
-    return _ops.moe_permute(x, ids, num_experts)
+    # The expert counts and offsets are two int64 buffers of E entries: refuse an E no device could hold.
+    # (Not while torch.compile traces: dynamo cannot trace the os.sysconf that asks for the RAM size.)
+    if not torch.compiler.is_compiling():
+        check_memory("num_experts", 16 * (num_experts + 1), x.device)
+    backend = _backend.resolve(backend, x.device, "moe_permute", _backend.records_grad(x))
+    return _ops.moe_permute(x, ids, num_experts, backend)
 
 
 def moe_unpermute(y: Tensor, row_map: Tensor, weights: Tensor, *, backend: str | None = None) -> Tensor:
     """Weighted combine back to token order: ``out[t] = sum_j weights[t, j] * y[row_map[t, j]]``.
 
+    NaN propagates per token: a NaN in row r of ``y`` makes NaN the output
+    rows of the tokens whose ``row_map`` names r (whatever their weight, as
+    ``0 * NaN`` is NaN), and a NaN in ``weights[t]`` makes row t NaN; the
+    other tokens are untouched.
+
     Args:
         y: [R, H] rows in permuted order (R = T*k after :func:`moe_permute`).
-        row_map: [T, k] int64 from :func:`moe_permute`, values in [0, R).
+        row_map: [T, k] int32/int64 from :func:`moe_permute`, values in [0, R).
         weights: [T, k] router weights.
+        backend: only ``"reference"`` exists for this function.
 
     Returns:
         [T, H] in ``y``'s dtype (half types accumulate in float32).
@@ -558,7 +570,7 @@ def moe_unpermute(y: Tensor, row_map: Tensor, weights: Tensor, *, backend: str |
         >>> out = moe_unpermute(2.0 * x_perm, row_map, weights)  # == 2 x, as the weights sum to 1
     """
     _tensor("y", y, "[R, H]", 2)
-    _tensor("row_map", row_map, "[T, k]", 2, kind="int")
+    _index("row_map", row_map, "[T, k]")
     _tensor("weights", weights, "[T, k]", 2)
     check_same_device("row_map", row_map, "y", y.device)
     check_same_device("weights", weights, "y", y.device)
@@ -566,10 +578,9 @@ def moe_unpermute(y: Tensor, row_map: Tensor, weights: Tensor, *, backend: str |
         raise ValueError(
             f"weights must have the shape of row_map {tuple(row_map.shape)}, got {tuple(weights.shape)}"
         )
-    if _values_checkable(row_map):
-        _check_row_map(row_map, y.shape[0])
-    _backend.resolve(backend, y.device, "moe_unpermute", implemented=_IMPLEMENTED)
-    return _ops.moe_unpermute(y, row_map.long(), weights)
+    _check_row_map(row_map, y.shape[0])
+    backend = _backend.resolve(backend, y.device, "moe_unpermute", _backend.records_grad(y, weights))
+    return _ops.moe_unpermute(y, row_map.long(), weights, backend)
 
 
 def fused_moe(
@@ -589,11 +600,17 @@ def fused_moe(
     vLLM and transformers layout) and ``D_e = w_down[e]``.  No capacity and
     no dropped tokens; experts that receive no token contribute nothing.
 
+    NaN propagates per token: a NaN in ``x[t]`` or ``weights[t]`` makes
+    output row t NaN, and a NaN in expert e's ``w_gate_up[e]`` or
+    ``w_down[e]`` reaches the rows of the tokens routed to e (whatever their
+    weight, as ``0 * NaN`` is NaN); the other rows are exactly what they
+    would be without it.  An expert no token chose is never read.
+
     Args:
         x: [T, H]; w_gate_up: [E, 2I, H] and w_down: [E, H, I] in x's dtype;
         weights: [T, k] router weights (any float dtype); ids: [T, k] int32/int64 in [0, E).
         activation: ``"silu"`` or ``"gelu"`` (exact).
-        backend: only ``"reference"`` exists for this op.
+        backend: only ``"reference"`` exists for this function.
 
     Returns:
         [T, H] in x's dtype (half types accumulate in float32).  Differentiable
@@ -627,11 +644,10 @@ def fused_moe(
     _check_dispatch(x, ids, E)
     if weights.shape != ids.shape:
         raise ValueError(f"weights must have the shape of ids {tuple(ids.shape)}, got {tuple(weights.shape)}")
-    check_choice("activation", activation, ACTIVATIONS)
-    if _values_checkable(ids):
-        _check_ids("ids", ids, E)
-    _backend.resolve(backend, x.device, "fused_moe", implemented=_IMPLEMENTED)
-    return _ops.fused_moe(x, w_gate_up, w_down, weights, ids, activation)
+    check_option("activation", activation, ACTIVATIONS)
+    grad = _backend.records_grad(x, w_gate_up, w_down, weights)
+    backend = _backend.resolve(backend, x.device, "fused_moe", grad)
+    return _ops.fused_moe(x, w_gate_up, w_down, weights, ids, activation, backend)
 
 
 __all__ = ["moe_route", "moe_permute", "moe_unpermute", "fused_moe"]

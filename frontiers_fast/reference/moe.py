@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .common import stable_bucket_sort
+
 SCORINGS = ("softmax", "sigmoid")
 ACTIVATIONS = ("silu", "gelu")
 RENORM_EPS = 1e-20
@@ -170,15 +172,14 @@ def moe_route(
 def permutation(ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
     """(order [T*k], expert_offsets [E+1], row_map [T, k]) for the flattened (token, slot) pairs.
 
-    ``order[r]`` is the flat slot ``t*k + j`` whose row ``r`` it is; a stable
-    sort by expert keeps tokens in ascending order within each expert.
+    ``order[r]`` is the flat slot ``t*k + j`` whose row ``r`` it is; the
+    bucket sort by expert is stable, so tokens stay in ascending order within
+    each expert.
     """
     T, k = ids.shape
-    flat = ids.reshape(-1).long()
-    order = torch.sort(flat, stable=True).indices
+    offsets, order = stable_bucket_sort(ids, num_experts)
+    # row_map inverts order: the slot at sorted position r goes back to row r.
     row_map = torch.zeros_like(order).scatter(0, order, torch.arange(T * k, device=ids.device))
-    counts = torch.bincount(flat, minlength=num_experts)
-    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
     return order, offsets, row_map.view(T, k)
 
 

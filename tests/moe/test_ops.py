@@ -245,19 +245,6 @@ def test_route_then_moe_end_to_end_gradient():
         assert_close(g, v)
 
 
-def test_backend_argument():
-    x, wgu, wd, logits = random_moe(4, 8, 6, 4)
-    w, ids = moe.moe_route(logits, 2, backend="reference")
-    moe.fused_moe(x, wgu, wd, w, ids, backend="reference")
-    for b in ("cpp", "triton", "cuda"):
-        with pytest.raises(NotImplementedError, match="not implemented"):
-            moe.fused_moe(x, wgu, wd, w, ids, backend=b)
-        with pytest.raises(NotImplementedError, match="not implemented"):
-            moe.moe_route(logits, 2, backend=b)
-    with pytest.raises(ValueError, match="backend"):
-        moe.moe_permute(x, ids, 4, backend="fast")
-
-
 def test_no_tokens():
     x, wgu, wd, logits = random_moe(0, 8, 5, 4)
     leaves = [t.requires_grad_(True) for t in (x, wgu, logits)]

@@ -1,18 +1,19 @@
-"""torch.library registration: opcheck (schema, fake, autograd), gradcheck and torch.compile."""
+"""Op registration: opcheck (schema, fake, autograd), the backend argument, gradcheck and torch.compile."""
 
 import pytest
 import torch
 
+from frontiers_fast import _backend
 from frontiers_fast.ops import moe
 from frontiers_fast.reference import moe as ref
 
-from ..helpers import assert_close
+from ..helpers import assert_close, check_compiled, first_cpu_backend, opcheck, spy_backends
 from .naive import random_moe
 
 ops = torch.ops.frontiers_fast
-FULL = ("test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
-PLAIN = ("test_schema", "test_faketensor")
+B = first_cpu_backend("fused_moe")
 f64 = torch.float64
+FUNCTIONS = ("moe_route", "moe_permute", "moe_unpermute", "fused_moe")
 
 
 def _leaf(t):
@@ -22,31 +23,27 @@ def _leaf(t):
 def test_opcheck_route():
     logits = torch.randn(9, 8, dtype=f64, requires_grad=True)
     bias = torch.randn(8, dtype=f64)
-    torch.library.opcheck(ops.moe_route, (logits, 2, "softmax", True, None, None, None, 1.0), test_utils=FULL)
-    torch.library.opcheck(ops.moe_route, (logits, 3, "sigmoid", True, bias, 4, 2, 2.5), test_utils=FULL)
-    torch.library.opcheck(
-        ops.moe_route, (logits.float(), 1, "sigmoid", False, None, 2, 1, 1.0), test_utils=FULL
-    )
-    w, ids = ops.moe_route(logits.detach(), 3, "sigmoid", True, bias, 4, 2, 2.5)
+    opcheck(ops.moe_route, (logits, 2, "softmax", True, None, None, None, 1.0, B))
+    opcheck(ops.moe_route, (logits, 3, "sigmoid", True, bias, 4, 2, 2.5, B))
+    opcheck(ops.moe_route, (logits.float(), 1, "sigmoid", False, None, 2, 1, 1.0, B))
+    w, ids = ops.moe_route(logits.detach(), 3, "sigmoid", True, bias, 4, 2, 2.5, B)
     for scoring, renorm in (("sigmoid", True), ("softmax", False)):
-        args = (logits.detach(), ids, torch.randn_like(w), scoring, renorm, 2.5)
-        torch.library.opcheck(ops.moe_route_bwd, args, test_utils=PLAIN)
+        args = (logits.detach(), ids, torch.randn_like(w), scoring, renorm, 2.5, B)
+        opcheck(ops.moe_route_bwd, args, full=False)
 
 
 def test_opcheck_dispatch_ops():
     x = torch.randn(11, 6, dtype=f64, requires_grad=True)
     _, ids = ref.moe_route(torch.randn(11, 5), 2)
-    torch.library.opcheck(ops.moe_permute, (x, ids, 7), test_utils=FULL)
-    x_perm, _, row_map = ops.moe_permute(x.detach(), ids, 7)
-    torch.library.opcheck(ops.moe_permute_bwd, (torch.randn_like(x_perm), row_map), test_utils=PLAIN)
+    opcheck(ops.moe_permute, (x, ids, 7, B))
+    x_perm, _, row_map = ops.moe_permute(x.detach(), ids, 7, B)
+    opcheck(ops.moe_permute_bwd, (torch.randn_like(x_perm), row_map, B), full=False)
     y = _leaf(torch.randn_like(x_perm))
     w = torch.rand(11, 2, dtype=f64, requires_grad=True)
-    torch.library.opcheck(ops.moe_unpermute, (y, row_map, w), test_utils=FULL)
+    opcheck(ops.moe_unpermute, (y, row_map, w, B))
     go = torch.randn(11, 6, dtype=f64)
     for need in ((True, True), (True, False), (False, True)):
-        torch.library.opcheck(
-            ops.moe_unpermute_bwd, (y.detach(), row_map, w.detach(), go, *need), test_utils=PLAIN
-        )
+        opcheck(ops.moe_unpermute_bwd, (y.detach(), row_map, w.detach(), go, *need, B), full=False)
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
@@ -54,16 +51,58 @@ def test_opcheck_fused_moe(activation):
     x, wgu, wd, logits = random_moe(10, 6, 4, 5, f64)
     w, ids = ref.moe_route(logits, 2)
     leaves = [_leaf(t) for t in (x, wgu, wd, w)]
-    torch.library.opcheck(ops.fused_moe, (*leaves, ids, activation), test_utils=FULL)
+    opcheck(ops.fused_moe, (*leaves, ids, activation, B))
     go = torch.randn(10, 6, dtype=f64)
     for need in ((True, True, True, True), (False, True, False, True), (True, False, True, False)):
-        torch.library.opcheck(
-            ops.fused_moe_bwd, (x, wgu, wd, w, ids, go, activation, *need), test_utils=PLAIN
-        )
+        opcheck(ops.fused_moe_bwd, (x, wgu, wd, w, ids, go, activation, *need, B), full=False)
+
+
+def test_registry():
+    for name in FUNCTIONS:
+        spec = _backend.FUNCTIONS[name]
+        assert spec.ops == (name,) and spec.grad_ops == (f"{name}_bwd",)
+        assert spec.implemented(True) == ("reference",)
+    assert B == "reference"
+
+
+def _calls():
+    """One call per public function, differentiable inputs included: name -> f(backend)."""
+    x, wgu, wd, logits = random_moe(6, 8, 5, 4)
+    w, ids = ref.moe_route(logits, 2)
+    x_perm, _, row_map = ref.moe_permute(x, ids, 4)
+    # Leaves, so that each backward runs the one function's backward op.
+    x, wgu, wd, logits, w, x_perm = (_leaf(t) for t in (x, wgu, wd, logits, w, x_perm))
+    return {
+        "moe_route": lambda b: moe.moe_route(logits, 2, backend=b)[0],
+        "moe_permute": lambda b: moe.moe_permute(x, ids, 4, backend=b)[0],
+        "moe_unpermute": lambda b: moe.moe_unpermute(x_perm, row_map, w, backend=b),
+        "fused_moe": lambda b: moe.fused_moe(x, wgu, wd, w, ids, backend=b),
+    }
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_backend_argument(name):
+    call = _calls()[name]
+    for b in ("cpp", "triton", "cuda"):
+        with pytest.raises(
+            NotImplementedError, match=rf"frontiers_fast\.{name}: backend '{b}' is not implemented"
+        ):
+            call(b)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        call("fast")
+    assert torch.equal(call("reference"), call(None))
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_backward_runs_the_forward_backend(name):
+    call = _calls()[name]
+    with spy_backends() as calls:
+        out = call("reference")
+        out.backward(torch.randn_like(out))
+    assert calls == {(name, "reference"): 1, (f"{name}_bwd", "reference"): 1}
 
 
 def test_compile_fullgraph():
-    torch._dynamo.reset()
     x, wgu, wd, _ = random_moe(12, 8, 6, 4)
     router = torch.randn(4, 8)
     bias = torch.randn(4) * 0.1
@@ -75,14 +114,7 @@ def test_compile_fullgraph():
         y = moe.fused_moe(x, wgu, wd, w, ids) + moe.moe_unpermute(x_perm, row_map, w)
         return y.pow(2).sum()
 
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    got = compiled(*leaves)
-    g_got = torch.autograd.grad(got, leaves)
-    want = model(*leaves)
-    g_want = torch.autograd.grad(want, leaves)
-    assert_close(got, want)
-    for a, b in zip(g_got, g_want):
-        assert_close(a, b)
+    check_compiled(model, leaves)
 
 
 def test_value_checks_run_in_the_ops_and_under_compile():
@@ -94,10 +126,10 @@ def test_value_checks_run_in_the_ops_and_under_compile():
     bad_ids = torch.tensor([[0, 5], [1, 2], [3, 0], [2, 1]], dtype=torch.int32)  # 5 >= E = 4
     ninf = float("-inf")
     cases = [
-        (lambda x, i: moe.moe_permute(x, i, 4), (x, bad_ids), r"ids must lie in \[0, 4\)"),
-        (lambda x, i: moe.fused_moe(x, wgu, wd, w, i), (x, bad_ids), r"ids must lie in \[0, 4\)"),
+        (lambda x, i: moe.moe_permute(x, i, 4), (x, bad_ids), r"ids must lie in \[0, 3\] \(there are 4 experts\)"),
+        (lambda x, i: moe.fused_moe(x, wgu, wd, w, i), (x, bad_ids), r"ids must lie in \[0, 3\] \(there are 4 experts\)"),
         (lambda y, m: moe.moe_unpermute(y, m, w), (torch.randn(8, 3), torch.tensor([[0, 1]] * 3 + [[2, 8]])),
-         r"row_map must lie in \[0, 8\)"),
+         r"row_map must lie in \[0, 7\] \(y has 8 rows\)"),
         (lambda lg: moe.moe_route(lg, 1), (torch.tensor([[float("nan"), 0.0, 1.0, 2.0]]),), "logits must not contain NaN"),
         (lambda lg: moe.moe_route(lg, 2), (torch.tensor([[ninf, 0.0, ninf, ninf]]),), "fewer than top_k=2 selectable"),
         (lambda lg: moe.moe_route(lg, 1, correction_bias=torch.tensor([0.0, float("nan"), 0.0, 0.0])), (logits,),
@@ -109,11 +141,11 @@ def test_value_checks_run_in_the_ops_and_under_compile():
             compiled(*args)
     # and the registered ops check on their own
     with pytest.raises(ValueError, match="ids must lie in"):
-        ops.moe_permute(x, bad_ids, 4)
+        ops.moe_permute(x, bad_ids, 4, B)
     with pytest.raises(ValueError, match="ids must lie in"):
-        ops.fused_moe(x, wgu, wd, w, bad_ids, "silu")
+        ops.fused_moe(x, wgu, wd, w, bad_ids, "silu", B)
     with pytest.raises(ValueError, match="logits must not contain NaN"):
-        ops.moe_route(torch.tensor([[float("nan"), 0.0]]), 1, "softmax", True, None, None, None, 1.0)
+        ops.moe_route(torch.tensor([[float("nan"), 0.0]]), 1, "softmax", True, None, None, None, 1.0, B)
     # Good inputs, -inf masks included, still compile and agree with eager.
     masked = logits.clone()
     masked[:, 1] = ninf
