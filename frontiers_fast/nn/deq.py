@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._checks import check_bool, check_int
+from .. import _backend
+from .._checks import check_bool, check_choice, check_has_values, check_int, check_module, check_tensor
 from ..ops import deq as _deq
 
 # torchdeq (``get_deq`` / ``DEQIndexing``) option names that mean exactly one of
@@ -102,8 +103,16 @@ class DEQFixedPoint(nn.Module):
     torchdeq's eval behaviour, wrap the call in ``torch.no_grad()``.
 
     Forward:
-        ``x`` [B, ...]; ``z0`` [B, ...] (default: zeros shaped like ``x``).
+        ``x`` [B, ...]; ``z0`` [B, ...] (default: zeros shaped like ``x``,
+        which must then be a float32/float64 tensor with values).
         Returns ``(z*, info)``; the last ``info`` is also kept in ``self.info``.
+        NaN and inf are handled as :func:`frontiers_fast.ops.deq.deq` says: a
+        sample whose residual is not finite stops at its best finite estimate
+        and is flagged in ``info["diverged"]``, with a RuntimeWarning.
+
+    Raises (at construction): TypeError for a ``cell`` that is not callable
+    or an unknown option (both named); the option values are checked as
+    :func:`~frontiers_fast.ops.deq.deq` checks them.
 
     Example::
 
@@ -120,17 +129,30 @@ class DEQFixedPoint(nn.Module):
 
     def __init__(self, cell, **options):
         super().__init__()
-        if not callable(cell):
-            raise TypeError(f"cell must be callable, got {type(cell).__name__}")
+        check_module("cell", cell)
         self.cell = cell
         options = _canonical_options(options)
+        unknown = [k for k in options if k not in _deq.DEQ_OPTIONS]
+        if unknown:
+            raise TypeError(
+                f"DEQFixedPoint: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                f"(options: {', '.join(_deq.DEQ_OPTIONS)}, or torchdeq's {', '.join(TORCHDEQ_ALIASES)})"
+            )
         opts = {k: v for k, v in options.items() if k != "backend"}
-        _deq._deq_options(**opts)  # unknown or bad options fail here, with deq's messages
+        _deq._deq_options(**opts)  # bad values fail here, with deq's messages
+        if options.get("backend") is not None:
+            # Which backends the layer has is decided per call (device, grad); the name is checked now.
+            check_choice("backend", options["backend"], _backend.BACKENDS)
         self.options = options
         self.info = None
 
     def forward(self, x, z0=None):
         if z0 is None:
+            # z0 defaults to zeros shaped like x: the errors name x, which the caller passed.
+            check_tensor(
+                "x", x, (torch.float32, torch.float64), "float32 or float64 (z0 defaults to zeros like x)"
+            )
+            check_has_values("x", x)
             z0 = torch.zeros_like(x)
         z, self.info = _deq.deq(lambda z: self.cell(z, x), z0, **self.options)
         return z, self.info

@@ -3,10 +3,12 @@
 A Python callable ``f`` cannot be an argument of a ``torch.library`` op, so
 the solver loop stays in Python (:func:`frontiers_fast.reference.deq.solve_loop`)
 and what is registered under ``frontiers_fast::`` are its tensor kernels,
-the pieces a GPU kernel will fuse.  Each has a fake kernel and registered
-autograd whose backward is itself a registered ``*_bwd`` op (explicit
-formulas: an op's implementation runs below the autograd dispatch key, so it
-cannot call autograd itself).  Only the reference backend exists today.
+the pieces a GPU kernel will fuse.  Every op is defined with
+:func:`frontiers_fast._library.define_op` (the last argument, ``backend``, is
+left out below); the forward ops carry autograd whose backward is itself a
+registered ``*_bwd`` op (explicit formulas: an op's implementation runs below
+the autograd dispatch key, so it cannot call autograd itself).  Only the
+``reference`` backend exists today.
 
   residual_norms(fz, z) -> (abs, rel)
   residual_norms_bwd(fz, z, grad_abs, grad_rel) -> (grad_fz, grad_z)
@@ -16,17 +18,29 @@ cannot call autograd itself).  Only the reference backend exists today.
   broyden_matvec_bwd(U, V, x, n, transpose, grad_y) -> (grad_U, grad_V, grad_x)
   broyden_update(U, V, dx, dg, n) -> (u, v)
   broyden_update_bwd(U, V, dx, dg, n, grad_u, grad_v) -> (grad_U, grad_V, grad_dx, grad_dg)
+  squared_norm(x) -> s   (the Hutchinson term of jacobian_regularizer)
 
 Shapes: z, fz, x, dx, dg [B, D]; X, F [B, m, D]; U, V [B, L, D]; abs, rel [B];
-alpha [B, m].  See :mod:`frontiers_fast.reference.deq` for the math.
+alpha [B, m]; s 0-dim.  See :mod:`frontiers_fast.reference.deq` for the math.
 
-Public functions: the four kernels (validated wrappers), :func:`fixed_point_solve`,
-:func:`deq` (the layer: implicit or phantom-gradient backward) and
-:func:`jacobian_regularizer`.
+Public functions: the four solver kernels (validated wrappers),
+:func:`fixed_point_solve`, :func:`deq` (the layer: implicit or
+phantom-gradient backward) and :func:`jacobian_regularizer`.  Each resolves
+its backend once and passes it to every op it runs, the solver loop's
+included (its kernels are the ops bound to that backend), so the forward
+solve and the implicit backward's adjoint solve run the backend that was
+resolved.
+
+NaN in the data (iterates, buffers, what ``f`` returns) is never refused; each
+function's docstring says where it goes.  The solver marks a sample whose
+residual is not finite as diverged and stops it (see :func:`fixed_point_solve`).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
 from types import SimpleNamespace
 
 import torch
@@ -37,40 +51,22 @@ from .._checks import (
     check_bool,
     check_choice,
     check_dims,
+    check_has_values,
     check_int,
+    check_memory,
     check_real,
     check_same_device,
     check_same_dtype,
     check_tensor,
 )
+from .._library import define_op
 from ..reference import deq as ref
 
-NS = "frontiers_fast"
-_lib = torch.library.Library(NS, "FRAGMENT")
 _ops = torch.ops.frontiers_fast
 
 SOLVERS = ref.SOLVERS
 STOP_MODES = ref.STOP_MODES
 BACKWARDS = ("implicit", "phantom")
-_IMPLEMENTED = ("reference",)
-
-_BWD_SCHEMAS = {
-    "residual_norms_bwd": "residual_norms_bwd(Tensor fz, Tensor z, Tensor grad_abs, Tensor grad_rel) -> (Tensor, Tensor)",
-    "anderson_mix_bwd": (
-        "anderson_mix_bwd(Tensor X, Tensor F, int n, float lam, float tau, Tensor alpha, Tensor grad_x, "
-        "Tensor grad_alpha) -> (Tensor, Tensor)"
-    ),
-    "broyden_matvec_bwd": (
-        "broyden_matvec_bwd(Tensor U, Tensor V, Tensor x, int n, bool transpose, Tensor grad_y) "
-        "-> (Tensor, Tensor, Tensor)"
-    ),
-    "broyden_update_bwd": (
-        "broyden_update_bwd(Tensor U, Tensor V, Tensor dx, Tensor dg, int n, Tensor grad_u, Tensor grad_v) "
-        "-> (Tensor, Tensor, Tensor, Tensor)"
-    ),
-}
-for _schema in _BWD_SCHEMAS.values():
-    _lib.define(_schema)
 
 
 # ---------------------------------------------------------------------------
@@ -154,163 +150,198 @@ def _ref_broyden_update_bwd(U, V, dx, dg, n, grad_u, grad_v):
     return gU1 + gU2, gV1 + gV2, g_dx + gdx2, g_dg + gdg1
 
 
-_BWD_REF = {
-    "residual_norms_bwd": _ref_residual_norms_bwd,
-    "anderson_mix_bwd": _ref_anderson_mix_bwd,
-    "broyden_matvec_bwd": _ref_broyden_matvec_bwd,
-    "broyden_update_bwd": _ref_broyden_update_bwd,
-}
-for _name, _fn in _BWD_REF.items():
-    # No device key: the reference serves every device until kernels exist.
-    torch.library.impl(f"{NS}::{_name}", "CompositeExplicitAutograd", lib=_lib)(_fn)
-
-torch.library.register_fake(
-    f"{NS}::residual_norms_bwd", lambda fz, z, ga, gr: (torch.empty_like(fz), torch.empty_like(z)), lib=_lib
+# ---------------------------------------------------------------------------
+# backward ops (kernels, no autograd)
+# ---------------------------------------------------------------------------
+define_op(
+    "residual_norms_bwd(Tensor fz, Tensor z, Tensor grad_abs, Tensor grad_rel) -> (Tensor, Tensor)",
+    fake=lambda fz, z, ga, gr, backend: (torch.empty_like(fz), torch.empty_like(z)),
+    reference=_ref_residual_norms_bwd,
 )
-torch.library.register_fake(
-    f"{NS}::anderson_mix_bwd",
-    lambda X, F, n, lam, tau, alpha, gx, ga: (torch.empty_like(X), torch.empty_like(F)),
-    lib=_lib,
+define_op(
+    "anderson_mix_bwd(Tensor X, Tensor F, int n, float lam, float tau, Tensor alpha, Tensor grad_x, "
+    "Tensor grad_alpha) -> (Tensor, Tensor)",
+    fake=lambda X, F, n, lam, tau, alpha, gx, ga, backend: (torch.empty_like(X), torch.empty_like(F)),
+    reference=_ref_anderson_mix_bwd,
 )
-torch.library.register_fake(
-    f"{NS}::broyden_matvec_bwd",
-    lambda U, V, x, n, t, g: (torch.empty_like(U), torch.empty_like(V), torch.empty_like(x)),
-    lib=_lib,
+define_op(
+    "broyden_matvec_bwd(Tensor U, Tensor V, Tensor x, int n, bool transpose, Tensor grad_y) "
+    "-> (Tensor, Tensor, Tensor)",
+    fake=lambda U, V, x, n, t, g, backend: (torch.empty_like(U), torch.empty_like(V), torch.empty_like(x)),
+    reference=_ref_broyden_matvec_bwd,
 )
-torch.library.register_fake(
-    f"{NS}::broyden_update_bwd",
-    lambda U, V, dx, dg, n, gu, gv: (
+define_op(
+    "broyden_update_bwd(Tensor U, Tensor V, Tensor dx, Tensor dg, int n, Tensor grad_u, Tensor grad_v) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+    fake=lambda U, V, dx, dg, n, gu, gv, backend: (
         torch.empty_like(U),
         torch.empty_like(V),
         torch.empty_like(dx),
         torch.empty_like(dg),
     ),
-    lib=_lib,
+    reference=_ref_broyden_update_bwd,
 )
 
 
 # ---------------------------------------------------------------------------
 # forward ops with autograd
 # ---------------------------------------------------------------------------
-@torch.library.custom_op(f"{NS}::residual_norms", mutates_args=(), device_types=None)
-def _residual_norms_op(fz: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-    return ref.residual_norms(fz, z)
+def _zeros_if_none(g, like):
+    # An output the loss does not use may reach the backward as None.
+    return torch.zeros_like(like) if g is None else g
 
 
-@_residual_norms_op.register_fake
-def _(fz, z):
+def _fake_residual_norms(fz, z, backend):
     torch._check(fz.dim() == 2 and z.shape == fz.shape, lambda: "fz and z must both be [B, D]")
     B = fz.shape[0]
     return fz.new_empty((B,)), fz.new_empty((B,))
 
 
-def _residual_norms_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+def _residual_norms_setup(ctx, a, output):
+    ctx.save_for_backward(a.fz, a.z)
 
 
 def _residual_norms_backward(ctx, g_abs, g_rel):
     fz, z = ctx.saved_tensors
-    g_abs = torch.zeros_like(fz[:, 0]) if g_abs is None else g_abs
-    g_rel = torch.zeros_like(fz[:, 0]) if g_rel is None else g_rel
-    return _ops.residual_norms_bwd(fz, z, g_abs.contiguous(), g_rel.contiguous())
+    g_abs, g_rel = _zeros_if_none(g_abs, fz[:, 0]), _zeros_if_none(g_rel, fz[:, 0])
+    g_fz, g_z = _ops.residual_norms_bwd(fz, z, g_abs.contiguous(), g_rel.contiguous(), ctx.backend)
+    return {"fz": g_fz, "z": g_z}
 
 
-_residual_norms_op.register_autograd(_residual_norms_backward, setup_context=_residual_norms_setup)
+define_op(
+    "residual_norms(Tensor fz, Tensor z) -> (Tensor, Tensor)",
+    fake=_fake_residual_norms,
+    reference=ref.residual_norms,
+    backward=_residual_norms_backward,
+    setup_context=_residual_norms_setup,
+)
 
 
-@torch.library.custom_op(f"{NS}::anderson_mix", mutates_args=(), device_types=None)
-def _anderson_mix_op(X: Tensor, F: Tensor, n: int, lam: float, tau: float) -> tuple[Tensor, Tensor]:
-    return ref.anderson_mix(X, F, n, lam, tau)
-
-
-@_anderson_mix_op.register_fake
-def _(X, F, n, lam, tau):
+def _fake_anderson_mix(X, F, n, lam, tau, backend):
     torch._check(X.dim() == 3 and F.shape == X.shape, lambda: "X and F must both be [B, m, D]")
     torch._check(1 <= n <= X.shape[1], lambda: "n must be in [1, m]")
     return X.new_empty((X.shape[0], X.shape[2])), X.new_empty((X.shape[0], X.shape[1]))
 
 
-def _anderson_mix_setup(ctx, inputs, output):
-    X, F, n, lam, tau = inputs
-    ctx.n, ctx.lam, ctx.tau = n, lam, tau
-    ctx.save_for_backward(X, F, output[1])
+def _anderson_mix_setup(ctx, a, output):
+    ctx.n, ctx.lam, ctx.tau = a.n, a.lam, a.tau
+    ctx.save_for_backward(a.X, a.F, output[1])
 
 
 def _anderson_mix_backward(ctx, g_x, g_alpha):
     X, F, alpha = ctx.saved_tensors
-    g_x = torch.zeros_like(X[:, 0]) if g_x is None else g_x
-    g_alpha = torch.zeros_like(alpha) if g_alpha is None else g_alpha
+    g_x, g_alpha = _zeros_if_none(g_x, X[:, 0]), _zeros_if_none(g_alpha, alpha)
     gX, gF = _ops.anderson_mix_bwd(
-        X, F, ctx.n, ctx.lam, ctx.tau, alpha, g_x.contiguous(), g_alpha.contiguous()
+        X, F, ctx.n, ctx.lam, ctx.tau, alpha, g_x.contiguous(), g_alpha.contiguous(), ctx.backend
     )
-    return gX, gF, None, None, None
+    return {"X": gX, "F": gF}
 
 
-_anderson_mix_op.register_autograd(_anderson_mix_backward, setup_context=_anderson_mix_setup)
+define_op(
+    "anderson_mix(Tensor X, Tensor F, int n, float lam, float tau) -> (Tensor, Tensor)",
+    fake=_fake_anderson_mix,
+    reference=ref.anderson_mix,
+    backward=_anderson_mix_backward,
+    setup_context=_anderson_mix_setup,
+)
 
 
-@torch.library.custom_op(f"{NS}::broyden_matvec", mutates_args=(), device_types=None)
-def _broyden_matvec_op(U: Tensor, V: Tensor, x: Tensor, n: int, transpose: bool) -> Tensor:
-    return ref.broyden_matvec(U, V, x, n, transpose)
-
-
-@_broyden_matvec_op.register_fake
-def _(U, V, x, n, transpose):
+def _fake_lowrank(U, V):
     torch._check(U.dim() == 3 and V.shape == U.shape, lambda: "U and V must both be [B, L, D]")
+
+
+def _fake_broyden_matvec(U, V, x, n, transpose, backend):
+    _fake_lowrank(U, V)
     torch._check(0 <= n <= U.shape[1], lambda: "n must be in [0, L]")
     return torch.empty_like(x)
 
 
-def _broyden_matvec_setup(ctx, inputs, output):
-    U, V, x, n, transpose = inputs
-    ctx.n, ctx.transpose = n, transpose
-    ctx.save_for_backward(U, V, x)
+def _broyden_matvec_setup(ctx, a, output):
+    ctx.n, ctx.transpose = a.n, a.transpose
+    ctx.save_for_backward(a.U, a.V, a.x)
 
 
 def _broyden_matvec_backward(ctx, g):
     U, V, x = ctx.saved_tensors
-    gU, gV, gx = _ops.broyden_matvec_bwd(U, V, x, ctx.n, ctx.transpose, g.contiguous())
-    return gU, gV, gx, None, None
+    gU, gV, gx = _ops.broyden_matvec_bwd(U, V, x, ctx.n, ctx.transpose, g.contiguous(), ctx.backend)
+    return {"U": gU, "V": gV, "x": gx}
 
 
-_broyden_matvec_op.register_autograd(_broyden_matvec_backward, setup_context=_broyden_matvec_setup)
+define_op(
+    "broyden_matvec(Tensor U, Tensor V, Tensor x, int n, bool transpose) -> Tensor",
+    fake=_fake_broyden_matvec,
+    reference=ref.broyden_matvec,
+    backward=_broyden_matvec_backward,
+    setup_context=_broyden_matvec_setup,
+)
 
 
-@torch.library.custom_op(f"{NS}::broyden_update", mutates_args=(), device_types=None)
-def _broyden_update_op(U: Tensor, V: Tensor, dx: Tensor, dg: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    return ref.broyden_update(U, V, dx, dg, n)
-
-
-@_broyden_update_op.register_fake
-def _(U, V, dx, dg, n):
-    torch._check(U.dim() == 3 and V.shape == U.shape, lambda: "U and V must both be [B, L, D]")
+def _fake_broyden_update(U, V, dx, dg, n, backend):
+    _fake_lowrank(U, V)
     torch._check(0 <= n <= U.shape[1], lambda: "n must be in [0, L]")
     return torch.empty_like(dx), torch.empty_like(dx)
 
 
-def _broyden_update_setup(ctx, inputs, output):
-    U, V, dx, dg, n = inputs
-    ctx.n = n
-    ctx.save_for_backward(U, V, dx, dg)
+def _broyden_update_setup(ctx, a, output):
+    ctx.n = a.n
+    ctx.save_for_backward(a.U, a.V, a.dx, a.dg)
 
 
 def _broyden_update_backward(ctx, g_u, g_v):
     U, V, dx, dg = ctx.saved_tensors
-    g_u = torch.zeros_like(dx) if g_u is None else g_u
-    g_v = torch.zeros_like(dx) if g_v is None else g_v
-    gU, gV, gdx, gdg = _ops.broyden_update_bwd(U, V, dx, dg, ctx.n, g_u.contiguous(), g_v.contiguous())
-    return gU, gV, gdx, gdg, None
+    g_u, g_v = _zeros_if_none(g_u, dx), _zeros_if_none(g_v, dx)
+    gU, gV, gdx, gdg = _ops.broyden_update_bwd(
+        U, V, dx, dg, ctx.n, g_u.contiguous(), g_v.contiguous(), ctx.backend
+    )
+    return {"U": gU, "V": gV, "dx": gdx, "dg": gdg}
 
 
-_broyden_update_op.register_autograd(_broyden_update_backward, setup_context=_broyden_update_setup)
-
-# The solver loop calls the registered ops directly (arguments checked once, up front).
-_OP_KERNELS = SimpleNamespace(
-    residual_norms=_ops.residual_norms,
-    anderson_mix=_ops.anderson_mix,
-    broyden_matvec=_ops.broyden_matvec,
-    broyden_update=_ops.broyden_update,
+define_op(
+    "broyden_update(Tensor U, Tensor V, Tensor dx, Tensor dg, int n) -> (Tensor, Tensor)",
+    fake=_fake_broyden_update,
+    reference=ref.broyden_update,
+    backward=_broyden_update_backward,
+    setup_context=_broyden_update_setup,
 )
+
+
+def _squared_norm_setup(ctx, a, output):
+    ctx.save_for_backward(a.x)
+
+
+def _squared_norm_backward(ctx, g):
+    (x,) = ctx.saved_tensors
+    # Plain tensor ops rather than a _bwd op: the regulariser is trained on,
+    # so this gradient must itself stay differentiable when autograd records it.
+    return {"x": g * (2 * x)}
+
+
+define_op(
+    "squared_norm(Tensor x) -> Tensor",
+    fake=lambda x, backend: x.new_empty(()),
+    reference=ref.squared_norm,
+    backward=_squared_norm_backward,
+    setup_context=_squared_norm_setup,
+)
+
+# The solver loop runs these four; it needs no backward op (it runs without a graph).
+_LOOP_OPS = ("residual_norms", "anderson_mix", "broyden_matvec", "broyden_update")
+
+_backend.register_function("residual_norms", ops=("residual_norms",), grad_ops=("residual_norms_bwd",))
+_backend.register_function("anderson_mix", ops=("anderson_mix",), grad_ops=("anderson_mix_bwd",))
+_backend.register_function("broyden_matvec", ops=("broyden_matvec",), grad_ops=("broyden_matvec_bwd",))
+_backend.register_function("broyden_update", ops=("broyden_update",), grad_ops=("broyden_update_bwd",))
+_backend.register_function("fixed_point_solve", ops=_LOOP_OPS)
+# The implicit backward's adjoint solve is the same loop; the phantom gradient is autograd of f.
+_backend.register_function("deq", ops=_LOOP_OPS)
+_backend.register_function("jacobian_regularizer", ops=("squared_norm",))
+
+
+def _loop_kernels(backend: str) -> SimpleNamespace:
+    """The solver loop's kernels: the registered ops, bound to the backend the public function resolved."""
+    return SimpleNamespace(
+        **{name: functools.partial(getattr(_ops, name), backend=backend) for name in _LOOP_OPS}
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -341,8 +372,23 @@ def _solver_options(prefix, solver, max_iter, tol, stop_mode, m, lam, tau):
     )
 
 
+def _check_buffers(prefix, opts, z0):
+    """Refuse a ``max_iter`` whose solver buffers cannot fit, before the loop allocates them."""
+    B, D = z0.shape[0], z0.numel() // z0.shape[0]
+    n = opts["max_iter"]
+    per_sample = 2 * n  # the abs and rel traces
+    if opts["solver"] == "broyden":
+        per_sample += 2 * n * D  # U and V: one rank-one term per step
+    elif opts["solver"] == "anderson":
+        per_sample += 2 * min(opts["m"], n) * D  # the X and F ring buffers
+    check_memory(f"{prefix}max_iter", z0.element_size() * B * per_sample, z0.device)
+
+
 def _check_z0(z0):
     _check_float_tensor("z0", z0)
+    # The solver reads the values (stopping, best iterate): a meta z0 would
+    # fail deep inside a host sync instead.
+    check_has_values("z0", z0)
     if z0.dim() < 1 or z0.numel() == 0:
         raise ValueError(f"z0 must be a non-empty [B, ...] tensor, got shape {tuple(z0.shape)}")
 
@@ -352,10 +398,6 @@ def _check_f(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")
 
 
-def _resolve(backend, device, op):
-    return _backend.resolve(backend, device, op, implemented=_IMPLEMENTED)
-
-
 # ---------------------------------------------------------------------------
 # public kernel wrappers
 # ---------------------------------------------------------------------------
@@ -363,10 +405,13 @@ def residual_norms(fz: Tensor, z: Tensor, *, backend=None) -> tuple[Tensor, Tens
     """Per-sample residuals ``abs = ||fz - z||`` and ``rel = abs / (||fz|| + 1e-9)``.
 
     Args:
-        fz, z: [B, ...] (norms over the trailing dims).
+        fz, z: [B, ...] (norms over the trailing dims; B = 0 or no trailing
+            elements are allowed).
 
     Returns:
-        ``abs`` [B] and ``rel`` [B].
+        ``abs`` [B] and ``rel`` [B].  NaN anywhere in a sample of ``fz`` or
+        ``z`` makes that sample's ``abs`` and ``rel`` NaN; other samples are
+        unaffected.
 
     Example::
 
@@ -376,20 +421,25 @@ def residual_norms(fz: Tensor, z: Tensor, *, backend=None) -> tuple[Tensor, Tens
     _check_float_tensor("z", z, like=("fz", fz))
     if fz.shape != z.shape or fz.dim() < 1:
         raise ValueError(f"z must have fz's shape [B, ...], got fz {tuple(fz.shape)} and z {tuple(z.shape)}")
-    _resolve(backend, fz.device, "residual_norms")
-    B = fz.shape[0]
-    return _ops.residual_norms(fz.reshape(B, -1).contiguous(), z.reshape(B, -1).contiguous())
+    backend = _backend.resolve(backend, fz.device, "residual_norms", _backend.records_grad(fz, z))
+    # An explicit width: reshape(B, -1) cannot infer it when B = 0.
+    B, D = fz.shape[0], math.prod(fz.shape[1:])
+    return _ops.residual_norms(fz.reshape(B, D).contiguous(), z.reshape(B, D).contiguous(), backend)
 
 
 def anderson_mix(X: Tensor, F: Tensor, n: int, lam: float = 1e-4, tau: float = 1.0, *, backend=None):
     """One Anderson step from the first ``n`` slots of the ring buffers (see the reference).
 
     Args:
-        X, F: [B, m, D] stored iterates and their images; n: valid slots (1..m).
-        lam: regularisation (>= 0); tau: damping (> 0).
+        X, F: [B, m, D] stored iterates and their images (m >= 1); n: valid slots (1..m).
+        lam: regularisation (finite, >= 0); tau: damping (finite, > 0).
 
     Returns:
         ``x_next`` [B, D] and ``alpha`` [B, m] (zero past slot n; sums to 1).
+        NaN in a sample's first ``n`` slots of ``X`` or ``F`` makes that
+        sample's ``x_next`` and ``alpha[:, :n]`` NaN (a singular system, with
+        ``lam = 0``, gives non-finite weights the same way); slots past ``n``
+        are never read and other samples are unaffected.
 
     Example::
 
@@ -399,11 +449,13 @@ def anderson_mix(X: Tensor, F: Tensor, n: int, lam: float = 1e-4, tau: float = 1
     _check_float_tensor("F", F, like=("X", X), dims=3)
     if F.shape != X.shape:
         raise ValueError(f"F must have X's shape [B, m, D], got X {tuple(X.shape)} and F {tuple(F.shape)}")
+    if X.shape[1] == 0:
+        raise ValueError(f"X must hold at least one slot (m >= 1 in [B, m, D]), got shape {tuple(X.shape)}")
     n = check_int("n", n, 1, X.shape[1])
     lam = check_real("lam", lam, 0.0)
     tau = check_real("tau", tau, 0.0, strict=True)
-    _resolve(backend, X.device, "anderson_mix")
-    return _ops.anderson_mix(X.contiguous(), F.contiguous(), n, lam, tau)
+    backend = _backend.resolve(backend, X.device, "anderson_mix", _backend.records_grad(X, F))
+    return _ops.anderson_mix(X.contiguous(), F.contiguous(), n, lam, tau, backend)
 
 
 def _check_lowrank(U, V, vecs):
@@ -427,7 +479,10 @@ def broyden_matvec(
         U, V: [B, L, D]; x: [B, D]; n: terms in use (0..L).
 
     Returns:
-        [B, D].
+        [B, D].  NaN in a sample's ``x`` or in its first ``n`` rows of ``U``
+        or ``V`` spreads to that sample's output through the products it
+        enters (``n = 0`` gives ``-x``, NaN where ``x`` is); rows past ``n``
+        are never read and other samples are unaffected.
 
     Example::
 
@@ -436,18 +491,21 @@ def broyden_matvec(
     _check_lowrank(U, V, [("x", x)])
     n = check_int("n", n, 0, U.shape[1])
     transpose = check_bool("transpose", transpose)
-    _resolve(backend, U.device, "broyden_matvec")
-    return _ops.broyden_matvec(U.contiguous(), V.contiguous(), x.contiguous(), n, transpose)
+    backend = _backend.resolve(backend, U.device, "broyden_matvec", _backend.records_grad(U, V, x))
+    return _ops.broyden_matvec(U.contiguous(), V.contiguous(), x.contiguous(), n, transpose, backend)
 
 
 def broyden_update(U: Tensor, V: Tensor, dx: Tensor, dg: Tensor, n: int, *, backend=None):
     """The good-Broyden rank-one term ``(u, v)`` for step ``dx`` and residual change ``dg``.
 
     Args:
-        U, V: [B, L, D] with ``n`` terms in use; dx, dg: [B, D].
+        U, V: [B, L, D] with ``n`` terms in use (0..L); dx, dg: [B, D].
 
     Returns:
         ``u`` [B, D], ``v`` [B, D]; the caller stores them as term ``n``.
+        Both are always finite: entries that are not (from NaN or inf in the
+        inputs, or a zero denominator) are set to 0, so NaN in a sample's
+        inputs gives zeros there, not NaN, and other samples are unaffected.
 
     Example::
 
@@ -455,8 +513,8 @@ def broyden_update(U: Tensor, V: Tensor, dx: Tensor, dg: Tensor, n: int, *, back
     """
     _check_lowrank(U, V, [("dx", dx), ("dg", dg)])
     n = check_int("n", n, 0, U.shape[1])
-    _resolve(backend, U.device, "broyden_update")
-    return _ops.broyden_update(U.contiguous(), V.contiguous(), dx.contiguous(), dg.contiguous(), n)
+    backend = _backend.resolve(backend, U.device, "broyden_update", _backend.records_grad(U, V, dx, dg))
+    return _ops.broyden_update(U.contiguous(), V.contiguous(), dx.contiguous(), dg.contiguous(), n, backend)
 
 
 # ---------------------------------------------------------------------------
@@ -479,7 +537,8 @@ def fixed_point_solve(
 
     Args:
         f: callable [B, ...] -> [B, ...], same shape, dtype and device as ``z0``.
-        z0: [B, ...] float32/float64 initial estimate; the solve runs in its dtype.
+        z0: [B, ...] float32/float64 initial estimate (not meta: the solver
+            reads its values); the solve runs in its dtype.
         solver: ``"anderson"``, ``"broyden"`` or ``"picard"``.
         max_iter: >= 1; tol: finite, >= 0; stop_mode: ``"abs"`` or ``"rel"``.
         m: Anderson memory (>= 1); lam: Anderson regularisation (>= 0);
@@ -489,8 +548,17 @@ def fixed_point_solve(
 
     Returns:
         ``z*`` [B, ...] and ``info``: ``abs_lowest``, ``rel_lowest``, ``nstep``
-        [B]; ``abs_trace``, ``rel_trace`` [B, max_iter].  Semantics (and how
-        they relate to torchdeq) are in :mod:`frontiers_fast.reference.deq`.
+        [B]; ``abs_trace``, ``rel_trace`` [B, max_iter]; ``diverged`` [B]
+        bool.  Semantics (and how they relate to torchdeq) are in
+        :mod:`frontiers_fast.reference.deq`.
+
+    NaN and inf: a sample whose residual is not finite at some step (``f``
+    returned NaN or inf for it, its ``z0`` holds NaN, or its iterate
+    overflowed) is marked in ``info["diverged"]`` and stops there.  It keeps
+    its best finite estimate (``z0``, NaN included, with ``nstep`` 0 if it
+    had none), its traces hold the non-finite residual from that step on,
+    and one RuntimeWarning per call says how many samples diverged.  The
+    other samples are solved as they would be without them.
 
     Example::
 
@@ -500,8 +568,9 @@ def fixed_point_solve(
     _check_f(f)
     _check_z0(z0)
     opts = _solver_options("", solver, max_iter, tol, stop_mode, m, lam, tau)
-    _resolve(backend, z0.device, "fixed_point_solve")
-    return ref.solve_loop(f, z0, kernels=_OP_KERNELS, **opts)
+    _check_buffers("", opts, z0)
+    backend = _backend.resolve(backend, z0.device, "fixed_point_solve", False)
+    return ref.solve_loop(f, z0, kernels=_loop_kernels(backend), **opts)
 
 
 class _ImplicitGrad(torch.autograd.Function):
@@ -519,8 +588,8 @@ class _ImplicitGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z_star, fz, f, b_opts):
-        ctx.f, ctx.b_opts = f, b_opts
+    def forward(ctx, z_star, fz, f, b_opts, kernels):
+        ctx.f, ctx.b_opts, ctx.kernels = f, b_opts, kernels
         ctx.save_for_backward(z_star)
         return z_star.clone()
 
@@ -542,8 +611,14 @@ class _ImplicitGrad(torch.autograd.Function):
             (yJ,) = torch.autograd.grad(fh, h, y, retain_graph=True)
             return yJ + g
 
-        y, _ = ref.solve_loop(adjoint, torch.zeros_like(g), kernels=_OP_KERNELS, **ctx.b_opts)
-        return None, y, None, None
+        y, _ = ref.solve_loop(
+            adjoint,
+            torch.zeros_like(g),
+            kernels=ctx.kernels,
+            caller="deq (backward, adjoint solve)",
+            **ctx.b_opts,
+        )
+        return None, y, None, None, None
 
 
 def _deq_options(
@@ -573,6 +648,10 @@ def _deq_options(
     pg_steps = check_int("pg_steps", pg_steps, 1)
     pg_tau = check_real("pg_tau", pg_tau, 0.0, strict=True)
     return opts, b_opts, backward, pg_steps, pg_tau
+
+
+# The options deq takes besides f and z0 (DEQFixedPoint checks its keywords against them).
+DEQ_OPTIONS = (*inspect.signature(_deq_options).parameters, "backend")
 
 
 def deq(
@@ -627,6 +706,17 @@ def deq(
     Returns:
         ``z`` [B, ...] with autograd, and the forward solve's ``info``.
 
+    NaN and inf: the forward is :func:`fixed_point_solve`'s (a diverged
+    sample stops at its best finite estimate, flagged in
+    ``info["diverged"]``, with a RuntimeWarning); with
+    ``backward="phantom"`` the output is ``pg_steps`` steps of ``f`` from
+    there, NaN where ``f`` is.  Either backward differentiates ``f`` at that
+    estimate as autograd would: where ``f`` is NaN, NaN reaches the gradients
+    of that sample's own inputs and of the parameters it shares (the entries
+    it flows through), while the other samples' own gradients stay finite.
+    An adjoint solve that diverges for a sample stops it at its best finite
+    estimate (0 if none) and warns the same way.
+
     Example::
 
         >>> W = torch.nn.Parameter(0.3 * torch.randn(8, 8) / 8**0.5)
@@ -641,9 +731,14 @@ def deq(
         b_solver=b_solver, b_max_iter=b_max_iter, b_tol=b_tol, b_stop_mode=b_stop_mode, b_m=b_m, b_lam=b_lam,
         b_tau=b_tau, pg_steps=pg_steps, pg_tau=pg_tau,
     )  # fmt: skip
-    _resolve(backend, z0.device, "deq")
-    z_star, info = ref.solve_loop(f, z0, kernels=_OP_KERNELS, **opts)
-    if not torch.is_grad_enabled():
+    _check_buffers("", opts, z0)
+    grad = torch.is_grad_enabled()
+    if grad and backward == "implicit":
+        _check_buffers("b_", b_opts, z0)  # the adjoint state has z0's shape
+    backend = _backend.resolve(backend, z0.device, "deq", grad)
+    kernels = _loop_kernels(backend)
+    z_star, info = ref.solve_loop(f, z0, kernels=kernels, caller="deq", **opts)
+    if not grad:
         return z_star, info
     if backward == "phantom":
         z = z_star
@@ -654,7 +749,7 @@ def deq(
     fz = f(z_star)
     if not fz.requires_grad:
         return z_star, info
-    return _ImplicitGrad.apply(z_star, fz, f, b_opts), info
+    return _ImplicitGrad.apply(z_star, fz, f, b_opts, kernels), info
 
 
 def jacobian_regularizer(
@@ -670,6 +765,7 @@ def jacobian_regularizer(
 
     Args:
         f_z: ``f(z)`` [B, ...] with a graph to ``z`` (requires grad).
+        z: [B, ...] the input, non-empty.
         vecs: number of Gaussian probes (>= 1), drawn as torchdeq draws them
             (float32 on the CPU from the global generator, then converted to
             ``z``'s dtype and device): the same seed gives torchdeq's value.
@@ -678,7 +774,8 @@ def jacobian_regularizer(
             (``sqrt(N) e_i`` for every i gives the exact value).
 
     Returns:
-        0-dim tensor.
+        0-dim tensor.  NaN in the Jacobian (``f`` NaN or not differentiable
+        somewhere along the graph) or in ``probes`` makes it NaN.
 
     Example::
 
@@ -687,6 +784,9 @@ def jacobian_regularizer(
     """
     _check_float_tensor("z", z)
     _check_float_tensor("f_z", f_z, like=("z", z))
+    if z.numel() == 0:
+        # The estimate is normalised by z.numel(): 0 / 0.
+        raise ValueError(f"z must have at least one element, got shape {tuple(z.shape)}")
     if not z.requires_grad:
         raise ValueError("z must require grad (f_z must be computed from it)")
     if not f_z.requires_grad:
@@ -699,11 +799,18 @@ def jacobian_regularizer(
             raise ValueError(
                 f"probes must have shape [vecs, *f_z.shape]={[vecs, *f_z.shape]}, got {list(probes.shape)}"
             )
-    _resolve(backend, z.device, "jacobian_regularizer")
-    return ref.jacobian_regularizer(f_z, z, vecs, create_graph, probes=probes)
+    backend = _backend.resolve(
+        backend, z.device, "jacobian_regularizer", torch.is_grad_enabled() and create_graph
+    )
+    sq_norm = functools.partial(_ops.squared_norm, backend=backend)
+    return ref.jacobian_regularizer(f_z, z, vecs, create_graph, probes=probes, sq_norm=sq_norm)
 
 
 __all__ = [
+    "BACKWARDS",
+    "DEQ_OPTIONS",
+    "SOLVERS",
+    "STOP_MODES",
     "residual_norms",
     "anderson_mix",
     "broyden_matvec",

@@ -11,11 +11,12 @@ Tensor kernels (the pieces a GPU kernel will fuse; ``z`` flattened to [B, D]):
   anderson_mix(X, F, n, lam, tau) -> (x_next, alpha)  [B, D], [B, m]
   broyden_matvec(U, V, x, n, transpose) -> y          [B, D]
   broyden_update(U, V, dx, dg, n) -> (u, v)           [B, D], [B, D]
+  squared_norm(x) -> s                                0-dim (jacobian_regularizer's term)
 
 The solver loop (:func:`solve_loop`) is Python: each pass is one evaluation of
 ``f`` on the whole batch, and the iteration is the recurrence itself.  It takes
-the kernels as arguments so the registered ops (``frontiers_fast.ops.deq``)
-and this reference share one loop.
+the kernels as arguments so the registered ops (``frontiers_fast.ops.deq``,
+bound to the backend their caller resolved) and this reference share one loop.
 
 Semantics, and where they differ from torchdeq 0.1.0 (whose Anderson and
 Broyden iterates and step counts we reproduce where both definitions agree):
@@ -40,6 +41,14 @@ Broyden iterates and step counts we reproduce where both definitions agree):
   are above ``tol`` and above the final best (the usual case, z0 far from z*).
 * The lowest residuals start at +inf (torchdeq: 1e8), so a sample always
   reports the best step it took.
+* Divergence: a sample whose residual at a step is not finite (``f``
+  returned NaN or inf for it, a NaN in its ``z0``, or an iterate so large
+  that the norm overflows) is marked in ``info["diverged"]`` and stops
+  there: its estimate stays the best finite one (``z0`` if it had none,
+  ``nstep`` 0), and its traces hold that non-finite residual from the step
+  on.  One RuntimeWarning per solve says how many samples diverged.  The
+  other samples are unaffected.  torchdeq keeps iterating such a sample and
+  returns its last iterate, NaN included.
 * Picard with damping ``tau`` iterates ``x <- tau f(x) + (1 - tau) x`` and
   reports the residual of ``f`` itself (torchdeq reports the damped map's,
   ``tau`` times smaller); identical for ``tau = 1``.
@@ -64,6 +73,7 @@ Broyden iterates and step counts we reproduce where both definitions agree):
 from __future__ import annotations
 
 import math
+import warnings
 from types import SimpleNamespace
 
 import torch
@@ -184,6 +194,16 @@ def broyden_update(U: Tensor, V: Tensor, dx: Tensor, dg: Tensor, n: int) -> tupl
     return torch.where(torch.isfinite(u), u, 0.0), torch.where(torch.isfinite(v), v, 0.0)
 
 
+def squared_norm(x: Tensor) -> Tensor:
+    """``||x||^2`` over every element: one probe's term ``||v^T J||^2`` of the Hutchinson estimate.
+
+    Example::
+
+        >>> squared_norm(torch.ones(2, 3))  # 6
+    """
+    return x.pow(2).sum()
+
+
 KERNELS = SimpleNamespace(
     residual_norms=residual_norms,
     anderson_mix=anderson_mix,
@@ -196,7 +216,7 @@ KERNELS = SimpleNamespace(
 # the solver loop
 # ---------------------------------------------------------------------------
 class _Tracker:
-    """Per-sample best estimate, lowest residuals, step and traces."""
+    """Per-sample best estimate, lowest residuals, step, traces and divergence."""
 
     def __init__(self, z0: Tensor, max_iter: int, tol: float, stop_mode: str):
         B = z0.shape[0]
@@ -204,14 +224,25 @@ class _Tracker:
         self.best = z0.clone()
         inf = torch.full((B,), math.inf, dtype=z0.dtype, device=z0.device)
         self.lowest = {"abs": inf, "rel": inf.clone()}
+        # What a diverged sample's trace holds from its last step on: the
+        # non-finite residual that stopped it, so the trace shows the blow-up.
+        self.blown = {"abs": inf.clone(), "rel": inf.clone()}
         self.nstep = torch.zeros(B, dtype=torch.int64, device=z0.device)
         self.trace = {k: z0.new_zeros((B, max_iter)) for k in STOP_MODES}
         self.active = torch.ones(B, dtype=torch.bool, device=z0.device)
+        self.diverged = torch.zeros(B, dtype=torch.bool, device=z0.device)
         self.last = 0  # steps recorded so far
         self.all_active = True
 
+    def _held(self, mode: str) -> Tensor:
+        return torch.where(self.diverged, self.blown[mode], self.lowest[mode])
+
     def record(self, step: int, est: Tensor, res: dict[str, Tensor]):
         live = self.active
+        # A non-finite residual (f gave NaN or inf, or the iterate overflowed)
+        # is never a candidate; iterating on would only carry it, so the
+        # sample stops here, keeping its best finite estimate.
+        blown = live & ~torch.isfinite(res["abs"])
         for mode in STOP_MODES:
             better = live & (res[mode] < self.lowest[mode])
             self.lowest[mode] = torch.where(better, res[mode], self.lowest[mode])
@@ -219,8 +250,10 @@ class _Tracker:
                 self.best = torch.where(better.unsqueeze(1), est, self.best)
                 self.nstep = torch.where(better, step, self.nstep)
             # A frozen sample's trace holds its lowest value, as torchdeq pads after it stops.
-            self.trace[mode][:, step - 1] = torch.where(live, res[mode], self.lowest[mode])
-        self.active = live & ~(res[self.stop_mode] < self.tol)
+            self.trace[mode][:, step - 1] = torch.where(live, res[mode], self._held(mode))
+            self.blown[mode] = torch.where(blown, res[mode], self.blown[mode])
+        self.diverged = self.diverged | blown
+        self.active = live & ~(res[self.stop_mode] < self.tol) & ~blown
         self.last = step
 
     def freeze(self, mask: Tensor):
@@ -239,13 +272,14 @@ class _Tracker:
 
     def info(self) -> dict[str, Tensor]:
         for mode in STOP_MODES:
-            self.trace[mode][:, self.last :] = self.lowest[mode].unsqueeze(1)
+            self.trace[mode][:, self.last :] = self._held(mode).unsqueeze(1)
         return {
             "abs_lowest": self.lowest["abs"],
             "rel_lowest": self.lowest["rel"],
             "nstep": self.nstep,
             "abs_trace": self.trace["abs"],
             "rel_trace": self.trace["rel"],
+            "diverged": self.diverged,
         }
 
 
@@ -337,11 +371,27 @@ def _broyden(f, z, t: _Tracker, k, max_iter):
         update = -k.broyden_matvec(U, V, gx, step, False)
 
 
-def solve_loop(f, z0: Tensor, *, solver, max_iter, tol, stop_mode, m, lam, tau, kernels=KERNELS):
+def solve_loop(
+    f,
+    z0: Tensor,
+    *,
+    solver,
+    max_iter,
+    tol,
+    stop_mode,
+    m,
+    lam,
+    tau,
+    kernels=KERNELS,
+    caller="fixed_point_solve",
+):
     """The solver loop shared by the reference and the registered ops.
 
     The options are assumed valid (the callers check them); only an unknown
     ``solver`` is caught here, so that no typo can fall through to Picard.
+    ``kernels`` holds the four tensor kernels (``KERNELS``, or the registered
+    ops bound to a backend); ``caller`` names the solve in the divergence
+    warning.
     """
     with torch.no_grad():
         z = z0.detach().reshape(z0.shape[0], -1)
@@ -355,6 +405,16 @@ def solve_loop(f, z0: Tensor, *, solver, max_iter, tol, stop_mode, m, lam, tau, 
             _picard(fflat, z, t, kernels, max_iter, tau)
         else:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+        n_div = int(t.diverged.sum())
+        if n_div:
+            # Once per call: the flag in info is easy to miss, a silent z0 is worse.
+            warnings.warn(
+                f"{caller}: {n_div} of {z.shape[0]} samples diverged (f returned NaN or inf, or the "
+                "residual overflowed); they stopped at their best finite estimate (z0 if none) and are "
+                "marked in info['diverged']",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return t.best.view(z0.shape), t.info()
 
 
@@ -380,8 +440,11 @@ def fixed_point_solve(
         ``z*`` [B, ...] (each sample's best estimate) and a dict of per-sample
         tensors: ``abs_lowest`` [B], ``rel_lowest`` [B], ``nstep`` [B] int64
         (the step of the best estimate; 0 = none), ``abs_trace`` and
-        ``rel_trace`` [B, max_iter] (column ``k-1`` is step ``k``).  See the
-        module docstring for the semantics and how they relate to torchdeq.
+        ``rel_trace`` [B, max_iter] (column ``k-1`` is step ``k``),
+        ``diverged`` [B] bool (the sample's residual went NaN or inf and it
+        stopped at its best finite estimate; a RuntimeWarning says how
+        many).  See the module docstring for the semantics and how they
+        relate to torchdeq.
 
     Raises:
         ValueError: an unknown ``solver`` or ``stop_mode``, or a ``tol`` that
@@ -405,7 +468,7 @@ def fixed_point_solve(
 
 
 def jacobian_regularizer(
-    f_z: Tensor, z: Tensor, vecs: int = 1, create_graph: bool = True, *, probes=None
+    f_z: Tensor, z: Tensor, vecs: int = 1, create_graph: bool = True, *, probes=None, sq_norm=squared_norm
 ) -> Tensor:
     """Hutchinson estimate of ``||J||_F^2 / z.numel()`` with ``J = d f_z / d z``.
 
@@ -422,9 +485,14 @@ def jacobian_regularizer(
         create_graph: keep the graph so the estimate can be trained on.
         probes: optional [vecs, *f_z.shape] probes to use instead of random
             ones (probe ``i`` is the ``grad_outputs`` of ``f_z``).
+        sq_norm: the kernel for ``||v^T J||^2`` (:func:`squared_norm`, or the
+            registered op bound to a backend).
 
     Returns:
         0-dim tensor.
+
+    Raises:
+        ValueError: ``f_z`` does not depend on ``z``.
 
     Example::
 
@@ -434,8 +502,13 @@ def jacobian_regularizer(
     total = 0.0
     for i in range(vecs):
         v = torch.randn(f_z.shape).to(z) if probes is None else probes[i]
-        (vJ,) = torch.autograd.grad(f_z, z, v, retain_graph=True, create_graph=create_graph)
-        total = total + vJ.pow(2).sum()
+        # allow_unused: autograd's own error for an f_z built without z names neither argument.
+        (vJ,) = torch.autograd.grad(
+            f_z, z, v, retain_graph=True, create_graph=create_graph, allow_unused=True
+        )
+        if vJ is None:
+            raise ValueError("f_z does not depend on z: compute f_z from z with grad enabled")
+        total = total + sq_norm(vJ)
     return total / vecs / z.numel()
 
 
@@ -446,6 +519,7 @@ __all__ = [
     "anderson_mix",
     "broyden_matvec",
     "broyden_update",
+    "squared_norm",
     "solve_loop",
     "fixed_point_solve",
     "jacobian_regularizer",

@@ -3,15 +3,17 @@
 import pytest
 import torch
 
+from frontiers_fast import _backend
+from frontiers_fast.nn.deq import DEQFixedPoint
 from frontiers_fast.ops import deq as ops
 from frontiers_fast.reference import deq as ref
 
-from ..helpers import assert_close
+from ..helpers import assert_close, check_compiled, first_cpu_backend, opcheck, spy_backends
+from .cells import contraction
 
 tops = torch.ops.frontiers_fast
 F64 = dict(dtype=torch.float64)
-PUBLIC_UTILS = ("test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
-PLAIN_UTILS = ("test_schema", "test_faketensor")
+B = first_cpu_backend("fixed_point_solve")
 
 
 def _buffers(B=3, m=5, D=7, L=6):
@@ -96,6 +98,7 @@ def test_backward_formulas_match_autograd_of_reference(n):
     _compare_grads(
         lambda *a: ops.broyden_update(*a, n), lambda *a: ref.broyden_update(*a, n), [U, V, dx, dg], 2
     )
+    _compare_grads(lambda a: tops.squared_norm(a, B), ref.squared_norm, [X], 1)
 
 
 @pytest.mark.gradcheck
@@ -123,27 +126,26 @@ def test_opcheck_public_ops():
     X, F, U, V = _buffers()
     x, dx, dg = (torch.randn(3, 7, **F64) for _ in range(3))
     rg = lambda t: t.clone().requires_grad_(True)
-    torch.library.opcheck(tops.residual_norms, (rg(X[:, 0]), rg(F[:, 0])), test_utils=PUBLIC_UTILS)
-    torch.library.opcheck(tops.anderson_mix, (rg(X), rg(F), 4, 1e-3, 0.8), test_utils=PUBLIC_UTILS)
-    torch.library.opcheck(tops.broyden_matvec, (rg(U), rg(V), rg(x), 4, False), test_utils=PUBLIC_UTILS)
-    torch.library.opcheck(tops.broyden_matvec, (rg(U), rg(V), rg(x), 0, True), test_utils=PUBLIC_UTILS)
-    torch.library.opcheck(tops.broyden_update, (rg(U), rg(V), rg(dx), rg(dg), 3), test_utils=PUBLIC_UTILS)
+    opcheck(tops.residual_norms, (rg(X[:, 0]), rg(F[:, 0]), B))
+    opcheck(tops.anderson_mix, (rg(X), rg(F), 4, 1e-3, 0.8, B))
+    opcheck(tops.broyden_matvec, (rg(U), rg(V), rg(x), 4, False, B))
+    opcheck(tops.broyden_matvec, (rg(U), rg(V), rg(x), 0, True, B))
+    opcheck(tops.broyden_update, (rg(U), rg(V), rg(dx), rg(dg), 3, B))
+    opcheck(tops.squared_norm, (rg(X), B))
 
 
 def test_opcheck_bwd_ops():
     X, F, U, V = _buffers()
     x, dx, dg, g1, g2 = (torch.randn(3, 7, **F64) for _ in range(5))
     b = torch.randn(3, **F64)
-    torch.library.opcheck(tops.residual_norms_bwd, (X[:, 0], F[:, 0], b, b.clone()), test_utils=PLAIN_UTILS)
-    _, alpha = tops.anderson_mix(X, F, 4, 1e-3, 0.8)
-    torch.library.opcheck(tops.anderson_mix_bwd, (X, F, 4, 1e-3, 0.8, alpha, g1, torch.randn_like(alpha)),
-                          test_utils=PLAIN_UTILS)  # fmt: skip
-    torch.library.opcheck(tops.broyden_matvec_bwd, (U, V, x, 4, True, g1), test_utils=PLAIN_UTILS)
-    torch.library.opcheck(tops.broyden_update_bwd, (U, V, dx, dg, 3, g1, g2), test_utils=PLAIN_UTILS)
+    opcheck(tops.residual_norms_bwd, (X[:, 0], F[:, 0], b, b.clone(), B), full=False)
+    _, alpha = tops.anderson_mix(X, F, 4, 1e-3, 0.8, B)
+    opcheck(tops.anderson_mix_bwd, (X, F, 4, 1e-3, 0.8, alpha, g1, torch.randn_like(alpha), B), full=False)
+    opcheck(tops.broyden_matvec_bwd, (U, V, x, 4, True, g1, B), full=False)
+    opcheck(tops.broyden_update_bwd, (U, V, dx, dg, 3, g1, g2, B), full=False)
 
 
 def test_compile_fullgraph():
-    torch._dynamo.reset()
     X, F, U, V = _buffers()
     X.requires_grad_(True)
     x = torch.randn(3, 7, **F64)
@@ -151,19 +153,75 @@ def test_compile_fullgraph():
     def step(X, F, U, V, x):
         mixed, alpha = ops.anderson_mix(X, F, 4, 1e-3, 0.9)
         y = ops.broyden_matvec(U, V, mixed, 3)
-        a, r = ops.residual_norms(y, x)
+        u, v = ops.broyden_update(U, V, y, mixed, 2)
+        a, r = ops.residual_norms(y + u + v, x)
         return a.sum() + r.sum() + alpha.pow(2).sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    got = compiled(X, F, U, V, x)
-    want = step(X, F, U, V, x)
-    assert_close(got, want)
-    assert_close(torch.autograd.grad(got, X)[0], torch.autograd.grad(want, X)[0])
+    check_compiled(step, [X, F, U, V, x])
 
 
-def test_backend_choice():
-    z = torch.randn(2, 3)
-    ops.residual_norms(z, z, backend="reference")
-    for b in ("cpp", "triton", "cuda"):
-        with pytest.raises(NotImplementedError, match="not implemented"):
-            ops.fixed_point_solve(lambda t: t, z, backend=b)
+def test_compile_squared_norm():
+    # jacobian_regularizer calls autograd.grad, which fullgraph cannot trace; its kernel op compiles.
+    x = torch.randn(4, 6, **F64, requires_grad=True)
+    check_compiled(lambda x: tops.squared_norm(x, B), [x])
+
+
+def _deq_call(backend):
+    f, _ = contraction(2, 4, requires_grad=True)
+    return ops.deq(f, torch.zeros(2, 4, **F64), tol=1e-8, backend=backend)
+
+
+def _public_calls():
+    X, F, U, V = _buffers(B=2, m=3, D=4, L=3)
+    x = torch.randn(2, 4, **F64)
+    z = torch.randn(2, 4, **F64, requires_grad=True)
+    fz = torch.tanh(z)
+    return {
+        "residual_norms": lambda b: ops.residual_norms(x, x, backend=b),
+        "anderson_mix": lambda b: ops.anderson_mix(X, F, 2, backend=b),
+        "broyden_matvec": lambda b: ops.broyden_matvec(U, V, x, 2, backend=b),
+        "broyden_update": lambda b: ops.broyden_update(U, V, x, x, 2, backend=b),
+        "fixed_point_solve": lambda b: ops.fixed_point_solve(lambda t: torch.tanh(t), x, backend=b),
+        "deq": _deq_call,
+        "jacobian_regularizer": lambda b: ops.jacobian_regularizer(fz, z, backend=b),
+    }
+
+
+@pytest.mark.parametrize("name", list(_public_calls()))
+def test_backend_choice(name):
+    call = _public_calls()[name]
+    assert name in _backend.FUNCTIONS
+    call("reference")
+    with pytest.raises(
+        NotImplementedError, match=rf"frontiers_fast\.{name}: backend 'cpp' is not implemented"
+    ):
+        call("cpp")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        call("gpu")
+
+
+def test_layer_backend_choice():
+    f, _ = contraction(2, 4, requires_grad=True)
+    x = torch.zeros(2, 4, **F64)
+    DEQFixedPoint(lambda z, x: f(z), backend="reference")(x)
+    with pytest.raises(NotImplementedError, match=r"frontiers_fast\.deq: backend 'cpp'"):
+        DEQFixedPoint(lambda z, x: f(z), backend="cpp")(x)
+
+
+@pytest.mark.parametrize("backward", ["implicit", "phantom"])
+def test_solves_run_the_resolved_backend(backward):
+    # The forward solve and the implicit backward's adjoint solve both go through the registered
+    # ops with the backend the call resolved (here the only one, the reference).
+    f, (W, *_) = contraction(3, 6, requires_grad=True)
+    z0 = torch.zeros(3, 6, **F64)
+    with spy_backends() as calls:
+        z, _ = ops.deq(f, z0, tol=1e-8, backward=backward)
+        fwd = dict(calls)
+        torch.autograd.grad(z.sum(), W)
+        bwd = {k: v - fwd.get(k, 0) for k, v in calls.items()}
+    assert fwd[("residual_norms", "reference")] > 0 and fwd[("anderson_mix", "reference")] > 0
+    assert {b for _, b in calls} == {"reference"}
+    if backward == "implicit":
+        assert bwd[("residual_norms", "reference")] > 0 and bwd[("anderson_mix", "reference")] > 0
+    else:
+        assert not any(bwd.values())

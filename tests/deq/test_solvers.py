@@ -209,8 +209,12 @@ def test_nan_or_diverging_f_is_never_the_best_iterate(solver):
     B, D = 3, 8
     f, _ = contraction(B, D)
     z0 = torch.randn(B, D, dtype=torch.float64)
-    # (a) f is NaN for sample 1 from its 5th call on: the sample keeps its best finite estimate.
-    z, info = ops.fixed_point_solve(_nan_after(f, 1, 5), z0, solver=solver, tol=0.0, max_iter=12)
+    # (a) f is NaN for sample 1 from its 5th call on: the sample keeps its best finite estimate,
+    # is flagged as diverged and stops; one warning says so.
+    with pytest.warns(RuntimeWarning, match="1 of 3 samples diverged") as rec:
+        z, info = ops.fixed_point_solve(_nan_after(f, 1, 5), z0, solver=solver, tol=0.0, max_iter=12)
+    assert len(rec) == 1
+    assert info["diverged"].tolist() == [False, True, False]
     tr = info["abs_trace"][1]
     last_finite_step = 4 - (solver == "broyden")  # Broyden's first call is step 0
     assert torch.isfinite(tr[:last_finite_step]).all() and tr[last_finite_step:].isnan().all()
@@ -221,8 +225,11 @@ def test_nan_or_diverging_f_is_never_the_best_iterate(solver):
     zc, infoc = ops.fixed_point_solve(f, z0, solver=solver, tol=0.0, max_iter=12)
     assert_close(z[[0, 2]], zc[[0, 2]])
     assert torch.equal(info["nstep"][[0, 2]], infoc["nstep"][[0, 2]])
+    assert not infoc["diverged"].any()
     # (b) f NaN everywhere for one sample: no step is ever its best (nstep 0, z0 returned).
-    z, info = ops.fixed_point_solve(_nan_after(f, 1, 1), z0, solver=solver, tol=1e-8, max_iter=12)
+    with pytest.warns(RuntimeWarning, match="1 of 3 samples diverged"):
+        z, info = ops.fixed_point_solve(_nan_after(f, 1, 1), z0, solver=solver, tol=1e-8, max_iter=12)
+    assert info["diverged"].tolist() == [False, True, False]
     assert int(info["nstep"][1]) == 0 and info["abs_lowest"][1] == float("inf")
     assert torch.equal(z[1], z0[1]) and (info["nstep"][[0, 2]] >= 1).all()
     # (c) f diverges: f(0) = 1e100, f(1e100) = inf, then inf - inf = NaN.  Anderson and Picard
@@ -230,7 +237,14 @@ def test_nan_or_diverging_f_is_never_the_best_iterate(solver):
     # is already x = 1e100 (residual inf) and its z0 (step 0) is no candidate: nothing is best.
     g = lambda z: 1e100 * torch.exp(z)
     z0 = torch.zeros(2, 4, dtype=torch.float64)
-    z, info = ops.fixed_point_solve(g, z0, solver=solver, tol=1e-8, max_iter=8)
+    calls = []
+    with pytest.warns(RuntimeWarning, match="2 of 2 samples diverged"):
+        z, info = ops.fixed_point_solve(
+            lambda z: (calls.append(1), g(z))[1], z0, solver=solver, tol=1e-8, max_iter=8
+        )
+    assert info["diverged"].all()
+    # Every sample stopped at its first non-finite residual, so the solve ended there.
+    assert len(calls) == 2
     tr = info["abs_trace"]
     assert not torch.isfinite(tr[:, 1:]).any()  # it did blow up
     assert torch.isfinite(z).all()
@@ -239,6 +253,44 @@ def test_nan_or_diverging_f_is_never_the_best_iterate(solver):
     else:
         assert (info["nstep"] == 1).all() and torch.equal(info["abs_lowest"], tr[:, 0])
         assert torch.equal(z, g(z0))
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_diverged_sample_stops_iterating(solver):
+    f, _ = contraction(3, 8)
+    z0 = torch.randn(3, 8, dtype=torch.float64)
+    bad = _nan_after(f, 1, 4)
+    inputs = []
+    with pytest.warns(RuntimeWarning, match="1 of 3 samples diverged"):
+        z, info = ops.fixed_point_solve(
+            lambda z: (inputs.append(z.clone()), bad(z))[1], z0, solver=solver, tol=0.0, max_iter=12
+        )
+    # From the call after the first NaN on, f only sees the sample's frozen input.
+    after = torch.stack([c[1] for c in inputs[4:]])
+    assert len(after) > 1 and torch.equal(after, after[:1].expand_as(after))
+    assert torch.isfinite(after).all()
+    # Its traces hold the NaN residual from the diverging step on; its estimate is finite.
+    step = 4 - (solver == "broyden")
+    for mode in ("abs", "rel"):
+        tr = info[f"{mode}_trace"][1]
+        assert torch.isfinite(tr[: step - 1]).all() and tr[step - 1 :].isnan().all()
+    assert torch.isfinite(z).all() and info["nstep"][1] < step
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_nan_in_z0_diverges_that_sample_only(solver):
+    f, _ = contraction(3, 8)
+    z0 = torch.randn(3, 8, dtype=torch.float64)
+    clean_z, clean = ops.fixed_point_solve(f, z0, solver=solver, tol=1e-8)
+    z0[1, 3] = float("nan")
+    with pytest.warns(RuntimeWarning, match="1 of 3 samples diverged"):
+        z, info = ops.fixed_point_solve(f, z0, solver=solver, tol=1e-8)
+    assert info["diverged"].tolist() == [False, True, False]
+    # No finite step: the sample comes back as its z0, NaN included.
+    assert int(info["nstep"][1]) == 0 and info["abs_lowest"][1] == float("inf")
+    assert torch.equal(z[1].isnan(), z0[1].isnan()) and torch.equal(z[1].nan_to_num(), z0[1].nan_to_num())
+    assert_close(z[[0, 2]], clean_z[[0, 2]])
+    assert torch.equal(info["nstep"][[0, 2]], clean["nstep"][[0, 2]])
 
 
 def test_anderson_with_memory_one_is_picard():

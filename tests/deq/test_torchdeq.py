@@ -112,6 +112,37 @@ def test_batch_with_stopping_matches_until_each_sample_stops(solver):
     assert int(info["nstep"].max()) == int(it["nstep"].max())
 
 
+@pytest.mark.parametrize("solver", ["anderson", "broyden"])
+def test_finite_samples_match_next_to_a_diverged_one(solver):
+    # Sample 1's input injection is NaN, so f is NaN for it from the first call: it is marked
+    # diverged and stops.  The other samples follow torchdeq's run on them alone, step by step.
+    B, D = 3, 16
+    W = torch.randn(D, D, dtype=torch.float64)
+    W = 0.6 * W / torch.linalg.matrix_norm(W, 2)
+    c = torch.randn(B, D, dtype=torch.float64)
+    c[1, 5] = float("nan")
+    keep = [0, 2]
+    f = lambda z: torch.tanh(z @ W.T + c)
+    f_keep = lambda z: torch.tanh(z @ W.T + c[keep])
+    z0 = torch.zeros(B, D, dtype=torch.float64)
+    kw = dict(max_iter=25 if solver == "anderson" else 7, tol=0.0)
+    ours_f, oc = _recording(f)
+    with pytest.warns(RuntimeWarning, match="1 of 3 samples diverged"):
+        z, info = ops.fixed_point_solve(ours_f, z0, solver=solver, **kw)
+    theirs_f, tc = _recording(f_keep)
+    with torch.no_grad():
+        zt, _, it = torchdeq_solver.get_solver(solver)(theirs_f, z0[keep], **kw)
+    assert info["diverged"].tolist() == [False, True, False]
+    assert len(oc) == len(tc)
+    for a, b in zip(oc, tc):
+        assert_close(a[keep], b)
+    assert_close(z[keep], zt)
+    assert torch.equal(info["nstep"][keep], it["nstep"].long())
+    o, t = TRACE_OFFSET[solver]
+    for mode in ("abs", "rel"):
+        assert_close(info[f"{mode}_trace"][keep, o:], it[f"{mode}_trace"][:, t:])
+
+
 def test_picard_matches_fixed_point_iter():
     f, _ = contraction(1, 16)
     z0 = torch.zeros(1, 16, dtype=torch.float64)
