@@ -1,7 +1,9 @@
-"""Gaussian splat rasterization: registered ops, autograd and argument checks.
+"""Gaussian splat rasterization: registered ops, autograd and the public functions.
 
-Ops in the ``frontiers_fast::`` namespace (reference backend only for now;
-later issues add kernels to these same schemas):
+Ops in the ``frontiers_fast::`` namespace, all defined with
+:func:`frontiers_fast._library.define_op` (the last argument, ``backend``, is
+left out below).  Only the ``reference`` backend exists for now; kernels for
+other backends will register under these same schemas.
 
   project_gaussians(means, quats, scales, opacities, viewmats, Ks, width, height, eps2d, near_plane,
                     far_plane, radius_clip, antialiased) -> (means2d, depths, conics, compensations, radii)
@@ -18,10 +20,27 @@ later issues add kernels to these same schemas):
       -> (grad_means2d, grad_conics, grad_colors, grad_opacities, grad_backgrounds)
 
 Shapes are those of :mod:`frontiers_fast.reference.splat`.  A ``_bwd`` op
-recomputes the reference forward under autograd; the blender's does so one
-chunk of pixel blocks at a time, so its memory stays bounded like the
-forward's (plain autograd through the reference would keep every chunk).
-``grad_backgrounds`` is an empty [0] tensor when there is no background.
+is a kernel op without autograd of its own, run with the forward's backend:
+it recomputes the reference forward under autograd inside the op.  The
+blender's does so one chunk of pixel blocks at a time, so its memory stays
+bounded like the forward's (plain autograd through the reference would keep
+every chunk).  ``grad_backgrounds`` is :func:`~frontiers_fast._library.absent`
+when there is no background.
+
+Bad input.  The public functions check types, dtypes, shapes, devices and
+the scalar parameters.  The checks that read tensor values live in the
+forward ops' reference entries, which run on real tensors in eager calls and
+inside compiled graphs alike, so a compiled call refuses what an eager one
+does.  A kernel added to one of these ops later must refuse the same values.
+
+NaN.  No float input of this family is a plain data tensor whose NaN could
+flow through to the outputs the same way on every backend: the Gaussians'
+parameters and the projected ones decide integer radii, tile keys, sort
+orders and block lists, and colours and backgrounds are blended with weights
+that are exactly zero wherever a Gaussian is skipped (0 * NaN is NaN in one
+implementation and never computed in another).  So NaN and inf are refused
+everywhere, with a ValueError naming the tensor, and no NaN reaches an
+output.
 
 :func:`rasterization` composes the ops into gsplat's ``rasterization``.
 """
@@ -29,21 +48,39 @@ forward's (plain autograd through the reference would keep every chunk).
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 from torch import Tensor
 
 from .. import _backend
+from .._checks import (
+    check_bool,
+    check_choice,
+    check_finite,
+    check_has_values,
+    check_in_range,
+    check_int,
+    check_memory,
+    check_real,
+    check_same_device,
+    check_same_dtype,
+    check_shape,
+    check_tensor,
+    has_values,
+)
+from .._library import absent, define_op
 from ..reference import splat as ref
 
-NS = "frontiers_fast"
 _ops = torch.ops.frontiers_fast
+# The reference computes in the input's dtype; half types would lose the
+# depth bits of the tile keys and most of the blending's precision.
 _FLOATS = (torch.float32, torch.float64)
-IMPLEMENTED = ("reference",)
+_FLOAT_WHAT = "float32 or float64"
 
 
 def _zeros_if_none(g, like):
+    # autograd.grad(allow_unused=True) gives None for an input the output does
+    # not depend on; its gradient is a real zero of the input's shape.
     return torch.zeros_like(like) if g is None else g
 
 
@@ -65,49 +102,148 @@ def _autograd_inside_op():
 
 
 # ---------------------------------------------------------------------------
+# value checks (read tensor data: called from the op bodies)
+# ---------------------------------------------------------------------------
+def _check_gaussian_values(means, quats, scales, opacities):
+    for name, t in (("means", means), ("quats", quats), ("scales", scales), ("opacities", opacities)):
+        check_finite(name, t)
+    if has_values(scales) and not bool((scales > 0).all()):
+        raise ValueError(f"scales must be positive, got a minimum of {float(scales.min()):g}")
+    if has_values(quats):
+        # F.normalize divides by max(|q|, eps): a shorter quaternion would
+        # silently come out near the identity rotation instead of unit length.
+        norms = torch.linalg.vector_norm(quats, dim=-1)
+        if not bool((norms >= ref.QUAT_MIN_NORM).all()):
+            i = int(torch.argmin(norms))
+            raise ValueError(
+                f"quats must be non-zero with norm >= {ref.QUAT_MIN_NORM:g} (each is normalised); "
+                f"quats[{i}] has norm {float(norms[i]):.3g}"
+            )
+    check_in_range("opacities", opacities, 0, 1)
+
+
+def _check_camera_values(viewmats, Ks):
+    check_finite("viewmats", viewmats)
+    check_finite("Ks", Ks)
+    if has_values(Ks) and not bool(((Ks[:, 0, 0] > 0) & (Ks[:, 1, 1] > 0)).all()):
+        raise ValueError("Ks must have positive focal lengths (Ks[:, 0, 0] and Ks[:, 1, 1] > 0)")
+
+
+def _check_isect_values(means2d, radii, depths):
+    check_finite("means2d", means2d)
+    check_finite("depths", depths)
+    # The keys sort the float32 bit patterns of the depths, which order only non-negative values.
+    if has_values(depths) and bool(((depths < 0) & (radii > 0).all(-1)).any()):
+        raise ValueError("depths must be >= 0 where radii > 0 (the keys sort depths by their float32 bits)")
+
+
+def _check_isect_ids(isect_ids, n_images, tile_width, tile_height):
+    """The keys are sorted and their camera and tile fields address the [n_images, tiles] grid.
+
+    The offsets come from a binary search over the keys, so an unsorted list
+    or a key for a camera or tile outside the grid would give offsets that
+    are silently wrong rather than an error.
+    """
+    if not has_values(isect_ids):
+        return
+    if isect_ids.numel() > 1:
+        down = isect_ids[1:] < isect_ids[:-1]
+        if bool(down.any()):
+            k = int(down.nonzero()[0, 0])
+            raise ValueError(
+                f"isect_ids must be sorted (non-decreasing), as isect_tiles returns them; "
+                f"isect_ids[{k}] > isect_ids[{k + 1}]"
+            )
+    n_tiles = tile_width * tile_height
+    tile_bits = ref.bits_for_count(n_tiles)
+    hi = isect_ids >> 32
+    # Sorted keys have non-decreasing camera fields (the shift keeps the
+    # order, negative keys included): the ends bound them all.
+    cam_lo, cam_hi = int(hi[0] >> tile_bits), int(hi[-1] >> tile_bits)
+    if cam_lo < 0 or cam_hi >= n_images:
+        k, c = (0, cam_lo) if cam_lo < 0 else (isect_ids.numel() - 1, cam_hi)
+        raise ValueError(
+            f"isect_ids must hold cameras in [0, n_images) = [0, {n_images}) above their "
+            f"{32 + tile_bits} low bits; isect_ids[{k}] has camera {c}"
+        )
+    tile = hi & ((1 << tile_bits) - 1)
+    past = tile >= n_tiles
+    if bool(past.any()):
+        k = int(past.nonzero()[0, 0])
+        raise ValueError(
+            f"isect_ids must hold tiles in [0, tile_width * tile_height) = [0, {n_tiles}) in bits "
+            f"32..{31 + tile_bits}; isect_ids[{k}] has tile {int(tile[k])}"
+        )
+
+
+def _check_blend_values(means2d, conics, colors, opacities, backgrounds, isect_offsets, flatten_ids):
+    for name, t in (("means2d", means2d), ("conics", conics), ("colors", colors), ("opacities", opacities)):
+        check_finite(name, t)
+    if backgrounds is not None:
+        check_finite("backgrounds", backgrounds)
+    # Opacities above 1 would reach the 0.99 clamp where a real splat does
+    # not, and negative ones would only ever be skipped: neither is a splat.
+    check_in_range("opacities", opacities, 0, 1)
+    C, N = opacities.shape
+    M = flatten_ids.numel()
+    if M and C * N == 0:
+        raise ValueError(
+            f"flatten_ids must be empty when there are no Gaussians (C * N = 0), got {M} entries"
+        )
+    check_in_range("flatten_ids", flatten_ids, 0, C * N - 1, f" (indices into the C * N = {C * N} Gaussians)")
+    # Tile t's run is offsets[t] : offsets[t + 1] (M for the last tile).
+    starts = isect_offsets.reshape(-1)
+    if has_values(starts) and (
+        int(starts[0]) < 0 or int(starts[-1]) > M or bool((starts[1:] < starts[:-1]).any())
+    ):
+        raise ValueError(
+            f"isect_offsets must be non-decreasing (flattened over [C, tile_height, tile_width]) and lie in "
+            f"[0, M] = [0, {M}] (M = flatten_ids.numel()), as isect_offset_encode returns them"
+        )
+
+
+# ---------------------------------------------------------------------------
 # projection
 # ---------------------------------------------------------------------------
-@torch.library.custom_op(f"{NS}::project_gaussians", mutates_args=())
-def _project_op(
-    means: Tensor,
-    quats: Tensor,
-    scales: Tensor,
-    opacities: Tensor,
-    viewmats: Tensor,
-    Ks: Tensor,
-    width: int,
-    height: int,
-    eps2d: float,
-    near_plane: float,
-    far_plane: float,
-    radius_clip: float,
-    antialiased: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+_PROJECT_ARGS = (
+    "Tensor means, Tensor quats, Tensor scales, Tensor opacities, Tensor viewmats, Tensor Ks, SymInt width, "
+    "SymInt height, float eps2d, float near_plane, float far_plane, float radius_clip, bool antialiased"
+)
+_FIVE = "(Tensor, Tensor, Tensor, Tensor, Tensor)"
+
+
+def _ref_project(
+    means, quats, scales, opacities, viewmats, Ks, width, height, eps2d, near_plane, far_plane, radius_clip,
+    antialiased,
+):  # fmt: skip
+    _check_gaussian_values(means, quats, scales, opacities)
+    _check_camera_values(viewmats, Ks)
     radii, *rest = ref.project_gaussians(
         means, quats, scales, opacities, viewmats, Ks, width, height, eps2d, near_plane, far_plane, radius_clip,
         antialiased,
     )  # fmt: skip
+    _check_projected(means.dtype, rest)
     # The integer radii come last: float outputs first keeps generic tooling
     # (opcheck's output sums) in floating point.
     return tuple(t.contiguous() for t in (*rest, radii))
 
 
-@_project_op.register_fake
-def _(
-    means,
-    quats,
-    scales,
-    opacities,
-    viewmats,
-    Ks,
-    width,
-    height,
-    eps2d,
-    near_plane,
-    far_plane,
-    radius_clip,
-    aa,
-):
+def _check_projected(dtype, outputs):
+    """Finite inputs can still overflow the dtype (a conic of 1 / det with det = inf).
+
+    Caught here, where the inputs are known, rather than in the blender,
+    which would blame its own argument (conics) for the caller's scene.
+    """
+    for out_name, t in zip(("means2d", "depths", "conics", "compensations"), outputs):
+        if has_values(t) and not bool(torch.isfinite(t).all()):
+            c, n = (int(i) for i in (~torch.isfinite(t)).nonzero()[0, :2])
+            raise ValueError(
+                f"means, scales, viewmats, Ks or eps2d are too large for {dtype}: the projection overflows "
+                f"(the {out_name} of Gaussian {n} in camera {c} is not finite)"
+            )
+
+
+def _fake_project(means, quats, scales, opacities, viewmats, Ks, *rest):
     torch._check(means.dim() == 2 and means.shape[1] == 3, lambda: "means must be [N, 3]")
     torch._check(viewmats.dim() == 3, lambda: "viewmats must be [C, 4, 4]")
     C, N = viewmats.shape[0], means.shape[0]
@@ -120,44 +256,17 @@ def _(
     )
 
 
-@torch.library.custom_op(f"{NS}::project_gaussians_bwd", mutates_args=())
-def _project_bwd_op(
-    means: Tensor,
-    quats: Tensor,
-    scales: Tensor,
-    opacities: Tensor,
-    viewmats: Tensor,
-    Ks: Tensor,
-    width: int,
-    height: int,
-    eps2d: float,
-    near_plane: float,
-    far_plane: float,
-    radius_clip: float,
-    antialiased: bool,
-    grad_means2d: Tensor,
-    grad_depths: Tensor,
-    grad_conics: Tensor,
-    grad_compensations: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _ref_project_bwd(
+    means, quats, scales, opacities, viewmats, Ks, width, height, eps2d, near_plane, far_plane, radius_clip,
+    antialiased, grad_means2d, grad_depths, grad_conics, grad_compensations,
+):  # fmt: skip
     with _autograd_inside_op():
         leaves = [t.detach().requires_grad_(True) for t in (means, quats, scales, viewmats, Ks)]
         m, q, s, v, k = leaves
         _, m2d, z, con, comp = ref.project_gaussians(
-            m,
-            q,
-            s,
-            opacities.detach(),
-            v,
-            k,
-            width,
-            height,
-            eps2d,
-            near_plane,
-            far_plane,
-            radius_clip,
+            m, q, s, opacities.detach(), v, k, width, height, eps2d, near_plane, far_plane, radius_clip,
             antialiased,
-        )
+        )  # fmt: skip
         outs = [
             (o, g)
             for o, g in zip((m2d, z, con, comp), (grad_means2d, grad_depths, grad_conics, grad_compensations))
@@ -167,17 +276,16 @@ def _project_bwd_op(
     return tuple(_zeros_if_none(g, x).contiguous() for g, x in zip(grads, leaves))
 
 
-@_project_bwd_op.register_fake
-def _(means, quats, scales, opacities, viewmats, Ks, *rest):
-    return tuple(torch.empty_like(t) for t in (means, quats, scales, viewmats, Ks))
-
-
-def _project_setup(ctx, inputs, output):
-    ctx.args = inputs[6:]
-    ctx.save_for_backward(*inputs[:6])
+def _project_setup(ctx, a, output):
+    ctx.args = (a.width, a.height, a.eps2d, a.near_plane, a.far_plane, a.radius_clip, a.antialiased)
+    ctx.save_for_backward(a.means, a.quats, a.scales, a.opacities, a.viewmats, a.Ks)
 
 
 def _project_backward(ctx, g_means2d, g_depths, g_conics, g_comp, _g_radii):
+    # Opacities only choose the (integer) radii: their gradient here is zero,
+    # so a call where only they need one has nothing to compute.
+    if not ctx.needs.any("means", "quats", "scales", "viewmats", "Ks"):
+        return {}
     means, quats, scales, opacities, viewmats, Ks = ctx.saved_tensors
     C, N = viewmats.shape[0], means.shape[0]
     z2 = means.new_zeros((C, N, 2))
@@ -189,32 +297,43 @@ def _project_backward(ctx, g_means2d, g_depths, g_conics, g_comp, _g_radii):
         z1 if g_depths is None else g_depths.contiguous(),
         z3 if g_conics is None else g_conics.contiguous(),
         z1 if g_comp is None else g_comp.contiguous(),
+        ctx.backend,
     )  # fmt: skip
-    # Opacities only choose the (integer) radii: their gradient here is zero.
-    return gm, gq, gs, None, gv, gk, None, None, None, None, None, None, None
+    return {"means": gm, "quats": gq, "scales": gs, "viewmats": gv, "Ks": gk}
 
 
-_project_op.register_autograd(_project_backward, setup_context=_project_setup)
+define_op(
+    f"project_gaussians({_PROJECT_ARGS}) -> {_FIVE}",
+    fake=_fake_project,
+    reference=_ref_project,
+    backward=_project_backward,
+    setup_context=_project_setup,
+)
+define_op(
+    f"project_gaussians_bwd({_PROJECT_ARGS}, Tensor grad_means2d, Tensor grad_depths, Tensor grad_conics, "
+    f"Tensor grad_compensations) -> {_FIVE}",
+    fake=lambda means, quats, scales, opacities, viewmats, Ks, *rest: tuple(
+        torch.empty_like(t) for t in (means, quats, scales, viewmats, Ks)
+    ),
+    reference=_ref_project_bwd,
+)
 
 
 # ---------------------------------------------------------------------------
 # spherical harmonics
 # ---------------------------------------------------------------------------
-@torch.library.custom_op(f"{NS}::spherical_harmonics", mutates_args=())
-def _sh_op(degree: int, dirs: Tensor, coeffs: Tensor, masks: Tensor | None) -> Tensor:
+def _ref_sh(degree, dirs, coeffs, masks):
+    check_finite("dirs", dirs)
+    check_finite("coeffs", coeffs)
     return ref.spherical_harmonics(degree, dirs, coeffs, masks).contiguous()
 
 
-@_sh_op.register_fake
-def _(degree, dirs, coeffs, masks):
+def _fake_sh(degree, dirs, coeffs, masks, backend):
     torch._check(dirs.shape[-1] == 3, lambda: "dirs must be [..., 3]")
     return dirs.new_empty(tuple(dirs.shape[:-1]) + (3,))
 
 
-@torch.library.custom_op(f"{NS}::spherical_harmonics_bwd", mutates_args=())
-def _sh_bwd_op(
-    degree: int, dirs: Tensor, coeffs: Tensor, masks: Tensor | None, grad_colors: Tensor
-) -> tuple[Tensor, Tensor]:
+def _ref_sh_bwd(degree, dirs, coeffs, masks, grad_colors):
     with _autograd_inside_op():
         d = dirs.detach().requires_grad_(True)
         c = coeffs.detach().requires_grad_(True)
@@ -223,43 +342,47 @@ def _sh_bwd_op(
     return _zeros_if_none(gd, d).contiguous(), _zeros_if_none(gc, c).contiguous()
 
 
-@_sh_bwd_op.register_fake
-def _(degree, dirs, coeffs, masks, grad_colors):
-    return torch.empty_like(dirs), torch.empty_like(coeffs)
-
-
-def _sh_setup(ctx, inputs, output):
-    ctx.degree = inputs[0]
-    ctx.save_for_backward(inputs[1], inputs[2], inputs[3])
+def _sh_setup(ctx, a, output):
+    ctx.degree = a.degree
+    ctx.save_for_backward(a.dirs, a.coeffs, a.masks)
 
 
 def _sh_backward(ctx, grad):
     dirs, coeffs, masks = ctx.saved_tensors
-    gd, gc = _ops.spherical_harmonics_bwd(ctx.degree, dirs, coeffs, masks, grad.contiguous())
-    return None, gd, gc, None
+    gd, gc = _ops.spherical_harmonics_bwd(ctx.degree, dirs, coeffs, masks, grad.contiguous(), ctx.backend)
+    return {"dirs": gd, "coeffs": gc}
 
 
-_sh_op.register_autograd(_sh_backward, setup_context=_sh_setup)
+define_op(
+    "spherical_harmonics(SymInt degree, Tensor dirs, Tensor coeffs, Tensor? masks) -> Tensor",
+    fake=_fake_sh,
+    reference=_ref_sh,
+    backward=_sh_backward,
+    setup_context=_sh_setup,
+)
+define_op(
+    "spherical_harmonics_bwd(SymInt degree, Tensor dirs, Tensor coeffs, Tensor? masks, Tensor grad_colors) "
+    "-> (Tensor, Tensor)",
+    fake=lambda degree, dirs, coeffs, masks, grad_colors, backend: (
+        torch.empty_like(dirs),
+        torch.empty_like(coeffs),
+    ),
+    reference=_ref_sh_bwd,
+)
 
 
 # ---------------------------------------------------------------------------
 # tile intersection (integer outputs, no autograd)
 # ---------------------------------------------------------------------------
-@torch.library.custom_op(f"{NS}::isect_tiles", mutates_args=())
-def _isect_op(
-    means2d: Tensor, radii: Tensor, depths: Tensor, tile_size: int, tile_width: int, tile_height: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    # The value checks live in the op body: it runs on real tensors even
-    # inside a compiled graph, where a data-dependent check in the public
-    # function would break the trace (as in ops/moe.py).  Sizes first: they
-    # are raised before any O(C N) work.
+def _ref_isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height):
+    # Sizes first (with concrete sizes: under torch.compile the public
+    # function sees symbolic ones): they are refused before any O(C N) work.
     ref.check_isect_sizes(depths.shape[0], depths.shape[1], tile_width * tile_height)
     _check_isect_values(means2d, radii, depths)
     return ref.isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height)
 
 
-@_isect_op.register_fake
-def _(means2d, radii, depths, tile_size, tile_width, tile_height):
+def _fake_isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height, backend):
     m = torch.library.get_ctx().new_dynamic_size()  # the number of overlaps depends on the data
     return (
         depths.new_empty(depths.shape, dtype=torch.int32),
@@ -268,33 +391,38 @@ def _(means2d, radii, depths, tile_size, tile_width, tile_height):
     )
 
 
-@torch.library.custom_op(f"{NS}::isect_offset_encode", mutates_args=())
-def _offsets_op(isect_ids: Tensor, n_images: int, tile_width: int, tile_height: int) -> Tensor:
+def _ref_isect_offset_encode(isect_ids, n_images, tile_width, tile_height):
+    _check_isect_ids(isect_ids, n_images, tile_width, tile_height)
     return ref.isect_offset_encode(isect_ids, n_images, tile_width, tile_height)
 
 
-@_offsets_op.register_fake
-def _(isect_ids, n_images, tile_width, tile_height):
-    return isect_ids.new_empty((n_images, tile_height, tile_width), dtype=torch.int32)
+define_op(
+    "isect_tiles(Tensor means2d, Tensor radii, Tensor depths, SymInt tile_size, SymInt tile_width, "
+    "SymInt tile_height) -> (Tensor, Tensor, Tensor)",
+    fake=_fake_isect_tiles,
+    reference=_ref_isect_tiles,
+)
+define_op(
+    "isect_offset_encode(Tensor isect_ids, SymInt n_images, SymInt tile_width, SymInt tile_height) -> Tensor",
+    fake=lambda isect_ids, n_images, tile_width, tile_height, backend: isect_ids.new_empty(
+        (n_images, tile_height, tile_width), dtype=torch.int32
+    ),
+    reference=_ref_isect_offset_encode,
+)
 
 
 # ---------------------------------------------------------------------------
 # blending
 # ---------------------------------------------------------------------------
-@torch.library.custom_op(f"{NS}::rasterize_to_pixels", mutates_args=())
-def _raster_op(
-    means2d: Tensor,
-    conics: Tensor,
-    colors: Tensor,
-    opacities: Tensor,
-    backgrounds: Tensor | None,
-    width: int,
-    height: int,
-    tile_size: int,
-    isect_offsets: Tensor,
-    flatten_ids: Tensor,
-) -> tuple[Tensor, Tensor]:
-    # Value checks in the op body: see _isect_op.
+_RASTER_ARGS = (
+    "Tensor means2d, Tensor conics, Tensor colors, Tensor opacities, Tensor? backgrounds, SymInt width, "
+    "SymInt height, SymInt tile_size, Tensor isect_offsets, Tensor flatten_ids"
+)
+
+
+def _ref_raster(
+    means2d, conics, colors, opacities, backgrounds, width, height, tile_size, isect_offsets, flatten_ids
+):
     _check_blend_values(means2d, conics, colors, opacities, backgrounds, isect_offsets, flatten_ids)
     rc, ra = ref.rasterize_to_pixels(
         means2d, conics, colors, opacities, width, height, tile_size, isect_offsets, flatten_ids, backgrounds
@@ -302,28 +430,16 @@ def _raster_op(
     return rc.contiguous(), ra.contiguous()
 
 
-@_raster_op.register_fake
-def _(means2d, conics, colors, opacities, backgrounds, width, height, tile_size, isect_offsets, flatten_ids):
+def _fake_raster(means2d, conics, colors, opacities, backgrounds, width, height, *rest):
     torch._check(colors.dim() == 3, lambda: "colors must be [C, N, D]")
     C, D = colors.shape[0], colors.shape[2]
     return colors.new_empty((C, height, width, D)), colors.new_empty((C, height, width, 1))
 
 
-@torch.library.custom_op(f"{NS}::rasterize_to_pixels_bwd", mutates_args=())
-def _raster_bwd_op(
-    means2d: Tensor,
-    conics: Tensor,
-    colors: Tensor,
-    opacities: Tensor,
-    backgrounds: Tensor | None,
-    width: int,
-    height: int,
-    tile_size: int,
-    isect_offsets: Tensor,
-    flatten_ids: Tensor,
-    grad_colors: Tensor,
-    grad_alphas: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _ref_raster_bwd(
+    means2d, conics, colors, opacities, backgrounds, width, height, tile_size, isect_offsets, flatten_ids,
+    grad_colors, grad_alphas,
+):  # fmt: skip
     C, N, D = colors.shape
     plan = ref.BlendPlan(means2d, conics, opacities, isect_offsets, flatten_ids, width, height, tile_size)
     order, chunks = ref.block_chunks(plan.count, plan.block**2)
@@ -339,7 +455,7 @@ def _raster_bwd_op(
         for t, shape in zip((means2d, conics, colors, opacities), flat_shapes)
     ]
     acc = [torch.zeros_like(t) for t in leaves]
-    g_bg = colors.new_zeros((C, D)) if backgrounds is not None else colors.new_zeros((0,))
+    g_bg = colors.new_zeros((C, D)) if backgrounds is not None else absent(colors)
     # One chunk at a time: recompute its forward with autograd, pull the
     # gradient back, free it.  Peak memory stays that of one forward chunk.
     for b, e, K in chunks:
@@ -361,35 +477,21 @@ def _raster_bwd_op(
     return gm, gc, gcol, go, g_bg
 
 
-@_raster_bwd_op.register_fake
-def _(
-    means2d,
-    conics,
-    colors,
-    opacities,
-    backgrounds,
-    width,
-    height,
-    tile_size,
-    isect_offsets,
-    flatten_ids,
-    gc,
-    ga,
-):
-    g_bg = torch.empty_like(backgrounds) if backgrounds is not None else colors.new_empty((0,))
+def _fake_raster_bwd(means2d, conics, colors, opacities, backgrounds, *rest):
     return (
         torch.empty_like(means2d),
         torch.empty_like(conics),
         torch.empty_like(colors),
         torch.empty_like(opacities),
-        g_bg,
+        torch.empty_like(backgrounds) if backgrounds is not None else absent(colors),
     )
 
 
-def _raster_setup(ctx, inputs, output):
-    ctx.args = inputs[5:8]
-    ctx.has_bg = inputs[4] is not None
-    ctx.save_for_backward(*inputs[:5], *inputs[8:])
+def _raster_setup(ctx, a, output):
+    ctx.args = (a.width, a.height, a.tile_size)
+    ctx.save_for_backward(
+        a.means2d, a.conics, a.colors, a.opacities, a.backgrounds, a.isect_offsets, a.flatten_ids
+    )
 
 
 def _raster_backward(ctx, g_colors, g_alphas):
@@ -399,117 +501,66 @@ def _raster_backward(ctx, g_colors, g_alphas):
     g_colors = colors.new_zeros((C, H, W, D)) if g_colors is None else g_colors.contiguous()
     g_alphas = colors.new_zeros((C, H, W, 1)) if g_alphas is None else g_alphas.contiguous()
     gm, gc, gcol, go, gbg = _ops.rasterize_to_pixels_bwd(
-        means2d, conics, colors, opacities, backgrounds, *ctx.args, offsets, flatten_ids, g_colors, g_alphas
-    )
-    return gm, gc, gcol, go, (gbg if ctx.has_bg else None), None, None, None, None, None
+        means2d, conics, colors, opacities, backgrounds, *ctx.args, offsets, flatten_ids, g_colors, g_alphas,
+        ctx.backend,
+    )  # fmt: skip
+    return {"means2d": gm, "conics": gc, "colors": gcol, "opacities": go, "backgrounds": gbg}
 
 
-_raster_op.register_autograd(_raster_backward, setup_context=_raster_setup)
+define_op(
+    f"rasterize_to_pixels({_RASTER_ARGS}) -> (Tensor, Tensor)",
+    fake=_fake_raster,
+    reference=_ref_raster,
+    backward=_raster_backward,
+    setup_context=_raster_setup,
+)
+define_op(
+    f"rasterize_to_pixels_bwd({_RASTER_ARGS}, Tensor grad_colors, Tensor grad_alphas) -> {_FIVE}",
+    fake=_fake_raster_bwd,
+    reference=_ref_raster_bwd,
+)
+
+
+_backend.register_function(
+    "project_gaussians", ops=("project_gaussians",), grad_ops=("project_gaussians_bwd",)
+)
+_backend.register_function(
+    "spherical_harmonics", ops=("spherical_harmonics",), grad_ops=("spherical_harmonics_bwd",)
+)
+_backend.register_function("isect_tiles", ops=("isect_tiles",))
+_backend.register_function("isect_offset_encode", ops=("isect_offset_encode",))
+_backend.register_function(
+    "rasterize_to_pixels", ops=("rasterize_to_pixels",), grad_ops=("rasterize_to_pixels_bwd",)
+)
+_backend.register_function(
+    "rasterization",
+    ops=(
+        "project_gaussians",
+        "spherical_harmonics",
+        "isect_tiles",
+        "isect_offset_encode",
+        "rasterize_to_pixels",
+    ),
+    grad_ops=("project_gaussians_bwd", "spherical_harmonics_bwd", "rasterize_to_pixels_bwd"),
+)
 
 
 # ---------------------------------------------------------------------------
-# argument checks
+# argument checks of the public functions (types, shapes, scalars)
 # ---------------------------------------------------------------------------
-def _is_tensor(name, t):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-
-
 def _check_float(name, t, shape, like=None, like_name="means", hint=""):
-    """t is a float32/float64 tensor of ``shape`` (see :func:`_check_shape`), on ``like``'s device and dtype."""
-    _is_tensor(name, t)
-    if t.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
+    """A float32/float64 tensor of ``shape`` (see check_shape), on ``like``'s device and of its dtype."""
+    check_tensor(name, t, _FLOATS, _FLOAT_WHAT)
     if like is not None:
-        if t.dtype != like.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {like_name} has {like.dtype}; they must match")
-        if t.device != like.device:
-            raise ValueError(
-                f"{name} is on {t.device} but {like_name} is on {like.device}; they must be on one device"
-            )
-    _check_shape(name, t, shape, hint)
+        check_same_dtype(name, t, like_name, like.dtype)
+        check_same_device(name, t, like_name, like.device)
+    check_shape(name, t, shape, hint)
 
 
-def _check_shape(name, t, shape, hint=""):
-    """``shape`` is one shape (None = any size) or a list of alternatives."""
-    shapes = shape if isinstance(shape, list) else [shape]
-    if any(t.dim() == len(s) and all(w is None or w == d for w, d in zip(s, t.shape)) for s in shapes):
-        return
-    want = " or ".join("[" + ", ".join("*" if w is None else str(w) for w in s) + "]" for s in shapes)
-    raise ValueError(f"{name} must have shape {want}{hint}, got {list(t.shape)}")
-
-
-def _check_finite(name, t):
-    # A value check syncs with the device; under torch.compile it is skipped
-    # so that the traced graph has no data-dependent branch.
-    if not torch.compiler.is_compiling() and t.numel() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
-
-
-def _require_finite(name, t):
-    # For op bodies: they run on real tensors, in eager mode and inside compiled graphs alike.
-    if t.numel() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
-
-
-def _check_isect_values(means2d, radii, depths):
-    _require_finite("means2d", means2d)
-    _require_finite("depths", depths)
-    # The keys sort the float32 bit patterns of the depths, which order only non-negative values.
-    if depths.numel() and bool(((depths < 0) & (radii > 0).all(-1)).any()):
-        raise ValueError("depths must be >= 0 where radii > 0 (the keys sort depths by their float32 bits)")
-
-
-def _check_blend_values(means2d, conics, colors, opacities, backgrounds, isect_offsets, flatten_ids):
-    for name, t in (("means2d", means2d), ("conics", conics), ("colors", colors), ("opacities", opacities)):
-        _require_finite(name, t)
-    if backgrounds is not None:
-        _require_finite("backgrounds", backgrounds)
-    C, N = opacities.shape
-    M = flatten_ids.numel()
-    if M:
-        lo, hi = (int(v) for v in flatten_ids.aminmax())
-        if lo < 0 or hi >= C * N:
-            raise ValueError(f"flatten_ids must lie in [0, C * N) = [0, {C * N}), got values in [{lo}, {hi}]")
-    # Tile t's run is offsets[t] : offsets[t + 1] (M for the last tile).
-    starts = isect_offsets.reshape(-1)
-    if starts.numel() and (
-        int(starts[0]) < 0 or int(starts[-1]) > M or bool((starts[1:] < starts[:-1]).any())
-    ):
-        raise ValueError(
-            f"isect_offsets must be non-decreasing (flattened over [C, tile_height, tile_width]) and lie in "
-            f"[0, M] = [0, {M}] (M = flatten_ids.numel()), as isect_offset_encode returns them"
-        )
-
-
-def _check_int(name, v, minimum):
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v}")
-
-
-def _check_number(name, v):
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    return float(v)
-
-
-def _check_camera(means, viewmats, Ks, width, height):
-    _check_float("viewmats", viewmats, (None, 4, 4), means)
-    C = viewmats.shape[0]
-    if C == 0:
-        raise ValueError("viewmats must hold at least one camera, got shape [0, 4, 4]")
-    _check_float("Ks", Ks, (C, 3, 3), means)
-    _check_int("width", width, 1)
-    _check_int("height", height, 1)
-    _check_finite("viewmats", viewmats)
-    _check_finite("Ks", Ks)
-    if not torch.compiler.is_compiling() and not bool(((Ks[:, 0, 0] > 0) & (Ks[:, 1, 1] > 0)).all()):
-        raise ValueError("Ks must have positive focal lengths (Ks[:, 0, 0] and Ks[:, 1, 1] > 0)")
-    return C
+def _check_int32(name, t, shape, like, like_name):
+    check_tensor(name, t, (torch.int32,), "int32")
+    check_shape(name, t, shape)
+    check_same_device(name, t, like_name, like.device)
 
 
 def _check_gaussians(means, quats, scales, opacities):
@@ -518,44 +569,39 @@ def _check_gaussians(means, quats, scales, opacities):
     _check_float("quats", quats, (N, 4), means)
     _check_float("scales", scales, (N, 3), means)
     _check_float("opacities", opacities, (N,), means)
-    for name, t in (("means", means), ("quats", quats), ("scales", scales), ("opacities", opacities)):
-        _check_finite(name, t)
-    if not torch.compiler.is_compiling():
-        if N and not bool((scales > 0).all()):
-            raise ValueError("scales must be positive")
-        if N:
-            # F.normalize divides by max(|q|, eps): a shorter quaternion would
-            # silently come out near the identity rotation instead of unit length.
-            norms = torch.linalg.vector_norm(quats, dim=-1)
-            if not bool((norms >= ref.QUAT_MIN_NORM).all()):
-                i = int(torch.argmin(norms))
-                raise ValueError(
-                    f"quats must be non-zero with norm >= {ref.QUAT_MIN_NORM:g} (each is normalised); "
-                    f"quats[{i}] has norm {float(norms[i]):.3g}"
-                )
-        if N and not bool(((opacities >= 0) & (opacities <= 1)).all()):
-            raise ValueError("opacities must lie in [0, 1]")
     return N
 
 
+def _check_camera(means, viewmats, Ks, width, height):
+    _check_float("viewmats", viewmats, (None, 4, 4), means)
+    C = viewmats.shape[0]
+    if C == 0:
+        raise ValueError("viewmats must hold at least one camera, got shape [0, 4, 4]")
+    _check_float("Ks", Ks, (C, 3, 3), means)
+    return C, check_int("width", width, 1), check_int("height", height, 1)
+
+
 def _check_planes(near_plane, far_plane, eps2d, radius_clip):
-    near_plane = _check_number("near_plane", near_plane)
-    far_plane = _check_number("far_plane", far_plane) if far_plane != math.inf else far_plane
-    eps2d = _check_number("eps2d", eps2d)
-    radius_clip = _check_number("radius_clip", radius_clip)
-    if near_plane <= 0:
-        raise ValueError(f"near_plane must be > 0, got {near_plane}")
+    near_plane = check_real("near_plane", near_plane, 0.0, strict=True)
+    far_plane = check_real("far_plane", far_plane, allow_inf=True)
     if not far_plane > near_plane:
         raise ValueError(f"far_plane must be > near_plane ({near_plane}), got {far_plane}")
-    if eps2d < 0:
-        raise ValueError(f"eps2d must be >= 0, got {eps2d}")
-    if radius_clip < 0:
-        raise ValueError(f"radius_clip must be >= 0, got {radius_clip}")
+    eps2d = check_real("eps2d", eps2d, 0.0)
+    radius_clip = check_real("radius_clip", radius_clip, 0.0)
     return near_plane, far_plane, eps2d, radius_clip
 
 
-def _resolve(backend, t, op):
-    _backend.resolve(backend, t.device, op, implemented=IMPLEMENTED)
+def _check_image_memory(C, width, height, tile_size, D, dtype, device):
+    # The blender works on whole tiles: C padded images of D + 1 channels
+    # (colour and transmittance), and as much again for the gradients.
+    if not not torch.compiler.is_compiling():
+        return
+    tw, th = ref.tile_grid(width, height, tile_size)
+    pixels = C * tw * tile_size * th * tile_size
+    nbytes = 2 * pixels * (D + 1) * dtype.itemsize
+    check_memory(
+        f"width x height ({width} x {height}, in whole tiles of tile_size={tile_size})", nbytes, device
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -581,25 +627,33 @@ def project_gaussians(
     """Project N 3D Gaussians into C pinhole cameras (EWA splatting).
 
     means [N, 3], quats [N, 4] (w, x, y, z; normalised here), scales [N, 3] > 0,
-    opacities [N] in [0, 1], viewmats [C, 4, 4] world-to-camera, Ks [C, 3, 3].
+    opacities [N] in [0, 1], viewmats [C, 4, 4] world-to-camera, Ks [C, 3, 3]
+    (positive focal lengths); all float32 or float64, of one dtype.
+    ``far_plane`` may be ``math.inf``.
 
     Returns radii [C, N, 2] int32 (0 = culled), means2d [C, N, 2], depths [C, N],
     conics [C, N, 3] and compensations [C, N] (ones unless ``antialiased``).
     Differentiable with respect to means, quats, scales, viewmats and Ks.
+
+    NaN or inf in any input tensor is refused (ValueError naming it), in
+    eager and compiled calls alike; so is every out-of-range value above.
+    Meta tensors give meta outputs of the right shapes (nothing is read).
 
     Example::
 
         radii, means2d, depths, conics, comp = project_gaussians(means, quats, scales, opac, viewmats, Ks, 640, 480)
     """
     _check_gaussians(means, quats, scales, opacities)
-    _check_camera(means, viewmats, Ks, width, height)
+    _, width, height = _check_camera(means, viewmats, Ks, width, height)
     near_plane, far_plane, eps2d, radius_clip = _check_planes(near_plane, far_plane, eps2d, radius_clip)
-    if not isinstance(antialiased, bool):
-        raise TypeError(f"antialiased must be a bool, got {type(antialiased).__name__}")
-    _resolve(backend, means, "project_gaussians")
+    antialiased = check_bool("antialiased", antialiased)
+    grad = _backend.records_grad(means, quats, scales, opacities, viewmats, Ks)
+    backend = _backend.resolve(backend, means.device, "project_gaussians", grad)
+    # Value checks (finite, scales > 0, quaternion norms, opacities in [0, 1],
+    # focal lengths) run in the op body.
     means2d, depths, conics, compensations, radii = _ops.project_gaussians(
         means, quats, scales, opacities, viewmats, Ks, width, height, eps2d, near_plane, far_plane, radius_clip,
-        antialiased,
+        antialiased, backend,
     )  # fmt: skip
     return radii, means2d, depths, conics, compensations
 
@@ -613,74 +667,85 @@ def spherical_harmonics(
     masks [...] bool (False gives 0).  Raw SH sum: :func:`rasterization` adds
     0.5 and clamps at 0.
 
+    NaN or inf in ``dirs`` or ``coeffs`` is refused (ValueError naming it), in
+    eager and compiled calls alike: a masked-out entry would otherwise come
+    out NaN here (NaN * 0) but 0 from a kernel that skips it.
+
     Example: ``rgb = spherical_harmonics(3, means - campos, sh)  # sh [N, 16, 3]``
     """
-    _check_int("degree", degree, 0)
-    if degree > 3:
-        raise ValueError(f"degree must be in 0..3, got {degree}")
-    _check_float("dirs", dirs, (None,) * (dirs.dim() - 1) + (3,) if isinstance(dirs, torch.Tensor) else ())
+    degree = check_int("degree", degree, 0, 3)
+    check_tensor("dirs", dirs, _FLOATS, _FLOAT_WHAT)
+    if dirs.dim() == 0:
+        raise ValueError("dirs must have shape [..., 3], got a 0-dim tensor")
+    check_shape("dirs", dirs, (None,) * (dirs.dim() - 1) + (3,))
     batch = tuple(dirs.shape[:-1])
     _check_float("coeffs", coeffs, batch + (None, 3), dirs, "dirs")
     if coeffs.shape[-2] < (degree + 1) ** 2:
         raise ValueError(f"coeffs has {coeffs.shape[-2]} bases but degree {degree} needs {(degree + 1) ** 2}")
     if masks is not None:
-        _is_tensor("masks", masks)
-        if masks.dtype != torch.bool:
-            raise TypeError(f"masks must be a bool tensor, got {masks.dtype}")
-        _check_shape("masks", masks, batch)
-        if masks.device != dirs.device:
-            raise ValueError(f"masks is on {masks.device} but dirs is on {dirs.device}")
-    _check_finite("dirs", dirs)
-    _check_finite("coeffs", coeffs)
-    _resolve(backend, dirs, "spherical_harmonics")
-    return _ops.spherical_harmonics(degree, dirs, coeffs, masks)
+        check_tensor("masks", masks, (torch.bool,), "a bool tensor")
+        check_shape("masks", masks, batch)
+        check_same_device("masks", masks, "dirs", dirs.device)
+    backend = _backend.resolve(
+        backend, dirs.device, "spherical_harmonics", _backend.records_grad(dirs, coeffs)
+    )
+    return _ops.spherical_harmonics(degree, dirs, coeffs, masks, backend)
 
 
 def isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height, *, backend=None):
     """Tile overlaps as sorted 64-bit keys (camera | tile | depth bits).
 
-    means2d [C, N, 2] (finite), radii [C, N, 2] int32, depths [C, N] (finite,
-    >= 0 where radii > 0).  Returns tiles_per_gauss [C, N] int32 (bounding-box
+    means2d [C, N, 2], radii [C, N, 2] int32, depths [C, N] (>= 0 where
+    radii > 0).  Returns tiles_per_gauss [C, N] int32 (bounding-box
     tiles: see :func:`frontiers_fast.reference.splat.isect_tiles`), isect_ids
     [M] int64, flatten_ids [M] int32.  ValueError when the camera and tile
     fields need more than 31 bits, C * N > 2^31 or M >= 2^31.
+
+    NaN or inf in ``means2d`` or ``depths`` is refused (ValueError naming
+    it), in eager and compiled calls alike: they decide integer tiles and
+    the sort order.  M depends on the values, so meta tensors are refused.
 
     Example: ``tpg, isect_ids, flatten_ids = isect_tiles(means2d, radii, depths, 16, 40, 30)``
     """
     _check_float("means2d", means2d, (None, None, 2))
     C, N = means2d.shape[:2]
-    _is_tensor("radii", radii)
-    if radii.dtype != torch.int32:
-        raise TypeError(f"radii must be int32, got {radii.dtype}")
-    _check_shape("radii", radii, (C, N, 2))
+    _check_int32("radii", radii, (C, N, 2), means2d, "means2d")
     _check_float("depths", depths, (C, N), means2d, "means2d")
-    for name, v in (("tile_size", tile_size), ("tile_width", tile_width), ("tile_height", tile_height)):
-        _check_int(name, v, 1)
-    if radii.device != means2d.device:
-        raise ValueError(f"radii is on {radii.device} but means2d is on {means2d.device}")
+    tile_size = check_int("tile_size", tile_size, 1)
+    tile_width = check_int("tile_width", tile_width, 1)
+    tile_height = check_int("tile_height", tile_height, 1)
+    check_has_values("means2d", means2d)
     # The op body repeats this size check with concrete sizes (under
     # torch.compile C and N may be symbolic) and runs the value checks
     # (finite means2d and depths, depths >= 0).
     if not torch.compiler.is_compiling():
         ref.check_isect_sizes(C, N, tile_width * tile_height)
-    _resolve(backend, means2d, "isect_tiles")
-    return _ops.isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height)
+    backend = _backend.resolve(backend, means2d.device, "isect_tiles", False)
+    return _ops.isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height, backend)
 
 
 def isect_offset_encode(isect_ids, n_images, tile_width, tile_height, *, backend=None):
     """Start of each tile's run in the sorted keys: [n_images, tile_height, tile_width] int32.
 
+    isect_ids [M] int64, sorted, as :func:`isect_tiles` returns them; their
+    camera and tile fields must lie in [0, n_images) and [0, tile_width *
+    tile_height) (ValueError naming isect_ids otherwise, in eager and
+    compiled calls alike).  Integer input only: there is no NaN to propagate.
+
     Example: ``offsets = isect_offset_encode(isect_ids, C, 40, 30)``
     """
-    _is_tensor("isect_ids", isect_ids)
-    if isect_ids.dtype != torch.int64 or isect_ids.dim() != 1:
-        raise TypeError(
-            f"isect_ids must be a 1-D int64 tensor, got {isect_ids.dtype} of shape {list(isect_ids.shape)}"
+    check_tensor("isect_ids", isect_ids, (torch.int64,), "int64")
+    check_shape("isect_ids", isect_ids, (None,))
+    n_images = check_int("n_images", n_images, 1)
+    tile_width = check_int("tile_width", tile_width, 1)
+    tile_height = check_int("tile_height", tile_height, 1)
+    if not torch.compiler.is_compiling():
+        # The search allocates one int64 target and one int32 offset per (camera, tile).
+        check_memory(
+            "n_images x tile_width x tile_height", 12 * n_images * tile_width * tile_height, isect_ids.device
         )
-    for name, v in (("n_images", n_images), ("tile_width", tile_width), ("tile_height", tile_height)):
-        _check_int(name, v, 1)
-    _resolve(backend, isect_ids, "isect_offset_encode")
-    return _ops.isect_offset_encode(isect_ids, n_images, tile_width, tile_height)
+    backend = _backend.resolve(backend, isect_ids.device, "isect_offset_encode", False)
+    return _ops.isect_offset_encode(isect_ids, n_images, tile_width, tile_height, backend)
 
 
 def rasterize_to_pixels(
@@ -689,43 +754,45 @@ def rasterize_to_pixels(
 ):  # fmt: skip
     """Front-to-back alpha blending of projected Gaussians, tile by tile.
 
-    means2d [C, N, 2], conics [C, N, 3], colors [C, N, D], opacities [C, N],
-    isect_offsets [C, tile_height, tile_width] int32 (non-decreasing, in
-    [0, M]), flatten_ids [M] int32 (in [0, C * N)), backgrounds [C, D] or
-    None; float inputs finite.  Returns render_colors [C, H, W, D] and
+    means2d [C, N, 2], conics [C, N, 3], colors [C, N, D], opacities [C, N]
+    in [0, 1], isect_offsets [C, tile_height, tile_width] int32
+    (non-decreasing, in [0, M]), flatten_ids [M] int32 (in [0, C * N)),
+    backgrounds [C, D] or None.  Returns render_colors [C, H, W, D] and
     render_alphas [C, H, W, 1], differentiable with respect to means2d,
     conics, colors, opacities and backgrounds.
+
+    NaN or inf in any float input is refused (ValueError naming it), in
+    eager and compiled calls alike: a skipped Gaussian's colour meets a zero
+    weight, which would turn a NaN into NaN pixels here but not in a kernel
+    that skips it.  Meta tensors give meta outputs (nothing is read).
 
     Example: ``img, alpha = rasterize_to_pixels(means2d, conics, rgb, opac, 640, 480, 16, offsets, flatten_ids)``
     """
     _check_float("means2d", means2d, (None, None, 2))
     C, N = means2d.shape[:2]
+    if C == 0:
+        raise ValueError(f"means2d must hold at least one camera, got shape {list(means2d.shape)}")
     _check_float("conics", conics, (C, N, 3), means2d, "means2d")
     _check_float("colors", colors, (C, N, None), means2d, "means2d")
     _check_float("opacities", opacities, (C, N), means2d, "means2d")
     D = colors.shape[2]
     if backgrounds is not None:
         _check_float("backgrounds", backgrounds, (C, D), means2d, "means2d")
-    _check_int("width", width, 1)
-    _check_int("height", height, 1)
-    _check_int("tile_size", tile_size, 1)
+    width = check_int("width", width, 1)
+    height = check_int("height", height, 1)
+    tile_size = check_int("tile_size", tile_size, 1)
     tw, th = ref.tile_grid(width, height, tile_size)
-    _is_tensor("isect_offsets", isect_offsets)
-    if isect_offsets.dtype != torch.int32:
-        raise TypeError(f"isect_offsets must be int32, got {isect_offsets.dtype}")
-    _check_shape("isect_offsets", isect_offsets, (C, th, tw))
-    _is_tensor("flatten_ids", flatten_ids)
-    if flatten_ids.dtype != torch.int32:
-        raise TypeError(f"flatten_ids must be int32, got {flatten_ids.dtype}")
-    _check_shape("flatten_ids", flatten_ids, (None,))
-    for name, t in (("isect_offsets", isect_offsets), ("flatten_ids", flatten_ids)):
-        if t.device != means2d.device:
-            raise ValueError(f"{name} is on {t.device} but means2d is on {means2d.device}")
-    # Value checks (finite inputs, flatten_ids and isect_offsets ranges) run in the op body.
-    _resolve(backend, means2d, "rasterize_to_pixels")
+    _check_int32("isect_offsets", isect_offsets, (C, th, tw), means2d, "means2d")
+    _check_int32("flatten_ids", flatten_ids, (None,), means2d, "means2d")
+    _check_image_memory(C, width, height, tile_size, D, means2d.dtype, means2d.device)
+    grad = _backend.records_grad(means2d, conics, colors, opacities, backgrounds)
+    backend = _backend.resolve(backend, means2d.device, "rasterize_to_pixels", grad)
+    # Value checks (finite inputs, opacities in [0, 1], flatten_ids and
+    # isect_offsets ranges) run in the op body.
     return _ops.rasterize_to_pixels(
-        means2d, conics, colors, opacities, backgrounds, width, height, tile_size, isect_offsets, flatten_ids
-    )
+        means2d, conics, colors, opacities, backgrounds, width, height, tile_size, isect_offsets, flatten_ids,
+        backend,
+    )  # fmt: skip
 
 
 def rasterization(
@@ -769,52 +836,62 @@ def rasterization(
     box's tiles that miss the alpha >= 1/255 ellipse, so its tiles_per_gauss
     and lists are shorter but the images and gradients are the same.
 
+    NaN or inf in any input tensor is refused (ValueError naming it; inside a
+    compiled graph the stage op that meets it names its own argument, e.g.
+    ``coeffs`` for SH colours), so no NaN reaches the images.  The tile
+    lists depend on the values, so meta tensors are refused.
+
     Example::
 
         img, alpha, meta = rasterization(means, quats, scales, opac, rgb, viewmats, Ks, 648, 420)
     """
     N = _check_gaussians(means, quats, scales, opacities)
-    C = _check_camera(means, viewmats, Ks, width, height)
+    C, width, height = _check_camera(means, viewmats, Ks, width, height)
     near_plane, far_plane, eps2d, radius_clip = _check_planes(near_plane, far_plane, eps2d, radius_clip)
-    _check_int("tile_size", tile_size, 1)
-    if render_mode not in ref.RENDER_MODES:
-        raise ValueError(f"render_mode must be one of {ref.RENDER_MODES}, got {render_mode!r}")
-    if rasterize_mode not in ref.RASTERIZE_MODES:
-        raise ValueError(f"rasterize_mode must be one of {ref.RASTERIZE_MODES}, got {rasterize_mode!r}")
-    _is_tensor("colors", colors)
+    tile_size = check_int("tile_size", tile_size, 1)
+    check_choice("render_mode", render_mode, ref.RENDER_MODES)
+    check_choice("rasterize_mode", rasterize_mode, ref.RASTERIZE_MODES)
+    check_tensor("colors", colors, _FLOATS, _FLOAT_WHAT)
     if sh_degree is None:
         _check_float("colors", colors, [(N, None), (C, N, None)], means)
         D = colors.shape[-1]
     else:
-        _check_int("sh_degree", sh_degree, 0)
-        if sh_degree > 3:
-            raise ValueError(f"sh_degree must be in 0..3, got {sh_degree}")
+        sh_degree = check_int("sh_degree", sh_degree, 0, 3)
         hint = f" (SH coefficients, as sh_degree={sh_degree} is given)"
         _check_float("colors", colors, [(N, None, 3), (C, N, None, 3)], means, hint=hint)
-        if not torch.compiler.is_compiling():
-            # The SH view directions start at the camera centre, inv(viewmats)[:, :3, 3].
-            _, info = torch.linalg.inv_ex(viewmats)
-            if bool((info != 0).any()):
-                c = int((info != 0).nonzero()[0, 0])
-                raise ValueError(
-                    f"viewmats must be invertible when sh_degree is given (the SH view directions need the "
-                    f"camera centre); viewmats[{c}] is singular"
-                )
         if colors.shape[-2] < (sh_degree + 1) ** 2:
             raise ValueError(
                 f"colors has {colors.shape[-2]} SH bases but sh_degree {sh_degree} needs {(sh_degree + 1) ** 2}"
             )
         D = 3
-    _check_finite("colors", colors)
     if backgrounds is not None:
         _check_float("backgrounds", backgrounds, (C, D), means)
-        _check_finite("backgrounds", backgrounds)
-    _resolve(backend, means, "rasterization")
+    # The tile lists (their length, then every later shape) come from the values.
+    check_has_values("means", means)
+    if sh_degree is not None and has_values(viewmats):
+        # The SH view directions start at the camera centre, inv(viewmats)[:, :3, 3].
+        _, info = torch.linalg.inv_ex(viewmats)
+        if bool((info != 0).any()):
+            c = int((info != 0).nonzero()[0, 0])
+            raise ValueError(
+                f"viewmats must be invertible when sh_degree is given (the SH view directions need the "
+                f"camera centre); viewmats[{c}] is singular"
+            )
+    # The projection's op body checks the Gaussians and cameras; the colours
+    # and backgrounds are checked here under their own names (the stage ops
+    # would call SH colours coeffs).
+    check_finite("colors", colors)
+    if backgrounds is not None:
+        check_finite("backgrounds", backgrounds)
+    D_out = {"RGB": D, "D": 1, "ED": 1}.get(render_mode, D + 1)
+    _check_image_memory(C, width, height, tile_size, D_out, means.dtype, means.device)
+    grad = _backend.records_grad(means, quats, scales, opacities, colors, viewmats, Ks, backgrounds)
+    backend = _backend.resolve(backend, means.device, "rasterization", grad)
 
     antialiased = rasterize_mode == "antialiased"
     means2d, depths, conics, comp, radii = _ops.project_gaussians(
         means, quats, scales, opacities, viewmats, Ks, width, height, eps2d, near_plane, far_plane, radius_clip,
-        antialiased,
+        antialiased, backend,
     )  # fmt: skip
     opac = opacities[None, :] * comp if antialiased else opacities[None, :].expand(C, N)
     if sh_degree is None:
@@ -823,17 +900,17 @@ def rasterization(
         campos = torch.linalg.inv(viewmats)[:, :3, 3]
         dirs = means[None, :, :] - campos[:, None, :]
         coeffs = colors.expand(C, *colors.shape) if colors.dim() == 3 else colors
-        rgb = _ops.spherical_harmonics(sh_degree, dirs, coeffs.contiguous(), (radii > 0).all(-1))
+        rgb = _ops.spherical_harmonics(sh_degree, dirs, coeffs.contiguous(), (radii > 0).all(-1), backend)
         colors = (rgb + 0.5).clamp(min=0.0)
     colors, backgrounds = ref.with_depth_channel(colors, depths, backgrounds, render_mode)
     tile_width, tile_height = ref.tile_grid(width, height, tile_size)
     tiles_per_gauss, isect_ids, flatten_ids = _ops.isect_tiles(
-        means2d, radii, depths, tile_size, tile_width, tile_height
+        means2d, radii, depths, tile_size, tile_width, tile_height, backend
     )
-    offsets = _ops.isect_offset_encode(isect_ids, C, tile_width, tile_height)
+    offsets = _ops.isect_offset_encode(isect_ids, C, tile_width, tile_height, backend)
     render_colors, render_alphas = _ops.rasterize_to_pixels(
         means2d, conics, colors.contiguous(), opac.contiguous(), backgrounds, width, height, tile_size, offsets,
-        flatten_ids,
+        flatten_ids, backend,
     )  # fmt: skip
     render_colors = ref.expected_depth(render_colors, render_alphas, render_mode)
     meta = dict(
@@ -842,3 +919,13 @@ def rasterization(
         tile_height=tile_height, tile_size=tile_size, width=width, height=height, n_cameras=C,
     )  # fmt: skip
     return render_colors, render_alphas, meta
+
+
+__all__ = [
+    "isect_offset_encode",
+    "isect_tiles",
+    "project_gaussians",
+    "rasterization",
+    "rasterize_to_pixels",
+    "spherical_harmonics",
+]

@@ -1,18 +1,18 @@
-"""torch.library registration (opcheck, fake tensors, compile) and fp64 gradchecks."""
+"""torch.library registration (opcheck, fake tensors, compile), backend choice and fp64 gradchecks."""
 
 import pytest
 import torch
 
+from frontiers_fast import _backend
 from frontiers_fast.ops import splat as splat_ops
 from frontiers_fast.reference import splat as ref
 
-from ..helpers import assert_close
+from ..helpers import check_compiled, first_cpu_backend, opcheck, spy_backends
 from .scenes import cameras, gaussians, projected
 
 ops = torch.ops.frontiers_fast
 W, H = 19, 13
-FULL = ("test_schema", "test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
-PLAIN = ("test_schema", "test_faketensor")
+B = first_cpu_backend("rasterization")
 
 
 def _grad(*ts):
@@ -29,12 +29,13 @@ def _visible_scene(N=12):
 def test_opcheck_project_gaussians():
     means, quats, scales, opacities, viewmats, Ks = _visible_scene()
     for aa in (False, True):
-        args = (*_grad(means, quats, scales), opacities, *_grad(viewmats, Ks), W, H, 0.3, 0.01, 1e10, 0.0, aa)
-        torch.library.opcheck(ops.project_gaussians, args, test_utils=FULL)
+        args = (*_grad(means, quats, scales), opacities, *_grad(viewmats, Ks), W, H, 0.3, 0.01, 1e10, 0.0, aa,
+                B)  # fmt: skip
+        opcheck(ops.project_gaussians, args)
     g = [torch.randn(2, 12, 2, dtype=torch.float64), torch.randn(2, 12, dtype=torch.float64),
          torch.randn(2, 12, 3, dtype=torch.float64), torch.randn(2, 12, dtype=torch.float64)]  # fmt: skip
-    args = (means, quats, scales, opacities, viewmats, Ks, W, H, 0.3, 0.01, 1e10, 0.0, True, *g)
-    torch.library.opcheck(ops.project_gaussians_bwd, args, test_utils=PLAIN)
+    args = (means, quats, scales, opacities, viewmats, Ks, W, H, 0.3, 0.01, 1e10, 0.0, True, *g, B)
+    opcheck(ops.project_gaussians_bwd, args, full=False)
 
 
 def test_opcheck_spherical_harmonics():
@@ -42,18 +43,18 @@ def test_opcheck_spherical_harmonics():
     coeffs = torch.randn(5, 16, 3, dtype=torch.float64, requires_grad=True)
     masks = torch.rand(5) > 0.3
     for degree in (0, 3):
-        torch.library.opcheck(ops.spherical_harmonics, (degree, dirs, coeffs, masks), test_utils=FULL)
-        torch.library.opcheck(ops.spherical_harmonics, (degree, dirs, coeffs, None), test_utils=FULL)
-    args = (2, dirs.detach(), coeffs.detach(), masks, torch.randn(5, 3, dtype=torch.float64))
-    torch.library.opcheck(ops.spherical_harmonics_bwd, args, test_utils=PLAIN)
+        opcheck(ops.spherical_harmonics, (degree, dirs, coeffs, masks, B))
+        opcheck(ops.spherical_harmonics, (degree, dirs, coeffs, None, B))
+    args = (2, dirs.detach(), coeffs.detach(), masks, torch.randn(5, 3, dtype=torch.float64), B)
+    opcheck(ops.spherical_harmonics_bwd, args, full=False)
 
 
 def test_opcheck_isect():
     means2d, _, _, _, _, radii, depths = projected(2, 20, W, H, 8)
     tw, th = ref.tile_grid(W, H, 8)
-    torch.library.opcheck(ops.isect_tiles, (means2d, radii, depths, 8, tw, th), test_utils=PLAIN)
-    _, ids, _ = ops.isect_tiles(means2d, radii, depths, 8, tw, th)
-    torch.library.opcheck(ops.isect_offset_encode, (ids, 2, tw, th), test_utils=PLAIN)
+    opcheck(ops.isect_tiles, (means2d, radii, depths, 8, tw, th, B), full=False)
+    _, ids, _ = ops.isect_tiles(means2d, radii, depths, 8, tw, th, B)
+    opcheck(ops.isect_offset_encode, (ids, 2, tw, th, B), full=False)
 
 
 def test_opcheck_rasterize_to_pixels():
@@ -62,31 +63,24 @@ def test_opcheck_rasterize_to_pixels():
     bg = torch.rand(2, 3, dtype=torch.float64)
     for b in (bg, None):
         args = (*_grad(means2d, conics, colors, opac), None if b is None else b.clone().requires_grad_(True), W, H, 8,
-                offsets, fids)  # fmt: skip
-        torch.library.opcheck(ops.rasterize_to_pixels, args, test_utils=FULL)
+                offsets, fids, B)  # fmt: skip
+        opcheck(ops.rasterize_to_pixels, args)
         gc, ga = torch.randn(2, H, W, 3, dtype=torch.float64), torch.randn(2, H, W, 1, dtype=torch.float64)
-        args = (means2d, conics, colors, opac, b, W, H, 8, offsets, fids, gc, ga)
-        torch.library.opcheck(ops.rasterize_to_pixels_bwd, args, test_utils=PLAIN)
+        args = (means2d, conics, colors, opac, b, W, H, 8, offsets, fids, gc, ga, B)
+        opcheck(ops.rasterize_to_pixels_bwd, args, full=False)
 
 
 def test_compile_fullgraph():
-    torch._dynamo.reset()
     means, quats, scales, opacities, viewmats, Ks = (t.float() for t in _visible_scene())
     sh = torch.randn(2, 12, 4, 3, requires_grad=True)
-    leaves = _grad(means, scales)
 
-    def model(means, scales):
+    def model(means, scales, sh):
         radii, means2d, depths, conics, _ = splat_ops.project_gaussians(means, quats, scales, opacities, viewmats, Ks,
                                                                         W, H)  # fmt: skip
         rgb = splat_ops.spherical_harmonics(1, means[None] - viewmats[:, None, :3, 3], sh)
         return means2d.sum() + depths.pow(2).sum() + conics.sum() + rgb.pow(2).sum()
 
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    got = compiled(*leaves)
-    want = model(*leaves)
-    assert_close(got, want)
-    for a, b in zip(torch.autograd.grad(got, leaves + [sh]), torch.autograd.grad(want, leaves + [sh])):
-        assert_close(a, b)
+    check_compiled(model, [*_grad(means, scales), sh])
 
 
 @pytest.mark.gradcheck
@@ -190,7 +184,6 @@ def test_backward_under_inference_mode():
 def test_compile_fullgraph_blend_checks_values():
     # The blender's value checks run in its op body: a compiled fullgraph
     # still traces, matches eager, and still rejects bad values at run time.
-    torch._dynamo.reset()
     means2d, conics, opac, offsets, fids, _, _ = projected(
         2, 20, W, H, 8, dtype=torch.float32, opacity=(0.3, 0.8)
     )
@@ -200,13 +193,75 @@ def test_compile_fullgraph_blend_checks_values():
         img, alpha = splat_ops.rasterize_to_pixels(means2d, conics, colors, opac, W, H, 8, offsets, fids)
         return img.pow(2).sum() + alpha.sum()
 
+    check_compiled(model, _grad(means2d, opac))
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    leaves = _grad(means2d, opac)
-    got, want = compiled(*leaves), model(*leaves)
-    assert_close(got, want)
-    for a, b in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves)):
-        assert_close(a, b)
     bad = opac.clone()
     bad[1, 3] = float("nan")
-    with pytest.raises(ValueError, match="opacities contains non-finite"):
+    with pytest.raises(ValueError, match="opacities must be finite"):
         compiled(means2d, bad)
+    with pytest.raises(ValueError, match=r"opacities must lie in \[0, 1\]"):
+        compiled(means2d, opac * 2)
+
+
+# ---------------------------------------------------------------------------
+# backend choice: one resolve per public function, passed to every op
+# ---------------------------------------------------------------------------
+def _calls():
+    """(public function name, call taking backend=, inputs that require grad) for every public function."""
+    means, quats, scales, opacities, viewmats, Ks = _visible_scene(8)
+    m2d, conics, opac, offsets, fids, radii, depths = projected(2, 8, W, H, 8, opacity=(0.3, 0.8))
+    tw, th = ref.tile_grid(W, H, 8)
+    _, ids, _ = ref.isect_tiles(m2d, radii, depths, 8, tw, th)
+    leaves = _grad(means, scales)
+    sh = torch.randn(8, 4, 3, dtype=torch.float64, requires_grad=True)
+    dirs = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    colors = torch.rand(2, 8, 3, dtype=torch.float64, requires_grad=True)
+    return [
+        ("project_gaussians", lambda b: splat_ops.project_gaussians(
+            leaves[0], quats, leaves[1], opacities, viewmats, Ks, W, H, backend=b)[1], leaves),
+        ("spherical_harmonics", lambda b: splat_ops.spherical_harmonics(1, dirs, sh, backend=b), [dirs, sh]),
+        ("isect_tiles", lambda b: splat_ops.isect_tiles(m2d, radii, depths, 8, tw, th, backend=b)[1], []),
+        ("isect_offset_encode", lambda b: splat_ops.isect_offset_encode(ids, 2, tw, th, backend=b), []),
+        ("rasterize_to_pixels", lambda b: splat_ops.rasterize_to_pixels(
+            m2d, conics, colors, opac, W, H, 8, offsets, fids, backend=b)[0], [colors]),
+        ("rasterization", lambda b: splat_ops.rasterization(
+            leaves[0], quats, leaves[1], opacities, sh, viewmats, Ks, W, H, sh_degree=1, tile_size=8,
+            backend=b)[0], [*leaves, sh]),
+    ]  # fmt: skip
+
+
+FUNCTIONS = [c[0] for c in _calls()]
+
+
+@pytest.mark.parametrize("index", range(len(FUNCTIONS)), ids=FUNCTIONS)
+def test_forced_cpp_is_refused_naming_the_function(index):
+    name, call, _ = _calls()[index]
+    with pytest.raises(
+        NotImplementedError, match=rf"frontiers_fast\.{name}: backend 'cpp' is not implemented"
+    ):
+        call("cpp")
+
+
+@pytest.mark.parametrize("index", range(len(FUNCTIONS)), ids=FUNCTIONS)
+def test_reference_runs_every_op_forward_and_backward(index):
+    name, call, leaves = _calls()[index]
+    spec = _backend.FUNCTIONS[name]
+    with spy_backends() as calls:
+        out = call("reference")
+        if leaves:
+            torch.autograd.grad(out.double().pow(2).sum(), leaves, allow_unused=True)
+    assert set(b for _, b in calls) == {"reference"}
+    ran = {op for op, _ in calls}
+    # rasterization calls every stage; the backward ops run with the forward's backend.
+    assert ran <= set(spec.ops + spec.grad_ops)
+    assert set(spec.ops) <= ran
+    if leaves:
+        assert ran & set(spec.grad_ops)
+
+
+def test_default_backend_is_the_reference_and_reported():
+    assert B == "reference"
+    for name in FUNCTIONS:
+        report = _backend.backends(op=name)
+        assert [b for b, r in report.items() if r["implemented"]] == ["reference"]
+        assert report["reference"]["available"]
