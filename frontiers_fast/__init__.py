@@ -5,7 +5,7 @@ Importing never fails for lack of the compiled library, a GPU or Triton:
 backend is missing falls back to the PyTorch reference with one warning.
 """
 
-from . import nn, reference
+from . import _backend, nn, reference
 from ._backend import backends, use_backend
 from .graph import Graph, gcn_norm
 from .ops.deq import deq, fixed_point_solve, jacobian_regularizer
@@ -22,6 +22,10 @@ from .ops.splat import (
 from .ops.ssm import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
 
 __version__ = "0.1.0"
+
+# What can run here is settled at import (never raises): a first call made
+# inside a compiled graph must not have to import anything.
+_backend._probe()
 
 __all__ = [
     "backends",

@@ -32,6 +32,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import importlib.metadata
+import importlib.util
 import os
 import threading
 import warnings
@@ -47,6 +49,7 @@ _DEFAULT_ORDER = {"cpu": ("cpp",), "cuda": ("triton", "cuda")}
 
 _status: dict[str, tuple[bool, str]] = {}
 _warned: set[str] = set()
+_resolved: dict[tuple, str] = {}  # (function, device type, grad, forced) -> backend
 _local = threading.local()
 
 
@@ -54,6 +57,8 @@ _local = threading.local()
 # what this install can run
 # ---------------------------------------------------------------------------
 def _probe():
+    """Load frontiers_fast._C and look for Triton, once (frontiers_fast's import does it, so
+    that a first call inside torch.compile has nothing left to import)."""
     if _status:
         return
     try:
@@ -74,12 +79,14 @@ def _probe():
                 "frontiers_fast._C was built without CUDA (torch was a CPU build, nvcc was not found, "
                 "or FRONTIERS_FAST_NO_CUDA was set)",
             )
+    # Triton is found, not imported: importing it costs a second, and the
+    # launchers import it when they first run.
     try:
-        import triton
-
-        _status["triton"] = (True, f"triton {triton.__version__}")
+        found = importlib.util.find_spec("triton") is not None
+        why = f"triton {importlib.metadata.version('triton')}" if found else "triton is not installed"
     except Exception as exc:
-        _status["triton"] = (False, f"triton is not importable ({type(exc).__name__}: {exc})")
+        found, why = False, f"triton cannot be found ({type(exc).__name__}: {exc})"
+    _status["triton"] = (found, why)
     _status["reference"] = (True, "always available")
 
 
@@ -175,12 +182,18 @@ def register_function(name: str, ops, grad_ops=()) -> FunctionInfo:
     if missing:
         raise KeyError(f"register_function({name!r}): unknown ops {missing}")
     FUNCTIONS[name] = info = FunctionInfo(name, tuple(ops), tuple(grad_ops))
+    _resolved.clear()
     return info
 
 
 # ---------------------------------------------------------------------------
 # the choice
 # ---------------------------------------------------------------------------
+def records_grad(*tensors) -> bool:
+    """resolve()'s ``grad``: the call records a graph (grad mode on, some input requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _requested(backend):
     """The forced backend, if any: the argument, then use_backend, then the environment."""
     if backend is not None:
@@ -195,10 +208,38 @@ def resolve(backend, device: torch.device, function: str, grad: bool = False) ->
     ``grad``: the call records a graph, so the backward's ops must have the
     backend too.  See the module docstring for the rules.
     """
+    kind, value = _choose(backend, device, function, grad)
+    if kind == "ok":
+        return value
+    raise _ERRORS[kind](value)
+
+
+_ERRORS = {"NotImplementedError": NotImplementedError, "ValueError": ValueError, "RuntimeError": RuntimeError}
+
+
+# Traced by torch.compile as its value (the choice is a constant of the graph):
+# the registry walk calls into the dispatcher, which dynamo cannot trace.  An
+# error comes back as data and is raised by resolve, so that compiled code
+# raises the same exception as eager code.
+@torch.compiler.assume_constant_result
+def _choose(backend, device, function, grad):
+    try:
+        forced = _requested(backend)
+        # The answer depends only on these (availability does not change in a
+        # process): a call pays for a dict lookup, not for the walk below.
+        key = (function, device.type, grad, forced)
+        hit = _resolved.get(key)
+        if hit is None:
+            hit = _resolved[key] = _resolve(forced, device, function, grad)
+        return ("ok", hit)
+    except (NotImplementedError, ValueError, RuntimeError) as exc:
+        return (type(exc).__name__, str(exc))
+
+
+def _resolve(forced, device, function, grad):
     _probe()
     spec = FUNCTIONS[function]
     implemented = spec.implemented(grad)
-    forced = _requested(backend)
     kind = device.type
     if forced is not None:
         if forced not in implemented:

@@ -45,6 +45,11 @@ def check_bool(name: str, v) -> bool:
     return bool(v)
 
 
+def check_bools(**flags) -> tuple[bool, ...]:
+    """:func:`check_bool` on each keyword, in order: ``a, b = check_bools(a=a, b=b)``."""
+    return tuple(check_bool(n, v) for n, v in flags.items())
+
+
 def check_int(name: str, v, low: int, high: int | None = None, why: str = "") -> int:
     """An integer in ``[low, high]`` (``high=None``: no upper bound); ``why`` explains the range."""
     # numbers.Integral takes Python and numpy integers; bool is refused although it is an int.
@@ -57,12 +62,19 @@ def check_int(name: str, v, low: int, high: int | None = None, why: str = "") ->
     return v
 
 
-def check_real(name: str, v, low: float | None = None, strict: bool = False) -> float:
-    """A finite real number, ``>= low`` (``> low`` when ``strict``) if ``low`` is given."""
+def check_real(
+    name: str, v, low: float | None = None, strict: bool = False, allow_inf: bool = False
+) -> float:
+    """A finite real number, ``>= low`` (``> low`` when ``strict``) if ``low`` is given.
+
+    ``allow_inf``: +inf is accepted too (a far plane with no far culling, say).
+    """
     # numbers.Real takes Python and numpy ints and floats; bools and tensors are refused.
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a real number (int, float or numpy scalar), got {_kind(v)}")
     v = float(v)
+    if allow_inf and v == math.inf:
+        return v
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
     if low is not None and (v <= low if strict else v < low):
@@ -175,4 +187,47 @@ def check_memory(name: str, nbytes: int, device) -> None:
         raise ValueError(
             f"{name} is too large: it needs {nbytes / 2**30:,.1f} GiB for its buffers, more than the "
             f"{total / 2**30:,.1f} GiB of memory on {torch.device(device)}"
+        )
+
+
+def check_features(name: str, t, size_name: str, size: int, like=None, dtypes=FLOATS) -> None:
+    """A layer's input: a floating tensor whose last dimension is the layer's ``size_name`` = ``size``.
+
+    For modules, so that a wrong width says which constructor argument it
+    disagrees with instead of failing inside a matmul (or, worse, being
+    regrouped by a reshape).  ``like``: (name, parameter) whose device and
+    dtype the input must share.
+    """
+    check_tensor(name, t, dtypes)
+    if t.dim() == 0 or t.shape[-1] != size:
+        got = (
+            "no dimensions (a 0-dim tensor)"
+            if t.dim() == 0
+            else f"last dimension {t.shape[-1]} (shape {list(t.shape)})"
+        )
+        raise ValueError(f"{name} has {got} but {size_name}={size}; they must agree")
+    if like is not None:
+        check_same_device(name, t, like[0], like[1].device)
+        check_same_dtype(name, t, like[0], like[1].dtype)
+
+
+def check_option(name: str, v, choices):
+    """A string option among ``choices``: TypeError for a non-string, ValueError for an unknown one."""
+    if not isinstance(v, str):
+        raise TypeError(f"{name} must be a str, one of {choices}, got {_kind(v)}")
+    return check_choice(name, v, choices)
+
+
+def check_module(name: str, m) -> None:
+    """A callable sub-network (an nn.Module or any callable)."""
+    if not callable(m):
+        raise TypeError(f"{name} must be an nn.Module or a callable, got {_kind(m)}")
+
+
+def check_writable(name: str, t: Tensor) -> None:
+    """A tensor an op updates in place: not an expanded (stride-0) view, whose elements are shared."""
+    if any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride())):
+        raise ValueError(
+            f"{name} is updated in place, so it cannot be an expanded (stride-0) view "
+            f"(shape {list(t.shape)}, strides {list(t.stride())}); pass {name}.clone()"
         )

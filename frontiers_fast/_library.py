@@ -105,7 +105,9 @@ def _router(info: OpInfo, device_type: str):
         fn = info.impls.get(backend)
         if fn is None:
             if backend not in _backend.BACKENDS:
-                raise ValueError(f"{NS}::{info.name}: backend must be one of {_backend.BACKENDS}, got {backend!r}")
+                raise ValueError(
+                    f"{NS}::{info.name}: backend must be one of {_backend.BACKENDS}, got {backend!r}"
+                )
             raise NotImplementedError(
                 f"{NS}::{info.name}: backend {backend!r} is not implemented (implemented: {', '.join(info.backends)})"
             )

@@ -58,11 +58,7 @@ def backends_for(function: str, device: str, grad: bool = True) -> list[str]:
 
 def backend_cases(function: str, grad: bool = True):
     """pytest params ``(device, backend)`` for every device here and every backend of ``function`` on it."""
-    return [
-        pytest.param(d, b, id=f"{d}-{b}")
-        for d in devices()
-        for b in backends_for(function, d, grad)
-    ]
+    return [pytest.param(d, b, id=f"{d}-{b}") for d in devices() for b in backends_for(function, d, grad)]
 
 
 def grads(out, inputs, seed):

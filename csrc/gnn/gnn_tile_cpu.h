@@ -151,10 +151,13 @@ inline void sum_edges(const TileArgs<T>& A, const WeightSrc<T>& ws, int64_t kb, 
   const int64_t* __restrict col = A.col;
   int64_t o[NV];
   for (int v = 0; v < NV; ++v) o[v] = v < NV - 1 ? A.base + v * W : A.last;
-  auto load_msg = [&](int64_t k, int v, const T* xr) -> V {
-    if (!MASKED) return loadu<V>(xr + o[v]);
+  // s + w * x; masked, only the lanes whose arg is this edge add anything (the
+  // product is masked, not x alone, so a NaN weight of an edge that did not win
+  // contributes 0, as it does on every backend).
+  auto step = [&](V w, int64_t k, int v, const T* xr, V s) -> V {
+    if (!MASKED) return fmadd(w, loadu<V>(xr + o[v]), s);
     const int64_t* ar = A.arg + col[k] * A.ldx;
-    return select<T>(eq_mask(ar + o[v], A.kpos[k], (T*)nullptr), loadu<V>(xr + o[v]), V{});
+    return s + select<T>(eq_mask(ar + o[v], A.kpos[k], (T*)nullptr), w * loadu<V>(xr + o[v]), V{});
   };
   for (int64_t b0 = kb; b0 < ke; b0 += kSumBlock) {
     const int64_t b1 = std::min(ke, b0 + kSumBlock);
@@ -172,15 +175,15 @@ inline void sum_edges(const TileArgs<T>& A, const WeightSrc<T>& ws, int64_t kb, 
       edge_weights<T, NV, PERM>(ws, k, A.hb, A.idx, w0);
       edge_weights<T, NV, PERM>(ws, k + 1, A.hb, A.idx, w1);
       for (int v = 0; v < NV; ++v) {
-        s0[v] = fmadd(w0[v], load_msg(k, v, x0), s0[v]);
-        s1[v] = fmadd(w1[v], load_msg(k + 1, v, x1), s1[v]);
+        s0[v] = step(w0[v], k, v, x0, s0[v]);
+        s1[v] = step(w1[v], k + 1, v, x1, s1[v]);
       }
     }
     if (k < b1) {
       const T* x0 = x + col[k] * A.ldx;
       V w0[NV];
       edge_weights<T, NV, PERM>(ws, k, A.hb, A.idx, w0);
-      for (int v = 0; v < NV; ++v) s0[v] = fmadd(w0[v], load_msg(k, v, x0), s0[v]);
+      for (int v = 0; v < NV; ++v) s0[v] = step(w0[v], k, v, x0, s0[v]);
     }
     for (int v = 0; v < NV; ++v) {
       a0[v] += s0[v];

@@ -15,6 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import (
+    check_bools,
+    check_choice,
+    check_features,
+    check_int,
+    check_module,
+    check_real,
+    check_tensor,
+)
 from ..graph import Graph, gcn_norm
 from ..ops.gnn import edge_softmax, gat_aggregate, spmm
 
@@ -23,6 +32,27 @@ __all__ = ["GCNConv", "GATConv", "SAGEConv", "GINConv"]
 
 def _pair(x):
     return x if isinstance(x, tuple) else (x, x)
+
+
+def _channels(name, v):
+    """in_channels: an int >= 1, or a pair (source, destination) of them for bipartite graphs."""
+    if isinstance(v, tuple):
+        if len(v) != 2:
+            raise ValueError(f"{name} must be an int or a pair (source, destination), got {v!r}")
+        return (check_int(f"{name}[0]", v[0], 1), check_int(f"{name}[1]", v[1], 1))
+    return check_int(name, v, 1)
+
+
+def _inputs(x, in_channels):
+    """(x_src, x_dst) checked against in_channels; x is a tensor or a pair (x_dst may be None)."""
+    in_src, in_dst = _pair(in_channels)
+    x_src, x_dst = _pair(x) if isinstance(x, tuple) else (x, x)
+    if isinstance(x, tuple) and len(x) != 2:
+        raise ValueError(f"x must be a tensor or a pair (x_src, x_dst), got a tuple of {len(x)}")
+    check_features("x_src" if isinstance(x, tuple) else "x", x_src, "in_channels", in_src)
+    if x_dst is not None:
+        check_features("x_dst" if isinstance(x, tuple) else "x", x_dst, "in_channels", in_dst)
+    return x_src, x_dst
 
 
 def _glorot(t: Tensor):
@@ -85,6 +115,13 @@ class GCNConv(nn.Module):
         super().__init__()
         if kwargs:
             raise TypeError(f"GCNConv got unsupported arguments: {sorted(kwargs)}")
+        in_channels, out_channels = (
+            check_int("in_channels", in_channels, 1),
+            check_int("out_channels", out_channels, 1),
+        )
+        improved, cached, normalize, bias = check_bools(
+            improved=improved, cached=cached, normalize=normalize, bias=bias
+        )
         if add_self_loops is None:
             add_self_loops = normalize
         if add_self_loops and not normalize:
@@ -103,27 +140,30 @@ class GCNConv(nn.Module):
             nn.init.zeros_(self.bias)
         self._cache = None
 
-    def _norm_graph(self, edge_index, edge_weight, n):
+    def _norm_graph(self, edge_index, edge_weight, n, dtype):
         g = _to_graph(edge_index, n, n)
         if not self.normalize:
             return g, edge_weight
 
         def build():
-            ei, w = gcn_norm(g.edge_index, edge_weight, n, self.improved, self.add_self_loops)
+            # In the features' dtype: a float64 layer gets the float64 normalisation.
+            ei, w = gcn_norm(g.edge_index, edge_weight, n, self.improved, self.add_self_loops, dtype=dtype)
             return Graph(ei, n), w
 
         if edge_weight is None:
             # The normalised graph depends only on the structure: cache it on the Graph.
-            key = ("gcn_norm", self.improved, self.add_self_loops)
-            ng, w = _cached(g, key, build) if isinstance(edge_index, Graph) else build()
-            return ng, w.to(self.lin.weight.dtype)
+            key = ("gcn_norm", self.improved, self.add_self_loops, dtype)
+            return _cached(g, key, build) if isinstance(edge_index, Graph) else build()
         return build()
 
     def forward(self, x: Tensor, edge_index, edge_weight: Tensor | None = None) -> Tensor:
+        check_features("x", x, "in_channels", self.in_channels)
+        if x.dim() != 2:
+            raise ValueError(f"x must be [N, in_channels], got shape {tuple(x.shape)}")
         if self.cached and self._cache is not None:
             g, w = self._cache
         else:
-            g, w = self._norm_graph(edge_index, edge_weight, x.shape[0])
+            g, w = self._norm_graph(edge_index, edge_weight, x.shape[0], x.dtype)
             if self.cached:
                 self._cache = (g, w)
         x = self.lin(x)
@@ -159,10 +199,19 @@ class GATConv(nn.Module):
             raise TypeError(f"GATConv got unsupported arguments: {sorted(kwargs)}")
         if edge_dim is not None:
             raise NotImplementedError("GATConv: edge_dim (edge features in attention) is not supported yet")
-        if not math.isfinite(float(negative_slope)):
-            raise ValueError(f"negative_slope must be finite, got {negative_slope}")
-        if not 0.0 <= float(dropout) < 1.0:
+        in_channels = _channels("in_channels", in_channels)
+        out_channels, heads = check_int("out_channels", out_channels, 1), check_int("heads", heads, 1)
+        negative_slope = check_real("negative_slope", negative_slope)
+        dropout = check_real("dropout", dropout, 0.0)
+        if dropout >= 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        concat, add_self_loops, bias, residual = check_bools(
+            concat=concat, add_self_loops=add_self_loops, bias=bias, residual=residual
+        )
+        if fill_value != "mean":
+            raise NotImplementedError(
+                f"GATConv: fill_value={fill_value!r} is not supported (only 'mean', which needs no edge features)"
+            )
         self.in_channels, self.out_channels, self.heads = in_channels, out_channels, heads
         self.concat, self.negative_slope, self.dropout = concat, float(negative_slope), float(dropout)
         self.add_self_loops, self.edge_dim, self.fill_value, self.residual = (
@@ -199,6 +248,7 @@ class GATConv(nn.Module):
             raise NotImplementedError("GATConv: edge_attr is not supported yet (edge_dim=None)")
         H, C = self.heads, self.out_channels
         res = None
+        _inputs(x, self.in_channels)
         if isinstance(x, Tensor):
             if x.dim() != 2:
                 raise ValueError(f"x must be [N, in_channels], got shape {tuple(x.shape)}")
@@ -262,8 +312,14 @@ class SAGEConv(nn.Module):
         if kwargs:
             raise TypeError(f"SAGEConv got unsupported arguments: {sorted(kwargs)}")
         aggr = {"add": "sum"}.get(aggr, aggr)
-        if aggr not in ("sum", "mean", "max", "min"):
-            raise ValueError(f"aggr must be one of 'sum', 'mean', 'max', 'min', got {aggr!r}")
+        check_choice("aggr", aggr, ("sum", "mean", "max", "min"))
+        in_channels, out_channels = (
+            _channels("in_channels", in_channels),
+            check_int("out_channels", out_channels, 1),
+        )
+        normalize, root_weight, project, bias = check_bools(
+            normalize=normalize, root_weight=root_weight, project=project, bias=bias
+        )
         self.in_channels, self.out_channels, self.aggr = in_channels, out_channels, aggr
         self.normalize, self.root_weight, self.project = normalize, root_weight, project
         in_src, in_dst = _pair(in_channels)
@@ -278,7 +334,7 @@ class SAGEConv(nn.Module):
                 lin.reset_parameters()
 
     def forward(self, x, edge_index, size=None):
-        x_src, x_dst = _pair(x)
+        x_src, x_dst = _inputs(x, self.in_channels)
         if self.project:
             x_src = F.relu(self.lin(x_src))
         n_src, n_dst = size if size is not None else (x_src.shape[0], x_dst.shape[0])
@@ -314,6 +370,9 @@ class GINConv(nn.Module):
         super().__init__()
         if kwargs:
             raise TypeError(f"GINConv got unsupported arguments: {sorted(kwargs)}")
+        check_module("nn", nn)
+        eps = check_real("eps", eps)
+        (train_eps,) = check_bools(train_eps=train_eps)
         self.nn = nn
         self.initial_eps = eps
         if train_eps:
@@ -329,8 +388,12 @@ class GINConv(nn.Module):
 
     def forward(self, x, edge_index, size=None):
         x_src, x_dst = _pair(x)
+        check_tensor("x", x_src)
+        if x_dst is not None:
+            check_tensor("x_dst", x_dst)
         n_src, n_dst = size if size is not None else (x_src.shape[0], x_dst.shape[0])
         g = _to_graph(edge_index, n_src, n_dst)
+        # The feature width is the wrapped network's business.
         out = spmm(g, x_src, None, "sum")
         if x_dst is not None:
             out = out + (1 + self.eps) * x_dst

@@ -111,18 +111,24 @@ def _ref_spmm_bwd(
     F_ = grad_out.shape[1]
     hw = 1 if weight is None else weight.shape[1]
     geff = grad_out.index_select(0, g.dst)  # [E, F]: gradient arriving at each edge's message
+    chosen = None
     if reduce == MEAN:
         geff = geff / rowptr.diff().clamp(min=1).to(geff.dtype).index_select(0, g.dst).unsqueeze(1)
     elif reduce in (MAX, MIN):
         k = torch.arange(g.num_edges, device=col.device).unsqueeze(1)
-        geff = geff * (arg.index_select(0, g.dst) == k).to(geff.dtype)
+        chosen = (arg.index_select(0, g.dst) == k).view(g.num_edges, hw, F_ // hw)
     geff = geff.view(g.num_edges, hw, F_ // hw)
+
+    def only_chosen(t):
+        # Edges that were not the extremum get exactly 0, even if their weight or x is NaN.
+        return t if chosen is None else torch.where(chosen, t, 0.0)
+
     gx, gw = absent(grad_out), absent(grad_out)
     if need_x:
-        msg = geff if weight is None else geff * weight_csr.unsqueeze(-1)
+        msg = only_chosen(geff if weight is None else geff * weight_csr.unsqueeze(-1))
         gx = grad_out.new_zeros((g.num_src, F_)).index_add(0, col, msg.reshape(g.num_edges, F_))
     if need_w and weight is not None:
-        gw = (geff * x.index_select(0, col).view(g.num_edges, hw, F_ // hw)).sum(-1)
+        gw = only_chosen(geff * x.index_select(0, col).view(g.num_edges, hw, F_ // hw)).sum(-1)
         if weight_index is not None:
             gw = torch.empty_like(gw).index_copy(0, weight_index, gw)
     return gx, gw
@@ -270,7 +276,9 @@ define_op(
 _CSC = "Tensor csc_ptr, Tensor csc_row, Tensor csc_perm"
 
 
-def _spmm(rowptr, col, csc_ptr, csc_row, csc_perm, csc_weight_index, weight, weight_index, x, reduce, backend):
+def _spmm(
+    rowptr, col, csc_ptr, csc_row, csc_perm, csc_weight_index, weight, weight_index, x, reduce, backend
+):
     return _ops.spmm_fwd(rowptr, col, weight, weight_index, x, reduce, backend)
 
 
@@ -416,10 +424,6 @@ def _kernel_dtype(t: Tensor) -> torch.dtype:
     return t.dtype
 
 
-def _records_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _csc_for(graph, grad):
     # Forward-only calls skip building the transpose.
     if grad or graph._csc is not None:
@@ -469,7 +473,7 @@ def spmm(graph, x, edge_weight=None, reduce="sum", *, num_nodes=None, backend=No
                 f"edge_weight of shape [E, H] needs x of shape [N, H, C] with the same H; "
                 f"got edge_weight {tuple(edge_weight.shape)} and x {tuple(x.shape)}"
             )
-    grad = _records_grad(x, edge_weight)
+    grad = _backend.records_grad(x, edge_weight)
     backend = _backend.resolve(backend, x.device, "spmm", grad)
     kd = _kernel_dtype(x)
     x2 = x.reshape(x.shape[0], math.prod(x.shape[1:])).to(kd).contiguous()
@@ -480,7 +484,10 @@ def spmm(graph, x, edge_weight=None, reduce="sum", *, num_nodes=None, backend=No
         wid = graph.weight_index
         if wid is not None and grad:
             cwid = graph.csc_eid
-    out, _ = _ops.spmm(graph.rowptr, graph.col, *_csc_for(graph, grad), cwid, w, wid, x2, code, backend)
+    if grad:
+        out, _ = _ops.spmm(graph.rowptr, graph.col, *graph.csc, cwid, w, wid, x2, code, backend)
+    else:  # no graph to record: the kernel op alone, without the autograd op around it
+        out, _ = _ops.spmm_fwd(graph.rowptr, graph.col, w, wid, x2, code, backend)
     return out.view((graph.num_dst,) + tuple(x.shape[1:])).to(x.dtype)
 
 
@@ -510,12 +517,15 @@ def sddmm(graph, a, b, *, num_nodes=None, backend=None):
         raise ValueError(f"a has {a.shape[0]} rows but the graph has {graph.num_src} source nodes")
     if b.shape[0] != graph.num_dst:
         raise ValueError(f"b has {b.shape[0]} rows but the graph has {graph.num_dst} destination nodes")
-    grad = _records_grad(a, b)
+    grad = _backend.records_grad(a, b)
     backend = _backend.resolve(backend, a.device, "sddmm", grad)
     kd = _kernel_dtype(a)
     a3 = (a if a.dim() == 3 else a.unsqueeze(1)).to(kd).contiguous()
     b3 = (b if b.dim() == 3 else b.unsqueeze(1)).to(kd).contiguous()
-    out = _ops.sddmm(graph.rowptr, graph.col, *_csc_for(graph, grad and a.requires_grad), a3, b3, backend)
+    if grad:
+        out = _ops.sddmm(graph.rowptr, graph.col, *_csc_for(graph, a.requires_grad), a3, b3, backend)
+    else:
+        out = _ops.sddmm_fwd(graph.rowptr, graph.col, a3, b3, backend)
     out = graph.from_csr_order(out).to(a.dtype)
     return out if a.dim() == 3 else out.squeeze(1)
 
@@ -538,10 +548,11 @@ def edge_softmax(graph, scores, *, num_nodes=None, backend=None):
     _check_input("scores", scores, graph, (1, 2))
     if scores.shape[0] != graph.num_edges:
         raise ValueError(f"scores has {scores.shape[0]} entries but the graph has {graph.num_edges} edges")
-    backend = _backend.resolve(backend, scores.device, "edge_softmax", _records_grad(scores))
+    grad = _backend.records_grad(scores)
+    backend = _backend.resolve(backend, scores.device, "edge_softmax", grad)
     s = graph.to_csr_order(scores.to(_kernel_dtype(scores)))
     s2 = (s if s.dim() == 2 else s.unsqueeze(1)).contiguous()
-    p = _ops.edge_softmax(graph.rowptr, s2, backend)
+    p = (_ops.edge_softmax if grad else _ops.edge_softmax_fwd)(graph.rowptr, s2, backend)
     p = graph.from_csr_order(p if scores.dim() == 2 else p.squeeze(1))
     return p.to(scores.dtype)
 
@@ -577,11 +588,14 @@ def gat_aggregate(graph, h, a_src, a_dst, negative_slope=0.2, *, num_nodes=None,
     if a_dst.shape != (graph.num_dst, H):
         raise ValueError(f"a_dst must have shape [N_dst, H]=[{graph.num_dst}, {H}], got {tuple(a_dst.shape)}")
     negative_slope = check_real("negative_slope", negative_slope)
-    grad = _records_grad(h, a_src, a_dst)
+    grad = _backend.records_grad(h, a_src, a_dst)
     backend = _backend.resolve(backend, h.device, "gat_aggregate", grad)
     kd = _kernel_dtype(h)
     hs, s, d = (t.to(kd).contiguous() for t in (h, a_src, a_dst))
-    out, _ = _ops.gat_aggregate(graph.rowptr, graph.col, *_csc_for(graph, grad), hs, s, d, negative_slope, backend)
+    if grad:
+        out, _ = _ops.gat_aggregate(graph.rowptr, graph.col, *graph.csc, hs, s, d, negative_slope, backend)
+    else:
+        out, _ = _ops.gat_fwd(graph.rowptr, graph.col, hs, s, d, negative_slope, backend)
     return out.to(h.dtype)
 
 

@@ -52,7 +52,11 @@ def first_arg_extremum(msg, dst, num_dst, reduce):
 
 
 def spmm(graph, x, edge_weight=None, reduce="sum"):
-    """out[i] = reduce_{e: j -> i} w_e * x[j]; destinations with no edge get 0."""
+    """out[i] = reduce_{e: j -> i} w_e * x[j]; destinations with no edge get 0.
+
+    Max and min take the first edge reaching the extremum, a NaN message
+    being the extremum; the gradient goes to that edge only.
+    """
     if reduce not in REDUCES:
         raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
     src, dst = graph.src, graph.dst
@@ -68,9 +72,15 @@ def spmm(graph, x, edge_weight=None, reduce="sum"):
         return out
     first = first_arg_extremum(msg, dst, graph.num_dst, reduce)
     empty = first == graph.num_edges
-    # Gather the chosen message so that autograd routes the gradient to it alone.
-    padded = torch.cat([msg, msg.new_zeros((1,) + tuple(msg.shape[1:]))], 0)
-    out = padded.gather(0, first)
+    # Gather the chosen edge's x and weight and multiply only those, so that
+    # autograd routes the gradient to the chosen edge alone: the other edges
+    # get exactly 0, even where their message is NaN (no 0 * NaN).  A zero
+    # row past the end stands for "no edge".
+    pad = lambda t: torch.cat([t, t.new_zeros((1,) + tuple(t.shape[1:]))], 0)
+    src_pad = torch.cat([src, src.new_full((1,), graph.num_src)])
+    out = pad(x).gather(0, src_pad[first])
+    if edge_weight is not None:
+        out = out * pad(_broadcast_weight(edge_weight, msg).expand_as(msg)).gather(0, first)
     return out.masked_fill(empty, 0.0)
 
 

@@ -85,7 +85,7 @@ def test_weights_are_not_reordered_on_the_python_side(monkeypatch):
 
         monkeypatch.setitem(_backend.OPS["spmm_fwd"].impls, "cpp", look)
         ff.spmm(g, x, w, backend="cpp")
-    (weight, weight_index), = seen
+    ((weight, weight_index),) = seen
     assert weight.data_ptr() == w.data_ptr()
     assert weight_index is g.perm
     assert calls[("spmm_fwd", "cpp")] == 1

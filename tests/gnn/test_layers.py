@@ -116,3 +116,22 @@ def test_state_dict_keys_match():
         so, st = ours.state_dict(), theirs.state_dict()
         assert list(so) == list(st)
         assert all(so[k].shape == st[k].shape for k in so)
+
+
+@pytest.mark.parametrize("prebuilt", [False, True])
+def test_gcn_float64_normalisation_is_float64(prebuilt):
+    # The normalisation follows the features' dtype: a float64 layer matches the float64 formula.
+    g = random_graph(40, 300)
+    conv = ff.nn.GCNConv(6, 3).double()
+    x = torch.randn(40, 6, dtype=torch.float64)
+    out = conv(x, g if prebuilt else g.edge_index)
+    ei = g.edge_index[:, g.edge_index[0] != g.edge_index[1]]
+    loops = torch.arange(40)
+    ei = torch.cat([ei, torch.stack([loops, loops])], 1)
+    deg = torch.zeros(40, dtype=torch.float64).index_add(
+        0, ei[1], torch.ones(ei.shape[1], dtype=torch.float64)
+    )
+    w = deg.pow(-0.5)[ei[0]] * deg.pow(-0.5)[ei[1]]
+    h = conv.lin(x)
+    want = torch.zeros(40, 3, dtype=torch.float64).index_add(0, ei[1], h[ei[0]] * w[:, None]) + conv.bias
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-13)

@@ -214,7 +214,9 @@ def test_reference_kernels_match_autograd(case):
         go = torch.randn_like(out_ref)
         with torch.no_grad():
             out, arg = ops._ref_spmm_fwd(g.rowptr, g.col, w, g.perm, x, code)
-            gx, gw = ops._ref_spmm_bwd(*g.csc, g.rowptr, g.col, w, g.perm, g.csc_eid, x, go, arg, code, True, True)
+            gx, gw = ops._ref_spmm_bwd(
+                *g.csc, g.rowptr, g.col, w, g.perm, g.csc_eid, x, go, arg, code, True, True
+            )
         assert_close(out, out_ref)
         if out_ref.numel():
             wx, ww = torch.autograd.grad(out_ref, [x, w], go, allow_unused=True)

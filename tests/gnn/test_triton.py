@@ -15,8 +15,8 @@ import torch
 from frontiers_fast import Graph
 from frontiers_fast._reduce import MAX, MEAN, MIN, REDUCES
 from frontiers_fast.ops import gnn as ops
-from tests.helpers import assert_close
 from tests.gnn.graphs import GRAPH_CASES, random_graph
+from tests.helpers import assert_close
 
 pytest.importorskip("triton")
 # imported after conftest, which has set TRITON_INTERPRET for a GPU-less machine
@@ -98,7 +98,18 @@ def _check_spmm(g, reduce, hw, F, dtype, device, user_order=False):
     grad_out = _randn(g.num_dst, F, dtype=dtype, device=device)
     gx, gw = K.spmm_bwd(*g.csc, g.rowptr, g.col, w, wid, cwid, x, grad_out, arg, reduce, True, True)
     ref_gx, ref_gw = ops._ref_spmm_bwd(
-        *g.csc, g.rowptr, g.col, _f64(w), wid, cwid, x.double(), grad_out.double(), ref_arg, reduce, True, True
+        *g.csc,
+        g.rowptr,
+        g.col,
+        _f64(w),
+        wid,
+        cwid,
+        x.double(),
+        grad_out.double(),
+        ref_arg,
+        reduce,
+        True,
+        True,
     )
     assert gx.dtype == dtype and gx.shape == x.shape
     assert_close(gx, ref_gx)
@@ -176,7 +187,18 @@ def test_spmm_noncontiguous_and_deterministic(device):
     args = (*g.csc, g.rowptr, g.col, w, g.perm, g.csc_eid, x, go, arg, MAX, True, True)
     first, again = K.spmm_bwd(*args), K.spmm_bwd(*args)
     ref = ops._ref_spmm_bwd(
-        *g.csc, g.rowptr, g.col, w.double(), g.perm, g.csc_eid, x.double(), go.double(), ref_arg, MAX, True, True
+        *g.csc,
+        g.rowptr,
+        g.col,
+        w.double(),
+        g.perm,
+        g.csc_eid,
+        x.double(),
+        go.double(),
+        ref_arg,
+        MAX,
+        True,
+        True,
     )
     for a, b, r in zip(first, again, ref):
         assert torch.equal(a, b), "the backward has no atomics, so it must be bitwise reproducible"
