@@ -125,16 +125,15 @@ EOF
 gc_cuda_ext() {
   # Poisoned outputs (NaN, arg -2) make an unwritten element a mismatch.
   FRONTIERS_FAST_DEBUG_POISON=1 python3 - <<'EOF'
-"""spmm_fwd_warp (csrc/gnn/spmm.cu) against the reference, then its speed
-against the Triton kernel and cuSPARSE on the same inputs."""
+"""spmm_fwd's cuda backend (csrc/gnn/spmm.cu) against the reference backend of
+the same op, then its speed against the triton backend and cuSPARSE."""
 import torch
 import frontiers_fast as ff
-from frontiers_fast.ops.gnn import _ref_spmm_fwd
+from frontiers_fast._reduce import REDUCES
 
-ops = torch.ops.frontiers_fast
+op = torch.ops.frontiers_fast.spmm_fwd
 dev = "cuda"
 gen = torch.Generator(device="cpu").manual_seed(0)
-REDUCES = ("sum", "mean", "max", "min")
 # normalised max error allowed per dtype (max |out - ref| / (1 + max |ref|))
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
@@ -155,12 +154,13 @@ graphs = [(1, 1, 0, False), (5, 3, 40, False), (37, 50, 3, False), (2000, 900, 1
 for n_dst, n_src, avg, skew in graphs:
     rowptr, col = csr(n_dst, n_src, avg, skew)
     E = col.numel()
+    perm = torch.randperm(E, generator=gen).to(dev)
     for F in (1, 33, 130, 600):
         for hw in (0, 1, 3):
             if hw and F % hw:
                 continue
             for dtype in TOL:
-                for reduce in REDUCES:
+                for code, reduce in enumerate(REDUCES):
                     extremum = reduce in ("max", "min")
                     if extremum:  # few distinct values, so ties are common
                         x = torch.randint(-3, 4, (n_src, F), generator=gen).to(dev, dtype)
@@ -168,49 +168,54 @@ for n_dst, n_src, avg, skew in graphs:
                     else:
                         x = torch.randn(n_src, F, generator=gen).to(dev, dtype)
                         w = torch.rand(E, hw, generator=gen).to(dev, dtype) if hw else None
-                    out, arg = ops.spmm_fwd_warp(rowptr, col, w, x, reduce)
-                    if extremum:  # exact: same messages, same first-edge rule
-                        ref_out, ref_arg = _ref_spmm_fwd(rowptr, col, w, x, reduce)
-                        ok = torch.equal(out, ref_out) and torch.equal(arg, ref_arg)
-                        err = "exact mismatch"
-                    else:
-                        ref_out, _ = _ref_spmm_fwd(rowptr, col, None if w is None else w.double(), x.double(), reduce)
-                        e = ((out.double() - ref_out).abs().max() / (1 + ref_out.abs().max())).item() if out.numel() else 0.0
-                        ok = e <= TOL[dtype] and arg.numel() == 0
-                        err = f"normalised error {e:.2e}"
-                    checked += 1
-                    if not ok:
-                        bad.append(f"N_dst={n_dst} E={E} F={F} Hw={hw} {dtype} {reduce}: {err}")
+                    for widx in (None, perm) if hw else (None,):
+                        out, arg = op(rowptr, col, w, widx, x, code, "cuda")
+                        if extremum:  # exact: same messages, same first-edge rule
+                            ref_out, ref_arg = op(rowptr, col, w, widx, x, code, "reference")
+                            ok = torch.equal(out, ref_out) and torch.equal(arg, ref_arg)
+                            err = "exact mismatch"
+                        else:
+                            w64 = None if w is None else w.double()
+                            ref_out, _ = op(rowptr, col, w64, widx, x.double(), code, "reference")
+                            e = ((out.double() - ref_out).abs().max() / (1 + ref_out.abs().max())).item() if out.numel() else 0.0
+                            ok = e <= TOL[dtype] and arg.numel() == 0
+                            err = f"normalised error {e:.2e}"
+                        checked += 1
+                        if not ok:
+                            bad.append(f"N_dst={n_dst} E={E} F={F} Hw={hw} index={widx is not None} {dtype} {reduce}: {err}")
 
-# a side stream and a non-contiguous-free path must give the same answer
-rowptr, col = csr(300, 300, 8, False)
+# NaN: the first NaN edge is the extremum, as on every other backend
+rowptr, col = csr(300, 300, 8, True)
 x = torch.randn(300, 64, device=dev)
-ref_out, _ = ops.spmm_fwd_warp(rowptr, col, None, x, "sum")
+x[5, 3] = float("nan")
+for code in (2, 3):
+    out, arg = op(rowptr, col, None, None, x, code, "cuda")
+    ref_out, ref_arg = op(rowptr, col, None, None, x, code, "reference")
+    checked += 1
+    if not (torch.equal(arg, ref_arg) and torch.equal(out.isnan(), ref_out.isnan())):
+        bad.append(f"NaN pattern differs for reduce {REDUCES[code]}")
+# a side stream must give the same answer
+ref_out, _ = op(rowptr, col, None, None, x, 0, "cuda")
 s = torch.cuda.Stream()
 with torch.cuda.stream(s):
-    side, _ = ops.spmm_fwd_warp(rowptr, col, None, x, "sum")
+    side, _ = op(rowptr, col, None, None, x, 0, "cuda")
 s.synchronize()
 checked += 1
-if not torch.equal(side, ref_out):
+if not torch.equal(side.nan_to_num(), ref_out.nan_to_num()):
     bad.append("result on a side stream differs")
 # validation errors name the argument
 try:
-    ops.spmm_fwd_warp(rowptr, col, None, x.cpu(), "sum")
+    torch.ops.frontiers_fast_native.spmm_fwd(rowptr, col, None, None, x.cpu(), 0)
     bad.append("a CPU x was accepted")
-except RuntimeError as exc:
+except (RuntimeError, NotImplementedError) as exc:
     print("expected error:", str(exc).splitlines()[0])
 torch.cuda.synchronize()
-print(f"spmm_fwd_warp: {checked - len(bad)}/{checked} cases agree with the reference")
+print(f"spmm_fwd (cuda): {checked - len(bad)}/{checked} cases agree with the reference")
 for line in bad[:40]:
     print("MISMATCH", line)
 
 # --- speed, same inputs, results checked first ---------------------------
 print(f"\ntimings on {torch.cuda.get_device_name()} (median ms of 30, CUDA events)")
-try:
-    from frontiers_fast.kernels import gnn as tk
-except Exception as exc:  # the comparison is still useful without Triton
-    tk = None
-    print("triton launcher not importable:", exc)
 
 
 def median_ms(fn, reps=30):
@@ -227,31 +232,27 @@ def median_ms(fn, reps=30):
     return sorted(times)[len(times) // 2]
 
 
-print(f"{'case':38s} {'cuda warp':>10s} {'triton':>10s} {'cusparse':>10s}")
+print(f"{'case':38s} {'cuda':>10s} {'triton':>10s} {'cusparse':>10s}")
 for n, deg, F, skew in ((100_000, 16, 64, False), (100_000, 16, 256, False), (200_000, 10, 128, True)):
     rowptr, col = csr(n, n, deg, skew)
     x = torch.randn(n, F, device=dev)
-    for reduce in ("sum", "max"):
-        warp = lambda: ops.spmm_fwd_warp(rowptr, col, None, x, reduce)
-        row = [median_ms(warp)]
-        ref_out = warp()[0]
-        if tk is not None:
-            try:
-                t_out = tk.spmm_fwd(rowptr, col, None, x, reduce)[0]
-                agree = torch.allclose(t_out, ref_out, rtol=1e-4, atol=1e-4)
-                row.append(median_ms(lambda: tk.spmm_fwd(rowptr, col, None, x, reduce)) if agree else "mismatch")
-            except Exception as exc:
-                row.append(f"err {type(exc).__name__}")
-        else:
-            row.append("-")
-        if reduce == "sum":
+    for code in (0, 2):
+        run = lambda b: op(rowptr, col, None, None, x, code, b)
+        row = [median_ms(lambda: run("cuda"))]
+        ref_out = run("cuda")[0]
+        try:
+            agree = torch.allclose(run("triton")[0], ref_out, rtol=1e-4, atol=1e-4)
+            row.append(median_ms(lambda: run("triton")) if agree else "mismatch")
+        except Exception as exc:
+            row.append(f"err {type(exc).__name__}")
+        if code == 0:
             A = torch.sparse_csr_tensor(rowptr, col, torch.ones(col.numel(), device=dev), (n, n))
             agree = torch.allclose(A @ x, ref_out, rtol=1e-4, atol=1e-4)
             row.append(median_ms(lambda: A @ x) if agree else "mismatch")
         else:
             row.append("-")
         cells = [f"{v:10.3f}" if isinstance(v, float) else f"{v:>10s}" for v in row]
-        print(f"{f'N={n} E={col.numel()} F={F} {reduce}' + (' skew' if skew else ''):38s} " + " ".join(cells))
+        print(f"{f'N={n} E={col.numel()} F={F} {REDUCES[code]}' + (' skew' if skew else ''):38s} " + " ".join(cells))
 
 if bad:
     raise SystemExit(f"{len(bad)} mismatches")

@@ -10,7 +10,7 @@ import sys
 import torch
 
 from . import FAMILIES
-from .harness import machine_name
+from .harness import Family, machine_name, measure_roofs
 from .report import write
 
 
@@ -32,18 +32,21 @@ def main(argv=None):
     machine = machine_name(args.device)
     print(f"frontiers_fast bench on {machine}", flush=True)
     os.makedirs(out, exist_ok=True)
+    print("measuring the roofs (GEMM, exp, memory read)", flush=True)
+    rates = measure_roofs(args.device, args.quick)
+    for kind, v in rates.items():
+        print(f"  {kind:<10} {v:.3g}", flush=True)
     results, targets, sections = [], {}, []
     for fam in args.family or FAMILIES:
         mod = importlib.import_module(f"frontiers_fast.bench.{fam}")
         torch.manual_seed(0)  # layers initialised from the global generator: same weights every run
+        bench = Family(fam, results, args.device, args.quick, 0.2 if args.quick else 0.5, rates)
         # A family may return extra report sections [(title, markdown)], and
         # write files they link to (a render, a plot) into ``out_dir``.
-        extra = mod.run(
-            results, device=args.device, quick=args.quick, min_time=0.2 if args.quick else 0.5, out_dir=out
-        )
-        sections += list(extra or [])
+        extra = mod.run(bench, out_dir=out)
+        sections += [(fam, title, body) for title, body in (extra or [])]
         targets[fam] = mod.TARGETS
-    path, checks = write(results, targets, args.device, machine, out, extra_sections=sections)
+    path, checks = write(results, targets, args.device, machine, out, extra_sections=sections, rates=rates)
     print(f"\nwrote {path}")
     for desc, ratio, speed, mratio, mem, passed in checks:
         rs = f"{ratio:.2f}x" if ratio is not None else "n/a"

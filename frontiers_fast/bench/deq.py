@@ -12,9 +12,8 @@ from torch import nn
 
 from ..ops import deq as ops
 from ..reference import deq as ref
-from .harness import run_provider
+from .harness import peer
 
-FAMILY = "deq"
 TARGETS = []  # baselines only for now
 
 B, D = 64, 1024
@@ -53,18 +52,10 @@ def _reference_64(cell, x, z0, seed):
     return z64, [zg.detach(), *torch.autograd.grad(zg, [c64.w1, c64.w2, x64], seed.double())]
 
 
-def _torchdeq():
-    try:
-        import torchdeq
-        from torchdeq.solver import get_solver
-
-        return torchdeq, get_solver
-    except Exception:
-        return None, None
-
-
-def run(results, device="cpu", quick=False, min_time=0.5, out_dir=None):
-    torchdeq, get_solver = _torchdeq()
+def run(bench, out_dir=None):
+    device, quick = bench.device, bench.quick
+    torchdeq = peer("torchdeq")
+    get_solver = peer("torchdeq.solver", "get_solver")
     gen = torch.Generator().manual_seed(1)
     cell = MLPCell(D).to(device)
     x = torch.randn(B, D, generator=gen).to(device)
@@ -83,21 +74,21 @@ def run(results, device="cpu", quick=False, min_time=0.5, out_dir=None):
     # O(1), so they move by O(1e-3) relative to their scale; the adjoint residual (1e-6, or the
     # float32 floor) adds far less.  Same bound for both providers.
     bwd_tol = 1e-2
+    cell_flops = 4 * B * D * D  # one evaluation of f: two [B, D] x [D, D] GEMMs
 
     steps = []
     for solver in ("anderson", "broyden"):
-        case = f"fixed point {solver} / MLP cell b{B}-d{D}"
-        print(f"[deq] {case}", flush=True)
-        common = dict(family=FAMILY, case=case, mode="fwd", device=device, expected=z64.float(), tol=fwd_tol,
-                      min_time=min_time)  # fmt: skip
+        name = f"fixed point {solver} / MLP cell b{B}-d{D}"
 
         def ours_fwd(solver=solver):
             with torch.no_grad():
                 return ops.fixed_point_solve(f, z0, solver=solver, **SETTINGS)
 
-        fn = lambda: ours_fwd()[0]
-        run_provider(results, provider="frontiers_fast[reference]", fn=fn, check=fn, **common)
         row = {"solver": solver, "ours": ours_fwd()[1]}
+        # The f evaluations the solve makes are its unavoidable GEMM work (one per step, plus the first).
+        evals = int(row["ours"]["nstep"].max()) + 1
+        case = bench.case(name, "fwd", z64.float(), fwd_tol, roof=("gemm_fp32", evals * cell_flops))
+        case.run("frontiers_fast[reference]", lambda: ours_fwd()[0])
         if get_solver is not None:
 
             def theirs_fwd(solver=solver):
@@ -105,19 +96,17 @@ def run(results, device="cpu", quick=False, min_time=0.5, out_dir=None):
                     z, _, info = get_solver(solver)(f, z0, **SETTINGS)
                 return z, info
 
-            fn = lambda: theirs_fwd()[0]
-            run_provider(results, provider="torchdeq", fn=fn, check=fn, **common)
+            case.run("torchdeq", lambda: theirs_fwd()[0])
             row["torchdeq"] = theirs_fwd()[1]
         steps.append(row)
 
-        common = dict(family=FAMILY, case=case, mode="fwd+bwd", device=device, expected=expected_bwd, tol=bwd_tol,
-                      min_time=min_time, memory=not quick)  # fmt: skip
+        case = bench.case(name, "fwd+bwd", expected_bwd, bwd_tol, memory=not quick)
 
         def ours_bwd(solver=solver):
             z, _ = ops.deq(fg, z0, solver=solver, b_solver=solver, **SETTINGS, **B_SETTINGS)
             return [z.detach(), *torch.autograd.grad(z, params, seed)]
 
-        run_provider(results, provider="frontiers_fast[reference]", fn=ours_bwd, check=ours_bwd, **common)
+        case.run("frontiers_fast[reference]", ours_bwd)
         if torchdeq is not None:
             layer = torchdeq.get_deq(
                 core="indexing", ift=True, f_solver=solver, b_solver=solver, f_max_iter=SETTINGS["max_iter"],
@@ -129,7 +118,7 @@ def run(results, device="cpu", quick=False, min_time=0.5, out_dir=None):
                 z = layer(fg, z0)[0][-1]
                 return [z.detach(), *torch.autograd.grad(z, params, seed)]
 
-            run_provider(results, provider="torchdeq", fn=theirs_bwd, check=theirs_bwd, **common)
+            case.run("torchdeq", theirs_bwd)
     return [("Fixed-point solver steps (forward solve, batch 64)", _steps_table(steps))]
 
 

@@ -1,11 +1,29 @@
-"""Timing, memory and agreement checks shared by every family's benchmark.
+"""Timing, memory, agreement and roofs shared by every family's benchmark.
 
-Every figure is taken in one process, on the same inputs, after checking that
-the provider's output agrees with the float64 reference.  CPU times are
+A family module (``frontiers_fast/bench/<family>.py``) only builds its inputs
+and names its cases and providers::
+
+    bench = Family("gnn", results, device, quick, min_time)
+    case = bench.case("spmm sum / cora", "fwd", expected=truth64, tol=1e-5, roof=("dram", nbytes))
+    for b in bench.ours("spmm"):
+        case.run(f"frontiers_fast[{b}]", lambda b=b: ff.spmm(g, x, w, backend=b))
+    case.run("torch.sparse.mm (CSR)", lambda: torch.sparse.mm(A, x))
+
+and the harness does the rest the same way for everyone: each provider's
+output is checked against the float64 truth first (a mismatch is reported,
+not timed), then timed, and its peak memory measured when the case asks.
+
+Every figure is taken in one process, on the same inputs.  CPU times are
 medians of repeats with ``time.perf_counter``; CUDA times use events.
 Peak memory is the peak of bytes allocated during one call, counted from the
 allocator's events (CPU, through the profiler) or ``max_memory_allocated``
 (CUDA), above what was allocated when the call started.
+
+A case may name its roof: the work it cannot avoid, as ``(kind, amount)``
+with kind one of :data:`ROOFS` (FLOPs of fp32 or bf16 GEMMs, exponentials,
+bytes read from memory).  The rates are measured at the start of the run on
+the same machine (:func:`measure_roofs`), and the report gives each case's
+best time as a fraction of the time its roof allows.
 """
 
 from __future__ import annotations
@@ -35,6 +53,7 @@ class Result:
     peak_mb: float | None = None
     max_err: float | None = None
     status: str = "ok"  # "ok", "mismatch: ...", "error: ...", "skipped: ..."
+    roof_ms: float | None = None  # the time the case's roof allows on this machine
 
     def to_json(self):
         return dataclasses.asdict(self)
@@ -163,3 +182,132 @@ def run_provider(
     shown = f"{r.ms:9.3f} ms" if r.ms is not None else r.status
     print(f"  {provider:<28} {shown}{mem}{err}", flush=True)
     return r
+
+
+# ---------------------------------------------------------------------------
+# roofs
+# ---------------------------------------------------------------------------
+ROOFS = {
+    "gemm_fp32": "fp32 GEMM, FLOP/s",
+    "gemm_bf16": "bf16 GEMM, FLOP/s",
+    "exp": "torch.exp into a preallocated output, data in cache, elements/s",
+    "dram": "streaming read of a buffer larger than the last-level cache, bytes/s",
+}
+
+
+def _rate(fn, amount, device, reps=5):
+    ms = time_fn(fn, device, min_time=0.05, max_reps=reps, warmup=1)[0]
+    return amount / (ms * 1e-3)
+
+
+def measure_roofs(device: str, quick: bool = False) -> dict[str, float]:
+    """The rates behind :data:`ROOFS`, measured here and now."""
+    dev = torch.device(device)
+    n = 1024 if quick else 2048
+    out = {}
+    for kind, dt in (("gemm_fp32", torch.float32), ("gemm_bf16", torch.bfloat16)):
+        a = torch.randn(n, n, device=dev).to(dt)
+        b = torch.randn(n, n, device=dev).to(dt)
+        c = torch.empty(n, n, device=dev, dtype=dt)
+        out[kind] = _rate(lambda: torch.mm(a, b, out=c), 2 * n**3, device)
+    m = 1 << 22  # 16 MB of float32: in cache on either device
+    x = torch.randn(m, device=dev)
+    y = torch.empty_like(x)
+    out["exp"] = _rate(lambda: torch.exp(x, out=y), m, device)
+    # 1 GiB (quick: 256 MiB) is beyond this CPU's 480 MB L3 and any GPU's L2.
+    big = torch.ones((1 << 28) if not quick else (1 << 26), device=dev)
+    out["dram"] = _rate(lambda: big.sum(), big.numel() * 4, device, reps=3)
+    return out
+
+
+def roof_ms(roof, rates) -> float | None:
+    if roof is None or not rates:
+        return None
+    kind, amount = roof
+    if kind not in ROOFS:
+        raise ValueError(f"roof kind must be one of {tuple(ROOFS)}, got {kind!r}")
+    return amount / rates[kind] * 1e3
+
+
+# ---------------------------------------------------------------------------
+# the provider loop every family uses
+# ---------------------------------------------------------------------------
+def peer(module: str, *names: str):
+    """Import an optional peer: ``module`` (or its attributes ``names``), or None if it is not importable.
+
+    A peer that is missing leaves its providers out of the report, which says so;
+    it never stops the run.
+    """
+    try:
+        import importlib
+
+        mod = importlib.import_module(module)
+        got = tuple(getattr(mod, n) for n in names)
+    except Exception as exc:
+        print(f"  (peer {module} is not importable: {type(exc).__name__}: {exc}; its providers are left out)")
+        return None
+    if not names:
+        return mod
+    return got[0] if len(got) == 1 else got
+
+
+def our_backends(function: str, device: str) -> list[str]:
+    """The fast backends (not the reference) of public ``function`` that can run on ``device`` here."""
+    from .. import _backend
+
+    spec = _backend.FUNCTIONS[function]
+    want = ("cpp",) if device == "cpu" else ("triton", "cuda")
+    return [b for b in want if b in spec.implemented(False) and spec.available(b, False)[0]]
+
+
+class Case:
+    """One benchmark case: a float64 truth, a tolerance, and the providers timed against it."""
+
+    def __init__(
+        self, family: Family, name: str, mode: str, expected, tol: float, memory: bool, roof, min_time
+    ):
+        self.family, self.name, self.mode = family, name, mode
+        self.expected, self.tol, self.memory, self.min_time = expected, tol, memory, min_time
+        self.roof_ms = roof_ms(roof, family.rates)
+        print(f"[{family.name}] {name} ({mode})", flush=True)
+
+    def run(
+        self, provider: str, fn: Callable[[], object], check: Callable[[], object] | None = None
+    ) -> Result:
+        """Check ``check()`` (default: ``fn()``) against the truth, then time ``fn``."""
+        f = self.family
+        r = run_provider(
+            f.results, family=f.name, case=self.name, mode=self.mode, provider=provider, device=f.device, fn=fn,
+            check=check or fn, expected=self.expected, tol=self.tol, min_time=self.min_time, memory=self.memory,
+        )  # fmt: skip
+        r.roof_ms = self.roof_ms
+        return r
+
+    def skip(self, provider: str, why: str) -> Result:
+        f = self.family
+        r = Result(f.name, self.name, self.mode, provider, f.device, status=f"skipped: {why}")
+        f.results.append(r)
+        print(f"  {provider:<28} skipped ({why})", flush=True)
+        return r
+
+
+class Family:
+    """A family's run: the results list, the device, and the roofs measured for it."""
+
+    def __init__(self, name, results, device="cpu", quick=False, min_time=0.5, rates=None):
+        self.name, self.results, self.device, self.quick, self.min_time = (
+            name,
+            results,
+            device,
+            quick,
+            min_time,
+        )
+        self.rates = rates or {}
+
+    def case(self, name, mode, expected, tol, *, memory=False, roof=None, min_time=None) -> Case:
+        return Case(
+            self, name, mode, expected, tol, memory, roof, self.min_time if min_time is None else min_time
+        )
+
+    def ours(self, function: str) -> list[str]:
+        return our_backends(function, self.device)

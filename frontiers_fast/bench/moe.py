@@ -10,21 +10,11 @@ import time
 import torch
 
 from ..nn.moe import MixtralSparseMoeBlock
-from .harness import run_provider
+from .harness import peer
 
-FAMILY = "moe"
 TARGETS: list = []  # baselines only until kernels land
 
 H, INTER, E, TOP = 1024, 2816, 8, 2
-
-
-def _transformers_block():
-    try:
-        from transformers import MixtralConfig
-        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock as HFBlock
-    except Exception:
-        return None, None
-    return MixtralConfig, HFBlock
 
 
 def _params(module):
@@ -70,13 +60,13 @@ def _skip_calls(fn, n):
     return wrapped
 
 
-def run(results, device="cpu", quick=False, min_time=0.5, out_dir=None):
+def run(bench, out_dir=None):
+    device, quick = bench.device, bench.quick
     T = 128 if quick else 2048
     # The float64 truth runs on the first t_check tokens: a full float64
     # forward + backward at T=2048 alone would take most of the time budget.
     t_check = min(T, 256)
-    case = f"fused MoE / T{T}-H{H}-I{INTER}-E{E}-top{TOP}"
-    print(f"[moe] {case}", flush=True)
+    name = f"fused MoE / T{T}-H{H}-I{INTER}-E{E}-top{TOP}"
     gen = torch.Generator().manual_seed(0)
     # Fan-in scaled weights keep the router logits and expert activations O(1).
     w_router = torch.randn(E, H, generator=gen) / H**0.5
@@ -104,8 +94,9 @@ def run(results, device="cpu", quick=False, min_time=0.5, out_dir=None):
     print(f"  float64 reference on {t_check} of {T} tokens (fwd and fwd+bwd): {t64:.1f} s", flush=True)
 
     providers = [("frontiers_fast[reference]", block(torch.float32))]
-    MixtralConfig, HFBlock = _transformers_block()
-    if HFBlock is not None:
+    MixtralConfig = peer("transformers", "MixtralConfig")
+    HFBlock = peer("transformers.models.mixtral.modeling_mixtral", "MixtralSparseMoeBlock")
+    if MixtralConfig is not None and HFBlock is not None:
         config = MixtralConfig(
             hidden_size=H, intermediate_size=INTER, num_local_experts=E, num_experts_per_tok=TOP
         )
@@ -113,12 +104,13 @@ def run(results, device="cpu", quick=False, min_time=0.5, out_dir=None):
         hf.load_state_dict(state)
         providers.append(("transformers MixtralSparseMoeBlock", hf.to(device).eval()))
 
-    mt = min(min_time, 0.2)  # calls take seconds: the harness's minimum of 3 repeats is plenty
+    mt = min(bench.min_time, 0.2)  # calls take seconds: the harness's minimum of 3 repeats is plenty
+    # Two GEMMs per routed token and expert: x [H] by [2I, H], then [I] by [H, I].
+    flops = 2 * T * TOP * (2 * INTER * H + INTER * H)
     for mode, expected in (("fwd", expected_fwd), ("fwd+bwd", expected_bwd)):
-        print(f"[moe] {case} / {mode}", flush=True)
-        common = dict(family=FAMILY, case=case, mode=mode, device=device, expected=expected, tol=1e-4,
-                      min_time=mt, memory=mode == "fwd+bwd" and not quick)  # fmt: skip
-        for name, module in providers:
+        case = bench.case(name, mode, expected, 1e-4, memory=mode == "fwd+bwd" and not quick, min_time=mt,
+                          roof=("gemm_fp32", flops if mode == "fwd" else 3 * flops))  # fmt: skip
+        for provider, module in providers:
             if mode == "fwd":
                 fn = _fwd(module, x)
                 # Tokens are independent in the forward: the full-size call is checked on its first rows,
@@ -129,7 +121,7 @@ def run(results, device="cpu", quick=False, min_time=0.5, out_dir=None):
                 # Gradients of the weights sum over all tokens: check a run on the checked tokens alone.
                 check = _fwd_bwd(module, xc, seedc)
                 timed = _skip_calls(_fwd_bwd(module, x, seed), 1)
-            run_provider(results, provider=name, fn=timed, check=check, **common)
+            case.run(provider, timed, check=check)
 
     note = (
         f"Before timing, each provider was checked against a float64 run of the reference (routing "

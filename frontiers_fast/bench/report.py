@@ -1,4 +1,4 @@
-"""Write reports/<device>/report.md, results.json and PNG plots."""
+"""Write <out>/report.md, results.json and one plot per family (plot_<family>.png)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import os
 from collections import OrderedDict
 
 import torch
+
+from .harness import ROOFS
 
 
 def _ours(provider):
@@ -21,9 +23,20 @@ def _by_case(results):
     return cases
 
 
+def _families(results):
+    fams = OrderedDict()
+    for key, rows in _by_case(results).items():
+        fams.setdefault(key[0], []).append((key, rows))
+    return fams
+
+
 def best_ours(rows):
     ok = [r for r in rows if _ours(r.provider) and r.status == "ok" and r.ms is not None]
     return min(ok, key=lambda r: r.ms) if ok else None
+
+
+def _peers(rows):
+    return [r for r in rows if not _ours(r.provider) and r.status == "ok" and r.ms is not None]
 
 
 def check_targets(results, targets):
@@ -47,7 +60,29 @@ def check_targets(results, targets):
     return out
 
 
-def write(results, targets, device, machine, out_dir, extra_sections=()):
+def _fmt_rate(kind, v):
+    if kind.startswith("gemm"):
+        return f"{v / 1e12:.2f} TFLOP/s"
+    if kind == "exp":
+        return f"{v / 1e9:.2f} G/s"
+    return f"{v / 1e9:.1f} GB/s"
+
+
+def _summary(rows_by_case):
+    """One line per case: our best, its fraction of the roof, and the speed-up over each peer."""
+    lines = ["| case | mode | ours (ms) | of roof | speed-up over the peers |", "|---|---|---|---|---|"]
+    for (_, case, mode), rows in rows_by_case:
+        best = best_ours(rows)
+        if best is None:
+            continue
+        roof = f"{best.roof_ms / best.ms:.0%}" if best.roof_ms else ""
+        peers = ", ".join(f"{r.provider} {r.ms / best.ms:.2f}x" for r in _peers(rows)) or "(no peer)"
+        lines.append(f"| {case} | {mode} | {best.ms:.3f} ({best.provider}) | {roof} | {peers} |")
+    return lines
+
+
+def write(results, targets, device, machine, out_dir, extra_sections=(), rates=None):
+    """Write the report.  ``extra_sections``: (family or None, title, markdown), placed in the family's section."""
     os.makedirs(out_dir, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     meta = {
@@ -56,6 +91,7 @@ def write(results, targets, device, machine, out_dir, extra_sections=()):
         "date": stamp,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "roofs": rates or {},
     }
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"meta": meta, "results": [r.to_json() for r in results]}, f, indent=1)
@@ -70,9 +106,15 @@ def write(results, targets, device, machine, out_dir, extra_sections=()):
         "float64 reference (max error is norm-wise: max|ours - ref| / max|ref|, over the output "
         "and every gradient). Times are medians of repeats; "
         "*speed-up* is (provider time) / (our best time), so > 1 means we are faster. Peak memory is "
-        "the peak of bytes allocated during one call above what was allocated before it.",
+        "the peak of bytes allocated during one call above what was allocated before it. "
+        "*Of roof* is the time the case's unavoidable work takes at the rates below divided by our "
+        "best time (100% = at the roof).",
         "",
     ]
+    if rates:
+        lines += ["## Roofs measured in this run", "", "| roof | rate |", "|---|---|"]
+        lines += [f"| {ROOFS[k]} | {_fmt_rate(k, v)} |" for k, v in rates.items()]
+        lines += [""]
     checks = check_targets(results, targets)
     if checks:
         lines += [
@@ -87,38 +129,50 @@ def write(results, targets, device, machine, out_dir, extra_sections=()):
             lines.append(f"| {desc} | {rs} | >= {speed}x | {ms} | {f'>= {mem}x' if mem else ''} | "
                          f"{'met' if passed else '**MISSED**'} |")  # fmt: skip
         lines.append("")
-    family = None
-    for (fam, case, mode), rows in _by_case(results).items():
-        if fam != family:
-            lines += [f"## {fam}", ""]
-            family = fam
-        best = best_ours(rows)
-        lines += [f"### {case} ({mode})", "", "| provider | time (ms) | p20-p80 | speed-up | peak MB | max err | status |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
-        for r in rows:
-            t = f"{r.ms:.3f}" if r.ms is not None else ""
-            q = f"{r.ms_p20:.3f}-{r.ms_p80:.3f}" if r.ms is not None else ""
-            sp = (
-                f"{r.ms / best.ms:.2f}x"
-                if (best and r.ms and r is not best)
-                else ("ours" if r is best else "")
-            )
-            pm = f"{r.peak_mb:.1f}" if r.peak_mb is not None else ""
-            er = f"{r.max_err:.1e}" if r.max_err is not None else ""
-            lines.append(f"| {r.provider} | {t} | {q} | {sp} | {pm} | {er} | {r.status} |")
-        lines.append("")
-    for title, body in extra_sections:
-        lines += [f"## {title}", "", body, ""]
-    plot = _plot(results, out_dir, device)
-    if plot:
-        lines += ["## Plot", "", f"![speed-up]({os.path.basename(plot)})", ""]
+    sections = list(extra_sections)
+    for fam, rows_by_case in _families(results).items():
+        lines += [f"## {fam}", ""]
+        plot = _plot_family(fam, rows_by_case, out_dir, device)
+        if plot:
+            lines += [
+                f"![{fam}: speed-up over each peer, and fraction of the roof]({os.path.basename(plot)})",
+                "",
+            ]
+        lines += _summary(rows_by_case) + [""]
+        for (_, case, mode), rows in rows_by_case:
+            lines += _case_table(case, mode, rows)
+        for sfam, title, body in sections:
+            if sfam == fam:
+                lines += [f"### {title}", "", body, ""]
+    for sfam, title, body in sections:
+        if sfam is None or sfam not in _families(results):
+            lines += [f"## {title}", "", body, ""]
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))
     return path, checks
 
 
-def _plot(results, out_dir, device):
+def _case_table(case, mode, rows):
+    best = best_ours(rows)
+    lines = [
+        f"### {case} ({mode})",
+        "",
+        "| provider | time (ms) | p20-p80 | speed-up | peak MB | max err | status |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        t = f"{r.ms:.3f}" if r.ms is not None else ""
+        q = f"{r.ms_p20:.3f}-{r.ms_p80:.3f}" if r.ms is not None else ""
+        sp = f"{r.ms / best.ms:.2f}x" if (best and r.ms and r is not best) else ("ours" if r is best else "")
+        pm = f"{r.peak_mb:.1f}" if r.peak_mb is not None else ""
+        er = f"{r.max_err:.1e}" if r.max_err is not None else ""
+        lines.append(f"| {r.provider} | {t} | {q} | {sp} | {pm} | {er} | {r.status} |")
+    return lines + [""]
+
+
+def _plot_family(fam, rows_by_case, out_dir, device):
+    """Horizontal bars, one group per case: our speed-up over each peer (log, 1x marked), and the roof fraction."""
     try:
         import matplotlib
 
@@ -126,30 +180,48 @@ def _plot(results, out_dir, device):
         import matplotlib.pyplot as plt
     except Exception:
         return None
-    cases = [(k, rows) for k, rows in _by_case(results).items() if best_ours(rows)]
+    cases = [(key, rows, best_ours(rows)) for key, rows in rows_by_case if best_ours(rows)]
     if not cases:
         return None
-    peers = sorted({r.provider for _, rows in cases for r in rows if not _ours(r.provider) and r.ms})
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(cases)), 5))
-    width = 0.8 / max(1, len(peers))
+    peers = sorted({r.provider for _, rows, _ in cases for r in _peers(rows)})
+    roofs = any(best.roof_ms for _, _, best in cases)
+    height = max(2.5, 0.55 * len(cases) * max(1, len(peers)) ** 0.5 + 1.2)
+    fig, axes = plt.subplots(1, 2 if roofs else 1, figsize=(13 if roofs else 9, height), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 1]} if roofs else None)  # fmt: skip
+    ax = axes[0][0]
+    bar = 0.8 / max(1, len(peers))
+    labels = [f"{case} ({mode})" for (_, case, mode), _, _ in cases]
     for j, peer in enumerate(peers):
-        xs, ys = [], []
-        for i, (_, rows) in enumerate(cases):
-            best = best_ours(rows)
-            r = next((r for r in rows if r.provider == peer and r.ms), None)
+        ys, xs = [], []
+        for i, (_, rows, best) in enumerate(cases):
+            r = next((r for r in _peers(rows) if r.provider == peer), None)
             if r:
-                xs.append(i + j * width)
-                ys.append(r.ms / best.ms)
-        ax.bar(xs, ys, width, label=peer)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_yscale("log")
-    ax.set_ylabel("our speed-up over provider (x, log)")
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
-    ax.set_xticklabels([f"{c[1]}\n({c[2]})".replace(" / ", "\n") for c, _ in cases], fontsize=7)
-    ax.legend(fontsize=7)
-    ax.set_title(f"frontiers_fast speed-up ({device})")
+                ys.append(i + j * bar)
+                xs.append(r.ms / best.ms)
+        ax.barh(ys, xs, bar, label=peer)
+    ax.axvline(1.0, color="k", lw=1.0)
+    ax.text(1.0, -0.6, " 1x", va="top", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("our best time vs the provider's (x, log; > 1: we are faster)")
+    ax.set_yticks([i + bar * (len(peers) - 1) / 2 for i in range(len(cases))])
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.invert_yaxis()
+    if peers:
+        ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(f"{fam} ({device}): speed-up")
+    if roofs:
+        rx = axes[0][1]
+        fr = [(best.roof_ms / best.ms) if best.roof_ms else 0.0 for _, _, best in cases]
+        rx.barh(range(len(cases)), fr, 0.6, color="tab:gray")
+        rx.axvline(1.0, color="k", lw=1.0)
+        rx.set_xlim(0, max(1.05, max(fr) * 1.1))
+        rx.set_yticks(range(len(cases)))
+        rx.set_yticklabels([])
+        rx.invert_yaxis()
+        rx.set_xlabel("fraction of the roof (1 = at the roof)")
+        rx.set_title("our best vs its roof")
     fig.tight_layout()
-    path = os.path.join(out_dir, "speedup.png")
+    path = os.path.join(out_dir, f"plot_{fam}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

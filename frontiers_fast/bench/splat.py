@@ -12,9 +12,6 @@ import os
 
 import torch
 
-from .harness import run_provider
-
-FAMILY = "splat"
 TARGETS: list = []  # baselines only in this issue
 QUICK_POINTS = 10_000
 
@@ -43,13 +40,16 @@ def _save_png(img, path):
     plt.imsave(path, img.detach().clamp(0, 1).cpu().numpy())
 
 
-def run(results, device="cpu", quick=False, min_time=0.5, out_dir=None):
+def run(bench, out_dir=None):
     from ..ops import splat as ops
 
+    device, quick = bench.device, bench.quick
     s, args = _scene(quick, device)
     n = s.num_gaussians
     case = f"rasterization / garden{f' {QUICK_POINTS // 1000}k' if quick else ''} {s.width}x{s.height}"
-    print(f"[splat] {case}: {n} Gaussians, camera 0", flush=True)
+    print(
+        f"[splat] {case}: {n} Gaussians, camera 0 (no CPU peer: gsplat's rasterizer needs CUDA)", flush=True
+    )
 
     # The float64 render is the truth; float32 differs where a pair's alpha
     # sits within rounding of the 1/255 cut or a pixel's T of the 1e-4 stop,
@@ -63,14 +63,12 @@ def run(results, device="cpu", quick=False, min_time=0.5, out_dir=None):
         return [img, alpha]
 
     first = fwd()
-    run_provider(results, family=FAMILY, case=case, mode="fwd", provider="frontiers_fast[reference]", device=device,
-                 fn=fwd, check=lambda: first, expected=expected, tol=1e-2, min_time=min_time)  # fmt: skip
+    bench.case(case, "fwd", expected, 1e-2).run("frontiers_fast[reference]", fwd, check=lambda: first)
 
     # Backward on a subset: the reference backward recomputes every block, and
     # the whole cloud would not fit the benchmark's time budget on a CPU.
     sub = 2_000 if quick else 10_000
     bcase = f"rasterization fwd+bwd / garden {sub // 1000}k {s.width}x{s.height}"
-    print(f"[splat] {bcase}", flush=True)
     b32 = _subset(a32, sub)
     b64 = [t.double() if isinstance(t, torch.Tensor) else t for t in b32]
     gen = torch.Generator().manual_seed(1)
@@ -83,9 +81,9 @@ def run(results, device="cpu", quick=False, min_time=0.5, out_dir=None):
 
     expected = fwd_bwd(b64, seed.double())
     bfirst = fwd_bwd(b32, seed)
-    run_provider(results, family=FAMILY, case=bcase, mode="fwd+bwd", provider="frontiers_fast[reference]",
-                 device=device, fn=lambda: fwd_bwd(b32, seed), check=lambda: bfirst, expected=expected, tol=1e-2,
-                 min_time=min_time)  # fmt: skip
+    bench.case(bcase, "fwd+bwd", expected, 1e-2).run(
+        "frontiers_fast[reference]", lambda: fwd_bwd(b32, seed), check=lambda: bfirst
+    )
 
     sections = []
     if out_dir is not None:

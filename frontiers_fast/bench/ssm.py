@@ -20,19 +20,9 @@ import torch.nn.functional as F
 
 from ..ops import ssm as ops
 from ..reference import ssm as ref
-from .harness import Result, run_provider
+from .harness import peer
 
-FAMILY = "ssm"
 TARGETS = []  # baselines only for now; kernels will add (case, ours, peer, speed-up, memory) rows
-
-
-def _mambapy():
-    try:
-        from mambapy.mamba import MambaBlock
-
-        return MambaBlock
-    except Exception:
-        return None
 
 
 def _sizes(quick):
@@ -51,101 +41,82 @@ def _scan_inputs(batch, dim, N, L, device):
     return [t.to(device) for t in (u, delta, A, B, C, D)]
 
 
-def _scan_case(results, device, quick, min_time, MambaBlock):
-    batch, dim, N, L = _sizes(quick)
-    case = f"selective_scan / b{batch}-d{dim}-n{N}-L{L}"
-    ours_in = _scan_inputs(batch, dim, N, L, device)
+def _scan_case(bench, MambaBlock):
+    batch, dim, N, L = _sizes(bench.quick)
+    name = f"selective_scan / b{batch}-d{dim}-n{N}-L{L}"
+    ours_in = _scan_inputs(batch, dim, N, L, bench.device)
     to_theirs = lambda t, k: t.transpose(1, 2).contiguous() if k in (0, 1, 3, 4) else t
     theirs_in = [to_theirs(t, k) for k, t in enumerate(ours_in)]
     seq_self = types.SimpleNamespace(config=types.SimpleNamespace(d_inner=dim, d_state=N))
     # Norm-wise relative error of a float32 recurrence of L steps: at most about L * 2**-24.
     tol = L * 2.0**-24
+    # One exp(delta A) per (batch, channel, state, step) is the work no scan avoids.
+    exps = batch * dim * N * L
 
-    print(f"[ssm] {case} fwd", flush=True)
-    expected = ref.selective_scan(*[t.double() for t in ours_in])
-    common = dict(
-        family=FAMILY, case=case, mode="fwd", device=device, expected=expected, tol=tol, min_time=min_time
+    case = bench.case(
+        name, "fwd", ref.selective_scan(*[t.double() for t in ours_in]), tol, roof=("exp", exps)
     )
-    fn = lambda: ops.selective_scan(*ours_in)
-    run_provider(results, provider="frontiers_fast[reference]", fn=fn, check=fn, **common)
+    case.run("frontiers_fast[reference]", lambda: ops.selective_scan(*ours_in))
     if MambaBlock is not None:
         fn = lambda: MambaBlock.selective_scan(None, *theirs_in)
-        run_provider(results, provider="mambapy pscan", fn=fn, check=lambda: fn().transpose(1, 2), **common)
-        fn = lambda: MambaBlock.selective_scan_seq(seq_self, *theirs_in)
-        run_provider(
-            results, provider="mambapy sequential", fn=fn, check=lambda: fn().transpose(1, 2), **common
-        )
+        case.run("mambapy pscan", fn, check=lambda: fn().transpose(1, 2))
+        fn_seq = lambda: MambaBlock.selective_scan_seq(seq_self, *theirs_in)
+        case.run("mambapy sequential", fn_seq, check=lambda: fn_seq().transpose(1, 2))
 
-    print(f"[ssm] {case} fwd+bwd", flush=True)
     gen = torch.Generator().manual_seed(1)
-    seed = torch.randn(batch, dim, L, generator=gen).to(device)
+    seed = torch.randn(batch, dim, L, generator=gen).to(bench.device)
     x64 = [t.double().requires_grad_(True) for t in ours_in]
     # The float64 truth is autograd through the reference, not our written-out backward.
     expected = list(torch.autograd.grad(ref.selective_scan(*x64), x64, seed.double()))
     del x64
-    common = dict(common, mode="fwd+bwd", expected=expected, memory=True)
+    # The backward needs the exps again (recomputed, or stored and read back).
+    case = bench.case(name, "fwd+bwd", expected, tol, memory=True, roof=("exp", 2 * exps))
     xg = [t.clone().requires_grad_(True) for t in ours_in]
-    fn = lambda: torch.autograd.grad(ops.selective_scan(*xg), xg, seed)
-    run_provider(results, provider="frontiers_fast[reference]", fn=fn, check=fn, **common)
+    case.run("frontiers_fast[reference]", lambda: torch.autograd.grad(ops.selective_scan(*xg), xg, seed))
     if MambaBlock is not None:
         tg = [t.clone().requires_grad_(True) for t in theirs_in]
         seed_t = seed.transpose(1, 2).contiguous()
         fn = lambda: torch.autograd.grad(MambaBlock.selective_scan(None, *tg), tg, seed_t)
-        check = lambda: [to_theirs(g, k) for k, g in enumerate(fn())]  # transposing back is its own inverse
-        run_provider(results, provider="mambapy pscan", fn=fn, check=check, **common)
+        # transposing back is its own inverse
+        case.run("mambapy pscan", fn, check=lambda: [to_theirs(g, k) for k, g in enumerate(fn())])
         # Its backward scatters each step's gradient into a full (batch, L, dim, N)
         # tensor: quadratic in L, minutes at this size.
-        results.append(
-            Result(
-                FAMILY,
-                case,
-                "fwd+bwd",
-                "mambapy sequential",
-                device,
-                status="skipped: backward is quadratic in L (per-step slices of the full tensor)",
-            )  # fmt: skip
-        )
-        print(f"  {'mambapy sequential':<28} skipped (quadratic backward)", flush=True)
+        case.skip("mambapy sequential", "backward is quadratic in L (per-step slices of the full tensor)")
 
 
-def _conv_case(results, device, quick, min_time):
-    batch, dim, _, L = _sizes(quick)
+def _conv_case(bench):
+    batch, dim, _, L = _sizes(bench.quick)
     width = 4
-    case = f"causal_conv1d silu / b{batch}-d{dim}-w{width}-L{L}"
+    name = f"causal_conv1d silu / b{batch}-d{dim}-w{width}-L{L}"
     gen = torch.Generator().manual_seed(2)
-    x, w, b = (torch.randn(*s, generator=gen).to(device) for s in ((batch, dim, L), (dim, width), (dim,)))
+    x, w, b = (
+        torch.randn(*s, generator=gen).to(bench.device) for s in ((batch, dim, L), (dim, width), (dim,))
+    )
 
     def padded(x, w, b):  # what mambapy's nn.Conv1d(padding=width-1) computes, cut to L
         return F.silu(F.conv1d(x, w.unsqueeze(1), b, padding=width - 1, groups=dim)[..., :L])
 
-    print(f"[ssm] {case} fwd", flush=True)
-    expected = ref.causal_conv1d(x.double(), w.double(), b.double(), "silu")
-    common = dict(
-        family=FAMILY, case=case, mode="fwd", device=device, expected=expected, tol=1e-5, min_time=min_time
-    )
-    fn = lambda: ops.causal_conv1d(x, w, b, "silu")
-    run_provider(results, provider="frontiers_fast[reference]", fn=fn, check=fn, **common)
-    fn = lambda: padded(x, w, b)
-    run_provider(results, provider="F.conv1d (padded)", fn=fn, check=fn, **common)
+    nbytes = 4 * batch * dim * L  # x read once, out written once
+    case = bench.case(name, "fwd", ref.causal_conv1d(x.double(), w.double(), b.double(), "silu"), 1e-5,
+                      roof=("dram", 2 * nbytes))  # fmt: skip
+    case.run("frontiers_fast[reference]", lambda: ops.causal_conv1d(x, w, b, "silu"))
+    case.run("F.conv1d (padded)", lambda: padded(x, w, b))
 
-    print(f"[ssm] {case} fwd+bwd", flush=True)
-    seed = torch.randn(batch, dim, L, generator=gen).to(device)
+    seed = torch.randn(batch, dim, L, generator=gen).to(bench.device)
     x64 = [t.double().requires_grad_(True) for t in (x, w, b)]
     expected = list(torch.autograd.grad(ref.causal_conv1d(*x64, "silu"), x64, seed.double()))
-    common = dict(common, mode="fwd+bwd", expected=expected, memory=True)
+    case = bench.case(name, "fwd+bwd", expected, 1e-5, memory=True, roof=("dram", 4 * nbytes))
     xg = [t.clone().requires_grad_(True) for t in (x, w, b)]
-    fn = lambda: torch.autograd.grad(ops.causal_conv1d(*xg, "silu"), xg, seed)
-    run_provider(results, provider="frontiers_fast[reference]", fn=fn, check=fn, **common)
-    fn = lambda: torch.autograd.grad(padded(*xg), xg, seed)
-    run_provider(results, provider="F.conv1d (padded)", fn=fn, check=fn, **common)
+    case.run(
+        "frontiers_fast[reference]", lambda: torch.autograd.grad(ops.causal_conv1d(*xg, "silu"), xg, seed)
+    )
+    case.run("F.conv1d (padded)", lambda: torch.autograd.grad(padded(*xg), xg, seed))
 
 
-def run(results, device="cpu", quick=False, min_time=0.5, out_dir=None):
-    MambaBlock = _mambapy()
-    if MambaBlock is None:
-        print("[ssm] mambapy is not importable: its providers are left out", flush=True)
-    _scan_case(results, device, quick, min_time, MambaBlock)
-    _conv_case(results, device, quick, min_time)
+def run(bench, out_dir=None):
+    MambaBlock = peer("mambapy.mamba", "MambaBlock")
+    _scan_case(bench, MambaBlock)
+    _conv_case(bench)
     note = (
         "Selective scan on the semantics shared with mambapy: variable B and C, delta already "
         "positive (mambapy applies softplus and the bias outside its scan), D, no z, zero initial "
