@@ -81,10 +81,13 @@ def _summary(rows_by_case):
     return lines
 
 
-def write(results, targets, device, machine, out_dir, extra_sections=(), rates=None):
-    """Write the report.  ``extra_sections``: (family or None, title, markdown), placed in the family's section."""
+def write(results, targets, device, machine, out_dir, extra_sections=(), rates=None, stamp=None):
+    """Write the report.  ``extra_sections``: (family or None, title, markdown), placed in the family's section.
+
+    ``stamp``: when the results were measured (default: now).
+    """
     os.makedirs(out_dir, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = stamp or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     meta = {
         "device": device,
         "machine": machine,
@@ -178,6 +181,7 @@ def _plot_family(fam, rows_by_case, out_dir, device):
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except Exception:
         return None
     cases = [(key, rows, best_ours(rows)) for key, rows in rows_by_case if best_ours(rows)]
@@ -200,14 +204,18 @@ def _plot_family(fam, rows_by_case, out_dir, device):
                 xs.append(r.ms / best.ms)
         ax.barh(ys, xs, bar, label=peer)
     ax.axvline(1.0, color="k", lw=1.0)
-    ax.text(1.0, -0.6, " 1x", va="top", fontsize=8)
+    ax.text(1.0, 1.0, " 1x", transform=ax.get_xaxis_transform(), va="bottom", fontsize=8)
     ax.set_xscale("log")
+    fmt = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(fmt)
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("our best time vs the provider's (x, log; > 1: we are faster)")
     ax.set_yticks([i + bar * (len(peers) - 1) / 2 for i in range(len(cases))])
     ax.set_yticklabels(labels, fontsize=8)
     ax.invert_yaxis()
     if peers:
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
     ax.set_title(f"{fam} ({device}): speed-up")
     if roofs:
         rx = axes[0][1]
