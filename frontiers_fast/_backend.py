@@ -18,7 +18,8 @@ the choice survives ``torch.compile`` and backward passes.
 
 The choice, highest priority first: the ``backend=`` argument, a
 :func:`use_backend` block, the ``FRONTIERS_FAST_BACKEND`` environment
-variable, then the default for the tensors' device (CUDA: ``triton``, then
+variable (read when a compiled function is traced, so set it before
+compiling), then the default for the tensors' device (CUDA: ``triton``, then
 ``cuda``; CPU: ``cpp``; the first one the function implements and this
 install can run).  A default that cannot run falls back to the reference with
 one warning.  A forced backend is honoured or refused: one the function does
@@ -194,21 +195,23 @@ def records_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _requested(backend):
-    """The forced backend, if any: the argument, then use_backend, then the environment."""
-    if backend is not None:
-        return _check_name(backend)
-    forced = getattr(_local, "forced", None) or os.environ.get("FRONTIERS_FAST_BACKEND") or None
-    return None if forced is None else _check_name(forced)
-
-
 def resolve(backend, device: torch.device, function: str, grad: bool = False) -> str:
     """The backend that runs the public function ``function`` on ``device``.
 
     ``grad``: the call records a graph, so the backward's ops must have the
     backend too.  See the module docstring for the rules.
     """
-    kind, value = _choose(backend, device, function, grad)
+    # The force is read here, in code torch.compile traces: dynamo guards on
+    # the use_backend state, so a compiled function is retraced when a block
+    # changes it.  The environment variable is process configuration, read
+    # when a function is traced (dynamo does not guard on os.environ).
+    forced = getattr(_local, "forced", None) if backend is None else backend
+    if forced is None:
+        forced = os.environ.get("FRONTIERS_FAST_BACKEND") or None
+        source = "FRONTIERS_FAST_BACKEND"
+    else:
+        source = "backend" if backend is not None else "use_backend"
+    kind, value = _choose(forced, source, device.type, function, grad)
     if kind == "ok":
         return value
     raise _ERRORS[kind](value)
@@ -217,20 +220,26 @@ def resolve(backend, device: torch.device, function: str, grad: bool = False) ->
 _ERRORS = {"NotImplementedError": NotImplementedError, "ValueError": ValueError, "RuntimeError": RuntimeError}
 
 
-# Traced by torch.compile as its value (the choice is a constant of the graph):
-# the registry walk calls into the dispatcher, which dynamo cannot trace.  An
-# error comes back as data and is raised by resolve, so that compiled code
-# raises the same exception as eager code.
+# Traced by torch.compile as its value (every argument is a constant of the
+# graph): the registry walk calls into the dispatcher, which dynamo cannot
+# trace.  An error comes back as data and is raised by resolve: eager code and
+# compiled code (without fullgraph) raise the same exception; under
+# fullgraph=True dynamo reports it as Unsupported, with the message.
 @torch.compiler.assume_constant_result
-def _choose(backend, device, function, grad):
+def _choose(forced, source, device_type, function, grad):
     try:
-        forced = _requested(backend)
+        if forced is not None and forced not in BACKENDS:
+            raise ValueError(f"{source} must be one of {BACKENDS} or None, got {forced!r}")
         # The answer depends only on these (availability does not change in a
         # process): a call pays for a dict lookup, not for the walk below.
-        key = (function, device.type, grad, forced)
+        key = (function, device_type, grad, forced)
         hit = _resolved.get(key)
         if hit is None:
-            hit = _resolved[key] = _resolve(forced, device, function, grad)
+            hit = _resolve(forced, torch.device(device_type), function, grad)
+            # Not cached while compiling: a fallback then skips its warning,
+            # and the first eager call must still give it.
+            if not torch.compiler.is_compiling():
+                _resolved[key] = hit
         return ("ok", hit)
     except (NotImplementedError, ValueError, RuntimeError) as exc:
         return (type(exc).__name__, str(exc))

@@ -137,6 +137,7 @@ def define_op(
     uses: tuple[str, ...] = (),
     backward: Callable | None = None,
     setup_context: Callable | None = None,
+    double_backward: bool = False,
 ):
     """Define ``frontiers_fast::<name>`` from ``schema`` (written without the backend argument).
 
@@ -150,6 +151,10 @@ def define_op(
             (it receives the backend and passes it on); ``uses`` names the
             ops it calls, whose backends it has.
         backward, setup_context: autograd (see the module docstring).
+        double_backward: the backward is itself differentiable (plain tensor
+            ops).  Otherwise (backward ops have no autograd) a backward run
+            with ``create_graph=True`` raises instead of returning
+            second derivatives of zero.
 
     Returns:
         the op's :class:`~frontiers_fast._backend.OpInfo`.
@@ -184,11 +189,11 @@ def define_op(
             _lib.impl(name, _router(info, dev), key)
     OPS[name] = info
     if backward is not None:
-        _register_autograd(qualname, full, backward, setup_context)
+        _register_autograd(qualname, full, backward, setup_context, double_backward)
     return info
 
 
-def _register_autograd(qualname, full_schema, backward, setup_context):
+def _register_autograd(qualname, full_schema, backward, setup_context, double_backward):
     names = [a.name for a in torch._C.parse_schema(f"{NS}::{full_schema}").arguments]
     Inputs = collections.namedtuple(f"{qualname.split('::')[1]}_inputs", names)
 
@@ -199,6 +204,12 @@ def _register_autograd(qualname, full_schema, backward, setup_context):
             setup_context(ctx, Inputs(*inputs), output)
 
     def bwd(ctx, *grads):
+        if torch.is_grad_enabled() and not double_backward:
+            # Grad mode is on in a backward only under create_graph=True.
+            raise NotImplementedError(
+                f"{qualname}: double backward (create_graph=True) is not supported: its backward ops have no "
+                "autograd, so second derivatives would silently be zero"
+            )
         got = backward(ctx, *grads)
         unknown = set(got) - set(names)
         if unknown:

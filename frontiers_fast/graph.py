@@ -172,6 +172,10 @@ class Graph:
         return out.index_copy(0, self.perm, edge_values)
 
     def to(self, device) -> Graph:
+        """The same graph on ``device`` (its index tensors stay int64: there is no dtype to change)."""
+        if isinstance(device, torch.dtype) or not isinstance(device, (str, int, torch.device)):
+            raise TypeError(f"Graph.to takes a device, got {device!r}")
+        device = torch.device(device)
         g = Graph.__new__(Graph)
         g.__dict__.update(
             {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
@@ -189,7 +193,14 @@ class Graph:
 def as_graph(graph_or_edge_index, num_nodes=None) -> Graph:
     """Accept a :class:`Graph` or an ``edge_index`` tensor and return a Graph."""
     if isinstance(graph_or_edge_index, Graph):
-        return graph_or_edge_index
+        g = graph_or_edge_index
+        if num_nodes is not None:
+            want = tuple(num_nodes) if isinstance(num_nodes, (tuple, list)) else (num_nodes, num_nodes)
+            if want != (g.num_src, g.num_dst):
+                raise ValueError(
+                    f"num_nodes={num_nodes!r} disagrees with the graph's (num_src, num_dst) = ({g.num_src}, {g.num_dst})"
+                )
+        return g
     return Graph(graph_or_edge_index, num_nodes)
 
 

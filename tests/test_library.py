@@ -304,3 +304,70 @@ def test_first_call_of_a_process_may_be_inside_a_compiled_graph():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_a_force_changed_after_compiling_is_honoured():
+    torch._dynamo.reset()
+    g, x, _ = _spmm_inputs()
+    x = x.detach()
+    fn = torch.compile(lambda x: ff.spmm(g, x, reduce="max"), fullgraph=True, backend="aot_eager")
+    fn(x)  # traced under the default
+    with spy_backends() as calls, ff.use_backend("reference"):
+        fn(x)
+    assert _ran(calls) == {("spmm_fwd", "reference")}
+    with spy_backends() as calls:
+        fn(x)
+    assert _ran(calls) == {("spmm_fwd", "cpp")}
+
+    def inner(x):
+        with ff.use_backend("reference"):
+            return ff.spmm(g, x)
+
+    with spy_backends() as calls:
+        torch.compile(inner, backend="aot_eager")(x)
+    assert _ran(calls) == {("spmm_fwd", "reference")}
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_double_backward_is_refused_not_zero(backend):
+    g, x, w = _spmm_inputs()
+    out = ff.spmm(g, x, w, backend=backend)
+    with pytest.raises(NotImplementedError, match=r"frontiers_fast::spmm: double backward"):
+        torch.autograd.grad(out.pow(2).sum(), (x, w), create_graph=True)
+    u = torch.randn(1, 2, 3, requires_grad=True)
+    y = ff.selective_scan(u, u.abs().detach(), -torch.rand(2, 4), torch.randn(1, 4, 3), torch.randn(1, 4, 3))
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(y.pow(2).sum(), u, create_graph=True)
+
+
+def test_gat_lse_is_not_differentiable():
+    g, _, _ = _spmm_inputs()
+    h = torch.randn(40, 2, 3, requires_grad=True)
+    a = torch.randn(40, 2, requires_grad=True)
+    out, lse = torch.ops.frontiers_fast.gat_aggregate(g.rowptr, g.col, *g.csc, h, a, a, 0.2, "reference")
+    assert out.requires_grad and not lse.requires_grad
+
+
+@pytest.mark.parametrize("which", ["none", "eid", "arange"])
+def test_reference_spmm_bwd_reads_the_transposed_weight_index(which):
+    g, x, _ = _spmm_inputs()
+    x = x.detach()
+    w = torch.rand(g.num_edges, 1)
+    go = torch.randn(g.num_dst, 6)
+    cwid = {"none": None, "eid": g.csc_eid, "arange": torch.arange(g.num_edges)}[which]
+    args = (*g.csc, g.rowptr, g.col, w, g.perm, cwid, x, go, torch.empty(0, dtype=torch.long), 0, True, True)
+    got = torch.ops.frontiers_fast.spmm_bwd(*args, "reference")
+    want = torch.ops.frontiers_fast.spmm_bwd(*args, "cpp")
+    for a, b in zip(got, want):
+        assert_close(a, b)
+
+
+def test_fallback_warning_survives_a_compiled_first_call(fake_function, monkeypatch):
+    name = fake_function(("cpp", "reference"))
+    _backend.OPS["_test_op"]._seen["cpp"] = (False, "not built in this test")
+    _backend._warned.discard(name)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert _backend.resolve(None, torch.device("cpu"), name) == "reference"  # no warning while tracing
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    with pytest.warns(RuntimeWarning, match="not built in this test"):
+        assert _backend.resolve(None, torch.device("cpu"), name) == "reference"

@@ -322,6 +322,7 @@ define_op(
     reference=ref.squared_norm,
     backward=_squared_norm_backward,
     setup_context=_squared_norm_setup,
+    double_backward=True,
 )
 
 # The solver loop runs these four; it needs no backward op (it runs without a graph).

@@ -107,7 +107,12 @@ def _ref_spmm_bwd(
     need_x, need_w,
 ):  # fmt: skip
     g = _CSR(rowptr, col, csc_ptr.shape[0] - 1)
-    weight_csr = _csr_weight(weight, weight_index)
+    # grad_x reads, for transposed edge t, weight row csc_weight_index[t]
+    # (csc_perm[t] when None), as the kernels do: per CSR edge csc_perm[t].
+    weight_t = None
+    if weight is not None and need_x:
+        rows = csc_perm if csc_weight_index is None else csc_weight_index
+        weight_t = torch.empty_like(weight).index_copy(0, csc_perm, weight.index_select(0, rows))
     F_ = grad_out.shape[1]
     hw = 1 if weight is None else weight.shape[1]
     geff = grad_out.index_select(0, g.dst)  # [E, F]: gradient arriving at each edge's message
@@ -125,7 +130,7 @@ def _ref_spmm_bwd(
 
     gx, gw = absent(grad_out), absent(grad_out)
     if need_x:
-        msg = only_chosen(geff if weight is None else geff * weight_csr.unsqueeze(-1))
+        msg = only_chosen(geff if weight is None else geff * weight_t.unsqueeze(-1))
         gx = grad_out.new_zeros((g.num_src, F_)).index_add(0, col, msg.reshape(g.num_edges, F_))
     if need_w and weight is not None:
         gw = only_chosen(geff * x.index_select(0, col).view(g.num_edges, hw, F_ // hw)).sum(-1)
@@ -188,6 +193,9 @@ def _ref_gat_bwd(
 # ---------------------------------------------------------------------------
 def _fake_spmm_fwd(rowptr, col, weight, weight_index, x, reduce, backend):
     torch._check(x.dim() == 2, lambda: "x must be [N_src, F]")
+    torch._check(
+        0 <= reduce < len(REDUCES), lambda: f"reduce must be a code in [0, {len(REDUCES)}), got {reduce}"
+    )
     n_dst = rowptr.shape[0] - 1
     out = x.new_empty((n_dst, x.shape[1]))
     arg = x.new_empty((n_dst, x.shape[1]) if reduce in (MAX, MIN) else (0,), dtype=torch.int64)
@@ -375,6 +383,8 @@ def _gat(rowptr, col, csc_ptr, csc_row, csc_perm, h, a_src, a_dst, negative_slop
 
 
 def _gat_setup(ctx, a, output):
+    # lse is the backward's saved statistic, not a result: it has no gradient.
+    ctx.mark_non_differentiable(output[1])
     ctx.slope = a.negative_slope
     ctx.save_for_backward(a.rowptr, a.col, a.csc_ptr, a.csc_row, a.csc_perm, a.h, a.a_src, a.a_dst, *output)
 

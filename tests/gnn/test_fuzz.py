@@ -311,3 +311,12 @@ def test_nan_sddmm(device, backend):
     g, a = _nan_graph()
     b = torch.randn(30, 2, 6, dtype=torch.float64)
     assert_close(ff.sddmm(g, a, b, backend=backend), ref.sddmm(g, a, b), equal_nan=True)
+
+
+def test_graph_to_takes_a_device_and_num_nodes_must_agree():
+    with pytest.raises(TypeError, match="Graph.to takes a device"):
+        _g().to(torch.float64)
+    assert _g().to("cpu").rowptr.dtype == torch.int64
+    with pytest.raises(ValueError, match="num_nodes=99 disagrees"):
+        ff.spmm(_g(), torch.ones(3, 2), num_nodes=99)
+    assert ff.spmm(_g(), torch.ones(3, 2), num_nodes=3).shape == (3, 2)
