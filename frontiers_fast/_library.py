@@ -55,6 +55,13 @@ def absent(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
 
+def zeros_if_none(g, like: Tensor) -> Tensor:
+    """``g``, or zeros shaped like ``like`` when it is None: autograd hands a backward None for an
+    output the loss did not use, and ``autograd.grad(allow_unused=True)`` returns None for an input
+    the output does not depend on; both mean a gradient of exactly zero."""
+    return torch.zeros_like(like) if g is None else g
+
+
 class Needs:
     """``needs.<arg>``: whether the input named ``arg`` needs a gradient (False for None inputs)."""
 
@@ -219,4 +226,4 @@ def _register_autograd(qualname, full_schema, backward, setup_context, double_ba
     torch.library.register_autograd(qualname, bwd, setup_context=setup, lib=_lib)
 
 
-__all__ = ["absent", "define_op", "Needs", "NS"]
+__all__ = ["absent", "define_op", "Needs", "NS", "zeros_if_none"]

@@ -59,7 +59,7 @@ from .._checks import (
     check_same_dtype,
     check_tensor,
 )
-from .._library import define_op
+from .._library import define_op, zeros_if_none
 from ..reference import deq as ref
 
 _ops = torch.ops.frontiers_fast
@@ -186,11 +186,6 @@ define_op(
 # ---------------------------------------------------------------------------
 # forward ops with autograd
 # ---------------------------------------------------------------------------
-def _zeros_if_none(g, like):
-    # An output the loss does not use may reach the backward as None.
-    return torch.zeros_like(like) if g is None else g
-
-
 def _fake_residual_norms(fz, z, backend):
     torch._check(fz.dim() == 2 and z.shape == fz.shape, lambda: "fz and z must both be [B, D]")
     B = fz.shape[0]
@@ -203,7 +198,7 @@ def _residual_norms_setup(ctx, a, output):
 
 def _residual_norms_backward(ctx, g_abs, g_rel):
     fz, z = ctx.saved_tensors
-    g_abs, g_rel = _zeros_if_none(g_abs, fz[:, 0]), _zeros_if_none(g_rel, fz[:, 0])
+    g_abs, g_rel = zeros_if_none(g_abs, fz[:, 0]), zeros_if_none(g_rel, fz[:, 0])
     g_fz, g_z = _ops.residual_norms_bwd(fz, z, g_abs.contiguous(), g_rel.contiguous(), ctx.backend)
     return {"fz": g_fz, "z": g_z}
 
@@ -230,7 +225,7 @@ def _anderson_mix_setup(ctx, a, output):
 
 def _anderson_mix_backward(ctx, g_x, g_alpha):
     X, F, alpha = ctx.saved_tensors
-    g_x, g_alpha = _zeros_if_none(g_x, X[:, 0]), _zeros_if_none(g_alpha, alpha)
+    g_x, g_alpha = zeros_if_none(g_x, X[:, 0]), zeros_if_none(g_alpha, alpha)
     gX, gF = _ops.anderson_mix_bwd(
         X, F, ctx.n, ctx.lam, ctx.tau, alpha, g_x.contiguous(), g_alpha.contiguous(), ctx.backend
     )
@@ -289,7 +284,7 @@ def _broyden_update_setup(ctx, a, output):
 
 def _broyden_update_backward(ctx, g_u, g_v):
     U, V, dx, dg = ctx.saved_tensors
-    g_u, g_v = _zeros_if_none(g_u, dx), _zeros_if_none(g_v, dx)
+    g_u, g_v = zeros_if_none(g_u, dx), zeros_if_none(g_v, dx)
     gU, gV, gdx, gdg = _ops.broyden_update_bwd(
         U, V, dx, dg, ctx.n, g_u.contiguous(), g_v.contiguous(), ctx.backend
     )

@@ -68,7 +68,7 @@ from .._checks import (
     check_tensor,
     has_values,
 )
-from .._library import absent, define_op
+from .._library import absent, define_op, zeros_if_none
 from ..reference import splat as ref
 
 _ops = torch.ops.frontiers_fast
@@ -76,12 +76,6 @@ _ops = torch.ops.frontiers_fast
 # depth bits of the tile keys and most of the blending's precision.
 _FLOATS = (torch.float32, torch.float64)
 _FLOAT_WHAT = "float32 or float64"
-
-
-def _zeros_if_none(g, like):
-    # autograd.grad(allow_unused=True) gives None for an input the output does
-    # not depend on; its gradient is a real zero of the input's shape.
-    return torch.zeros_like(like) if g is None else g
 
 
 @contextlib.contextmanager
@@ -273,7 +267,7 @@ def _ref_project_bwd(
             if o.requires_grad
         ]  # classic mode's compensations are constant ones: no graph to walk
         grads = torch.autograd.grad([o for o, _ in outs], leaves, [g for _, g in outs], allow_unused=True)
-    return tuple(_zeros_if_none(g, x).contiguous() for g, x in zip(grads, leaves))
+    return tuple(zeros_if_none(g, x).contiguous() for g, x in zip(grads, leaves))
 
 
 def _project_setup(ctx, a, output):
@@ -339,7 +333,7 @@ def _ref_sh_bwd(degree, dirs, coeffs, masks, grad_colors):
         c = coeffs.detach().requires_grad_(True)
         out = ref.spherical_harmonics(degree, d, c, masks)
         gd, gc = torch.autograd.grad(out, (d, c), grad_colors, allow_unused=True)
-    return _zeros_if_none(gd, d).contiguous(), _zeros_if_none(gc, c).contiguous()
+    return zeros_if_none(gd, d).contiguous(), zeros_if_none(gc, c).contiguous()
 
 
 def _sh_setup(ctx, a, output):
