@@ -32,6 +32,9 @@ import torch
 from torch import Tensor
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Families whose references need float32 or float64 (no half types), and how an error says it.
+FP32_64 = (torch.float32, torch.float64)
+FP32_64_WHAT = "float32 or float64"
 
 
 def _kind(v) -> str:
@@ -132,6 +135,12 @@ def check_shape(name: str, t: Tensor, shape, hint: str = "") -> None:
     raise ValueError(f"{name} must have shape {want}{hint}, got {list(t.shape)}")
 
 
+def check_like(name: str, t: Tensor, like_name: str, like: Tensor) -> None:
+    """``t`` has the dtype and the device of ``like`` (the dtype is checked first)."""
+    check_same_dtype(name, t, like_name, like.dtype)
+    check_same_device(name, t, like_name, like.device)
+
+
 def has_values(t: Tensor) -> bool:
     """Whether ``t``'s values can be read here: not meta or fake, not empty, and not while torch.compile traces."""
     return (
@@ -207,8 +216,7 @@ def check_features(name: str, t, size_name: str, size: int, like=None, dtypes=FL
         )
         raise ValueError(f"{name} has {got} but {size_name}={size}; they must agree")
     if like is not None:
-        check_same_device(name, t, like[0], like[1].device)
-        check_same_dtype(name, t, like[0], like[1].dtype)
+        check_like(name, t, *like)
 
 
 def check_option(name: str, v, choices):

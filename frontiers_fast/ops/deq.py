@@ -48,15 +48,16 @@ from torch import Tensor
 
 from .. import _backend
 from .._checks import (
+    FP32_64,
+    FP32_64_WHAT,
     check_bool,
     check_choice,
     check_dims,
     check_has_values,
     check_int,
+    check_like,
     check_memory,
     check_real,
-    check_same_device,
-    check_same_dtype,
     check_tensor,
 )
 from .._library import define_op, zeros_if_none
@@ -343,17 +344,15 @@ def _loop_kernels(backend: str) -> SimpleNamespace:
 # ---------------------------------------------------------------------------
 # argument checks
 # ---------------------------------------------------------------------------
-_FLOATS = (torch.float32, torch.float64)
 
 
 def _check_float_tensor(name, t, like=None, dims=None):
     """``like``: the (name, tensor) whose dtype and device ``t`` must share."""
-    check_tensor(name, t, _FLOATS, "float32 or float64")
+    check_tensor(name, t, FP32_64, FP32_64_WHAT)
     if dims is not None:
         check_dims(name, t, dims)
     if like is not None:
-        check_same_dtype(name, t, like[0], like[1].dtype)
-        check_same_device(name, t, like[0], like[1].device)
+        check_like(name, t, *like)
 
 
 def _solver_options(prefix, solver, max_iter, tol, stop_mode, m, lam, tau):

@@ -54,16 +54,18 @@ from torch import Tensor
 
 from .. import _backend
 from .._checks import (
+    FP32_64,
+    FP32_64_WHAT,
     check_bool,
     check_choice,
     check_finite,
     check_has_values,
     check_in_range,
     check_int,
+    check_like,
     check_memory,
     check_real,
     check_same_device,
-    check_same_dtype,
     check_shape,
     check_tensor,
     has_values,
@@ -74,8 +76,6 @@ from ..reference import splat as ref
 _ops = torch.ops.frontiers_fast
 # The reference computes in the input's dtype; half types would lose the
 # depth bits of the tile keys and most of the blending's precision.
-_FLOATS = (torch.float32, torch.float64)
-_FLOAT_WHAT = "float32 or float64"
 
 
 @contextlib.contextmanager
@@ -544,10 +544,9 @@ _backend.register_function(
 # ---------------------------------------------------------------------------
 def _check_float(name, t, shape, like=None, like_name="means", hint=""):
     """A float32/float64 tensor of ``shape`` (see check_shape), on ``like``'s device and of its dtype."""
-    check_tensor(name, t, _FLOATS, _FLOAT_WHAT)
+    check_tensor(name, t, FP32_64, FP32_64_WHAT)
     if like is not None:
-        check_same_dtype(name, t, like_name, like.dtype)
-        check_same_device(name, t, like_name, like.device)
+        check_like(name, t, like_name, like)
     check_shape(name, t, shape, hint)
 
 
@@ -668,7 +667,7 @@ def spherical_harmonics(
     Example: ``rgb = spherical_harmonics(3, means - campos, sh)  # sh [N, 16, 3]``
     """
     degree = check_int("degree", degree, 0, 3)
-    check_tensor("dirs", dirs, _FLOATS, _FLOAT_WHAT)
+    check_tensor("dirs", dirs, FP32_64, FP32_64_WHAT)
     if dirs.dim() == 0:
         raise ValueError("dirs must have shape [..., 3], got a 0-dim tensor")
     check_shape("dirs", dirs, (None,) * (dirs.dim() - 1) + (3,))
@@ -845,7 +844,7 @@ def rasterization(
     tile_size = check_int("tile_size", tile_size, 1)
     check_choice("render_mode", render_mode, ref.RENDER_MODES)
     check_choice("rasterize_mode", rasterize_mode, ref.RASTERIZE_MODES)
-    check_tensor("colors", colors, _FLOATS, _FLOAT_WHAT)
+    check_tensor("colors", colors, FP32_64, FP32_64_WHAT)
     if sh_degree is None:
         _check_float("colors", colors, [(N, None), (C, N, None)], means)
         D = colors.shape[-1]
