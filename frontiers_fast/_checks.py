@@ -176,6 +176,36 @@ def check_in_range(name: str, t: Tensor, low, high, what: str = "") -> None:
         raise ValueError(f"{name} must lie in [{low:g}, {high:g}]{what}, got {got}")
 
 
+def check_offsets(name: str, t: Tensor, total: int, of: str) -> None:
+    """Offsets [S + 1] of S packed segments of ``of`` (``total`` long): 0 first, ``total`` last, never
+    decreasing (empty segments are allowed).  Skipped where :func:`has_values` is false."""
+    if not has_values(t):
+        return
+    v = t.tolist()
+    if v[0] != 0 or v[-1] != total:
+        raise ValueError(
+            f"{name} must start at 0 and end at the length of {of} ({total}), got {v[0]} ... {v[-1]}"
+        )
+    steps = t[1:] - t[:-1]
+    if bool((steps < 0).any()):
+        k = int(torch.nonzero(steps < 0)[0])
+        raise ValueError(f"{name} must not decrease, got {name}[{k}]={v[k]} > {name}[{k + 1}]={v[k + 1]}")
+
+
+def check_distinct_indices(name: str, t: Tensor, n: int, of: str) -> None:
+    """Row indices into ``of`` (``n`` rows): each in [0, n), none repeated (each row has one writer).
+    Skipped where :func:`has_values` is false."""
+    if not has_values(t):
+        return
+    lo, hi = (int(v) for v in t.aminmax())
+    if lo < 0 or hi >= n:
+        raise ValueError(
+            f"{name} must index the {n} rows of {of} (values in [0, {n - 1}]), got values in [{lo}, {hi}]"
+        )
+    if torch.unique(t).numel() != t.numel():
+        raise ValueError(f"{name} must not repeat a row (two batch entries would write the same row of {of})")
+
+
 def memory_bytes(device) -> int | None:
     """The memory of ``device`` in bytes (CPU: physical RAM), or None when it cannot be told."""
     device = torch.device(device)

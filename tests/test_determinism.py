@@ -62,12 +62,33 @@ def test_gat_sddmm_softmax(backend):
     _grads_four_ways(lambda e: ff.edge_softmax(g, e, backend=backend).pow(2), [e])
 
 
-def test_ssm():
-    u, dt = _leaf(2, 16, 64), (torch.rand(2, 16, 64) * 0.1).requires_grad_(True)
-    A, B, C = (-torch.rand(16, 4)).requires_grad_(True), _leaf(2, 4, 64), _leaf(2, 4, 64)
-    _grads_four_ways(lambda u, dt, A, B, C: ff.selective_scan(u, dt, A, B, C), [u, dt, A, B, C])
-    w = _leaf(16, 4)
-    _grads_four_ways(lambda u, w: ff.causal_conv1d(u, w, activation="silu"), [u, w])
+@pytest.mark.parametrize("backend", backends_for("selective_scan", "cpu"))
+@pytest.mark.parametrize("layout", ["constant", "variable", "grouped", "packed"])
+def test_ssm_scan(backend, layout):
+    # dim 80 with 2 groups: several channel blocks per group, whose channel sums
+    # of B and C are combined across tasks; L 300 spans several checkpoints.
+    batch, dim, N, L = (1, 80, 16, 300) if layout == "packed" else (3, 80, 16, 300)
+    u, dt = _leaf(batch, dim, L), (torch.rand(batch, dim, L) * 0.1).requires_grad_(True)
+    A, D, bias = (-torch.rand(dim, N)).requires_grad_(True), _leaf(dim), _leaf(dim)
+    shape = {"constant": (dim, N), "grouped": (batch, 2, N, L)}.get(layout, (batch, N, L))
+    B, C, z = _leaf(*shape), _leaf(*shape), _leaf(batch, dim, L)
+    cu = torch.tensor([0, 70, 70, 200, 300]) if layout == "packed" else None
+    h0 = _leaf(4 if cu is not None else batch, dim, N)
+
+    def scan(u, dt, A, B, C, D, z, bias, h0):
+        out, last = ff.selective_scan(u, dt, A, B, C, D, z, bias, True, True, h0, cu, backend=backend)
+        return out * 1.5 + last.sum()
+
+    _grads_four_ways(scan, [u, dt, A, B, C, D, z, bias, h0])
+
+
+@pytest.mark.parametrize("backend", backends_for("causal_conv1d", "cpu"))
+def test_ssm_conv(backend):
+    u, w, b = _leaf(3, 40, 500), _leaf(40, 4), _leaf(40)
+    _grads_four_ways(lambda u, w, b: ff.causal_conv1d(u, w, b, activation="silu", backend=backend), [u, w, b])
+    cu = torch.tensor([0, 2, 300, 500])
+    x = _leaf(1, 40, 500)
+    _grads_four_ways(lambda x, w: ff.causal_conv1d(x, w, cu_seqlens=cu, backend=backend), [x, w])
 
 
 def test_moe():

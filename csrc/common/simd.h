@@ -218,6 +218,38 @@ inline Simd<double>::V vexp(Simd<double>::V x) {
   return x != x ? x : y;
 }
 
+// Natural log for positive finite float vectors (Cephes logf): x = m 2^e
+// with m in [sqrt(1/2), sqrt(2)), a degree-9 polynomial in m - 1, and e ln2
+// added in two parts.  Relative error about 1 ulp.  NaN gives NaN; zero,
+// negative, infinite and denormal inputs are outside its contract.
+inline Simd<float>::V vlog(Simd<float>::V x) {
+  typedef Simd<float>::V V;
+  typedef Simd<float>::I I;
+  const I xi = (I)x;
+  I e = ((xi >> 23) & 0xff) - 126;
+  V m = (V)((xi & 0x007fffff) | 0x3f000000);  // the mantissa in [0.5, 1)
+  const I low = m < bcast(0.707106781186547524f);
+  e += low;  // a true lane of the mask is -1
+  m = (low ? m + m : m) - bcast(1.0f);
+  const V z = m * m;
+  V y = bcast(7.0376836292e-2f);
+  y = fmadd(y, m, bcast(-1.1514610310e-1f));
+  y = fmadd(y, m, bcast(1.1676998740e-1f));
+  y = fmadd(y, m, bcast(-1.2420140846e-1f));
+  y = fmadd(y, m, bcast(1.4249322787e-1f));
+  y = fmadd(y, m, bcast(-1.6668057665e-1f));
+  y = fmadd(y, m, bcast(2.0000714765e-1f));
+  y = fmadd(y, m, bcast(-2.4999993993e-1f));
+  y = fmadd(y, m, bcast(3.3333331174e-1f));
+  y = y * m * z;
+  const V ef = __builtin_convertvector(e, V);
+  y = fmadd(ef, bcast(-2.12194440e-4f), y);
+  y = fmadd(z, bcast(-0.5f), y);
+  V r = m + y;
+  r = fmadd(ef, bcast(0.693359375f), r);
+  return x != x ? x : r;
+}
+
 // ---------------------------------------------------------------------------
 // Segmented dot products: out[h] = sum_c a[h*C + c] * b[h*C + c] for a row of
 // H heads of C channels, returned as head vectors (head h in lane h % W of

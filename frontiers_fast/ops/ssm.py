@@ -2,20 +2,38 @@
 
 Every op is defined with :func:`frontiers_fast._library.define_op` in the
 ``frontiers_fast::`` namespace; the last argument, ``backend``, is left out
-below.  The only backend so far is ``reference`` (the PyTorch code of
-:mod:`frontiers_fast.reference.ssm`, on every device), so forcing ``cpp``,
-``triton`` or ``cuda`` raises ``NotImplementedError`` naming the function.
+below.  Backends: ``reference`` (:mod:`frontiers_fast.reference.ssm`, every
+device), ``cpp`` (``csrc/ssm/*_cpu.cpp``), ``triton`` (:mod:`frontiers_fast.kernels.ssm`)
+and, for the scan's forward, ``cuda`` (``csrc/ssm/scan.cu``).
 
-  selective_scan(u, delta, A, B, C, D?, z?, delta_bias?, delta_softplus, initial_state?)
+  selective_scan(u, delta, A, B, C, D?, z?, delta_bias?, delta_softplus, initial_state?, cu_seqlens?)
       -> (out, last_state)                                          [autograd]
-  selective_scan_bwd(u, delta, A, B, C, D?, z?, delta_bias?, delta_softplus, initial_state?,
+  selective_scan_bwd(u, delta, A, B, C, D?, z?, delta_bias?, delta_softplus, initial_state?, cu_seqlens?,
                      grad_out, grad_last_state?)
       -> (grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z, grad_delta_bias, grad_initial_state)
-  causal_conv1d(x, weight, bias?, initial_states?, silu) -> (out, final_states)     [autograd]
-  causal_conv1d_bwd(x, weight, bias?, initial_states?, silu, grad_out, grad_final_states?)
+  causal_conv1d(x, weight, bias?, initial_states?, silu, cu_seqlens?) -> (out, final_states)  [autograd]
+  causal_conv1d_bwd(x, weight, bias?, initial_states?, silu, cu_seqlens?, grad_out, grad_final_states?)
       -> (grad_x, grad_weight, grad_bias, grad_initial_states)
-  selective_state_update(state!, x, dt, A, B, C, D?, z?, dt_bias?, dt_softplus) -> y
+  selective_state_update(state!, x, dt, A, B, C, D?, z?, dt_bias?, dt_softplus, state_batch_indices?) -> y
   causal_conv1d_update(x, conv_state!, weight, bias?, silu) -> out
+
+The calling convention every backend implements (the public functions
+establish it):
+
+* T is u's (x's) dtype; acc is float64 for float64 inputs, else float32.
+  u, delta, z and variable [batch, N, L] or grouped [batch, G, N, L] B and C
+  are in T; A [dim, N], D, delta_bias, constant [dim, N] B and C and
+  initial_state are in acc; the last state comes back in acc.  The
+  convolution's weight and bias are in acc, its states in T.
+* cu_seqlens is None or int64 [S + 1] (batch 1); the states are then
+  [S, ...], one per sequence.  Its values are checked inside every backend
+  (:func:`check_cu_seqlens`), so compiled graphs refuse bad offsets too.
+* selective_state_update takes the multi-head form only: state
+  [rows, nheads, headdim, N], x, dt, z [batch, nheads, headdim],
+  A [nheads, headdim, N], B, C [batch, ngroups, N], D, dt_bias
+  [nheads, headdim] in acc; state_batch_indices None (rows == batch) or
+  int64 [batch], distinct and in range (:func:`check_state_batch_indices`).
+  The 3-D form is this with headdim 1.
 
 The backward ops compute every gradient and hand back :func:`absent` for an
 optional input that was None.  The two decoding ops write their state in
@@ -23,8 +41,9 @@ place and have no autograd: they serve inference, and the public functions
 run them under ``torch.no_grad()``.
 
 NaN in any tensor argument propagates along the data flow of the recurrence
-(each public function's docstring says where to); no value is read to
-validate an argument, so meta tensors and torch.compile see the same checks.
+(each public function's docstring says where to).  Apart from the offsets
+and state indices, no value is read to validate an argument, so meta
+tensors and torch.compile see the same checks.
 """
 
 from __future__ import annotations
@@ -38,7 +57,11 @@ from .._checks import (
     check_bool,
     check_choice,
     check_dims,
+    check_distinct_indices,
+    check_index_tensor,
+    check_offsets,
     check_same_device,
+    check_same_dtype,
     check_shape,
     check_tensor,
     check_writable,
@@ -50,34 +73,66 @@ _ops = torch.ops.frontiers_fast
 
 
 # ---------------------------------------------------------------------------
+# value checks that hold inside the op bodies too (compiled graphs raise them)
+# ---------------------------------------------------------------------------
+def check_cu_seqlens(cu_seqlens, L: int) -> None:
+    """``cu_seqlens`` offsets: 0 first, L last, never decreasing (the Triton launchers call this too)."""
+    check_offsets("cu_seqlens", cu_seqlens, L, "u (its L)")
+
+
+def check_state_batch_indices(state_batch_indices, rows: int) -> None:
+    """Rows of the state cache that the batch entries update: in range and distinct."""
+    check_distinct_indices("state_batch_indices", state_batch_indices, rows, "state")
+
+
+# ---------------------------------------------------------------------------
 # reference implementations in the ops' calling convention
 # ---------------------------------------------------------------------------
-def _ref_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
-    out, last = ref.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True, initial_state)
+def _ref_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens):
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, u.shape[-1])
+    out, last = ref.selective_scan(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, True, initial_state, cu_seqlens
+    )
     # The last state is a view of the stacked states: give it storage of its own.
     return out.contiguous(), last.clone(memory_format=torch.contiguous_format)
 
 
 def _ref_selective_scan_bwd(
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, grad_out, grad_last_state
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens, grad_out, grad_last_state
 ):
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, u.shape[-1])
     grads = ref.selective_scan_bwd(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, grad_out, grad_last_state
-    )
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, grad_out, grad_last_state,
+        cu_seqlens,
+    )  # fmt: skip
     return tuple(absent(u) if g is None else g.contiguous() for g in grads)
 
 
-def _ref_causal_conv1d(x, weight, bias, initial_states, silu):
-    out, final = ref.causal_conv1d(x, weight, bias, "silu" if silu else None, initial_states, True)
+def _ref_causal_conv1d(x, weight, bias, initial_states, silu, cu_seqlens):
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, x.shape[-1])
+    out, final = ref.causal_conv1d(
+        x, weight, bias, "silu" if silu else None, initial_states, True, cu_seqlens
+    )
     return out.contiguous(), final.clone(memory_format=torch.contiguous_format)
 
 
-def _ref_causal_conv1d_bwd(x, weight, bias, initial_states, silu, grad_out, grad_final_states):
+def _ref_causal_conv1d_bwd(x, weight, bias, initial_states, silu, cu_seqlens, grad_out, grad_final_states):
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, x.shape[-1])
     grads = ref.causal_conv1d_bwd(
-        x, weight, bias, "silu" if silu else None, initial_states, grad_out, grad_final_states
+        x, weight, bias, "silu" if silu else None, initial_states, grad_out, grad_final_states, cu_seqlens
     )
     # grad_x and grad_initial_states are slices of one buffer, and outputs may not alias.
     return tuple(absent(x) if g is None else g.clone(memory_format=torch.contiguous_format) for g in grads)
+
+
+def _ref_selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices):
+    if state_batch_indices is not None:
+        check_state_batch_indices(state_batch_indices, state.shape[0])
+    return ref.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
 
 
 def _ref_causal_conv1d_update(x, conv_state, weight, bias, silu):
@@ -87,32 +142,45 @@ def _ref_causal_conv1d_update(x, conv_state, weight, bias, silu):
 # ---------------------------------------------------------------------------
 # fakes
 # ---------------------------------------------------------------------------
-def _fake_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, backend):
+def _rows(batch, cu_seqlens):
+    """Rows of the initial and last states: one per batch entry, or one per packed sequence."""
+    return batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
+def _fake_selective_scan(
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens, backend
+):
     torch._check(u.dim() == 3, lambda: "u must be [batch, dim, L]")
     torch._check(A.dim() == 2, lambda: "A must be [dim, N]")
-    ct = ref.compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    return u.new_empty(u.shape), u.new_empty((u.shape[0], u.shape[1], A.shape[1]), dtype=ct)
+    rows = _rows(u.shape[0], cu_seqlens)
+    return u.new_empty(u.shape), u.new_empty((rows, u.shape[1], A.shape[1]), dtype=A.dtype)
 
 
 def _fake_selective_scan_bwd(
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, grad_out, grad_last_state, backend
-):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens, grad_out, grad_last_state,
+    backend,
+):  # fmt: skip
     ins = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     return tuple(absent(u) if t is None else t.new_empty(t.shape) for t in ins)
 
 
-def _fake_causal_conv1d(x, weight, bias, initial_states, silu, backend):
+def _fake_causal_conv1d(x, weight, bias, initial_states, silu, cu_seqlens, backend):
     torch._check(x.dim() == 3, lambda: "x must be [batch, dim, L]")
     torch._check(weight.dim() == 2, lambda: "weight must be [dim, width]")
-    return x.new_empty(x.shape), x.new_empty((x.shape[0], x.shape[1], weight.shape[1] - 1))
+    rows = _rows(x.shape[0], cu_seqlens)
+    return x.new_empty(x.shape), x.new_empty((rows, x.shape[1], weight.shape[1] - 1))
 
 
-def _fake_causal_conv1d_bwd(x, weight, bias, initial_states, silu, grad_out, grad_final_states, backend):
+def _fake_causal_conv1d_bwd(
+    x, weight, bias, initial_states, silu, cu_seqlens, grad_out, grad_final_states, backend
+):
     return tuple(absent(x) if t is None else t.new_empty(t.shape) for t in (x, weight, bias, initial_states))
 
 
-def _fake_selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, backend):
-    torch._check(x.dim() == 2, lambda: "x must be [batch, dim]")
+def _fake_selective_state_update(
+    state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, backend
+):
+    torch._check(x.dim() == 3, lambda: "x must be [batch, nheads, headdim]")
     return x.new_empty(x.shape)
 
 
@@ -126,13 +194,14 @@ _CONV_GRADS = ("x", "weight", "bias", "initial_states")
 def _scan_setup(ctx, a, output):
     ctx.delta_softplus = a.delta_softplus
     # The backward recomputes the states rather than keeping [L, batch, dim, N] of them.
-    ctx.save_for_backward(*(getattr(a, n) for n in _SCAN_GRADS))
+    ctx.save_for_backward(*(getattr(a, n) for n in _SCAN_GRADS), a.cu_seqlens)
 
 
 def _scan_backward(ctx, grad_out, grad_last_state):
-    u, delta, A, B, C, D, z, delta_bias, initial_state = ctx.saved_tensors
+    *saved, cu_seqlens = ctx.saved_tensors
+    u, delta, A, B, C, D, z, delta_bias, initial_state = saved
     grads = _ops.selective_scan_bwd(
-        u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, initial_state,
+        u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, initial_state, cu_seqlens,
         grad_out.contiguous(), grad_last_state, ctx.backend,
     )  # fmt: skip
     return dict(zip(_SCAN_GRADS, grads))
@@ -140,28 +209,32 @@ def _scan_backward(ctx, grad_out, grad_last_state):
 
 def _conv_setup(ctx, a, output):
     ctx.silu = a.silu
-    ctx.save_for_backward(*(getattr(a, n) for n in _CONV_GRADS))
+    ctx.save_for_backward(*(getattr(a, n) for n in _CONV_GRADS), a.cu_seqlens)
 
 
 def _conv_backward(ctx, grad_out, grad_final_states):
-    x, weight, bias, initial_states = ctx.saved_tensors
+    x, weight, bias, initial_states, cu_seqlens = ctx.saved_tensors
     grads = _ops.causal_conv1d_bwd(
-        x, weight, bias, initial_states, ctx.silu, grad_out.contiguous(), grad_final_states, ctx.backend
-    )
+        x, weight, bias, initial_states, ctx.silu, cu_seqlens, grad_out.contiguous(), grad_final_states,
+        ctx.backend,
+    )  # fmt: skip
     return dict(zip(_CONV_GRADS, grads))
 
 
 # ---------------------------------------------------------------------------
 # the ops
 # ---------------------------------------------------------------------------
+_K = "frontiers_fast.kernels.ssm:"
 _SCAN_ARGS = (
     "Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
-    "bool delta_softplus, Tensor? initial_state"
+    "bool delta_softplus, Tensor? initial_state, Tensor? cu_seqlens"
 )
 define_op(
     f"selective_scan({_SCAN_ARGS}) -> (Tensor, Tensor)",
     fake=_fake_selective_scan,
     reference=_ref_selective_scan,
+    triton=_K + "selective_scan_fwd",
+    native=("cpp", "cuda"),
     backward=_scan_backward,
     setup_context=_scan_setup,
 )
@@ -170,30 +243,41 @@ define_op(
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     fake=_fake_selective_scan_bwd,
     reference=_ref_selective_scan_bwd,
+    triton=_K + "selective_scan_bwd",
+    native=("cpp",),
 )
+_CONV_ARGS = "Tensor x, Tensor weight, Tensor? bias, Tensor? initial_states, bool silu, Tensor? cu_seqlens"
 define_op(
-    "causal_conv1d(Tensor x, Tensor weight, Tensor? bias, Tensor? initial_states, bool silu) -> (Tensor, Tensor)",
+    f"causal_conv1d({_CONV_ARGS}) -> (Tensor, Tensor)",
     fake=_fake_causal_conv1d,
     reference=_ref_causal_conv1d,
+    triton=_K + "causal_conv1d_fwd",
+    native=("cpp",),
     backward=_conv_backward,
     setup_context=_conv_setup,
 )
 define_op(
-    "causal_conv1d_bwd(Tensor x, Tensor weight, Tensor? bias, Tensor? initial_states, bool silu, "
-    "Tensor grad_out, Tensor? grad_final_states) -> (Tensor, Tensor, Tensor, Tensor)",
+    f"causal_conv1d_bwd({_CONV_ARGS}, Tensor grad_out, Tensor? grad_final_states) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
     fake=_fake_causal_conv1d_bwd,
     reference=_ref_causal_conv1d_bwd,
+    triton=_K + "causal_conv1d_bwd",
+    native=("cpp",),
 )
 define_op(
     "selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, "
-    "Tensor? z, Tensor? dt_bias, bool dt_softplus) -> Tensor",
+    "Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices) -> Tensor",
     fake=_fake_selective_state_update,
-    reference=ref.selective_state_update,
+    reference=_ref_selective_state_update,
+    triton=_K + "selective_state_update_fwd",
+    native=("cpp",),
 )
 define_op(
     "causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, bool silu) -> Tensor",
     fake=lambda x, conv_state, weight, bias, silu, backend: x.new_empty(x.shape),
     reference=_ref_causal_conv1d_update,
+    triton=_K + "causal_conv1d_update_fwd",
+    native=("cpp",),
 )
 
 _backend.register_function("selective_scan", ops=("selective_scan",), grad_ops=("selective_scan_bwd",))
@@ -257,6 +341,49 @@ def _silu(activation) -> bool:
     return check_choice("activation", activation, (None, "silu", "swish")) is not None
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the kernels accumulate in for inputs of ``dtype``: float64 stays, the rest widen to float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _param(name, t, like):
+    """A parameter (A, D, biases, constant B/C, a scan state) in ``like``'s dtype or its accumulate dtype,
+    handed to the op in the accumulate dtype (mamba_ssm keeps A, D and the biases in float32 for bf16
+    activations, and so do the kernels)."""
+    if t is None:
+        return None
+    acc = acc_dtype(like[1].dtype)
+    if t.dtype not in (like[1].dtype, acc):
+        raise TypeError(
+            f"{name} has dtype {t.dtype}; it must have {like[0]}'s dtype ({like[1].dtype}) or {acc}"
+        )
+    return t.to(acc)
+
+
+def _data(name, t, like):
+    """Activations read once per step (delta, z, variable B/C): exactly ``like``'s dtype."""
+    if t is not None:
+        check_same_dtype(name, t, like[0], like[1].dtype)
+    return t
+
+
+def _check_cu_seqlens(cu_seqlens, like, batch):
+    """``cu_seqlens``: int32 or int64 [S + 1], S >= 1, with batch 1; returns it as int64 (its values are
+    checked here when they can be read, and again inside the op)."""
+    check_index_tensor("cu_seqlens", cu_seqlens, (torch.int32, torch.int64))
+    check_same_device("cu_seqlens", cu_seqlens, like[0], like[1].device)
+    check_dims("cu_seqlens", cu_seqlens, 1, "[num_sequences + 1]")
+    if cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must hold S + 1 >= 2 offsets, got {cu_seqlens.shape[0]}")
+    if batch != 1:
+        raise ValueError(
+            f"cu_seqlens packs sequences along L of a batch of one, but {like[0]} has batch {batch}; "
+            f"concatenate the sequences into [1, dim, total]"
+        )
+    check_offsets("cu_seqlens", cu_seqlens, like[1].shape[-1], f"{like[0]} (its L)")
+    return cu_seqlens.to(torch.int64)
+
+
 # ---------------------------------------------------------------------------
 # public functions
 # ---------------------------------------------------------------------------
@@ -272,6 +399,7 @@ def selective_scan(
     delta_softplus=False,
     return_last_state=False,
     initial_state=None,
+    cu_seqlens=None,
     *,
     backend=None,
 ):
@@ -291,11 +419,21 @@ def selective_scan(
             d // (dim // G)); the layout is told by the number of dimensions.
         D, delta_bias: [dim].  z: [batch, dim, L].
         initial_state: [batch, dim, N] (an extension of mamba_ssm's API: pass a
-            previous call's last state to continue a sequence).
-        backend: force one; only ``"reference"`` is implemented so far.
+            previous call's last state to continue a sequence), or
+            [num_sequences, dim, N] with ``cu_seqlens``.
+        cu_seqlens: packed variable-length sequences: int32 or int64 offsets
+            [S + 1] (0 first, L last, never decreasing; empty sequences are
+            allowed) with batch 1, u [1, dim, total].  The state restarts
+            (from ``initial_state[s]``, or zeros) at each sequence's start,
+            and the last state is [S, dim, N], one row per sequence.
+        backend: force one of ``"reference"``, ``"cpp"`` (CPU), ``"triton"``
+            or ``"cuda"`` (GPU; the CUDA kernel has the forward only).
 
-    Computed in float32 (float64 when any input is float64); fp16 and bf16
-    inputs are accepted.  Empty batch, dim or N give empty (or, for N = 0,
+    Dtypes: u, delta, z and variable or grouped B and C share u's dtype
+    (float16, bfloat16, float32 or float64), read as they are; A, D,
+    delta_bias, constant B and C and initial_state have u's dtype or float32
+    (as mamba_ssm keeps them).  Everything accumulates in float32 (float64
+    for float64 inputs).  Empty batch, dim or N give empty (or, for N = 0,
     state-free) results.
 
     NaN is not refused; it follows the recurrence.  A NaN in ``u``,
@@ -335,21 +473,43 @@ def selective_scan(
     _check_sized("D", D, (dim,), "[dim]", like, optional=True)
     _check_sized("z", z, u.shape, "[batch, dim, L]", like, optional=True)
     _check_sized("delta_bias", delta_bias, (dim,), "[dim]", like, optional=True)
-    _check_sized("initial_state", initial_state, (batch, dim, N), "[batch, dim, N]", like, optional=True)
     delta_softplus = check_bool("delta_softplus", delta_softplus)
     return_last_state = check_bool("return_last_state", return_last_state)
     if L == 0:
         raise ValueError("u must have at least one time step (L >= 1), got L=0")
+    rows, what = batch, "batch"
+    if cu_seqlens is not None:
+        cu_seqlens = _check_cu_seqlens(cu_seqlens, like, batch)
+        rows, what = cu_seqlens.shape[0] - 1, "num_sequences"
+    _check_sized("initial_state", initial_state, (rows, dim, N), f"[{what}, dim, N]", like, optional=True)
+    _data("delta", delta, like)
+    _data("z", z, like)
+    B = _param("B", B, like) if B.dim() == 2 else _data("B", B, like)
+    C = _param("C", C, like) if C.dim() == 2 else _data("C", C, like)
+    A, D, delta_bias = _param("A", A, like), _param("D", D, like), _param("delta_bias", delta_bias, like)
+    initial_state = _param("initial_state", initial_state, like)
     grad = _backend.records_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)
     backend = _backend.resolve(backend, u.device, "selective_scan", grad)
     out, last = _ops.selective_scan(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, backend
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens, backend
     )
     return (out, last) if return_last_state else out
 
 
 def selective_state_update(
-    state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *, backend=None
+    state,
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    dt_bias=None,
+    dt_softplus=False,
+    state_batch_indices=None,
+    *,
+    backend=None,
 ):
     """One decoding step of :func:`selective_scan`; ``state`` is updated in place.
 
@@ -357,16 +517,27 @@ def selective_state_update(
     ``B = B[..., t]`` and so on reproduces :func:`selective_scan` (whose
     ``initial_state`` and last state match ``state`` before and after).
 
-    Only the 3-D form of mamba_ssm's ``selective_state_update`` is supported
-    (state [batch, dim, N]); its multi-head form ([batch, nheads, dim, N]) is
-    not.  There is no autograd: the op runs under ``torch.no_grad()`` and its
-    output does not require grad.
+    Two forms, as mamba_ssm's ``selective_state_update``, told by ``state.dim()``:
+
+    * 3-D: state [batch, dim, N]; x, dt, z [batch, dim]; A [dim, N]; B, C
+      [batch, N] or grouped [batch, G, N] with dim % G == 0; D, dt_bias [dim].
+    * multi-head: state [batch, nheads, headdim, N]; x, dt, z
+      [batch, nheads, headdim]; A [nheads, headdim, N]; B, C [batch, N] or
+      [batch, ngroups, N] with nheads % ngroups == 0 (head h reads group
+      h // (nheads // ngroups)); D, dt_bias [nheads, headdim].
+
+    ``state_batch_indices`` (int32 or int64 [batch]), as serving engines use
+    it: ``state`` is a cache of any number of rows, and batch entry b reads
+    and updates row ``state_batch_indices[b]``; the rows must be distinct
+    and in range.  There is no autograd: the op runs under
+    ``torch.no_grad()`` and its output does not require grad.
+
+    Dtypes: x, dt, z, B and C share x's dtype; A, D and dt_bias have x's
+    dtype or float32; ``state`` may have any float dtype and is written back
+    in it.  Computed in float32 (float64 for float64 inputs).
 
     Args:
-        state: [batch, dim, N], any float dtype (written back in that dtype).
-        x, dt, z: [batch, dim].  A: [dim, N].  B, C: [batch, N] or grouped
-            [batch, G, N] with dim % G == 0.  D, dt_bias: [dim].
-        backend: force one; only ``"reference"`` is implemented so far.
+        backend: force one of ``"reference"``, ``"cpp"`` or ``"triton"``.
 
     NaN is not refused.  A NaN in ``state``, ``x``, ``dt``, ``B``, ``A`` or
     ``dt_bias`` makes the new state NaN where it flows (a channel's states,
@@ -375,8 +546,7 @@ def selective_state_update(
     leaves the state alone.
 
     Returns:
-        y [batch, dim] in x's dtype (computed in float32, or float64 when an
-        input is float64).
+        y with x's shape and dtype.
 
     Example::
 
@@ -384,28 +554,97 @@ def selective_state_update(
         >>> y = selective_state_update(state, torch.randn(2, 8), torch.rand(2, 8), -torch.rand(8, 16),
         ...                            torch.randn(2, 16), torch.randn(2, 16))
     """
-    _check_input("state", state, 3, "[batch, dim, N]")
+    _check_input("state", state, (3, 4), "[batch, dim, N] or [batch, nheads, headdim, N]")
     check_writable("state", state)
-    like = ("state", state)
-    batch, dim, N = state.shape
-    _check_sized("x", x, (batch, dim), "[batch, dim]", like)
-    _check_sized("dt", dt, (batch, dim), "[batch, dim]", like)
-    _check_sized("A", A, (dim, N), "[dim, N]", like)
-    _check_input("B", B, (2, 3), "[batch, N] or [batch, G, N]", like)
-    _check_bc("B", B, batch, dim, N)
-    _check_input("C", C, (2, 3), "[batch, N] or [batch, G, N]", like)
-    _check_bc("C", C, batch, dim, N)
-    _check_sized("D", D, (dim,), "[dim]", like, optional=True)
-    _check_sized("z", z, (batch, dim), "[batch, dim]", like, optional=True)
-    _check_sized("dt_bias", dt_bias, (dim,), "[dim]", like, optional=True)
+    like = ("x", x)
+    heads = state.dim() == 4
+    rows, N = state.shape[0], state.shape[-1]
+    if heads:
+        _check_input("x", x, 3, "[batch, nheads, headdim] (state is multi-head)", ("state", state))
+        batch, nheads, headdim = x.shape
+        if state.shape[1:3] != (nheads, headdim):
+            raise ValueError(
+                f"state has {state.shape[1]} heads of headdim {state.shape[2]} (shape {list(state.shape)}), "
+                f"but x has {nheads} of {headdim} (shape {list(x.shape)})"
+            )
+        chan, chan_layout = (nheads, headdim), "[batch, nheads, headdim]"
+        a_shape, a_layout = (nheads, headdim, N), "[nheads, headdim, N]"
+        p_shape, p_layout = (nheads, headdim), "[nheads, headdim]"
+        units, unit = nheads, "nheads"
+    else:
+        _check_input("x", x, 2, "[batch, dim] (state is [batch, dim, N])", ("state", state))
+        batch, dim = x.shape
+        if state.shape[1] != dim:
+            raise ValueError(
+                f"state has dim={state.shape[1]} (shape {list(state.shape)}) but x has dim={dim}"
+            )
+        chan, chan_layout = (dim,), "[batch, dim]"
+        a_shape, a_layout = (dim, N), "[dim, N]"
+        p_shape, p_layout = (dim,), "[dim]"
+        units, unit = dim, "dim"
+    _check_sized("dt", dt, (batch, *chan), chan_layout, like)
+    _check_sized("A", A, a_shape, a_layout, like)
+    for name, M in (("B", B), ("C", C)):
+        _check_input(name, M, (2, 3), "[batch, N] or [batch, G, N]", like)
+        if M.dim() == 2:
+            check_shape(name, M, (batch, N), " ([batch, N])")
+        else:
+            G = M.shape[1]
+            if G < 1 or units % G:
+                raise ValueError(
+                    f"{name} has G={G} groups (shape {list(M.shape)}), which must divide {unit}={units}"
+                )
+            check_shape(name, M, (batch, G, N), " ([batch, G, N])")
+    _check_sized("D", D, p_shape, p_layout, like, optional=True)
+    _check_sized("z", z, (batch, *chan), chan_layout, like, optional=True)
+    _check_sized("dt_bias", dt_bias, p_shape, p_layout, like, optional=True)
     dt_softplus = check_bool("dt_softplus", dt_softplus)
-    backend = _backend.resolve(backend, state.device, "selective_state_update", False)
+    if state_batch_indices is None:
+        if rows != batch:
+            raise ValueError(
+                f"state has {rows} rows but x has batch {batch}; pass state_batch_indices to update "
+                "some rows of a larger cache"
+            )
+    else:
+        check_index_tensor("state_batch_indices", state_batch_indices, (torch.int32, torch.int64))
+        check_same_device("state_batch_indices", state_batch_indices, "x", x.device)
+        check_shape("state_batch_indices", state_batch_indices, (batch,), " ([batch])")
+        check_state_batch_indices(state_batch_indices, rows)
+        state_batch_indices = state_batch_indices.to(torch.int64)
+    for name, t in (("dt", dt), ("z", z), ("B", B), ("C", C)):
+        _data(name, t, like)
+    A, D, dt_bias = _param("A", A, like), _param("D", D, like), _param("dt_bias", dt_bias, like)
+    if not heads:  # the 3-D form is the multi-head one with one channel per head
+        one = lambda t: None if t is None else t.unsqueeze(-1)
+        state, x, dt, z, D, dt_bias, A = (
+            state.unsqueeze(2),
+            one(x),
+            one(dt),
+            one(z),
+            one(D),
+            one(dt_bias),
+            A.unsqueeze(1),
+        )
+    B = B.unsqueeze(1) if B.dim() == 2 else B
+    C = C.unsqueeze(1) if C.dim() == 2 else C
+    backend = _backend.resolve(backend, x.device, "selective_state_update", False)
     with torch.no_grad():
-        return _ops.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, backend)
+        y = _ops.selective_state_update(
+            state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, backend
+        )
+    return y if heads else y.squeeze(-1)
 
 
 def causal_conv1d(
-    x, weight, bias=None, activation=None, initial_states=None, return_final_states=False, *, backend=None
+    x,
+    weight,
+    bias=None,
+    activation=None,
+    initial_states=None,
+    return_final_states=False,
+    cu_seqlens=None,
+    *,
+    backend=None,
 ):
     """Depthwise causal 1-D convolution, as causal-conv1d's ``causal_conv1d_fn``.
 
@@ -421,7 +660,14 @@ def causal_conv1d(
         return_final_states: also return the last width - 1 inputs
             [batch, dim, width - 1] (taken from ``initial_states``, or zeros,
             when L < width - 1), the next call's ``initial_states``.
-        backend: force one; only ``"reference"`` is implemented so far.
+        cu_seqlens: packed sequences, as for :func:`selective_scan`: offsets
+            [S + 1] with batch 1; no sequence sees its neighbour's tail (its
+            window starts from ``initial_states[s]``, or zeros), and
+            ``initial_states`` and the final states are [S, dim, width - 1].
+        backend: force one of ``"reference"``, ``"cpp"`` or ``"triton"``.
+
+    Dtypes: ``initial_states`` has x's dtype; ``weight`` and ``bias`` have
+    x's dtype or float32.
 
     L must be at least 1, as for :func:`selective_scan`; any L below the
     filter width is fine.
@@ -444,16 +690,22 @@ def causal_conv1d(
     batch, dim, L = x.shape
     width = _check_weight(weight, dim, like)
     _check_sized("bias", bias, (dim,), "[dim]", like, optional=True)
-    shape = (batch, dim, width - 1)
-    _check_sized("initial_states", initial_states, shape, "[batch, dim, width - 1]", like, optional=True)
     silu = _silu(activation)
     return_final_states = check_bool("return_final_states", return_final_states)
     if L == 0:
         # As selective_scan (and causal-conv1d's kernels): an empty sequence is refused.
         raise ValueError("x must have at least one time step (L >= 1), got L=0")
+    rows, what = batch, "batch"
+    if cu_seqlens is not None:
+        cu_seqlens = _check_cu_seqlens(cu_seqlens, like, batch)
+        rows, what = cu_seqlens.shape[0] - 1, "num_sequences"
+    shape = (rows, dim, width - 1)
+    _check_sized("initial_states", initial_states, shape, f"[{what}, dim, width - 1]", like, optional=True)
+    _data("initial_states", initial_states, like)
+    weight, bias = _param("weight", weight, like), _param("bias", bias, like)
     grad = _backend.records_grad(x, weight, bias, initial_states)
     backend = _backend.resolve(backend, x.device, "causal_conv1d", grad)
-    out, final = _ops.causal_conv1d(x, weight, bias, initial_states, silu, backend)
+    out, final = _ops.causal_conv1d(x, weight, bias, initial_states, silu, cu_seqlens, backend)
     return (out, final) if return_final_states else out
 
 
@@ -473,7 +725,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, b
             the state as it is).
         conv_state: [batch, dim, S], S >= width - 1.
         weight: [dim, width].  bias: [dim].  activation: None, ``"silu"`` or ``"swish"``.
-        backend: force one; only ``"reference"`` is implemented so far.
+        backend: force one of ``"reference"``, ``"cpp"`` or ``"triton"``.
 
     NaN is not refused, and behaves as in :func:`causal_conv1d`: a NaN input
     (new, or held in ``conv_state``) makes NaN the outputs whose window of
@@ -502,6 +754,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, *, b
         )
     _check_sized("bias", bias, (dim,), "[dim]", like, optional=True)
     silu = _silu(activation)
+    weight, bias = _param("weight", weight, like), _param("bias", bias, like)
     backend = _backend.resolve(backend, x.device, "causal_conv1d_update", False)
     with torch.no_grad():
         return _ops.causal_conv1d_update(x, conv_state, weight, bias, silu, backend)

@@ -107,6 +107,67 @@ def _initial(initial_state, u, A, ct):
     return torch.zeros(u.shape[0], u.shape[1], A.shape[1], dtype=ct, device=u.device)
 
 
+def _offsets(cu_seqlens: Tensor) -> list[int]:
+    return [int(v) for v in cu_seqlens.tolist()]
+
+
+def _sequences(cu_seqlens, initial_state, *steps):
+    """(s, {name: piece}) for each packed sequence s: the per-step tensors cut along L.
+
+    ``steps`` are the per-step tensors in the order u, delta, B, C, z (or x for
+    the convolution); constant [dim, N] B and C and None pass through whole.
+    """
+    names = ("u", "delta", "B", "C", "z") if len(steps) == 5 else ("x",)
+    cu = _offsets(cu_seqlens)
+    for s in range(len(cu) - 1):
+        cut = lambda t: t if t is None or t.dim() == 2 else t[..., cu[s] : cu[s + 1]]
+        piece = {n: cut(t) for n, t in zip(names, steps)}
+        piece["initial_state"] = None if initial_state is None else initial_state[s : s + 1]
+        yield s, piece
+
+
+def _packed_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, grad_out, grad_last_state,
+                cu_seqlens):  # fmt: skip
+    per_step = {"u": [], "delta": [], "B": [], "C": [], "z": []}
+    shared = {"A": None, "B": None, "C": None, "D": None, "delta_bias": None}
+    init = []
+    cu = _offsets(cu_seqlens)
+    for s, piece in _sequences(cu_seqlens, initial_state, u, delta, B, C, z):
+        g_last = None if grad_last_state is None else grad_last_state[s : s + 1]
+        g = selective_scan_bwd(piece["u"], piece["delta"], A, piece["B"], piece["C"], D, piece["z"], delta_bias,
+                               delta_softplus, piece["initial_state"], grad_out[..., cu[s] : cu[s + 1]], g_last)  # fmt: skip
+        gu, gdt, gA, gB, gC, gD, gz, gbias, g0 = g
+        per_step["u"].append(gu)
+        per_step["delta"].append(gdt)
+        per_step["z"].append(gz)
+        for name, value, M in (("B", gB, B), ("C", gC, C)):
+            (shared if M.dim() == 2 else per_step)[name] = (
+                _acc(shared[name], value) if M.dim() == 2 else per_step[name] + [value]
+            )
+        for name, value in (("A", gA), ("D", gD), ("delta_bias", gbias)):
+            shared[name] = _acc(shared[name], value)
+        init.append(g0)
+    cat = lambda xs: None if xs[0] is None else torch.cat(xs, dim=-1)
+    grad = lambda name, M: shared[name] if M.dim() == 2 else cat(per_step[name])
+    return (
+        cat(per_step["u"]),
+        cat(per_step["delta"]),
+        shared["A"],
+        grad("B", B),
+        grad("C", C),
+        shared["D"],
+        cat(per_step["z"]) if z is not None else None,
+        shared["delta_bias"],
+        torch.cat(init) if initial_state is not None else None,
+    )
+
+
+def _acc(total, value):
+    if value is None:
+        return None
+    return value if total is None else total + value
+
+
 def selective_scan(
     u: Tensor,
     delta: Tensor,
@@ -119,13 +180,17 @@ def selective_scan(
     delta_softplus: bool = False,
     return_last_state: bool = False,
     initial_state: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
 ):
     """Selective scan (S6), differentiable by autograd.
 
     Args:
         u, delta: [batch, dim, L].  A: [dim, N].  B, C: [dim, N], [batch, N, L]
             or [batch, G, N, L].  D, delta_bias: [dim].  z: [batch, dim, L].
-        initial_state: [batch, dim, N], the state before the first step.
+        initial_state: [batch, dim, N], the state before the first step
+            ([S, dim, N], one per sequence, with ``cu_seqlens``).
+        cu_seqlens: [S + 1] offsets of S packed sequences along L (batch 1):
+            each sequence is scanned on its own, from its own initial state.
 
     Returns:
         out [batch, dim, L] in u's dtype; with ``return_last_state`` also the
@@ -137,7 +202,20 @@ def selective_scan(
         >>> out = selective_scan(torch.randn(2, 4, 9), torch.rand(2, 4, 9), -torch.rand(4, 3),
         ...                      torch.randn(2, 3, 9), torch.randn(2, 3, 9))
     """
+    if cu_seqlens is not None:
+        outs, lasts = [], []
+        for _, piece in _sequences(cu_seqlens, initial_state, u, delta, B, C, z):
+            o, h = selective_scan(piece["u"], piece["delta"], A, piece["B"], piece["C"], D, piece["z"],
+                                  delta_bias, delta_softplus, True, piece["initial_state"])  # fmt: skip
+            outs.append(o)
+            lasts.append(h)
+        out = torch.cat(outs, dim=-1)
+        return (out, torch.cat(lasts)) if return_last_state else out
     ct = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if u.shape[-1] == 0:  # an empty packed sequence: no step, the state stays
+        h0 = _initial(initial_state, u, A, ct)
+        out = u.new_empty(u.shape)
+        return (out, h0) if return_last_state else out
     _, _, u_t, dA, dBu = _discretize(u, delta, A, B, delta_bias, delta_softplus, ct)
     H = _recurrence(dA, dBu, _initial(initial_state, u, A, ct))
     y = _contract(H, C)  # [L, batch, dim]
@@ -151,8 +229,9 @@ def selective_scan(
 
 
 def selective_scan_bwd(
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, grad_out, grad_last_state=None
-):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, grad_out, grad_last_state=None,
+    cu_seqlens=None,
+):  # fmt: skip
     """Gradients of :func:`selective_scan` (with the last state as a second output).
 
     The adjoint state runs backwards in time:
@@ -164,10 +243,24 @@ def selective_scan_bwd(
     Returns:
         (grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z,
         grad_delta_bias, grad_initial_state), each in its input's dtype and
-        layout; None for an input that was None.
+        layout; None for an input that was None.  With ``cu_seqlens`` each
+        sequence's gradients are computed on their own; those of the shared
+        parameters are summed over the sequences.
     """
+    if cu_seqlens is not None:
+        return _packed_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, grad_out,
+                           grad_last_state, cu_seqlens)  # fmt: skip
     ct = compute_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     dim = u.shape[1]
+    if u.shape[-1] == 0:  # an empty packed sequence: only the state passes through
+        g0 = (
+            torch.zeros_like(_initial(initial_state, u, A, ct))
+            if grad_last_state is None
+            else grad_last_state
+        )
+        zero = lambda t: None if t is None else torch.zeros_like(t)
+        return (zero(u), zero(delta), zero(A), zero(B), zero(C), zero(D), zero(z), zero(delta_bias),
+                g0.to(initial_state.dtype) if initial_state is not None else None)  # fmt: skip
     dt_raw, dt, u_t, dA, dBu = _discretize(u, delta, A, B, delta_bias, delta_softplus, ct)
     h0 = _initial(initial_state, u, A, ct)
     H = _recurrence(dA, dBu, h0)
@@ -236,16 +329,24 @@ def selective_state_update(
     z: Tensor | None = None,
     dt_bias: Tensor | None = None,
     dt_softplus: bool = False,
+    state_batch_indices: Tensor | None = None,
 ) -> Tensor:
     """One decoding step of :func:`selective_scan`; ``state`` is updated in place.
 
-    Args:
-        state: [batch, dim, N], overwritten with the new state (in its own dtype).
-        x, dt, z: [batch, dim].  A: [dim, N].  B, C: [batch, N] or grouped
-            [batch, G, N].  D, dt_bias: [dim].
+    Two forms, told by ``state.dim()``:
+
+    * 3-D: state [batch, dim, N]; x, dt, z [batch, dim]; A [dim, N]; B, C
+      [batch, N] or grouped [batch, G, N]; D, dt_bias [dim].
+    * multi-head (mamba_ssm's): state [batch, nheads, headdim, N]; x, dt, z
+      [batch, nheads, headdim]; A [nheads, headdim, N]; B, C [batch, N] or
+      [batch, ngroups, N] (head h reads group h // (nheads // ngroups));
+      D, dt_bias [nheads, headdim].
+
+    ``state_batch_indices`` [batch]: batch entry b reads and writes row
+    ``state_batch_indices[b]`` of a larger state cache (distinct rows).
 
     Returns:
-        y [batch, dim] in x's dtype.
+        y with x's shape and dtype.
 
     Example::
 
@@ -254,21 +355,33 @@ def selective_state_update(
         ...                            torch.randn(2, 3), torch.randn(2, 3))
     """
     ct = compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
-    dim = x.shape[1]
+    if state.dim() == 3:  # the 3-D form is the multi-head one with one channel per head
+        B = B.unsqueeze(1) if B.dim() == 2 else B
+        C = C.unsqueeze(1) if C.dim() == 2 else C
+        one = lambda t: None if t is None else t.unsqueeze(-1)
+        y = selective_state_update(state.unsqueeze(2), one(x), one(dt), A.unsqueeze(1), B, C, one(D), one(z),
+                                   one(dt_bias), dt_softplus, state_batch_indices)  # fmt: skip
+        return y.squeeze(-1)
+    nheads = x.shape[1]
 
-    def per_channel(M):  # [batch, N] or [batch, G, N] -> broadcastable to [batch, dim, N]
+    def per_head(M):  # [batch, N] or [batch, ngroups, N] -> broadcastable to [batch, nheads, headdim, N]
         M = M.to(ct)
-        return M.unsqueeze(1) if M.dim() == 2 else M.repeat_interleave(dim // M.shape[1], dim=1)
+        M = M.unsqueeze(1) if M.dim() == 2 else M.repeat_interleave(nheads // M.shape[1], dim=1)
+        return M.unsqueeze(2)
 
+    rows = state if state_batch_indices is None else state[state_batch_indices]
     dtc = dt.to(ct)
     if dt_bias is not None:
         dtc = dtc + dt_bias.to(ct)
     if dt_softplus:
         dtc = F.softplus(dtc, threshold=SOFTPLUS_THRESHOLD)
     xc = x.to(ct)
-    h = torch.exp(dtc.unsqueeze(-1) * A.to(ct)) * state.to(ct) + (dtc * xc).unsqueeze(-1) * per_channel(B)
-    state.copy_(h)
-    y = (h * per_channel(C)).sum(-1)
+    h = torch.exp(dtc.unsqueeze(-1) * A.to(ct)) * rows.to(ct) + (dtc * xc).unsqueeze(-1) * per_head(B)
+    if state_batch_indices is None:
+        state.copy_(h)
+    else:
+        state[state_batch_indices] = h.to(state.dtype)
+    y = (h * per_head(C)).sum(-1)
     if D is not None:
         y = y + D.to(ct) * xc
     if z is not None:
@@ -297,6 +410,7 @@ def causal_conv1d(
     activation: str | None = None,
     initial_states: Tensor | None = None,
     return_final_states: bool = False,
+    cu_seqlens: Tensor | None = None,
 ):
     """Depthwise causal convolution: ``out[t] = sum_k weight[:, k] x[t - (width-1) + k] + bias``.
 
@@ -306,7 +420,10 @@ def causal_conv1d(
     Args:
         x: [batch, dim, L].  weight: [dim, width].  bias: [dim].
         activation: None or ``"silu"`` (``"swish"`` is the same).
-        initial_states: [batch, dim, width - 1], the inputs just before x.
+        initial_states: [batch, dim, width - 1], the inputs just before x
+            ([S, dim, width - 1], one per sequence, with ``cu_seqlens``).
+        cu_seqlens: [S + 1] offsets of S packed sequences along L (batch 1):
+            no sequence sees the inputs of the one before it.
 
     Returns:
         out [batch, dim, L] in x's dtype; with ``return_final_states`` also the
@@ -318,6 +435,13 @@ def causal_conv1d(
 
         >>> out = causal_conv1d(torch.randn(2, 8, 30), torch.randn(8, 4), activation="silu")
     """
+    if cu_seqlens is not None:
+        pieces = [
+            causal_conv1d(p["x"], weight, bias, activation, p["initial_state"], True)
+            for _, p in _sequences(cu_seqlens, initial_states, x)
+        ]
+        out = torch.cat([o for o, _ in pieces], dim=-1)
+        return (out, torch.cat([f for _, f in pieces])) if return_final_states else out
     ct = compute_dtype(x, weight, bias, initial_states)
     batch, dim, _ = x.shape
     width = weight.shape[1]
@@ -337,13 +461,28 @@ def causal_conv1d(
     return out, xcat[..., xcat.shape[-1] - (width - 1) :].to(x.dtype)
 
 
-def causal_conv1d_bwd(x, weight, bias, activation, initial_states, grad_out, grad_final_states=None):
+def causal_conv1d_bwd(
+    x, weight, bias, activation, initial_states, grad_out, grad_final_states=None, cu_seqlens=None
+):
     """Gradients of :func:`causal_conv1d` (with the final states as a second output).
 
     Returns:
         (grad_x, grad_weight, grad_bias, grad_initial_states), each in its
-        input's dtype; None for an input that was None.
+        input's dtype; None for an input that was None.  With ``cu_seqlens``
+        the sequences are differentiated one by one and the filter's
+        gradients summed.
     """
+    if cu_seqlens is not None:
+        cu = _offsets(cu_seqlens)
+        gx, gw, gb, g0 = [], None, None, []
+        for s, p in _sequences(cu_seqlens, initial_states, x):
+            g_final = None if grad_final_states is None else grad_final_states[s : s + 1]
+            a, w_, b_, i_ = causal_conv1d_bwd(p["x"], weight, bias, activation, p["initial_state"],
+                                              grad_out[..., cu[s] : cu[s + 1]], g_final)  # fmt: skip
+            gx.append(a)
+            g0.append(i_)
+            gw, gb = _acc(gw, w_), _acc(gb, b_)
+        return torch.cat(gx, dim=-1), gw, gb, (torch.cat(g0) if initial_states is not None else None)
     ct = compute_dtype(x, weight, bias, initial_states)
     batch, dim, _ = x.shape
     width = weight.shape[1]

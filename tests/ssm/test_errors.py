@@ -58,9 +58,10 @@ def test_selective_scan_bad_flags_and_backend():
     with pytest.raises(ValueError, match="u must have at least one time step"):
         ops.selective_scan(**kw)
     kw = scan_inputs(dtype=torch.float32)
-    for backend in ("cpp", "triton", "cuda"):
-        with pytest.raises(NotImplementedError, match="selective_scan"):
-            ops.selective_scan(**kw, backend=backend)
+    with pytest.raises(ValueError, match="backend 'triton' runs on CUDA tensors"):
+        ops.selective_scan(**kw, backend="triton")
+    with pytest.raises(ValueError, match="backend 'cuda' runs on CUDA tensors"):
+        ops.selective_scan(**kw, backend="cuda")
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.selective_scan(**kw, backend="fast")
     assert ops.selective_scan(**kw, backend="reference").shape == kw["u"].shape
@@ -80,9 +81,12 @@ def _step_args():
 @pytest.mark.parametrize(
     "name,bad,match",
     [
-        ("state", torch.randn(2, 2, 6, 3), r"state must have shape \[batch, dim, N\]"),
+        ("state", torch.randn(2, 2, 6, 3, 1), r"state must have shape \[batch, dim, N\] or \[batch, nheads"),
+        ("state", torch.randn(3, 6, 3), "state has 3 rows but x has batch 2; pass state_batch_indices"),
+        ("state", torch.randn(2, 5, 3), "state has dim=5"),
         ("state", torch.randn(2, 6, 3).int(), "state must be a floating tensor"),
-        ("x", torch.randn(2, 5), r"x must have shape \[2, 6\]"),
+        ("x", torch.randn(2, 5), "state has dim=6 .* but x has dim=5"),
+        ("x", torch.randn(2, 6).double(), "dt has dtype torch.float32 but x has torch.float64"),
         ("x", torch.randn(2, 6, device="meta"), "x is on meta"),
         ("dt", torch.randn(3, 6), r"dt must have shape \[2, 6\]"),
         ("A", torch.randn(6, 4), r"A must have shape \[6, 3\]"),
@@ -104,8 +108,12 @@ def test_state_update_bad_inputs(name, bad, match):
 
 
 def test_state_update_backend():
-    with pytest.raises(NotImplementedError, match="selective_state_update"):
+    with pytest.raises(ValueError, match="selective_state_update: backend 'triton' runs on CUDA tensors"):
         ops.selective_state_update(**_step_args(), backend="triton")
+    with pytest.raises(
+        NotImplementedError, match="selective_state_update: backend 'cuda' is not implemented"
+    ):
+        ops.selective_state_update(**_step_args(), backend="cuda")
 
 
 @pytest.mark.parametrize(
@@ -188,7 +196,195 @@ def test_numpy_bools_accepted():
 
 
 def test_conv_backends():
-    with pytest.raises(NotImplementedError, match="causal_conv1d"):
-        ops.causal_conv1d(torch.randn(2, 6, 9), torch.randn(6, 4), backend="cpp")
-    with pytest.raises(NotImplementedError, match="causal_conv1d_update"):
+    with pytest.raises(NotImplementedError, match="causal_conv1d: backend 'cuda' is not implemented"):
+        ops.causal_conv1d(torch.randn(2, 6, 9), torch.randn(6, 4), backend="cuda")
+    with pytest.raises(ValueError, match="causal_conv1d_update: backend 'triton' runs on CUDA tensors"):
         ops.causal_conv1d_update(torch.randn(2, 6), torch.randn(2, 6, 4), torch.randn(6, 4), backend="triton")
+
+
+# ---------------------------------------------------------------------------
+# packed sequences, state caches, multi-head states and dtypes
+# ---------------------------------------------------------------------------
+def _packed(**changes):
+    kw = scan_inputs(batch=1, dim=6, N=3, L=10, layout="variable", dtype=torch.float32)
+    kw["initial_state"] = torch.randn(3, 6, 3)
+    kw["cu_seqlens"] = torch.tensor([0, 4, 4, 10], dtype=torch.int32)
+    kw.update(changes)
+    return kw
+
+
+CU_CASES = [
+    (dict(cu_seqlens=torch.tensor([1, 4, 4, 10])), ValueError, "cu_seqlens must start at 0 and end at"),
+    (dict(cu_seqlens=torch.tensor([0, 4, 4, 9])), ValueError, "cu_seqlens must start at 0 and end at"),
+    (dict(cu_seqlens=torch.tensor([0, 5, 4, 10])), ValueError, "cu_seqlens must not decrease"),
+    (dict(cu_seqlens=torch.tensor([0.0, 4.0, 4.0, 10.0])), TypeError, "cu_seqlens must be an integer tensor"),
+    (
+        dict(cu_seqlens=torch.tensor([0, 4, 4, 10], dtype=torch.int16)),
+        TypeError,
+        "cu_seqlens must be an integer",
+    ),
+    (
+        dict(cu_seqlens=torch.tensor([[0, 4, 4, 10]])),
+        ValueError,
+        r"cu_seqlens must have shape \[num_sequences \+ 1\]",
+    ),
+    (dict(cu_seqlens=torch.tensor([0])), ValueError, "cu_seqlens must hold S \+ 1 >= 2 offsets"),
+    (dict(cu_seqlens=torch.tensor([0, 4, 4, 10], device="meta")), ValueError, "cu_seqlens is on meta"),
+    (
+        dict(initial_state=torch.randn(2, 6, 3)),
+        ValueError,
+        r"initial_state must have shape \[3, 6, 3\] \(\[num_sequences",
+    ),
+]
+
+
+@pytest.mark.parametrize("changes,exc,match", CU_CASES)
+def test_packed_scan_bad_inputs(changes, exc, match):
+    with pytest.raises(exc, match=match):
+        ops.selective_scan(**_packed(**changes))
+
+
+def test_packed_scan_refuses_batches():
+    kw = scan_inputs(batch=2, dim=6, N=3, L=10, layout="variable", dtype=torch.float32)
+    with pytest.raises(
+        ValueError, match="cu_seqlens packs sequences along L of a batch of one, but u has batch 2"
+    ):
+        ops.selective_scan(**kw, cu_seqlens=torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match="but x has batch 2"):
+        ops.causal_conv1d(torch.randn(2, 6, 10), torch.randn(6, 4), cu_seqlens=torch.tensor([0, 10]))
+
+
+@pytest.mark.parametrize("changes,exc,match", CU_CASES[:3])
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_bad_offsets_are_refused_inside_the_ops(changes, exc, match, backend):
+    # The op bodies check the values too, so direct calls and compiled graphs refuse them.
+    kw = _packed(**changes)
+    A, D, bias, h0 = (kw[k].float() for k in ("A", "D", "delta_bias", "initial_state"))
+    with pytest.raises(exc, match=match):
+        torch.ops.frontiers_fast.selective_scan(kw["u"], kw["delta"], A, kw["B"], kw["C"], D, kw["z"], bias, True,
+                                                h0, kw["cu_seqlens"].long(), backend)  # fmt: skip
+    x, w = torch.randn(1, 6, 10), torch.randn(6, 4)
+    with pytest.raises(exc, match=match):
+        torch.ops.frontiers_fast.causal_conv1d(x, w, None, None, True, kw["cu_seqlens"].long(), backend)
+
+
+def test_packed_conv_bad_inputs():
+    x, w = torch.randn(1, 6, 10), torch.randn(6, 4)
+    cu = torch.tensor([0, 3, 10])
+    with pytest.raises(ValueError, match=r"initial_states must have shape \[2, 6, 3\] \(\[num_sequences"):
+        ops.causal_conv1d(x, w, initial_states=torch.randn(1, 6, 3), cu_seqlens=cu)
+    with pytest.raises(ValueError, match="cu_seqlens must not decrease"):
+        ops.causal_conv1d(x, w, cu_seqlens=torch.tensor([0, 7, 3, 10]))
+
+
+def _heads(**changes):
+    """A multi-head decoding step: batch 2, 4 heads of headdim 2, N 3, 2 groups, into a cache of 5 rows."""
+    kw = dict(state=torch.randn(5, 4, 2, 3), x=torch.randn(2, 4, 2), dt=torch.rand(2, 4, 2), A=-torch.rand(4, 2, 3),
+              B=torch.randn(2, 2, 3), C=torch.randn(2, 2, 3), D=torch.randn(4, 2), z=torch.randn(2, 4, 2),
+              dt_bias=torch.randn(4, 2), dt_softplus=True, state_batch_indices=torch.tensor([4, 1]))  # fmt: skip
+    kw.update(changes)
+    return kw
+
+
+@pytest.mark.parametrize(
+    "changes,exc,match",
+    [
+        (
+            dict(state=torch.randn(5, 3, 2, 3)),
+            ValueError,
+            "state has 3 heads of headdim 2 .* but x has 4 of 2",
+        ),
+        (dict(state=torch.randn(5, 4, 1, 3)), ValueError, "state has 4 heads of headdim 1"),
+        (dict(x=torch.randn(2, 4, 3)), ValueError, "but x has 4 of 3"),
+        (dict(x=torch.randn(2, 8)), ValueError, r"x must have shape \[batch, nheads, headdim\]"),
+        (dict(dt=torch.rand(2, 4, 1)), ValueError, r"dt must have shape \[2, 4, 2\]"),
+        (dict(A=-torch.rand(4, 3, 3)), ValueError, r"A must have shape \[4, 2, 3\] \(\[nheads, headdim, N\]"),
+        (dict(A=-torch.rand(4, 2, 4)), ValueError, r"A must have shape \[4, 2, 3\]"),
+        (dict(B=torch.randn(2, 3, 3)), ValueError, "B has G=3 groups .* which must divide nheads=4"),
+        (dict(B=torch.randn(2, 2, 4)), ValueError, r"B must have shape \[2, 2, 3\]"),
+        (dict(C=torch.randn(2, 2, 5)), ValueError, r"C must have shape \[2, 2, 3\]"),
+        (dict(C=torch.randn(3, 2, 3)), ValueError, r"C must have shape \[2, 2, 3\]"),
+        (dict(D=torch.randn(4)), ValueError, r"D must have shape \[nheads, headdim\]"),
+        (dict(dt_bias=torch.randn(4, 3)), ValueError, r"dt_bias must have shape \[4, 2\]"),
+        (
+            dict(z=torch.randn(2, 4, 2).double()),
+            TypeError,
+            "z has dtype torch.float64 but x has torch.float32",
+        ),
+        (
+            dict(state_batch_indices=torch.tensor([5, 1])),
+            ValueError,
+            r"state_batch_indices must index the 5 rows",
+        ),
+        (
+            dict(state_batch_indices=torch.tensor([-1, 1])),
+            ValueError,
+            r"state_batch_indices must index the 5 rows",
+        ),
+        (
+            dict(state_batch_indices=torch.tensor([1, 1])),
+            ValueError,
+            "state_batch_indices must not repeat a row",
+        ),
+        (
+            dict(state_batch_indices=torch.tensor([1.0, 2.0])),
+            TypeError,
+            "state_batch_indices must be an integer",
+        ),
+        (
+            dict(state_batch_indices=torch.tensor([1, 2, 3])),
+            ValueError,
+            r"state_batch_indices must have shape \[2\]",
+        ),
+        (dict(state_batch_indices=None), ValueError, "state has 5 rows but x has batch 2"),
+    ],
+)
+def test_multihead_state_update_bad_inputs(changes, exc, match):
+    with pytest.raises(exc, match=match):
+        ops.selective_state_update(**_heads(**changes))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_bad_state_indices_are_refused_inside_the_op(backend):
+    kw = _heads()
+    args = [kw[k] for k in ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "dt_softplus")]
+    for idx, match in (
+        (torch.tensor([5, 1]), "must index the 5 rows"),
+        (torch.tensor([2, 2]), "must not repeat"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            torch.ops.frontiers_fast.selective_state_update(*args, idx, backend)
+
+
+@pytest.mark.parametrize(
+    "name,bad,match",
+    [
+        ("delta", torch.rand(2, 6, 5).double(), "delta has dtype torch.float64 but u has torch.float32"),
+        ("z", torch.randn(2, 6, 5).half(), "z has dtype torch.float16 but u"),
+        ("B", torch.randn(2, 3, 5).bfloat16(), "B has dtype torch.bfloat16 but u"),
+        (
+            "A",
+            -torch.rand(6, 3).double(),
+            r"A has dtype torch.float64; it must have u's dtype \(torch.float32\)",
+        ),
+        ("D", torch.randn(6).half(), "D has dtype torch.float16; it must have u's dtype"),
+        ("initial_state", torch.randn(2, 6, 3).double(), "initial_state has dtype torch.float64"),
+    ],
+)
+def test_scan_dtype_mismatch(name, bad, match):
+    with pytest.raises(TypeError, match=match):
+        _scan(**{name: bad})
+
+
+def test_half_activations_take_float32_parameters():
+    kw = scan_inputs(batch=2, dim=6, N=3, L=5, layout="variable", dtype=torch.bfloat16)
+    kw.update(A=kw["A"].float(), D=kw["D"].float(), delta_bias=kw["delta_bias"].float(),
+              initial_state=kw["initial_state"].float())  # fmt: skip
+    out = ops.selective_scan(**kw)
+    assert out.dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="weight has dtype torch.float64; it must have x's dtype"):
+        ops.causal_conv1d(torch.randn(2, 6, 9), torch.randn(6, 4).double())
+    with pytest.raises(TypeError, match="initial_states has dtype torch.float64 but x has torch.float32"):
+        ops.causal_conv1d(
+            torch.randn(2, 6, 9), torch.randn(6, 4), initial_states=torch.randn(2, 6, 3).double()
+        )

@@ -129,10 +129,10 @@ rows(fn, "dtype", TypeError,
      (dict(state=t(2, 6, 3, dtype=I64)), "state must be a floating"), (dict(x=t(2, 6, dtype=BOOL)), "x must be a floating"),
      (dict(A=t(6, 3, dtype=C64)), "A must be real"), (dict(dt_bias=t(6, dtype=I64)), "dt_bias must be a floating"))  # fmt: skip
 rows(fn, "ndim", ValueError,
-     (dict(state=t(2, 2, 6, 3)), r"state must have shape \[batch, dim, N\]"), (dict(dt=t(2, 6, 1)), r"dt must have shape \[batch, dim\]"),
+     (dict(state=t(2, 2, 6, 3, 1)), r"state must have shape \[batch, dim, N\] or \[batch, nheads"), (dict(dt=t(2, 6, 1)), r"dt must have shape \[batch, dim\]"),
      (dict(B=t(2)), r"B must have shape \[batch, N\] or \[batch, G, N\]"), (dict(z=t(2, 6, 1)), "z must have shape"))  # fmt: skip
 rows(fn, "size", ValueError,
-     (dict(x=t(2, 5)), r"x must have shape \[2, 6\]"), (dict(A=t(6, 4)), r"A must have shape \[6, 3\]"),
+     (dict(x=t(2, 5)), r"state has dim=6 \(shape \[2, 6, 3\]\) but x has dim=5"), (dict(A=t(6, 4)), r"A must have shape \[6, 3\]"),
      (dict(C=t(3, 3)), r"C must have shape \[2, 3\]"), (dict(D=t(3)), r"D must have shape \[6\]"))  # fmt: skip
 rows(fn, "meta_mix", ValueError,
      (dict(x=t(2, 6, device=META)), "x is on meta but state is on cpu"), (dict(C=t(2, 3, device=META)), "C is on meta"))  # fmt: skip
@@ -140,7 +140,7 @@ rows(fn, "range", ValueError,
      (dict(B=t(2, 4, 3)), "B has G=4 groups"),
      (dict(state=torch.zeros(1, 6, 3).expand(2, 6, 3)), r"state is updated in place, so it cannot be an expanded"))  # fmt: skip
 rows(fn, "param", ValueError, (dict(backend="gpu"), "backend must be one of"))
-rows(fn, "empty", ValueError, (dict(state=t(0, 6, 3)), r"x must have shape \[0, 6\]"))
+rows(fn, "empty", ValueError, (dict(state=t(0, 6, 3)), r"state has 0 rows but x has batch 2"))
 
 # --- causal_conv1d ---------------------------------------------------------
 fn = "causal_conv1d"
