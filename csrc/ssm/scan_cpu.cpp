@@ -173,14 +173,19 @@ struct Scan {
   }
 
   // ---------------------------------------------------------------- forward
-  template <int BM, int CM>
+  // NF > 0: N is that constant, so the loop over states unrolls and the states
+  // stay in registers (N = 16 is Mamba's default).
+  template <int BM, int CM, int NF>
   void forward_task(int64_t r, int64_t cb, T* out, A* last) const {
     int64_t b, t0, t1, d0;
     int nc;
     span(r, b, t0, t1);
     block(cb, d0, nc);
-    std::vector<V> Av(N), h(N), Bv(BM == kConst ? N : 0), Cv(CM == kConst ? N : 0);
-    for (int64_t n = 0; n < N; ++n) {
+    const int64_t NN = NF > 0 ? NF : N;
+    std::vector<V> Av(NN), hv(NF > 0 ? 0 : NN), Bv(BM == kConst ? NN : 0), Cv(CM == kConst ? NN : 0);
+    V hfix[NF > 0 ? NF : 1];
+    V* h = NF > 0 ? hfix : hv.data();
+    for (int64_t n = 0; n < NN; ++n) {
       Av[n] = lanes(Am + d0 * N + n, N, nc);
       h[n] = lanes(h0 ? h0 + (r * dim + d0) * N + n : nullptr, N, nc);
       if constexpr (BM == kConst) Bv[n] = lanes(Bc + d0 * N + n, N, nc);
@@ -189,6 +194,7 @@ struct Scan {
     const V Dv = lanes(D ? D + d0 : nullptr, 1, nc), biasv = lanes(bias ? bias + d0 : nullptr, 1, nc);
     const A* brow = time_row(Bt, GB, cpgB, b, d0);
     const A* crow = time_row(Ct, GC, cpgC, b, d0);
+    const V* Ap = Av.data();
     alignas(64) A U[kChunk * W] = {}, DT[kChunk * W] = {}, DTU[kChunk * W], Y[kChunk * W], Z[kChunk * W] = {};
     for (int64_t tc = t0; tc < t1; tc += kChunk) {
       const int64_t nt = std::min(kChunk, t1 - tc);
@@ -200,8 +206,9 @@ struct Scan {
         V y = D ? Dv * loadu<V>(U + t * W) : V{};
         const A* bt = BM == kTime ? brow + (tc + t) * N : nullptr;
         const A* ct = CM == kTime ? crow + (tc + t) * N : nullptr;
-        for (int64_t n = 0; n < N; ++n) {
-          const V dA = vexp(dt * Av[n]);
+#pragma GCC unroll 16
+        for (int64_t n = 0; n < NN; ++n) {
+          const V dA = vexp(dt * Ap[n]);
           const V bn = BM == kConst ? Bv[n] : bcast<A>(bt[n]);
           const V cn = CM == kConst ? Cv[n] : bcast<A>(ct[n]);
           h[n] = fmadd(dA, h[n], dtu * bn);
@@ -219,12 +226,17 @@ struct Scan {
       store_tile(Y, b, d0, nc, tc, nt, out);
     }
     for (int c = 0; c < nc; ++c)
-      for (int64_t n = 0; n < N; ++n) last[(r * dim + d0 + c) * N + n] = h[n][c];
+      for (int64_t n = 0; n < NN; ++n) last[(r * dim + d0 + c) * N + n] = h[n][c];
   }
 
   template <int BM, int CM>
   void forward(T* out, A* last) const {
-    for_each_chunk(rows * nblocks, [&](int64_t task) { forward_task<BM, CM>(task / nblocks, task % nblocks, out, last); });
+    for_each_chunk(rows * nblocks, [&](int64_t task) {
+      if (N == 16)
+        forward_task<BM, CM, 16>(task / nblocks, task % nblocks, out, last);
+      else
+        forward_task<BM, CM, 0>(task / nblocks, task % nblocks, out, last);
+    });
   }
 
   // ---------------------------------------------------------------- backward

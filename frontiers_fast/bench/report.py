@@ -42,9 +42,11 @@ def _peers(rows):
 def check_targets(results, targets):
     """[(description, ratio, target, mem_ratio, mem_target, passed)]"""
     out = []
-    for (family, case, _mode), rows in _by_case(results).items():
-        for prefix, ours_prefix, peer, speed, mem in targets.get(family, []):
-            if not case.startswith(prefix):
+    for (family, case, mode), rows in _by_case(results).items():
+        for target in targets.get(family, []):
+            # (prefix, ours, peer, speed-up, memory ratio[, mode]): the mode, when given, picks fwd or fwd+bwd
+            prefix, ours_prefix, peer, speed, mem = target[:5]
+            if not case.startswith(prefix) or (len(target) > 5 and target[5] != mode):
                 continue
             mine = best_ours([r for r in rows if r.provider.startswith(ours_prefix)])
             theirs = next((r for r in rows if r.provider == peer and r.status == "ok"), None)
@@ -56,7 +58,7 @@ def check_targets(results, targets):
             if mem is not None and mine.peak_mb and theirs.peak_mb:
                 mratio = theirs.peak_mb / max(mine.peak_mb, 1e-9)
             passed = ratio >= speed and (mem is None or (mratio is not None and mratio >= mem))
-            out.append((f"{case}: {mine.provider} vs {peer}", ratio, speed, mratio, mem, passed))
+            out.append((f"{case} ({mode}): {mine.provider} vs {peer}", ratio, speed, mratio, mem, passed))
     return out
 
 

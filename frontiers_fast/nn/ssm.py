@@ -1,19 +1,29 @@
 """Mamba mixer layer (Gu & Dao 2023) on the selective-scan ops.
 
 Parameter names follow mamba_ssm's ``Mamba`` block (and mambapy's
-``MambaBlock``, which uses the same ones), so their state dicts load as they
-are: ``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``, ``A_log``, ``D``,
-``out_proj``.
+``MambaBlock`` and transformers' ``MambaMixer``, which use the same ones), so
+their state dicts load as they are: ``in_proj``, ``conv1d``, ``x_proj``,
+``dt_proj``, ``A_log``, ``D``, ``out_proj``.
+
+The forward runs the convolution, the projections and the scan in one
+autograd function (:class:`_MambaInner`) that keeps only the in-projection's
+output ``xz`` and ``x_dbl = x_proj(conv out)`` for the backward and
+recomputes the convolution output and delta there, as mamba_ssm's
+``mamba_inner_fn`` (checkpoint_lvl=1) does.  Decoding follows mamba_ssm: an
+:class:`InferenceParams` cache (``key_value_memory_dict[layer_idx]``,
+``seqlen_offset``) or a ``(conv_state, ssm_state)`` tuple.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _backend
 from .._checks import (
     FLOATS,
     check_bool,
@@ -29,6 +39,8 @@ from .._checks import (
     check_tensor,
 )
 from ..ops.ssm import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
+
+_ops = torch.ops.frontiers_fast
 
 
 def _check_dt_init(dt_min, dt_max, dt_init_floor, dtype):
@@ -53,6 +65,131 @@ def _check_dt_init(dt_min, dt_max, dt_init_floor, dtype):
         )
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' accumulate dtype (the ops' calling convention): float64 stays, the rest widen to float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _split_x_dbl(x_dbl, dt_proj_weight, d_state):
+    """x_dbl [batch, L, R + 2N] -> delta [batch, d_inner, L] (dt_proj without its bias, which goes into the
+    scan's softplus) and B, C [batch, N, L], the scan's layout (views of x_dbl)."""
+    dt, B, C = x_dbl.split([dt_proj_weight.shape[1], d_state, d_state], dim=-1)
+    return F.linear(dt, dt_proj_weight).transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2)
+
+
+class _MambaInner(torch.autograd.Function):
+    """xz -> y: causal conv + SiLU, the padding mask, x_proj, dt_proj, the selective scan gated by silu(z).
+
+    out_proj stays outside: its weight gradient needs y, which only a second
+    scan could give back, and autograd keeping y costs d_inner per token.
+    Saved for the backward: xz [batch, 2 d_inner, L], x_dbl [batch, L, R + 2N]
+    and the parameters; the conv output u and delta ([batch, d_inner, L] each)
+    are recomputed, as mamba_ssm's mamba_inner_fn with checkpoint_lvl=1.
+
+    Dtypes: xz, x_proj_weight, dt_proj_weight, mask, conv_initial_states in
+    T; conv_weight, conv_bias, A, D, dt_bias, initial_state in the accumulate
+    dtype (the ops' calling convention; the caller casts, so autograd carries
+    the casts' gradients).  The final conv states and the last scan state
+    come back for decoding and are not differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, dt_bias, mask,
+                conv_initial_states, initial_state, conv_backend, scan_backend):  # fmt: skip
+        x, z = xz.chunk(2, dim=1)
+        u, conv_final = _ops.causal_conv1d(
+            x, conv_weight, conv_bias, conv_initial_states, True, None, conv_backend
+        )
+        if mask is not None:
+            u = u * mask.unsqueeze(1)
+        x_dbl = F.linear(u.transpose(1, 2), x_proj_weight)
+        delta, B, C = _split_x_dbl(x_dbl, dt_proj_weight, A.shape[1])
+        y, last = _ops.selective_scan(
+            u, delta, A, B, C, D, z, dt_bias, True, initial_state, None, scan_backend
+        )
+        ctx.save_for_backward(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, dt_bias, mask,
+                              conv_initial_states, initial_state, x_dbl)  # fmt: skip
+        ctx.conv_backend, ctx.scan_backend = conv_backend, scan_backend
+        ctx.mark_non_differentiable(conv_final, last)
+        return y, conv_final, last
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_conv_final, grad_last):
+        # Grad mode is on in a backward only under create_graph=True; the backward ops
+        # have no autograd, so second derivatives would silently be zero.
+        if torch.is_grad_enabled():
+            raise NotImplementedError(
+                "Mamba: double backward (create_graph=True) is not supported: its backward ops have no "
+                "autograd, so second derivatives would silently be zero"
+            )
+        (xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, dt_bias, mask, conv_initial_states,
+         initial_state, x_dbl) = ctx.saved_tensors  # fmt: skip
+        x, z = xz.chunk(2, dim=1)
+        u, _ = _ops.causal_conv1d(
+            x, conv_weight, conv_bias, conv_initial_states, True, None, ctx.conv_backend
+        )
+        if mask is not None:
+            u = u * mask.unsqueeze(1)
+        delta, B, C = _split_x_dbl(x_dbl, dt_proj_weight, A.shape[1])
+        g_u, g_delta, g_A, g_B, g_C, g_D, g_z, g_dt_bias, g_h0 = _ops.selective_scan_bwd(
+            u, delta, A, B, C, D, z, dt_bias, True, initial_state, None, grad_y.contiguous(), None,
+            ctx.scan_backend,
+        )  # fmt: skip
+        # Back through dt_proj and x_proj, by hand: [batch, L, .] rows flattened into one GEMM each.
+        g_delta = g_delta.transpose(1, 2)  # [batch, L, d_inner], dt_proj's output layout
+        dt = x_dbl[..., : dt_proj_weight.shape[1]]
+        g_x_dbl = torch.cat([g_delta @ dt_proj_weight, g_B.transpose(1, 2), g_C.transpose(1, 2)], dim=-1)
+        g_dt_proj_weight = g_delta.reshape(-1, g_delta.shape[-1]).T @ dt.reshape(-1, dt.shape[-1])
+        u_rows = u.transpose(1, 2).reshape(-1, u.shape[1])
+        g_x_proj_weight = g_x_dbl.reshape(-1, g_x_dbl.shape[-1]).T @ u_rows
+        g_u = g_u + (g_x_dbl @ x_proj_weight).transpose(1, 2)
+        if mask is not None:
+            g_u = g_u * mask.unsqueeze(1)
+        g_x, g_conv_weight, g_conv_bias, g_conv_initial = _ops.causal_conv1d_bwd(
+            x, conv_weight, conv_bias, conv_initial_states, True, None, g_u.contiguous(), None, ctx.conv_backend,
+        )  # fmt: skip
+        given = lambda g, t: None if t is None else g  # the ops hand back [0] placeholders for None inputs
+        return (
+            torch.cat([g_x, g_z], dim=1), g_conv_weight, given(g_conv_bias, conv_bias), g_x_proj_weight,
+            g_dt_proj_weight, g_A, given(g_D, D), given(g_dt_bias, dt_bias), None,
+            given(g_conv_initial, conv_initial_states), given(g_h0, initial_state), None, None,
+        )  # fmt: skip
+
+
+@dataclasses.dataclass
+class InferenceParams:
+    """A decoding cache in mamba_ssm's layout (``mamba_ssm.utils.generation.InferenceParams``).
+
+    ``key_value_memory_dict[layer_idx]`` holds each layer's
+    ``(conv_state, ssm_state)``, allocated by the layer on its first call;
+    ``seqlen_offset`` is the number of tokens already seen: 0 means the next
+    call is a prefill that starts a new sequence.  The caller advances it, as
+    in mamba_ssm.  mamba_ssm's own object works too (only these two
+    attributes are read).
+
+    Example::
+
+        >>> layer = Mamba(64, layer_idx=0)
+        >>> cache = InferenceParams(max_seqlen=100, max_batch_size=2)
+        >>> y = layer(torch.randn(2, 10, 64), inference_params=cache)  # prefill
+        >>> cache.seqlen_offset += 10
+        >>> y = layer(torch.randn(2, 1, 64), inference_params=cache)  # one step
+    """
+
+    max_seqlen: int = 0
+    max_batch_size: int = 0
+    seqlen_offset: int = 0
+    batch_size_offset: int = 0
+    key_value_memory_dict: dict = dataclasses.field(default_factory=dict)
+    lengths_per_sample: torch.Tensor | None = None
+
+    def reset(self, max_seqlen, max_batch_size):
+        """Start a new sequence: seqlen_offset 0 (the states are overwritten by the next prefill)."""
+        self.max_seqlen, self.max_batch_size, self.seqlen_offset = max_seqlen, max_batch_size, 0
+        if self.lengths_per_sample is not None:
+            self.lengths_per_sample.zero_()
+
+
 class Mamba(nn.Module):
     """Mamba mixer: in-projection, causal depthwise convolution, selective scan gated by silu(z), out-projection.
 
@@ -68,6 +205,8 @@ class Mamba(nn.Module):
             that the initial ``dt_proj.bias`` (their inverse softplus) is
             finite in the layer's dtype.
         conv_bias, bias: biases of the convolution and of the two projections (bools).
+        layer_idx: the key of this layer's states in an
+            :class:`InferenceParams` cache (None or an int >= 0), as mamba_ssm.
         dtype: a floating dtype, or None for the default.
 
     Sizes whose parameters would not fit in the device's memory are refused
@@ -102,6 +241,7 @@ class Mamba(nn.Module):
         dt_init_floor=1e-4,
         conv_bias=True,
         bias=False,
+        layer_idx=None,
         device=None,
         dtype=None,
     ):
@@ -120,6 +260,7 @@ class Mamba(nn.Module):
             raise ValueError(f"dt_min must be <= dt_max, got dt_min={dt_min} and dt_max={dt_max}")
         dt_init_floor = check_real("dt_init_floor", dt_init_floor, 0.0)
         conv_bias, bias = check_bool("conv_bias", conv_bias), check_bool("bias", bias)
+        self.layer_idx = None if layer_idx is None else check_int("layer_idx", layer_idx, 0, why=" (or None)")
         check_choice("dtype", dtype, (None, *FLOATS))
         _check_dt_init(dt_min, dt_max, dt_init_floor, dtype)
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
@@ -175,12 +316,58 @@ class Mamba(nn.Module):
         if t.device.type == "meta" or not torch.is_autocast_enabled(t.device.type):
             check_same_dtype(name, t, "the layer's parameters", w.dtype)
 
-    def forward(self, hidden_states):
-        """[batch, L, d_model] -> [batch, L, d_model], L >= 1; NaN in a token propagates as in
-        :func:`~frontiers_fast.selective_scan` (to that token and every later one)."""
-        self._check_input("hidden_states", hidden_states, 3, "[batch, L, d_model]")
-        if hidden_states.shape[1] == 0:
-            raise ValueError("hidden_states must have at least one time step (L >= 1), got L=0")
+    def _check_states(self, conv_state, ssm_state, batch, device, what):
+        """The decoding states of ``batch`` sequences (``what`` says where they came from, for the errors)."""
+        for name, t, shape, layout in (
+            ("conv_state", conv_state, (batch, self.d_inner, None), "[batch, d_inner, S]"),
+            ("ssm_state", ssm_state, (batch, self.d_inner, self.d_state), "[batch, d_inner, d_state]"),
+        ):
+            check_tensor(name, t)
+            check_same_device(name, t, "hidden_states", device)
+            check_shape(name, t, shape, f" ({layout}, as {what})")
+
+    def _mix(self, xz, mask=None, conv_initial_states=None, initial_state=None):
+        """The layer between its two projections, on :class:`_MambaInner`.
+
+        xz [batch, 2 d_inner, L] (in_proj's output, transposed); mask None or
+        [batch, L] (multiplies the conv output, as transformers' padding
+        mask); conv_initial_states [batch, d_inner, d_conv - 1] and
+        initial_state [batch, d_inner, d_state] continue a sequence.  Returns
+        y [batch, d_inner, L] in xz's dtype, the final conv states and the
+        last scan state (for decoding; not differentiable).
+        """
+        T = xz.dtype  # the activations' dtype: the layer's, or autocast's
+        acc = _acc(T)
+        # The casts happen here, outside the autograd function, so that autograd
+        # carries their gradients back to the parameters' dtypes (no-ops when the
+        # layer already has the dtypes the ops want).
+        conv_weight = self.conv1d.weight.squeeze(1).to(acc)
+        conv_bias = None if self.conv1d.bias is None else self.conv1d.bias.to(acc)
+        # Under autocast the projections run in T, as an autocast F.linear would.
+        x_proj_weight, dt_proj_weight = self.x_proj.weight.to(T), self.dt_proj.weight.to(T)
+        A, D, dt_bias = (p.to(acc) for p in self._ssm_params())
+        if mask is not None:
+            mask = mask.to(T)
+        if conv_initial_states is not None:
+            conv_initial_states = conv_initial_states.to(T)
+        if initial_state is not None:
+            initial_state = initial_state.to(acc)
+        tensors = (xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, dt_bias, conv_initial_states,
+                   initial_state)  # fmt: skip
+        grad = _backend.records_grad(*tensors)
+        conv_backend = _backend.resolve(None, xz.device, "causal_conv1d", grad)
+        scan_backend = _backend.resolve(None, xz.device, "selective_scan", grad)
+        return _MambaInner.apply(
+            xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, dt_bias, mask, conv_initial_states,
+            initial_state, conv_backend, scan_backend,
+        )  # fmt: skip
+
+    def _composed_forward(self, hidden_states):
+        """The forward as a plain composition of the public functions, every intermediate kept by autograd.
+
+        Not used by the layer: the tests check :class:`_MambaInner`'s
+        gradients against it, and the benchmark its memory.
+        """
         xz = self.in_proj(hidden_states).transpose(1, 2)  # [batch, 2 d_inner, L]
         x, z = xz.chunk(2, dim=1)
         x = causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
@@ -191,6 +378,101 @@ class Mamba(nn.Module):
             x, dt, A, B.transpose(1, 2), C.transpose(1, 2), D, z=z, delta_bias=dt_bias, delta_softplus=True
         )
         return self.out_proj(y.transpose(1, 2))
+
+    def _cache_states(self, inference_params, batch, device):
+        """``(conv_state, ssm_state, continues)`` from a forward's ``inference_params``.
+
+        ``continues``: the call extends the sequence the states hold (False
+        for a prefill, which starts from zero states and overwrites them).
+        """
+        if isinstance(inference_params, (tuple, list)):
+            if len(inference_params) != 2:
+                raise ValueError(
+                    f"inference_params as a tuple must be (conv_state, ssm_state), got {len(inference_params)} items"
+                )
+            conv_state, ssm_state = inference_params
+            # The states are the sequence so far (zeros from allocate_inference_cache start one).
+            self._check_states(conv_state, ssm_state, batch, device, "inference_params holds them")
+            return conv_state, ssm_state, True
+        if not (
+            hasattr(inference_params, "key_value_memory_dict") and hasattr(inference_params, "seqlen_offset")
+        ):
+            raise TypeError(
+                "inference_params must be an InferenceParams (an object with key_value_memory_dict and "
+                f"seqlen_offset, as mamba_ssm's) or a (conv_state, ssm_state) tuple, got {type(inference_params).__name__}"
+            )
+        if self.layer_idx is None:
+            raise ValueError(
+                "inference_params keeps the states by layer, so this Mamba needs a layer_idx (pass layer_idx= "
+                "to the constructor), or pass the states as a (conv_state, ssm_state) tuple"
+            )
+        offset = check_int("inference_params.seqlen_offset", inference_params.seqlen_offset, 0)
+        memory = inference_params.key_value_memory_dict
+        if self.layer_idx not in memory:
+            memory[self.layer_idx] = self.allocate_inference_cache(batch)
+        states = memory[self.layer_idx]
+        if not (isinstance(states, (tuple, list)) and len(states) == 2):
+            raise ValueError(
+                f"inference_params.key_value_memory_dict[{self.layer_idx}] must be (conv_state, ssm_state), "
+                f"got {type(states).__name__}"
+            )
+        what = f"inference_params.key_value_memory_dict[{self.layer_idx}] holds them"
+        self._check_states(*states, batch, device, what)
+        return states[0], states[1], offset > 0
+
+    def forward(self, hidden_states, inference_params=None):
+        """[batch, L, d_model] -> [batch, L, d_model], L >= 1; NaN in a token propagates as in
+        :func:`~frontiers_fast.selective_scan` (to that token and every later one).
+
+        ``inference_params``, as mamba_ssm's ``Mamba.forward``: an
+        :class:`InferenceParams` (needs ``layer_idx``) or a
+        ``(conv_state, ssm_state)`` tuple from :meth:`allocate_inference_cache`;
+        the states are updated in place.  With an InferenceParams,
+        ``seqlen_offset == 0`` makes the call a prefill from zero states;
+        otherwise (and always with a tuple) the call continues the sequence
+        the states hold: one token runs :meth:`step`, more run the scan from
+        the states.  Gradients do not flow into or out of the states.
+
+        Example::
+
+            >>> layer = Mamba(64).double()
+            >>> x = torch.randn(2, 10, 64, dtype=torch.float64)
+            >>> states = layer.allocate_inference_cache(2)
+            >>> y = layer(x[:, :7], states)  # prefill
+            >>> y = layer(x[:, 7:8], states)  # one step; y equals layer(x)[:, 7:8]
+        """
+        self._check_input("hidden_states", hidden_states, 3, "[batch, L, d_model]")
+        batch, L, _ = hidden_states.shape
+        if L == 0:
+            raise ValueError("hidden_states must have at least one time step (L >= 1), got L=0")
+        if inference_params is None:
+            xz = self.in_proj(hidden_states).transpose(1, 2)  # [batch, 2 d_inner, L]
+            y, _, _ = self._mix(xz)
+            return self.out_proj(y.transpose(1, 2))
+        conv_state, ssm_state, continues = self._cache_states(inference_params, batch, hidden_states.device)
+        if continues and L == 1:
+            return self.step(hidden_states[:, 0], conv_state, ssm_state).unsqueeze(1)
+        xz = self.in_proj(hidden_states).transpose(1, 2)
+        conv_init = ssm_init = None
+        if continues:
+            # Copies: the states are overwritten below, and the backward would read them.
+            conv_init = conv_state[..., conv_state.shape[-1] - (self.d_conv - 1) :].clone()
+            ssm_init = ssm_state.clone()
+        y, _, last = self._mix(xz, None, conv_init, ssm_init)
+        with torch.no_grad():
+            self._keep_inputs(conv_state, xz[:, : self.d_inner], continues)
+            ssm_state.copy_(last)
+        return self.out_proj(y.transpose(1, 2))
+
+    @staticmethod
+    def _keep_inputs(conv_state, x, continues):
+        """conv_state [batch, d_inner, S] <- the last S conv inputs (from before this call too when it
+        ``continues``, zeros before the start otherwise), as causal_conv1d_update keeps them."""
+        S = conv_state.shape[-1]
+        past = conv_state if continues else torch.zeros_like(conv_state)
+        conv_state.copy_(
+            torch.cat([past, x[..., max(0, x.shape[-1] - S) :].to(conv_state.dtype)], dim=-1)[..., -S:]
+        )
 
     def allocate_inference_cache(self, batch_size, max_seqlen=None, dtype=None, **kwargs):
         """Zero ``(conv_state [batch, d_inner, d_conv], ssm_state [batch, d_inner, d_state])``.
@@ -220,22 +502,24 @@ class Mamba(nn.Module):
         """
         self._check_input("hidden_states", hidden_states, 2, "[batch, d_model]")
         batch = hidden_states.shape[0]
-        for name, t, shape, layout in (
-            ("conv_state", conv_state, (batch, self.d_inner, None), "[batch, d_inner, S]"),
-            ("ssm_state", ssm_state, (batch, self.d_inner, self.d_state), "[batch, d_inner, d_state]"),
-        ):
-            check_tensor(name, t)
-            check_same_device(name, t, "hidden_states", hidden_states.device)
-            check_shape(name, t, shape, f" ({layout}, as allocate_inference_cache makes it)")
-        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # [batch, d_inner] each
+        self._check_states(
+            conv_state, ssm_state, batch, hidden_states.device, "allocate_inference_cache makes them"
+        )
+        return self.out_proj(self._step_inner(self.in_proj(hidden_states), conv_state, ssm_state))
+
+    def _step_inner(self, xz, conv_state, ssm_state, mask=None):
+        """xz [batch, 2 d_inner] (one in_proj output) -> y [batch, d_inner]; the states are updated in place.
+        ``mask`` None or [batch, 1] multiplies the conv output (transformers' padding mask)."""
+        x, z = xz.chunk(2, dim=-1)  # [batch, d_inner] each
         x = causal_conv1d_update(
             x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu"
         )
+        if mask is not None:
+            x = x * mask.to(x.dtype)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)
         A, D, dt_bias = self._ssm_params()
-        y = selective_state_update(ssm_state, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=True)
-        return self.out_proj(y)
+        return selective_state_update(ssm_state, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=True)
 
 
-__all__ = ["Mamba"]
+__all__ = ["InferenceParams", "Mamba"]

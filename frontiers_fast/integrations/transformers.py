@@ -1,0 +1,275 @@
+"""Hugging Face transformers models on frontiers_fast's kernels.
+
+:func:`kernelize` replaces each ``transformers`` ``MambaMixer`` of a model by
+a :class:`FastMambaMixer`, which holds the *same* parameter objects (and
+submodules), so the model's state dict, its optimizer's parameters and its
+tied weights are untouched, and runs the layer on frontiers_fast's ops:
+:class:`frontiers_fast.nn.Mamba`'s memory-lean forward and backward for
+full sequences (training, prefill) and the decoding ops for one-token steps.
+``model(...)``, ``model.generate(...)`` and training then run on the kernels.
+
+Written against transformers 5.x, whose ``MambaMixer.forward`` is called as
+``mixer(hidden_states, cache=cache, attention_mask=attention_mask)`` with a
+``transformers.Cache`` whose linear-attention layers hold a conv state
+[batch, d_inner, d_conv] and a recurrent state [batch, d_inner, d_state]
+per layer (``get_conv_state`` / ``update_conv_state`` /
+``get_recurrent_state`` / ``update_recurrent_state``).
+
+Example::
+
+    >>> from transformers import MambaConfig, MambaForCausalLM
+    >>> model = kernelize(MambaForCausalLM(MambaConfig(hidden_size=64, num_hidden_layers=2, vocab_size=100)))
+    >>> model.generate(torch.randint(0, 100, (1, 8)), max_new_tokens=4, do_sample=False).shape
+    torch.Size([1, 12])
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._checks import check_dims, check_same_device, check_shape
+from ..nn.ssm import Mamba
+
+try:
+    from transformers.models.mamba.modeling_mamba import MambaMixer as _HFMambaMixer
+except ImportError as exc:  # pragma: no cover - the module is only imported by people who have transformers
+    raise ImportError(
+        "frontiers_fast.integrations.transformers needs the transformers package (pip install transformers)"
+    ) from exc
+
+_LOOKED_FOR = f"{_HFMambaMixer.__module__}.{_HFMambaMixer.__qualname__}"
+_ACTIVATIONS = ("silu", "swish")  # what the kernels fuse after the convolution
+
+
+def _unsupported(mixer) -> str | None:
+    """Why ``mixer`` cannot run on the kernels, or None if it can."""
+    if type(mixer) is not _HFMambaMixer:
+        # A subclass may change the math (FalconMamba normalises B, C and dt): leave it alone.
+        return f"{type(mixer).__name__} is a subclass of MambaMixer, whose forward may differ"
+    if mixer.activation not in _ACTIVATIONS:
+        return f"its activation {mixer.activation!r} is not one of {_ACTIVATIONS}"
+    conv = mixer.conv1d
+    d_inner, width = mixer.intermediate_size, mixer.conv_kernel_size
+    standard = (
+        conv.groups == d_inner
+        and conv.in_channels == conv.out_channels == d_inner
+        and conv.kernel_size == (width,)
+        and conv.stride == (1,)
+        and conv.dilation == (1,)
+        and conv.padding == (width - 1,)
+    )
+    if not standard:
+        return "its conv1d is not the depthwise causal convolution MambaMixer builds"
+    if mixer.A_log.shape != (d_inner, mixer.ssm_state_size) or mixer.D.shape != (d_inner,):
+        return f"its A_log {list(mixer.A_log.shape)} or D {list(mixer.D.shape)} has an unexpected shape"
+    if mixer.dt_proj.bias is None:
+        return "its dt_proj has no bias"
+    return None
+
+
+class FastMambaMixer(Mamba):
+    """A transformers ``MambaMixer`` on frontiers_fast's kernels, sharing the original's parameters.
+
+    Built from a mixer by :func:`kernelize`; it holds the mixer's own
+    submodules and parameters (no copy) and its plain attributes
+    (``layer_idx``, ``config``, ...), so its state dict has the same keys
+    and tensors.  Its :meth:`forward` takes what ``MambaMixer.forward``
+    takes.  As a :class:`frontiers_fast.nn.Mamba`, it also has ``step``
+    and mamba_ssm's ``inference_params`` through :meth:`mamba_forward`.
+
+    Args:
+        mixer: a ``transformers.models.mamba.modeling_mamba.MambaMixer``.
+    """
+
+    def __init__(self, mixer):
+        if not isinstance(mixer, _HFMambaMixer):
+            raise TypeError(f"mixer must be a transformers MambaMixer, got {type(mixer).__name__}")
+        why = _unsupported(mixer)
+        if why is not None:
+            raise ValueError(f"mixer cannot run on frontiers_fast's kernels: {why}")
+        nn.Module.__init__(self)
+        # The very objects, in the mixer's order: named_parameters() (and so an
+        # optimizer built before or after kernelize) sees the same list.
+        self._parameters.update(mixer._parameters)
+        self._buffers.update(mixer._buffers)
+        self._modules.update(mixer._modules)
+        for name, value in vars(mixer).items():
+            if not name.startswith("_") and name != "training":
+                setattr(self, name, value)
+        self.train(mixer.training)
+        # nn.Mamba's names for the sizes.
+        self.d_model, self.d_state, self.d_conv = (
+            mixer.hidden_size,
+            mixer.ssm_state_size,
+            mixer.conv_kernel_size,
+        )
+        self.d_inner, self.dt_rank = mixer.intermediate_size, mixer.time_step_rank
+
+    def mamba_forward(self, hidden_states, inference_params=None):
+        """:meth:`frontiers_fast.nn.Mamba.forward` (mamba_ssm's calling convention)."""
+        return Mamba.forward(self, hidden_states, inference_params)
+
+    @staticmethod
+    def _check_mask(attention_mask, batch, L, device):
+        """transformers' padding mask: a bool, integer or floating [batch, L] tensor (1 keeps a token)."""
+        if attention_mask is None:
+            return None
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(
+                f"attention_mask must be a torch.Tensor or None, got {type(attention_mask).__name__}"
+            )
+        if attention_mask.is_complex():
+            raise TypeError(
+                f"attention_mask must be a bool, integer or floating tensor, got {attention_mask.dtype}"
+            )
+        check_dims("attention_mask", attention_mask, 2, "[batch, L]")
+        check_shape("attention_mask", attention_mask, (batch, L), " ([batch, L], as hidden_states)")
+        check_same_device("attention_mask", attention_mask, "hidden_states", device)
+        return attention_mask
+
+    def forward(self, hidden_states, cache=None, attention_mask=None, cache_params=None, **kwargs):
+        """[batch, L, d_model] -> [batch, L, d_model], as transformers' ``MambaMixer.forward``.
+
+        Args:
+            hidden_states: [batch, L, d_model], L >= 1.
+            cache: None, or the model's ``transformers.Cache``; this layer's
+                states (``layer_idx``) are read and updated in place as
+                ``MambaMixer`` does.  With a cache, a call with no earlier
+                state is a prefill; one token after a prefill is a decoding
+                step (``causal_conv1d_update``, ``selective_state_update``);
+                more tokens after a prefill continue from both states (the
+                reference mixer restarts its scan from zero there).
+            attention_mask: None or [batch, L] (1 keeps a token, 0 is
+                padding): zeroes the padding in the layer's input and in the
+                convolution's output, as ``MambaMixer`` does.
+            cache_params: the deprecated name of ``cache``.
+            **kwargs: accepted and unused, as ``MambaMixer`` (which hands them
+                to its convolution, whose PyTorch path ignores them).
+
+        Example::
+
+            >>> y = mixer(torch.randn(2, 10, mixer.d_model))  # mixer = FastMambaMixer(...) from kernelize
+        """
+        if cache_params is not None:
+            if cache is not None:
+                raise ValueError(
+                    "cache and cache_params (its deprecated name) were both given; pass cache only"
+                )
+            cache = cache_params
+        self._check_input("hidden_states", hidden_states, 3, "[batch, L, d_model]")
+        batch, L, _ = hidden_states.shape
+        if L == 0:
+            raise ValueError("hidden_states must have at least one time step (L >= 1), got L=0")
+        if cache is not None and not hasattr(cache, "get_conv_state"):
+            raise TypeError(
+                f"cache must be a transformers Cache with linear-attention layers, got {type(cache).__name__}"
+            )
+        mask = self._check_mask(attention_mask, batch, L, hidden_states.device)
+        dtype = hidden_states.dtype
+        conv_state = ssm_state = None
+        if cache is not None:
+            # None until this layer has seen a first chunk (and after a reset).
+            conv_state = cache.get_conv_state(self.layer_idx)
+            ssm_state = cache.get_recurrent_state(self.layer_idx)
+        if mask is not None:
+            hidden_states = (hidden_states * mask.unsqueeze(-1)).to(dtype)
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # [batch, 2 d_inner, L]
+        if (
+            conv_state is not None
+            and ssm_state is not None
+            and L == 1
+            and not cache.is_recording_past(self.layer_idx)
+        ):
+            y = self._step_inner(xz[..., 0], conv_state, ssm_state, None if mask is None else mask[:, :1])
+            return self.out_proj(y.unsqueeze(1).to(dtype))
+        conv_init = ssm_init = None
+        if cache is not None:
+            # transformers' own bookkeeping stores the conv inputs (lazily allocating the state,
+            # padding a short prefill, recording the past when asked) and hands back the inputs
+            # with the context before them: their last d_conv - 1 columns before this chunk
+            # are the convolution's initial states.
+            full = cache.update_conv_state(
+                xz[:, : self.d_inner], self.layer_idx, conv_kernel_size=self.d_conv
+            )
+            if conv_state is not None and self.d_conv > 1:
+                context = full[..., : full.shape[-1] - L]
+                conv_init = F.pad(context, (max(0, self.d_conv - 1 - context.shape[-1]), 0))
+                # A copy: the cache may later change the buffer in place (reset), the backward reads it.
+                conv_init = conv_init[..., conv_init.shape[-1] - (self.d_conv - 1) :].clone()
+            if ssm_state is not None:
+                ssm_init = ssm_state.clone()  # the cache is overwritten below, the backward reads it
+        y, _, last = self._mix(xz, mask, conv_init, ssm_init)
+        if cache is not None:
+            with torch.no_grad():
+                cache.update_recurrent_state(last, self.layer_idx)
+        return self.out_proj(y.transpose(1, 2).to(dtype))
+
+
+def kernelize(model):
+    """Run a transformers model's Mamba layers on frontiers_fast's kernels, in place.
+
+    Every ``transformers`` ``MambaMixer`` found in ``model.modules()`` is
+    replaced by a :class:`FastMambaMixer` holding the same parameter objects
+    (nothing is copied: ``data_ptr`` and identity are kept, so optimizers,
+    tied weights and ``state_dict`` keys are unchanged).  A mixer the kernels
+    cannot run (a subclass such as FalconMamba's, another activation) is left
+    as it is, with a warning that names it: it keeps transformers' own path,
+    which is the fallback.
+
+    Args:
+        model: an ``nn.Module`` (a ``MambaForCausalLM``, ``MambaModel``, or a
+            single ``MambaMixer``).
+
+    Returns:
+        ``model`` (or, for a bare ``MambaMixer``, its replacement).  A model
+        without any ``MambaMixer`` is returned unchanged with a
+        ``UserWarning`` that says what was looked for.
+
+    Example::
+
+        >>> model = kernelize(MambaForCausalLM(config))
+        >>> loss = model(input_ids, labels=input_ids).loss  # forward and backward on the kernels
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, _HFMambaMixer):
+        why = _unsupported(model)
+        if why is None:
+            return FastMambaMixer(model)
+        warnings.warn(
+            f"kernelize: the model (a {type(model).__name__}) is left as it is: {why}", stacklevel=2
+        )
+        return model
+    replaced, kept, done = 0, [], 0
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, FastMambaMixer):
+                done += 1
+            elif isinstance(child, _HFMambaMixer):
+                where = f"{parent_name}.{name}" if parent_name else name
+                why = _unsupported(child)
+                if why is None:
+                    setattr(parent, name, FastMambaMixer(child))
+                    replaced += 1
+                else:
+                    kept.append(f"{where} ({why})")
+    if kept:
+        warnings.warn(
+            f"kernelize: {len(kept)} MambaMixer layer(s) keep transformers' own path: " + "; ".join(kept),
+            stacklevel=2,
+        )
+    if not replaced and not kept and not done:
+        warnings.warn(
+            f"kernelize: {type(model).__name__} holds no supported layer (looked for {_LOOKED_FOR}); "
+            "the model is unchanged",
+            UserWarning,
+            stacklevel=2,
+        )
+    return model
+
+
+__all__ = ["FastMambaMixer", "kernelize"]
