@@ -115,18 +115,20 @@ def test_cuda_on_a_function_without_a_cuda_kernel_raises():
     # spmm has a CUDA forward but no CUDA backward: refused when a graph is recorded
     with pytest.raises(NotImplementedError, match=r"frontiers_fast\.spmm: backend 'cuda'.*for its backward"):
         ff.spmm(g, x, w, backend="cuda")
-    with pytest.raises(NotImplementedError, match=r"selective_scan.*'cpp' is not implemented.*reference"):
-        u = torch.randn(1, 2, 3)
+    with pytest.raises(NotImplementedError, match=r"moe_route.*'cpp' is not implemented.*reference"):
+        ff.moe_route(torch.randn(6, 4), top_k=2, backend="cpp")
+    # the scan's CUDA kernel is a forward only
+    u = torch.randn(1, 2, 3, requires_grad=True)
+    with pytest.raises(NotImplementedError, match=r"selective_scan: backend 'cuda'.*for its backward"):
         ff.selective_scan(
-            u, u.abs(), -torch.rand(2, 4), torch.randn(1, 4, 3), torch.randn(1, 4, 3), backend="cpp"
+            u, u.abs(), -torch.rand(2, 4), torch.randn(1, 4, 3), torch.randn(1, 4, 3), backend="cuda"
         )
 
 
 def test_a_process_wide_force_is_a_force(monkeypatch):
-    u = torch.randn(1, 2, 3)
     monkeypatch.setenv("FRONTIERS_FAST_BACKEND", "cpp")
-    with pytest.raises(NotImplementedError, match="selective_scan"):
-        ff.selective_scan(u, u.abs(), -torch.rand(2, 4), torch.randn(1, 4, 3), torch.randn(1, 4, 3))
+    with pytest.raises(NotImplementedError, match="moe_route"):
+        ff.moe_route(torch.randn(6, 4), top_k=2)
 
 
 def test_direct_op_calls_are_checked():

@@ -3,7 +3,7 @@
 // They guard direct calls of the registered ops (the Python layer has already
 // validated user input), so they are O(1): device, dtype, rank, shape, and
 // the two ends of an offset array.  Index values are trusted, as the Python
-// layer built them.  Every message starts with the op and names the argument.
+// layer built them -- except user-given packed-sequence offsets (seqlens_arg).  Every message starts with the op and names the argument.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -51,6 +51,27 @@ inline int64_t offsets_arg(const at::Tensor& ptr, int64_t count, const char* op,
   TORCH_CHECK(p[0] == 0, op, ": ", name, "[0] must be 0, got ", p[0]);
   TORCH_CHECK(p[n] == count, op, ": ", name, "[-1] must equal the length of ", of, " (", count, "), got ", p[n]);
   return n;
+}
+
+// Packed-sequence offsets a user gave (cu_seqlens of the selective-scan
+// family): int64 [S + 1], S >= 1, over a batch of one, 0 first, `total` (the
+// length of `of`) last, never decreasing.  Unlike the O(1) checks above these
+// read every value: the op bodies run them, so a compiled graph refuses bad
+// offsets too.  ValueError, naming the argument.  Returns it contiguous.
+inline at::Tensor seqlens_arg(const at::Tensor& t, int64_t batch, int64_t total, const char* op, const char* name,
+                              const char* of) {
+  at::Tensor cu = index_arg(t, op, name);
+  TORCH_CHECK_VALUE(cu.numel() >= 2, op, ": ", name, " must hold S + 1 >= 2 offsets, got ", cu.numel());
+  TORCH_CHECK_VALUE(batch == 1, op, ": ", name, " packs sequences along L of a batch of one, but ", of,
+                    " has batch ", batch);
+  const int64_t* p = cu.data_ptr<int64_t>();
+  const int64_t S = cu.numel() - 1;
+  TORCH_CHECK_VALUE(p[0] == 0 && p[S] == total, op, ": ", name, " must start at 0 and end at the length of ", of,
+                    " (L=", total, "), got ", p[0], " ... ", p[S]);
+  for (int64_t s = 0; s < S; ++s)
+    TORCH_CHECK_VALUE(p[s] <= p[s + 1], op, ": ", name, " must not decrease, got ", name, "[", s, "]=", p[s], " > ",
+                      name, "[", s + 1, "]=", p[s + 1]);
+  return cu;
 }
 
 inline Reduce reduce_arg(int64_t code, const char* op) {

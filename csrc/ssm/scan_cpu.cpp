@@ -480,22 +480,6 @@ void check_float(const at::Tensor& t, const char* op, const char* name, at::Scal
   TORCH_CHECK(t.dim() == dim, op, ": ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
 }
 
-// cu_seqlens as int64 [S + 1] with its values checked (this runs inside the op,
-// so a compiled graph refuses bad offsets too).
-at::Tensor cu_arg(const at::Tensor& cu, int64_t L, const char* op) {
-  check_cpu(cu, op, "cu_seqlens");
-  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.numel() >= 2, op, ": cu_seqlens must be [S + 1] with S >= 1, got shape ",
-                    cu.sizes());
-  at::Tensor c = cu.to(at::kLong).contiguous();
-  const int64_t* p = c.data_ptr<int64_t>();
-  const int64_t n = c.numel() - 1;
-  TORCH_CHECK_VALUE(p[0] == 0 && p[n] == L, op, ": cu_seqlens must start at 0 and end at L (", L, "), got ", p[0],
-                    " ... ", p[n]);
-  for (int64_t i = 0; i < n; ++i)
-    TORCH_CHECK_VALUE(p[i + 1] >= p[i], op, ": cu_seqlens must not decrease, got cu_seqlens[", i, "]=", p[i],
-                      " > cu_seqlens[", i + 1, "]=", p[i + 1]);
-  return c;
-}
 
 struct Prepared {
   at::Tensor u, delta, z, A, D, bias, h0, Bc, Cc, Bt, Ct, cu;
@@ -561,8 +545,7 @@ Prepared prepare(const char* op, const at::Tensor& u, const at::Tensor& delta, c
   }
   p.rows = p.batch;
   if (cu_seqlens.has_value()) {
-    TORCH_CHECK_VALUE(p.batch == 1, op, ": cu_seqlens needs batch 1, got batch ", p.batch);
-    p.cu = cu_arg(*cu_seqlens, p.L, op);
+    p.cu = seqlens_arg(*cu_seqlens, p.batch, p.L, op, "cu_seqlens", "u");
     p.rows = p.cu.numel() - 1;
   }
   if (initial_state.has_value()) {

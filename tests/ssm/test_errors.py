@@ -228,7 +228,7 @@ CU_CASES = [
         ValueError,
         r"cu_seqlens must have shape \[num_sequences \+ 1\]",
     ),
-    (dict(cu_seqlens=torch.tensor([0])), ValueError, "cu_seqlens must hold S \+ 1 >= 2 offsets"),
+    (dict(cu_seqlens=torch.tensor([0])), ValueError, r"cu_seqlens must hold S \+ 1 >= 2 offsets"),
     (dict(cu_seqlens=torch.tensor([0, 4, 4, 10], device="meta")), ValueError, "cu_seqlens is on meta"),
     (
         dict(initial_state=torch.randn(2, 6, 3)),

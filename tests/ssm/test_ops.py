@@ -218,11 +218,15 @@ def test_state_update_keeps_state_dtype_and_no_grad():
     kw = scan_inputs(L=1, layout="variable", dtype=torch.float32)
     state = torch.randn(2, 6, 3, dtype=torch.bfloat16)
     # activations in float16, parameters in float32, the state in bfloat16
-    x, dt, B, C = (t.to(torch.float16) for t in (kw["u"][..., 0], kw["delta"][..., 0], kw["B"][..., 0], kw["C"][..., 0]))
+    x, dt, B, C = (
+        t.to(torch.float16) for t in (kw["u"][..., 0], kw["delta"][..., 0], kw["B"][..., 0], kw["C"][..., 0])
+    )
     want_state = state.clone()
     want = ref.selective_state_update(want_state, x, dt, kw["A"].requires_grad_(True), B, C, kw["D"], None,
                                       kw["delta_bias"], True)  # fmt: skip
-    y = ops.selective_state_update(state, x, dt, kw["A"], B, C, kw["D"], dt_bias=kw["delta_bias"], dt_softplus=True)
+    y = ops.selective_state_update(
+        state, x, dt, kw["A"], B, C, kw["D"], dt_bias=kw["delta_bias"], dt_softplus=True
+    )
     assert state.dtype == torch.bfloat16 and y.dtype == torch.float16 and not y.requires_grad
     assert torch.equal(state, want_state)
     assert_close(y, want.detach())
