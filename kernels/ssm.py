@@ -100,12 +100,12 @@ def _np2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def _check_cu(cu_seqlens, L):
+def _check_cu(cu_seqlens, L, batch):
     if cu_seqlens is not None:
         # imported here: frontiers_fast.ops.ssm names this module's launchers
         from frontiers_fast.ops.ssm import check_cu_seqlens
 
-        check_cu_seqlens(cu_seqlens, L)
+        check_cu_seqlens(cu_seqlens, L, batch)
 
 
 def _arg(t, stand_in):
@@ -611,7 +611,7 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens)
     batch, dim, L = u.shape
     N = A.shape[1]
-    _check_cu(cu_seqlens, L)
+    _check_cu(cu_seqlens, L, batch)
     rows = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
     out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
     last = torch.empty((rows, dim, N), dtype=acc_dtype(u.dtype), device=u.device)
@@ -644,7 +644,7 @@ def selective_scan_bwd(
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens)
     batch, dim, L = u.shape
     N = A.shape[1]
-    _check_cu(cu_seqlens, L)
+    _check_cu(cu_seqlens, L, batch)
     rows = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
     dev, acc = u.device, acc_dtype(u.dtype)
     if rows == 0 or dim == 0:
@@ -996,7 +996,7 @@ def causal_conv1d_fwd(x, weight, bias, initial_states, silu, cu_seqlens):
     """
     batch, dim, L = x.shape
     W = weight.shape[1]
-    _check_cu(cu_seqlens, L)
+    _check_cu(cu_seqlens, L, batch)
     rows = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     final = torch.empty((rows, dim, W - 1), dtype=x.dtype, device=x.device)
@@ -1037,7 +1037,7 @@ def causal_conv1d_bwd(x, weight, bias, initial_states, silu, cu_seqlens, grad_ou
     """
     batch, dim, L = x.shape
     W = weight.shape[1]
-    _check_cu(cu_seqlens, L)
+    _check_cu(cu_seqlens, L, batch)
     rows = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
     dev, acc = x.device, acc_dtype(x.dtype)
     if rows == 0 or dim == 0:

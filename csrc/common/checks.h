@@ -9,10 +9,16 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 
 #include "common/reduce.h"
 
 namespace frontiers_fast {
+
+// An optional tensor argument: its address, or nullptr when absent (None or undefined).
+inline const at::Tensor* present(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? &*t : nullptr;
+}
 
 inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");

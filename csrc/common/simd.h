@@ -8,6 +8,7 @@
 // when available and a plain fallback otherwise.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -255,36 +256,52 @@ inline Simd<double>::V vexp(Simd<double>::V x) {
 #endif
 }
 
-// Natural log for positive finite float vectors (Cephes logf): x = m 2^e
-// with m in [sqrt(1/2), sqrt(2)), a degree-9 polynomial in m - 1, and e ln2
-// added in two parts.  Relative error about 1 ulp.  NaN gives NaN; zero,
-// negative, infinite and denormal inputs are outside its contract.
-inline Simd<float>::V vlog(Simd<float>::V x) {
+// The activations around the kernels, on top of vexp.  NaN stays NaN.
+// sigmoid(x) = 1 / (1 + e^-x); silu(x) = x sigmoid(x) (large |x| saturate).
+template <typename T>
+inline VecT<T> vsigmoid(VecT<T> x) {
+  return bcast(T(1)) / (bcast(T(1)) + vexp(-x));
+}
+template <typename T>
+inline VecT<T> vsilu(VecT<T> x) {
+  return x / (bcast(T(1)) + vexp(-x));
+}
+
+// Where softplus becomes the identity: torch.nn.functional.softplus's default
+// threshold, which mamba_ssm's kernels use too.
+constexpr double kSoftplusThreshold = 20.0;
+
+// log1p(u) for u in [0, 1] (float32): 2 atanh(s) with s = u / (2 + u) <= 1/3,
+// its odd series to s^15 (the next term is below 2^-24 relative).
+inline Simd<float>::V log1p_unit(Simd<float>::V u) {
   typedef Simd<float>::V V;
-  typedef Simd<float>::I I;
-  const I xi = (I)x;
-  I e = ((xi >> 23) & 0xff) - 126;
-  V m = (V)((xi & 0x007fffff) | 0x3f000000);  // the mantissa in [0.5, 1)
-  const I low = m < bcast(0.707106781186547524f);
-  e += low;  // a true lane of the mask is -1
-  m = (low ? m + m : m) - bcast(1.0f);
-  const V z = m * m;
-  V y = bcast(7.0376836292e-2f);
-  y = fmadd(y, m, bcast(-1.1514610310e-1f));
-  y = fmadd(y, m, bcast(1.1676998740e-1f));
-  y = fmadd(y, m, bcast(-1.2420140846e-1f));
-  y = fmadd(y, m, bcast(1.4249322787e-1f));
-  y = fmadd(y, m, bcast(-1.6668057665e-1f));
-  y = fmadd(y, m, bcast(2.0000714765e-1f));
-  y = fmadd(y, m, bcast(-2.4999993993e-1f));
-  y = fmadd(y, m, bcast(3.3333331174e-1f));
-  y = y * m * z;
-  const V ef = __builtin_convertvector(e, V);
-  y = fmadd(ef, bcast(-2.12194440e-4f), y);
-  y = fmadd(z, bcast(-0.5f), y);
-  V r = m + y;
-  r = fmadd(ef, bcast(0.693359375f), r);
+  const V s = u / (bcast(2.0f) + u);
+  const V s2 = s * s;
+  V p = bcast(2.0f / 15.0f);
+  p = fmadd(p, s2, bcast(2.0f / 13.0f));
+  p = fmadd(p, s2, bcast(2.0f / 11.0f));
+  p = fmadd(p, s2, bcast(2.0f / 9.0f));
+  p = fmadd(p, s2, bcast(2.0f / 7.0f));
+  p = fmadd(p, s2, bcast(2.0f / 5.0f));
+  p = fmadd(p, s2, bcast(2.0f / 3.0f));
+  p = fmadd(p, s2, bcast(2.0f));
+  return p * s;
+}
+
+// softplus(x) = log1p(e^x), as max(x, 0) + log1p(e^-|x|) so that no lane
+// overflows, and x itself above kSoftplusThreshold.
+inline Simd<float>::V vsoftplus(Simd<float>::V x) {
+  typedef Simd<float>::V V;
+  const V ax = x < V{} ? -x : x;
+  V r = (x > V{} ? x : V{}) + log1p_unit(vexp(-ax));
+  r = x > bcast(float(kSoftplusThreshold)) ? x : r;
   return x != x ? x : r;
+}
+// float64 is the testing dtype: the scalar library is exact and fast enough.
+inline Simd<double>::V vsoftplus(Simd<double>::V x) {
+  for (int l = 0; l < Simd<double>::W; ++l)
+    if (!(x[l] > kSoftplusThreshold)) x[l] = std::log1p(std::exp(x[l]));
+  return x;
 }
 
 // ---------------------------------------------------------------------------

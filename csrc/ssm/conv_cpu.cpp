@@ -78,7 +78,6 @@ void param_arg(const Tensor& t, const Tensor& x, at::IntArrayRef shape, const ch
   shape_arg(t, shape, op, name, layout);
 }
 
-const Tensor* present(const std::optional<Tensor>& t) { return t.has_value() && t->defined() ? &*t : nullptr; }
 
 // cu_seqlens [S + 1] over the L steps of x (batch 1), values checked.
 Tensor cu_seqlens_arg(const Tensor& cu, int64_t batch, int64_t L, const char* op) {
@@ -143,16 +142,6 @@ inline VecT<A> window_dot(const A* xt, const A* w, int W, VecT<A> bias, int n) {
     for (int k = 0; k < nk; ++k) acc = fmadd(bcast(w[k]), load_n(xt + k, n), acc);
   }
   return acc;
-}
-
-// sigmoid(p) = 1 / (1 + e^-p); silu(p) = p sigmoid(p).  A NaN stays NaN, large |p| saturate.
-template <typename A>
-inline VecT<A> sigmoid_v(VecT<A> p) {
-  return bcast(A(1)) / (bcast(A(1)) + vexp(-p));
-}
-template <typename A>
-inline VecT<A> silu_v(VecT<A> p) {
-  return p / (bcast(A(1)) + vexp(-p));
 }
 
 // The inputs of one sequence of a row, as its window xcat = [initial states, x]: fetch(lt, len)
@@ -224,7 +213,7 @@ void conv_fwd(const ConvArgs<T, acc_t<T>>& a, T* out, T* fin) {
           for (int64_t i = 0; i < len; i += VW) {
             const int m = int(std::min<int64_t>(VW, len - i));
             V p = window_dot<A, KW>(xt + i, w.data(), W, bv, m);
-            if (a.silu) p = silu_v<A>(p);
+            if (a.silu) p = vsilu<A>(p);
             store_lanes<A>(p, orow + ts + lt + i, 1, m);
           }
           win.done(len);
@@ -300,7 +289,7 @@ void conv_bwd(const ConvArgs<T, acc_t<T>>& a, T* gx, T* ginit, double* pw, doubl
               if (a.silu) {
                 V p = bv;
                 for (int k = 0; k < KW; ++k) p = fmadd(bcast(w[k]), xv[k], p);
-                const V sg = sigmoid_v<A>(p);
+                const V sg = vsigmoid<A>(p);
                 g = g * (sg * (bcast(A(1)) + p * (bcast(A(1)) - sg)));
                 if (m < VW) g = select<A>(iota<A>() < m, g, V{});
               }
@@ -315,7 +304,7 @@ void conv_bwd(const ConvArgs<T, acc_t<T>>& a, T* gx, T* ginit, double* pw, doubl
               V g = load_upto(got + i, m);
               if (a.silu) {
                 const V p = window_dot<A, 0>(xt + i, w.data(), W, bv, m);
-                const V sg = sigmoid_v<A>(p);
+                const V sg = vsigmoid<A>(p);
                 g = g * (sg * (bcast(A(1)) + p * (bcast(A(1)) - sg)));
                 if (m < VW) g = select<A>(iota<A>() < m, g, V{});
               }

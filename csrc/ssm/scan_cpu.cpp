@@ -47,6 +47,7 @@
 
 #include "common/alloc.h"
 #include "common/checks.h"
+#include "common/convert.h"
 #include "common/sched.h"
 #include "common/simd.h"
 
@@ -56,35 +57,6 @@ namespace {
 
 constexpr int64_t kChunk = 64;        // time steps per tile and per checkpoint
 constexpr int64_t kTasksPerUnit = 8;  // backward: tasks a group's channels are cut into
-constexpr double kSoftplusThreshold = 20.0;
-
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-template <typename A>
-inline VecT<A> vsigmoid(VecT<A> x) {
-  return bcast<A>(A(1)) / (bcast<A>(A(1)) + vexp(-x));
-}
-
-// softplus(x) = max(x, 0) + log1p(exp(-|x|)), and x itself above the threshold
-// (torch's switch).  log1p(y) for y in (0, 1] is log(1 + y) * y / ((1 + y) - 1),
-// which corrects the rounding of 1 + y.
-inline Simd<float>::V vsoftplus(Simd<float>::V x) {
-  typedef Simd<float>::V V;
-  const V zero = V{};
-  const V y = vexp(x > zero ? -x : x);
-  const V w = bcast(1.0f) + y;
-  const V d = w - bcast(1.0f);
-  const V l1p = d == zero ? y : vlog(w) * (y / d);
-  const V r = (x > zero ? x : zero) + l1p;
-  return x > bcast(float(kSoftplusThreshold)) ? x : r;
-}
-
-// float64 is the testing dtype: a scalar loop is exact enough and fast enough.
-inline Simd<double>::V vsoftplus(Simd<double>::V x) {
-  for (int l = 0; l < Simd<double>::W; ++l) x[l] = x[l] > kSoftplusThreshold ? x[l] : std::log1p(std::exp(x[l]));
-  return x;
-}
 
 enum Coef { kConst = 0, kTime = 1 };  // how a block reads B or C
 
@@ -146,11 +118,15 @@ struct Scan {
     return v;
   }
   // [channel][time] rows of src (row length L) -> tile[t * W + c], in A.
+  // Lanes past the block's nc channels are zeroed: a tile is reused across the
+  // blocks of a task, and a partial block must not see its predecessor's data.
   void load_tile(const T* src, int64_t b, int64_t d0, int nc, int64_t tc, int64_t nt, A* tile) const {
     for (int c = 0; c < nc; ++c) {
       const T* p = src + ((b * dim + d0 + c) * L + tc);
       for (int64_t t = 0; t < nt; ++t) tile[t * W + c] = A(p[t]);
     }
+    if (nc < W)
+      for (int64_t t = 0; t < nt; ++t) std::fill(tile + t * W + nc, tile + (t + 1) * W, A(0));
   }
   template <typename O>
   void store_tile(const A* tile, int64_t b, int64_t d0, int nc, int64_t tc, int64_t nt, O* dst) const {
@@ -361,6 +337,8 @@ struct Scan {
           }
         }
         const V* hstart = ck.data() + (i * nchunks + c) * N;
+        // the channel sums of B and C gradients add only the block's own lanes
+        const IdxT<A> live = iota<A>() < (IdxT<A>{} + nc);
         V gDi = gD[i], gbi = gbias[i];
         for (int64_t t = nt - 1; t >= 0; --t) {
           const V gt = loadu<V>(G + t * W), ut = loadu<V>(U + t * W);
@@ -390,11 +368,11 @@ struct Scan {
             if constexpr (CM == kConst)
               gCc[i * N + n] = fmadd(gy, Ht[n], gCc[i * N + n]);
             else
-              PC[n] = gy * Ht[n];
+              PC[n] = select<A>(live, gy * Ht[n], V{});
             if constexpr (BM == kConst)
               gBc[i * N + n] = fmadd(l, dtu, gBc[i * N + n]);
             else
-              PB[n] = l * dtu;
+              PB[n] = select<A>(live, l * dtu, V{});
             lami[n] = l * DAt[n];
           }
           // channel sums of this step's B and C gradients (fixed reduction tree)

@@ -18,6 +18,7 @@
 #include <tuple>
 
 #include "common/alloc.h"
+#include "common/checks.h"
 #include "ssm/scan.cuh"
 
 namespace frontiers_fast {
@@ -26,7 +27,6 @@ namespace {
 
 constexpr const char* kOp = "frontiers_fast::selective_scan (cuda): ";
 
-const at::Tensor* present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined() ? &*t : nullptr; }
 
 void check_on(const at::Tensor& t, const char* name, const at::Tensor& u) {
   TORCH_CHECK(t.is_cuda(), kOp, name, " must be a CUDA tensor, got one on ", t.device());
@@ -172,9 +172,12 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_cuda(
                 "cu_seqlens must be int32 or int64, got ", cu->scalar_type());
     TORCH_CHECK(cu->dim() == 1 && cu->numel() >= 1, kOp, "cu_seqlens must be 1-D [num_sequences + 1], got shape ",
                 cu->sizes());
-    TORCH_CHECK(batch == 1, kOp, "cu_seqlens packs the sequences along L, so u must have batch 1, got batch ", batch);
-    // Its values (0 first, L last, never decreasing) are checked by the
-    // Python layer: reading them here would synchronize with the device.
+    // The values are checked here, as on every backend, so that a compiled
+    // graph refuses bad offsets too: a copy of S + 1 integers to the host,
+    // one synchronisation per packed call, which bad offsets (an unwritten
+    // output, or two blocks writing one step) would cost far more than.
+    seqlens_arg(cu->to(at::kCPU, at::kLong), batch, L, "frontiers_fast_native::selective_scan (cuda)", "cu_seqlens",
+                "u");
     in.cu_seqlens = cu->contiguous();
     rows = cu->numel() - 1;
   }

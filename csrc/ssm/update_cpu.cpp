@@ -30,9 +30,6 @@ namespace {
 
 using at::Tensor;
 
-// Where the softplus of the step size becomes the identity (mamba_ssm's and
-// torch.nn.functional.softplus's threshold, as the reference).
-constexpr double kSoftplusThreshold = 20.0;
 
 // ---------------------------------------------------------------------------
 // argument checks (O(1), except the state indices' values)
@@ -62,7 +59,6 @@ void acc_param_arg(const Tensor& t, const Tensor& x, at::IntArrayRef shape, cons
   TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must be ", layout, " = ", shape, ", got shape ", t.sizes());
 }
 
-const Tensor* present(const std::optional<Tensor>& t) { return t.has_value() && t->defined() ? &*t : nullptr; }
 
 // state_batch_indices [batch]: rows of the state in [0, rows), none twice.
 void check_state_rows(const int64_t* idx, int64_t batch, int64_t rows, const char* op) {
@@ -92,44 +88,6 @@ inline A hsum(VecT<A> v) {
   for (int h = W / 2; h >= 1; h /= 2)
     for (int l = 0; l < h; ++l) t[l] += t[l + h];
   return t[0];
-}
-
-// silu(z) = z / (1 + e^-z), as the reference's z sigmoid(z); NaN stays NaN.
-template <typename A>
-inline VecT<A> silu_v(VecT<A> z) {
-  return z / (bcast(A(1)) + vexp(-z));
-}
-
-// log1p(u) for u in [0, 1] (float32): 2 atanh(s) with s = u / (2 + u) <= 1/3, its odd series to
-// s^15 (the next term is below 2^-24 relative).  NaN stays NaN.
-inline Simd<float>::V log1p_unit(Simd<float>::V u) {
-  typedef Simd<float>::V V;
-  const V s = u / (bcast(2.0f) + u);
-  const V s2 = s * s;
-  V p = bcast(2.0f / 15.0f);
-  p = fmadd(p, s2, bcast(2.0f / 13.0f));
-  p = fmadd(p, s2, bcast(2.0f / 11.0f));
-  p = fmadd(p, s2, bcast(2.0f / 9.0f));
-  p = fmadd(p, s2, bcast(2.0f / 7.0f));
-  p = fmadd(p, s2, bcast(2.0f / 5.0f));
-  p = fmadd(p, s2, bcast(2.0f / 3.0f));
-  p = fmadd(p, s2, bcast(2.0f));
-  return p * s;
-}
-
-// softplus with the reference's switch: x above the threshold, else log1p(e^x), computed as
-// max(x, 0) + log1p(e^-|x|) so that no lane overflows.  NaN stays NaN.
-inline Simd<float>::V softplus_v(Simd<float>::V x) {
-  typedef Simd<float>::V V;
-  const V ax = x < V{} ? -x : x;
-  V r = (x > V{} ? x : V{}) + log1p_unit(vexp(-ax));
-  r = x > bcast(float(kSoftplusThreshold)) ? x : r;
-  return x != x ? x : r;
-}
-inline Simd<double>::V softplus_v(Simd<double>::V x) {
-  for (int l = 0; l < Simd<double>::W; ++l)
-    if (!(x[l] > kSoftplusThreshold)) x[l] = std::log1p(std::exp(x[l]));
-  return x;
 }
 
 // ---------------------------------------------------------------------------
@@ -166,7 +124,7 @@ void conv_update(const Tensor& x, const Tensor& state, const Tensor& weight, con
     int64_t e0 = r0 * L;  // the output element of pre[0]
     auto flush = [&] {
       V v = loadu<V>(pre);
-      if (silu_on) v = silu_v<A>(v);
+      if (silu_on) v = vsilu<A>(v);
       store_lanes<A>(v, op + e0, 1, npre);
       e0 += npre;
       npre = 0;
@@ -285,7 +243,7 @@ void state_update(const Tensor& state, const Tensor& x, const Tensor& dt, const 
         if (dp) d_[l] = dp[h * dh + p * dq];
       }
       V dtv = loadu<V>(dt_);
-      if (softplus) dtv = softplus_v(dtv);
+      if (softplus) dtv = vsoftplus(dtv);
       const V xv = loadu<V>(x_);
       const V dxv = dtv * xv;
       for (int l = 0; l < c; ++l) {
@@ -311,7 +269,7 @@ void state_update(const Tensor& state, const Tensor& x, const Tensor& dt, const 
       }
       V y = loadu<V>(y_);
       if (dp) y = y + loadu<V>(d_) * xv;
-      if (zpp) y = y * silu_v<A>(loadu<V>(z_));
+      if (zpp) y = y * vsilu<A>(loadu<V>(z_));
       store_lanes<A>(y, yp + u0, 1, c);
     }
   });

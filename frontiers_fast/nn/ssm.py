@@ -325,6 +325,11 @@ class Mamba(nn.Module):
             check_tensor(name, t)
             check_same_device(name, t, "hidden_states", device)
             check_shape(name, t, shape, f" ({layout}, as {what})")
+        if conv_state.shape[2] < self.d_conv - 1:
+            raise ValueError(
+                f"conv_state must hold S >= d_conv - 1 = {self.d_conv - 1} past inputs (shape [batch, d_inner, S], "
+                f"as {what}), got S={conv_state.shape[2]}"
+            )
 
     def _mix(self, xz, mask=None, conv_initial_states=None, initial_state=None):
         """The layer between its two projections, on :class:`_MambaInner`.

@@ -75,8 +75,17 @@ _ops = torch.ops.frontiers_fast
 # ---------------------------------------------------------------------------
 # value checks that hold inside the op bodies too (compiled graphs raise them)
 # ---------------------------------------------------------------------------
-def check_cu_seqlens(cu_seqlens, L: int) -> None:
-    """``cu_seqlens`` offsets: 0 first, L last, never decreasing (the Triton launchers call this too)."""
+def check_cu_seqlens(cu_seqlens, L: int, batch: int = 1) -> None:
+    """``cu_seqlens`` offsets of a batch of one: int64, 0 first, L last, never decreasing (every
+    backend's op body calls this or its C++ twin, ``seqlens_arg``)."""
+    if batch != 1:
+        raise ValueError(
+            f"cu_seqlens packs sequences along L of a batch of one, but the input has batch {batch}"
+        )
+    if cu_seqlens.dtype != torch.int64 or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(
+            f"cu_seqlens must be int64 [S + 1] with S >= 1 inside the ops, got {cu_seqlens.dtype} {list(cu_seqlens.shape)}"
+        )
     check_offsets("cu_seqlens", cu_seqlens, L, "u (its L)")
 
 
@@ -90,7 +99,7 @@ def check_state_batch_indices(state_batch_indices, rows: int) -> None:
 # ---------------------------------------------------------------------------
 def _ref_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens):
     if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, u.shape[-1])
+        check_cu_seqlens(cu_seqlens, u.shape[-1], u.shape[0])
     out, last = ref.selective_scan(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, True, initial_state, cu_seqlens
     )
@@ -102,7 +111,7 @@ def _ref_selective_scan_bwd(
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, cu_seqlens, grad_out, grad_last_state
 ):
     if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, u.shape[-1])
+        check_cu_seqlens(cu_seqlens, u.shape[-1], u.shape[0])
     grads = ref.selective_scan_bwd(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, grad_out, grad_last_state,
         cu_seqlens,
@@ -112,7 +121,7 @@ def _ref_selective_scan_bwd(
 
 def _ref_causal_conv1d(x, weight, bias, initial_states, silu, cu_seqlens):
     if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, x.shape[-1])
+        check_cu_seqlens(cu_seqlens, x.shape[-1], x.shape[0])
     out, final = ref.causal_conv1d(
         x, weight, bias, "silu" if silu else None, initial_states, True, cu_seqlens
     )
@@ -121,7 +130,7 @@ def _ref_causal_conv1d(x, weight, bias, initial_states, silu, cu_seqlens):
 
 def _ref_causal_conv1d_bwd(x, weight, bias, initial_states, silu, cu_seqlens, grad_out, grad_final_states):
     if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, x.shape[-1])
+        check_cu_seqlens(cu_seqlens, x.shape[-1], x.shape[0])
     grads = ref.causal_conv1d_bwd(
         x, weight, bias, "silu" if silu else None, initial_states, grad_out, grad_final_states, cu_seqlens
     )

@@ -6,6 +6,7 @@ import torch
 
 from frontiers_fast.ops import ssm as ops
 
+from ..helpers import backends_for
 from .inputs import scan_inputs
 
 f64 = torch.float64
@@ -255,7 +256,7 @@ def test_packed_scan_refuses_batches():
 
 
 @pytest.mark.parametrize("changes,exc,match", CU_CASES[:3])
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("backend", backends_for("selective_scan", "cpu"))
 def test_bad_offsets_are_refused_inside_the_ops(changes, exc, match, backend):
     # The op bodies check the values too, so direct calls and compiled graphs refuse them.
     kw = _packed(**changes)
@@ -344,7 +345,7 @@ def test_multihead_state_update_bad_inputs(changes, exc, match):
         ops.selective_state_update(**_heads(**changes))
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("backend", backends_for("selective_state_update", "cpu", grad=False))
 def test_bad_state_indices_are_refused_inside_the_op(backend):
     kw = _heads()
     args = [kw[k] for k in ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias", "dt_softplus")]
@@ -388,3 +389,15 @@ def test_half_activations_take_float32_parameters():
         ops.causal_conv1d(
             torch.randn(2, 6, 9), torch.randn(6, 4), initial_states=torch.randn(2, 6, 3).double()
         )
+
+
+@pytest.mark.parametrize("backend", backends_for("selective_scan", "cpu"))
+def test_direct_packed_call_with_a_batch_is_refused(backend):
+    # the public functions refuse it first; the op bodies must too
+    kw = scan_inputs(batch=2, dim=6, N=3, L=10, layout="variable", dtype=torch.float32)
+    args = [kw[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    with pytest.raises(ValueError, match="cu_seqlens packs sequences along L of a batch of one"):
+        torch.ops.frontiers_fast.selective_scan(*args, True, None, torch.tensor([0, 4, 10]), backend)
+    with pytest.raises(ValueError, match="cu_seqlens packs sequences along L of a batch of one"):
+        torch.ops.frontiers_fast.causal_conv1d(kw["u"], torch.randn(6, 4), None, None, True, torch.tensor([0, 10]),
+                                               backend)  # fmt: skip

@@ -247,7 +247,7 @@ rows(fn, "size", ValueError,
      (dict(ssm_state=t(2, 16, 5)), r"ssm_state must have shape \[2, 16, 4\] \(\[batch, d_inner, d_state\]"),
      (dict(conv_state=t(3, 16, 4)), r"conv_state must have shape \[2, 16, \*\]"))  # fmt: skip
 rows(fn, "meta_mix", ValueError, (dict(ssm_state=t(2, 16, 4, device=META)), "ssm_state is on meta but hidden_states is on cpu"))  # fmt: skip
-rows(fn, "range", ValueError, (dict(conv_state=t(2, 16, 2)), "conv_state must be .* S >= width - 1 = 3"))
+rows(fn, "range", ValueError, (dict(conv_state=t(2, 16, 2)), "conv_state must hold S >= d_conv - 1 = 3"))
 
 fn = "Mamba.allocate_inference_cache"
 rows(fn, "type", TypeError, (dict(batch_size=2.0), "batch_size must be an int"))

@@ -228,7 +228,9 @@ def test_state_update_keeps_state_dtype_and_no_grad():
         state, x, dt, kw["A"], B, C, kw["D"], dt_bias=kw["delta_bias"], dt_softplus=True
     )
     assert state.dtype == torch.bfloat16 and y.dtype == torch.float16 and not y.requires_grad
-    assert torch.equal(state, want_state)
+    # the kernels' exp and softplus may differ from torch's by an ulp of float32, which can flip a
+    # bfloat16 rounding: compared at the state's dtype's tolerance
+    assert_close(state, want_state)
     assert_close(y, want.detach())
 
 

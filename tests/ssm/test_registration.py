@@ -114,6 +114,43 @@ def test_compile_fullgraph_conv_then_scan():
     check_compiled(model, [w, *leaves])
 
 
+def test_compile_fullgraph_packed_and_multihead():
+    # packed sequences through conv and scan, and a multi-head step into a state cache, in one graph
+    torch._dynamo.reset()
+    kw = scan_inputs(batch=1, dim=4, N=3, L=12, layout="variable", dtype=torch.float32)
+    cu = torch.tensor([0, 5, 5, 12])
+    w = torch.randn(4, 4, requires_grad=True)
+    leaves = [kw[k].clone().requires_grad_(True) for k in ("u", "delta", "A", "B", "C")]
+
+    def model(w, u, delta, A, B, C):
+        x = ops.causal_conv1d(u, w, activation="silu", cu_seqlens=cu)
+        out, last = ops.selective_scan(x, delta, A, B, C, delta_softplus=True, return_last_state=True,
+                                       cu_seqlens=cu)  # fmt: skip
+        return out.square().sum() + last.sum()
+
+    check_compiled(model, [w, *leaves])
+
+    state = torch.randn(6, 4, 2, 3)
+    x, dt = torch.randn(2, 4, 2), torch.rand(2, 4, 2)
+    A, B, C = -torch.rand(4, 2, 3), torch.randn(2, 2, 3), torch.randn(2, 2, 3)
+    rows = torch.tensor([5, 1])
+
+    def step(state, x, dt, A, B, C):
+        return ops.selective_state_update(state, x, dt, A, B, C, dt_softplus=True, state_batch_indices=rows)
+
+    s1, s2 = state.clone(), state.clone()
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(s1, x, dt, A, B, C)
+    assert_close(got, step(s2, x, dt, A, B, C))
+    assert torch.equal(s1, s2)
+    # bad offsets are refused inside the compiled graph too (the op bodies check them)
+    bad = torch.tensor([0, 7, 5, 12])
+    f = torch.compile(
+        lambda u: ops.causal_conv1d(u, w.detach(), cu_seqlens=bad), fullgraph=True, backend="aot_eager"
+    )
+    with pytest.raises(ValueError, match="cu_seqlens must not decrease"):
+        f(kw["u"])
+
+
 def test_compile_fullgraph_decoding_step():
     # No gradients here, but the states are graph inputs written in place:
     # the compiled step must write them back as eager does.
