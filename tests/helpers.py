@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 
 import pytest
 import torch
@@ -43,6 +44,28 @@ def devices():
     if torch.cuda.is_available():
         out.append("cuda")
     return out
+
+
+# Triton launchers tested directly: on CPU tensors through the interpreter, on CUDA compiled.
+TRITON_CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def triton_devices():
+    """Where the Triton launchers can be called here: CPU tensors only reach a kernel through the
+    interpreter (conftest sets TRITON_INTERPRET=1 without a GPU); CUDA tensors compile it."""
+    out = ["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []
+    if torch.cuda.is_available():
+        out.append("cuda")
+    return out
+
+
+def triton_params(cpu_dtypes):
+    """pytest params ``(device, dtype)``: ``cpu_dtypes`` under the interpreter (it is slow), every dtype on CUDA."""
+    return [
+        pytest.param(dev, dt, id=f"{dev}-{str(dt).replace('torch.', '')}")
+        for dev in triton_devices()
+        for dt in (cpu_dtypes if dev == "cpu" else TRITON_CUDA_DTYPES)
+    ]
 
 
 def backends_for(function: str, device: str, grad: bool = True) -> list[str]:

@@ -7,8 +7,6 @@ CPU the sweep over graphs runs in float32 and float64 gets the small-graph
 tests; on CUDA every test also runs in float64, float16 and bfloat16.
 """
 
-import os
-
 import pytest
 import torch
 
@@ -16,34 +14,14 @@ from frontiers_fast import Graph
 from frontiers_fast._reduce import MAX, MEAN, MIN, REDUCES
 from frontiers_fast.ops import gnn as ops
 from tests.gnn.graphs import GRAPH_CASES, random_graph
-from tests.helpers import assert_close
+from tests.helpers import assert_close, triton_devices, triton_params
 
 pytest.importorskip("triton")
 # imported after conftest, which has set TRITON_INTERPRET for a GPU-less machine
 from frontiers_fast.kernels import gnn as K  # noqa: E402
 
-CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def devices():
-    # CPU tensors only reach a Triton kernel through the interpreter; on a GPU
-    # machine (no TRITON_INTERPRET) the kernels are compiled and take CUDA tensors.
-    out = ["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []
-    if torch.cuda.is_available():
-        out.append("cuda")
-    return out
-
-
-def _params(cpu_dtypes):
-    out = []
-    for dev in devices():
-        for dt in cpu_dtypes if dev == "cpu" else CUDA_DTYPES:
-            out.append(pytest.param(dev, dt, id=f"{dev}-{str(dt).replace('torch.', '')}"))
-    return out
-
-
-SWEEP = _params((torch.float32,))
-SMALL = _params((torch.float32, torch.float64))
+SWEEP = triton_params((torch.float32,))
+SMALL = triton_params((torch.float32, torch.float64))
 
 # every case of graphs.py, plus a hub *source* with more out-edges than one
 # edge block, so the transposed (backward) loops run several blocks
@@ -172,7 +150,7 @@ def test_spmm_bwd_need_flags(device, dtype, reduce):
     assert gx.numel() == 0 and gw.numel() == 0
 
 
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device", triton_devices())
 def test_spmm_noncontiguous_and_deterministic(device):
     g = _graph(SMALL_GRAPH, device)
     big = torch.randn(g.num_src, 66, device=device)
@@ -206,7 +184,7 @@ def test_spmm_noncontiguous_and_deterministic(device):
 
 
 @pytest.mark.parametrize("reduce", [MAX, MIN], ids=["max", "min"])
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device", triton_devices())
 def test_spmm_nan_is_the_extremum(device, reduce):
     # A NaN message wins (first NaN edge) exactly as in the reference and the C++ kernels.
     g = _graph("hub", device)
@@ -310,7 +288,7 @@ def test_gat_small(device, dtype, H, C, slope):
     _check_gat(_graph(SMALL_GRAPH, device), H, C, dtype, device, slope)
 
 
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device", triton_devices())
 def test_gat_bwd_deterministic(device):
     g = _graph("hub", device)
     h = torch.randn(g.num_src, 2, 8, device=device)

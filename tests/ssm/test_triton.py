@@ -22,36 +22,18 @@ import pytest
 import torch
 
 from frontiers_fast.ops import ssm as ops
-from tests.helpers import assert_close
+from tests.helpers import assert_close, triton_devices, triton_params
 
 pytest.importorskip("triton")
 # imported after conftest, which has set TRITON_INTERPRET for a GPU-less machine
 from frontiers_fast.kernels import ssm as K  # noqa: E402
 
-CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 f64 = torch.float64
 SCAN_GRADS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
 
-def devices():
-    # CPU tensors only reach a Triton kernel through the interpreter; on a GPU
-    # machine (no TRITON_INTERPRET) the kernels are compiled and take CUDA tensors.
-    out = ["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []
-    if torch.cuda.is_available():
-        out.append("cuda")
-    return out
-
-
-def _params(cpu_dtypes):
-    out = []
-    for dev in devices():
-        for dt in cpu_dtypes if dev == "cpu" else CUDA_DTYPES:
-            out.append(pytest.param(dev, dt, id=f"{dev}-{str(dt).replace('torch.', '')}"))
-    return out
-
-
-SWEEP = _params((torch.float32,))
-SMALL = _params((torch.float32, torch.float64))
+SWEEP = triton_params((torch.float32,))
+SMALL = triton_params((torch.float32, torch.float64))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -236,14 +218,14 @@ def test_scan_varlen(device, dtype, layout, pack):
     check_scan(scan_args(1, 4, 3, cu[-1], layout, dtype, device, GB=2, cu_seqlens=cu))
 
 
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device", triton_devices())
 def test_scan_varlen_without_states(device):
     cu = PACKS["mixed"]
     args = scan_args(1, 4, 3, cu[-1], "variable", torch.float32, device, h0=False, cu_seqlens=cu)
     check_scan(args, grad_last=False)
 
 
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device", triton_devices())
 def test_scan_noncontiguous(device):
     batch, dim, N, L = 2, 6, 3, 40
 
@@ -274,7 +256,7 @@ def test_scan_noncontiguous(device):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device", triton_devices())
 def test_scan_bwd_deterministic(device, layout):
     # dim 40 in segments of 40 (or 20 per group): several channel blocks per group, whose partial
     # sums of grad_B and grad_C are reduced afterwards in a fixed order
@@ -291,7 +273,7 @@ def test_scan_bwd_deterministic(device, layout):
         assert_close(a, w, torch.float32, msg=name)
 
 
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device", triton_devices())
 def test_scan_empty_dims(device):
     # N = 0: no state, out = D u silu(z); batch = 0 and dim = 0: empty results
     check_scan(scan_args(2, 4, 0, 9, "variable", torch.float32, device))
@@ -305,7 +287,7 @@ def test_scan_empty_dims(device):
             assert g.shape == a.shape and not g.isnan().any()
 
 
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device", triton_devices())
 def test_scan_checks_offsets(device):
     args = scan_args(1, 4, 3, 10, "variable", torch.float32, device, h0=False, cu_seqlens=[0, 6, 4, 10])
     with pytest.raises(ValueError, match="cu_seqlens"):
@@ -382,12 +364,12 @@ def test_conv_varlen(device, dtype, W, pack):
     check_conv(conv_args(1, 5, pack[-1], W, dtype, device, cu_seqlens=pack))
 
 
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device", triton_devices())
 def test_conv_varlen_without_states(device):
     check_conv(conv_args(1, 5, 41, 4, torch.float32, device, init=False, cu_seqlens=[0, 2, 2, 3, 40, 41]))
 
 
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device", triton_devices())
 def test_conv_noncontiguous_and_deterministic(device):
     dim, L, W = 6, 150, 4
     x = torch.randn(2, L, 2 * dim, device=device)[..., ::2].transpose(1, 2)  # [2, dim, L], dim stride 2
@@ -406,7 +388,7 @@ def test_conv_noncontiguous_and_deterministic(device):
         assert_close(a, r)
 
 
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device", triton_devices())
 def test_conv_checks_offsets(device):
     args = conv_args(1, 4, 10, 4, torch.float32, device, cu_seqlens=[0, 6, 4, 10])
     with pytest.raises(ValueError, match="cu_seqlens"):
@@ -478,7 +460,7 @@ def test_selective_state_update_options(device, dtype, options):
     check_ssu(ssu_args(2, 4, 3, 4, 2, dtype, device, **options))
 
 
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device", triton_devices())
 def test_selective_state_update_views_and_dtypes(device):
     # the state is a strided view of a bigger float64 cache (its own dtype), updated in place
     cache = torch.randn(5, 4, 6, 3, 2, dtype=f64, device=device)
@@ -491,7 +473,7 @@ def test_selective_state_update_views_and_dtypes(device):
     assert torch.equal(cache[..., 1], other), "the view's neighbours must not change"
 
 
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device", triton_devices())
 def test_selective_state_update_checks_indices(device):
     args = ssu_args(3, 4, 1, 3, 1, torch.float32, device, rows=6, idx=[4, 0, 4])
     with pytest.raises(ValueError, match="state_batch_indices"):
@@ -528,7 +510,7 @@ def test_causal_conv1d_update(device, dtype, W, S, steps):
     check_conv_update(x, _randn(batch, dim, S, dtype=dtype, device=device), w, None, False)
 
 
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device", triton_devices())
 def test_causal_conv1d_update_view_and_steps(device):
     # a strided conv_state view, and stepping token by token reproduces causal_conv1d
     batch, dim, W, L = 2, 5, 4, 7
