@@ -3,6 +3,15 @@
 from .deq import DEQFixedPoint
 from .gnn import GATConv, GCNConv, GINConv, SAGEConv
 from .moe import MixtralSparseMoeBlock
-from .ssm import Mamba
+from .ssm import InferenceParams, Mamba
 
-__all__ = ["GCNConv", "GATConv", "SAGEConv", "GINConv", "MixtralSparseMoeBlock", "Mamba", "DEQFixedPoint"]
+__all__ = [
+    "GCNConv",
+    "GATConv",
+    "SAGEConv",
+    "GINConv",
+    "MixtralSparseMoeBlock",
+    "Mamba",
+    "InferenceParams",
+    "DEQFixedPoint",
+]
