@@ -37,6 +37,11 @@ FP32_64 = (torch.float32, torch.float64)
 FP32_64_WHAT = "float32 or float64"
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What every kernel accumulates in for inputs of ``dtype``: float64 stays, the rest widen to float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _kind(v) -> str:
     return "None" if v is None else type(v).__name__
 

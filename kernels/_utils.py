@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from frontiers_fast._checks import acc_dtype  # noqa: F401  (re-exported: the launchers size scratch with it)
+
 MAX_BLOCK = 128  # columns per program: a [rows, 128] fp32 tile stays in registers
 TILE = 4096  # elements per [rows, columns] tile
 
@@ -20,11 +22,6 @@ TILE = 4096  # elements per [rows, columns] tile
 def acc_type(dtype: torch.dtype):
     """The accumulator type for inputs of ``dtype``: float64 stays float64, the rest sum in float32."""
     return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """:func:`acc_type` as a torch dtype, for scratch buffers."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def col_block(n: int, max_block: int = MAX_BLOCK) -> int:

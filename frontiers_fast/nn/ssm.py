@@ -26,6 +26,7 @@ from torch import nn
 from .. import _backend
 from .._checks import (
     FLOATS,
+    acc_dtype,
     check_bool,
     check_choice,
     check_dims,
@@ -63,11 +64,6 @@ def _check_dt_init(dt_min, dt_max, dt_init_floor, dtype):
             f"dt_min={dt_min} (floored at dt_init_floor={dt_init_floor}) is too small: the initial step "
             f"size rounds to 0 in {ends.dtype} and dt_proj.bias would be {bias[0].item()}"
         )
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    """The kernels' accumulate dtype (the ops' calling convention): float64 stays, the rest widen to float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _split_x_dbl(x_dbl, dt_proj_weight, d_state):
@@ -342,7 +338,7 @@ class Mamba(nn.Module):
         last scan state (for decoding; not differentiable).
         """
         T = xz.dtype  # the activations' dtype: the layer's, or autocast's
-        acc = _acc(T)
+        acc = acc_dtype(T)
         # The casts happen here, outside the autograd function, so that autograd
         # carries their gradients back to the parameters' dtypes (no-ops when the
         # layer already has the dtypes the ops want).

@@ -54,6 +54,7 @@ from torch import Tensor
 from .. import _backend
 from .._checks import (
     FLOATS,
+    acc_dtype,
     check_bool,
     check_choice,
     check_dims,
@@ -350,11 +351,6 @@ def _silu(activation) -> bool:
     return check_choice("activation", activation, (None, "silu", "swish")) is not None
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """What the kernels accumulate in for inputs of ``dtype``: float64 stays, the rest widen to float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _param(name, t, like):
     """A parameter (A, D, biases, constant B/C, a scan state) in ``like``'s dtype or its accumulate dtype,
     handed to the op in the accumulate dtype (mamba_ssm keeps A, D and the biases in float32 for bf16
@@ -377,8 +373,7 @@ def _data(name, t, like):
 
 
 def _check_cu_seqlens(cu_seqlens, like, batch):
-    """``cu_seqlens``: int32 or int64 [S + 1], S >= 1, with batch 1; returns it as int64 (its values are
-    checked here when they can be read, and again inside the op)."""
+    """``cu_seqlens``: int32 or int64 [S + 1], S >= 1, with batch 1; returns it as int64."""
     check_index_tensor("cu_seqlens", cu_seqlens, (torch.int32, torch.int64))
     check_same_device("cu_seqlens", cu_seqlens, like[0], like[1].device)
     check_dims("cu_seqlens", cu_seqlens, 1, "[num_sequences + 1]")
@@ -389,7 +384,7 @@ def _check_cu_seqlens(cu_seqlens, like, batch):
             f"cu_seqlens packs sequences along L of a batch of one, but {like[0]} has batch {batch}; "
             f"concatenate the sequences into [1, dim, total]"
         )
-    check_offsets("cu_seqlens", cu_seqlens, like[1].shape[-1], f"{like[0]} (its L)")
+    # Its values are checked inside the op, by every backend (check_cu_seqlens, or seqlens_arg in C++).
     return cu_seqlens.to(torch.int64)
 
 
@@ -618,7 +613,7 @@ def selective_state_update(
         check_index_tensor("state_batch_indices", state_batch_indices, (torch.int32, torch.int64))
         check_same_device("state_batch_indices", state_batch_indices, "x", x.device)
         check_shape("state_batch_indices", state_batch_indices, (batch,), " ([batch])")
-        check_state_batch_indices(state_batch_indices, rows)
+        # range and distinctness: checked inside the op, by every backend
         state_batch_indices = state_batch_indices.to(torch.int64)
     for name, t in (("dt", dt), ("z", z), ("B", B), ("C", C)):
         _data(name, t, like)
