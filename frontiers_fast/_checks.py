@@ -147,12 +147,15 @@ def check_like(name: str, t: Tensor, like_name: str, like: Tensor) -> None:
 
 
 def has_values(t: Tensor) -> bool:
-    """Whether ``t``'s values can be read here: not meta or fake, not empty, and not while torch.compile traces."""
+    """Whether ``t``'s values can be read here: not meta or fake, not empty, not while torch.compile
+    traces, and not while a CUDA graph is being captured (a read would synchronise, which capture
+    forbids; the graph then runs without the value checks, as a compiled kernel would)."""
     return (
         t.device.type != "meta"
         and t.numel() > 0
         and not isinstance(t, torch._subclasses.FakeTensor)
         and not torch.compiler.is_compiling()
+        and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
     )
 
 

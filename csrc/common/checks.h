@@ -42,6 +42,20 @@ inline at::Tensor float_arg(const at::Tensor& t, const char* op, const char* nam
   return t.contiguous();
 }
 
+// A CPU tensor of a storage dtype (float16, bfloat16, float32, float64) and `dim` dimensions.
+inline void data_arg(const at::Tensor& t, const char* op, const char* name, int64_t dim) {
+  check_cpu(t, op, name);
+  const auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kHalf || s == at::kBFloat16 || s == at::kFloat || s == at::kDouble, op, ": ", name,
+              " must be float16, bfloat16, float32 or float64, got ", s);
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
+}
+
+inline void shape_arg(const at::Tensor& t, at::IntArrayRef shape, const char* op, const char* name,
+                      const char* layout) {
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must be ", layout, " = ", shape, ", got shape ", t.sizes());
+}
+
 inline void same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
                        const char* ref_name) {
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",

@@ -13,9 +13,12 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <exception>
 #include <limits>
 #include <vector>
 
@@ -98,6 +101,35 @@ inline Plan make_plan(const int64_t* ptr, int64_t n, int64_t E, int64_t width, b
   return plan;
 }
 
+namespace sched_detail {
+
+// fn(c) for c < nc, dynamically scheduled over `threads` OpenMP threads.
+// An exception must not leave an OpenMP region (that aborts): the first one
+// is kept, the remaining iterations are skipped, and it is rethrown after.
+// The workers take the caller's thread-local state (dispatch keys, grad
+// mode), as at::parallel_for's do, so aten calls inside fn behave as they
+// would on the calling thread.
+template <class Fn>
+inline void parallel_iterations(int64_t nc, int threads, const Fn& fn) {
+  std::exception_ptr error;
+  std::atomic<bool> failed{false};
+  const at::ThreadLocalState state;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t c = 0; c < nc; ++c) {
+    if (failed.load(std::memory_order_relaxed)) continue;
+    try {
+      at::ThreadLocalStateGuard guard(state);
+      fn(c);
+    } catch (...) {
+#pragma omp critical(frontiers_fast_parallel_iterations)
+      if (!failed.exchange(true)) error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+}  // namespace sched_detail
+
 // Runs fn(c) for every chunk, dynamically scheduled over at::get_num_threads()
 // threads (serially inside another parallel region).
 template <class Fn>
@@ -107,8 +139,43 @@ inline void for_each_chunk(int64_t nc, const Fn& fn) {
     for (int64_t c = 0; c < nc; ++c) fn(c);
     return;
   }
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-  for (int64_t c = 0; c < nc; ++c) fn(c);
+  sched_detail::parallel_iterations(nc, nt, fn);
+}
+
+// MKL's threads for the calling thread only, when torch's MKL exports it; a
+// weak reference, so a torch without MKL still loads the extension.  (This
+// is MKL's C entry point: the lower-case mkl_set_num_threads_local that
+// libtorch_cpu exports is the Fortran one, which takes a pointer.)
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+// While alive, BLAS calls made by this thread run single-threaded (MKL; other
+// BLAS libraries are left as they are).  Restores the previous setting.
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas() : prev_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : -1) {}
+  ~SingleThreadedBlas() {
+    if (prev_ >= 0) MKL_Set_Num_Threads_Local(prev_);
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  int prev_;
+};
+
+// fn(c) for every piece c, like for_each_chunk, with every BLAS call inside
+// fn single-threaded: a threaded GEMM may split its inner dimension by the
+// thread count, a single-threaded one gives the same bits for any.  The
+// pieces supply the parallelism instead; with pieces fixed by the data
+// alone, a sequence of GEMMs is then bitwise reproducible across thread
+// counts.
+template <class Fn>
+inline void for_each_piece(int64_t nc, const Fn& fn) {
+  const auto one = [&](int64_t c) {
+    SingleThreadedBlas blas;
+    fn(c);
+  };
+  for_each_chunk(nc, one);
 }
 
 // Static split of [0, n) into about equal blocks, for the dense passes.

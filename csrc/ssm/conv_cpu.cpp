@@ -47,17 +47,6 @@ constexpr int64_t kTile = 1024;
 // ---------------------------------------------------------------------------
 // argument checks (O(1), except the offsets' values)
 // ---------------------------------------------------------------------------
-void data_arg(const Tensor& t, const char* op, const char* name, int64_t dim) {
-  check_cpu(t, op, name);
-  TORCH_CHECK(is_storage_type(t.scalar_type()), op, ": ", name,
-              " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
-}
-
-void shape_arg(const Tensor& t, at::IntArrayRef shape, const char* op, const char* name, const char* layout) {
-  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must be ", layout, " = ", shape, ", got shape ", t.sizes());
-}
-
 // A tensor in x's dtype (`like`) of the given shape.
 void like_arg(const Tensor& t, const Tensor& like, at::IntArrayRef shape, const char* op, const char* name,
               const char* layout) {
