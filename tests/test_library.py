@@ -115,8 +115,10 @@ def test_cuda_on_a_function_without_a_cuda_kernel_raises():
     # spmm has a CUDA forward but no CUDA backward: refused when a graph is recorded
     with pytest.raises(NotImplementedError, match=r"frontiers_fast\.spmm: backend 'cuda'.*for its backward"):
         ff.spmm(g, x, w, backend="cuda")
-    with pytest.raises(NotImplementedError, match=r"moe_route.*'cpp' is not implemented.*reference"):
-        ff.moe_route(torch.randn(6, 4), top_k=2, backend="cpp")
+    with pytest.raises(
+        NotImplementedError, match=r"spherical_harmonics.*'cpp' is not implemented.*reference"
+    ):
+        ff.spherical_harmonics(0, torch.randn(6, 3), torch.randn(6, 1, 3), backend="cpp")
     # the scan's CUDA kernel is a forward only
     u = torch.randn(1, 2, 3, requires_grad=True)
     with pytest.raises(NotImplementedError, match=r"selective_scan: backend 'cuda'.*for its backward"):
@@ -127,8 +129,8 @@ def test_cuda_on_a_function_without_a_cuda_kernel_raises():
 
 def test_a_process_wide_force_is_a_force(monkeypatch):
     monkeypatch.setenv("FRONTIERS_FAST_BACKEND", "cpp")
-    with pytest.raises(NotImplementedError, match="moe_route"):
-        ff.moe_route(torch.randn(6, 4), top_k=2)
+    with pytest.raises(NotImplementedError, match="spherical_harmonics"):
+        ff.spherical_harmonics(0, torch.randn(6, 3), torch.randn(6, 1, 3))
 
 
 def test_direct_op_calls_are_checked():

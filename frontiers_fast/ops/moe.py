@@ -16,8 +16,12 @@ backward is the matching ``*_bwd`` op, run with the forward's backend:
   fused_moe_bwd(x, w_gate_up, w_down, weights, ids, grad_out, activation,
                 need_x, need_w_gate_up, need_w_down, need_weights) -> 4 gradients
 
-Only the ``reference`` backend exists so far: plain PyTorch built on
-:mod:`frontiers_fast.reference.moe`, for every device.  Gradients not asked
+Backends: ``reference`` (plain PyTorch on :mod:`frontiers_fast.reference.moe`,
+every device), ``cpp`` (``csrc/moe``: routing, counting-sort permutation and
+combine kernels, expert GEMMs through MKL), ``triton`` (``kernels/moe.py``:
+one routing kernel, an on-device stable sort, grouped GEMMs with the gather
+fused into the first one's loads) and, for ``moe_route`` and ``moe_permute``'s
+forward, ``cuda`` (``csrc/moe/*.cu``).  Gradients not asked
 for come back as :func:`~frontiers_fast._library.absent` placeholders.  The
 backward ops are written out rather than left to autograd through the
 reference, because op implementations run below the autograd dispatch key.
@@ -333,11 +337,14 @@ def _fused_backward(ctx, grad_out):
 # ---------------------------------------------------------------------------
 # the ops
 # ---------------------------------------------------------------------------
+_K = "frontiers_fast.kernels.moe:"
 define_op(
     "moe_route(Tensor logits, int top_k, str scoring, bool renormalize, Tensor? correction_bias, "
     "int? n_group, int? topk_group, float scaling) -> (Tensor, Tensor)",
     fake=_fake_route,
     reference=_ref_route,
+    triton=_K + "moe_route_fwd",
+    native=("cpp", "cuda"),
     backward=_route_backward,
     setup_context=_route_setup,
 )
@@ -348,11 +355,15 @@ define_op(
         logits.shape
     ),
     reference=_ref_route_bwd,
+    triton=_K + "moe_route_bwd",
+    native=("cpp",),
 )
 define_op(
     "moe_permute(Tensor x, Tensor ids, int num_experts) -> (Tensor, Tensor, Tensor)",
     fake=_fake_permute,
     reference=_ref_permute,
+    triton=_K + "moe_permute_fwd",
+    native=("cpp", "cuda"),
     backward=_permute_backward,
     setup_context=_permute_setup,
 )
@@ -362,11 +373,15 @@ define_op(
         (row_map.shape[0], grad_x_perm.shape[1])
     ),
     reference=_ref_permute_bwd,
+    triton=_K + "moe_permute_bwd",
+    native=("cpp",),
 )
 define_op(
     "moe_unpermute(Tensor y, Tensor row_map, Tensor weights) -> Tensor",
     fake=_fake_unpermute,
     reference=_ref_unpermute,
+    triton=_K + "moe_unpermute_fwd",
+    native=("cpp",),
     backward=_unpermute_backward,
     setup_context=_unpermute_setup,
 )
@@ -375,11 +390,15 @@ define_op(
     "bool need_weights) -> (Tensor, Tensor)",
     fake=_fake_unpermute_bwd,
     reference=_ref_unpermute_bwd,
+    triton=_K + "moe_unpermute_bwd",
+    native=("cpp",),
 )
 define_op(
     "fused_moe(Tensor x, Tensor w_gate_up, Tensor w_down, Tensor weights, Tensor ids, str activation) -> Tensor",
     fake=_fake_fused,
     reference=_ref_fused,
+    triton=_K + "fused_moe_fwd",
+    native=("cpp",),
     backward=_fused_backward,
     setup_context=_fused_setup,
 )
@@ -389,6 +408,8 @@ define_op(
     "-> (Tensor, Tensor, Tensor, Tensor)",
     fake=_fake_fused_bwd,
     reference=_ref_fused_bwd,
+    triton=_K + "fused_moe_bwd",
+    native=("cpp",),
 )
 
 _backend.register_function("moe_route", ops=("moe_route",), grad_ops=("moe_route_bwd",))
@@ -452,7 +473,7 @@ def moe_route(
         correction_bias: optional [E] finite selection bias (no gradient).
         n_group, topk_group: grouped top-k; E % n_group == 0, 1 <= topk_group <= n_group.
         scaling: finite factor on the weights (int, float or numpy scalar).
-        backend: only ``"reference"`` exists for this function.
+        backend: ``"cpp"`` (CPU), ``"triton"`` (CUDA) or ``"reference"``; None picks the device's default.
 
     Returns:
         weights [T, k] float32 (float64 for float64 logits), ids [T, k] int32, best first.
@@ -523,7 +544,7 @@ def moe_permute(x: Tensor, ids: Tensor, num_experts: int, *, backend: str | None
         x: [T, H] tokens.
         ids: [T, k] int32/int64 expert ids in [0, num_experts).
         num_experts: E >= 1.
-        backend: only ``"reference"`` exists for this function.
+        backend: ``"cpp"`` (CPU), ``"triton"`` (CUDA) or ``"reference"``; None picks the device's default.
 
     Returns:
         x_perm [T*k, H] (dtype of x), expert_offsets [E+1] int64 (expert e owns
@@ -557,7 +578,7 @@ def moe_unpermute(y: Tensor, row_map: Tensor, weights: Tensor, *, backend: str |
         y: [R, H] rows in permuted order (R = T*k after :func:`moe_permute`).
         row_map: [T, k] int32/int64 from :func:`moe_permute`, values in [0, R).
         weights: [T, k] router weights.
-        backend: only ``"reference"`` exists for this function.
+        backend: ``"cpp"`` (CPU), ``"triton"`` (CUDA) or ``"reference"``; None picks the device's default.
 
     Returns:
         [T, H] in ``y``'s dtype (half types accumulate in float32).
@@ -610,7 +631,7 @@ def fused_moe(
         x: [T, H]; w_gate_up: [E, 2I, H] and w_down: [E, H, I] in x's dtype;
         weights: [T, k] router weights (any float dtype); ids: [T, k] int32/int64 in [0, E).
         activation: ``"silu"`` or ``"gelu"`` (exact).
-        backend: only ``"reference"`` exists for this function.
+        backend: ``"cpp"`` (CPU), ``"triton"`` (CUDA) or ``"reference"``; None picks the device's default.
 
     Returns:
         [T, H] in x's dtype (half types accumulate in float32).  Differentiable

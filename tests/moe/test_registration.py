@@ -20,49 +20,55 @@ def _leaf(t):
     return t.detach().clone().requires_grad_(True)
 
 
-def test_opcheck_route():
+@pytest.mark.parametrize("backend", ["reference", B])
+def test_opcheck_route(backend):
     logits = torch.randn(9, 8, dtype=f64, requires_grad=True)
     bias = torch.randn(8, dtype=f64)
-    opcheck(ops.moe_route, (logits, 2, "softmax", True, None, None, None, 1.0, B))
-    opcheck(ops.moe_route, (logits, 3, "sigmoid", True, bias, 4, 2, 2.5, B))
-    opcheck(ops.moe_route, (logits.float(), 1, "sigmoid", False, None, 2, 1, 1.0, B))
-    w, ids = ops.moe_route(logits.detach(), 3, "sigmoid", True, bias, 4, 2, 2.5, B)
+    opcheck(ops.moe_route, (logits, 2, "softmax", True, None, None, None, 1.0, backend))
+    opcheck(ops.moe_route, (logits, 3, "sigmoid", True, bias, 4, 2, 2.5, backend))
+    opcheck(ops.moe_route, (logits.float(), 1, "sigmoid", False, None, 2, 1, 1.0, backend))
+    w, ids = ops.moe_route(logits.detach(), 3, "sigmoid", True, bias, 4, 2, 2.5, backend)
     for scoring, renorm in (("sigmoid", True), ("softmax", False)):
-        args = (logits.detach(), ids, torch.randn_like(w), scoring, renorm, 2.5, B)
+        args = (logits.detach(), ids, torch.randn_like(w), scoring, renorm, 2.5, backend)
         opcheck(ops.moe_route_bwd, args, full=False)
 
 
-def test_opcheck_dispatch_ops():
+@pytest.mark.parametrize("backend", ["reference", B])
+def test_opcheck_dispatch_ops(backend):
     x = torch.randn(11, 6, dtype=f64, requires_grad=True)
     _, ids = ref.moe_route(torch.randn(11, 5), 2)
-    opcheck(ops.moe_permute, (x, ids, 7, B))
-    x_perm, _, row_map = ops.moe_permute(x.detach(), ids, 7, B)
-    opcheck(ops.moe_permute_bwd, (torch.randn_like(x_perm), row_map, B), full=False)
+    opcheck(ops.moe_permute, (x, ids, 7, backend))
+    x_perm, _, row_map = ops.moe_permute(x.detach(), ids, 7, backend)
+    opcheck(ops.moe_permute_bwd, (torch.randn_like(x_perm), row_map, backend), full=False)
     y = _leaf(torch.randn_like(x_perm))
     w = torch.rand(11, 2, dtype=f64, requires_grad=True)
-    opcheck(ops.moe_unpermute, (y, row_map, w, B))
+    opcheck(ops.moe_unpermute, (y, row_map, w, backend))
     go = torch.randn(11, 6, dtype=f64)
     for need in ((True, True), (True, False), (False, True)):
-        opcheck(ops.moe_unpermute_bwd, (y.detach(), row_map, w.detach(), go, *need, B), full=False)
+        opcheck(ops.moe_unpermute_bwd, (y.detach(), row_map, w.detach(), go, *need, backend), full=False)
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
-def test_opcheck_fused_moe(activation):
+@pytest.mark.parametrize("backend", ["reference", B])
+def test_opcheck_fused_moe(activation, backend):
     x, wgu, wd, logits = random_moe(10, 6, 4, 5, f64)
     w, ids = ref.moe_route(logits, 2)
     leaves = [_leaf(t) for t in (x, wgu, wd, w)]
-    opcheck(ops.fused_moe, (*leaves, ids, activation, B))
+    opcheck(ops.fused_moe, (*leaves, ids, activation, backend))
     go = torch.randn(10, 6, dtype=f64)
     for need in ((True, True, True, True), (False, True, False, True), (True, False, True, False)):
-        opcheck(ops.fused_moe_bwd, (x, wgu, wd, w, ids, go, activation, *need, B), full=False)
+        opcheck(ops.fused_moe_bwd, (x, wgu, wd, w, ids, go, activation, *need, backend), full=False)
 
 
 def test_registry():
     for name in FUNCTIONS:
         spec = _backend.FUNCTIONS[name]
         assert spec.ops == (name,) and spec.grad_ops == (f"{name}_bwd",)
-        assert spec.implemented(True) == ("reference",)
-    assert B == "reference"
+        assert spec.implemented(True) == ("triton", "cpp", "reference")
+    # The CUDA extension has the routing and the permutation's forward (no backward).
+    for name in ("moe_route", "moe_permute"):
+        assert _backend.FUNCTIONS[name].implemented(False) == ("triton", "cuda", "cpp", "reference")
+    assert B == "cpp"
 
 
 def _calls():
@@ -83,23 +89,26 @@ def _calls():
 @pytest.mark.parametrize("name", FUNCTIONS)
 def test_backend_argument(name):
     call = _calls()[name]
-    for b in ("cpp", "triton", "cuda"):
+    # The GPU backends refuse CPU tensors, naming the backend and the device.
+    for b in ("triton", "cuda"):
         with pytest.raises(
-            NotImplementedError, match=rf"frontiers_fast\.{name}: backend '{b}' is not implemented"
+            (NotImplementedError, ValueError), match=rf"frontiers_fast\.{name}: backend '{b}'"
         ):
             call(b)
     with pytest.raises(ValueError, match="backend must be one of"):
         call("fast")
-    assert torch.equal(call("reference"), call(None))
+    assert torch.equal(call("cpp"), call(None))  # the CPU default
+    assert_close(call("cpp"), call("reference"))
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
 @pytest.mark.parametrize("name", FUNCTIONS)
-def test_backward_runs_the_forward_backend(name):
+def test_backward_runs_the_forward_backend(name, backend):
     call = _calls()[name]
     with spy_backends() as calls:
-        out = call("reference")
+        out = call(backend)
         out.backward(torch.randn_like(out))
-    assert calls == {(name, "reference"): 1, (f"{name}_bwd", "reference"): 1}
+    assert calls == {(name, backend): 1, (f"{name}_bwd", backend): 1}
 
 
 def test_compile_fullgraph():
