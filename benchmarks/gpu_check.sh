@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one run: build, import, CUDA-extension
-# smoke test, test suite, benchmark report.
+# smoke tests (spmm, selective_scan, MoE routing and permutation), the MoE
+# GPU tests (CUDA extension and Triton, CUDA-graph captures included), the
+# rest of the test suite, benchmark report.
 #
 # Usage: bash benchmarks/gpu_check.sh OUTDIR
 #
@@ -326,11 +328,90 @@ for batch, dim, L in ((2, 256, 2048), (8, 2048, 2048)):
 if bad:
     raise SystemExit(1)
 EOF2
+  # moe_route / moe_permute's cuda backend (csrc/moe/route.cu, forward only) against the reference
+  FRONTIERS_FAST_DEBUG_POISON=1 python3 - <<'EOF3' || rc=1
+import torch
+from frontiers_fast.reference import moe as ref
+route, permute = torch.ops.frontiers_fast.moe_route, torch.ops.frontiers_fast.moe_permute
+dev = "cuda"
+bad, checked = [], 0
+# (T, E, k, scoring, bias, n_group, topk_group): Mixtral, Qwen3-MoE and DeepSeek-V3 routers, odd sizes
+cases = [(1, 8, 2, "softmax", False, None, None), (129, 8, 2, "softmax", False, None, None),
+         (7, 128, 8, "softmax", False, None, None), (333, 256, 8, "sigmoid", True, 8, 4),
+         (64, 64, 6, "softmax", False, 8, 3)]
+for T, E, k, scoring, use_bias, ng, tg in cases:
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        logits = (torch.randn(T, E) * 2).to(dev, dtype)
+        logits[:, 3] = float("-inf")  # a masked expert
+        bias = torch.randn(E, device=dev) * 0.1 if use_bias else None
+        w, ids = route(logits, k, scoring, True, bias, ng, tg, 2.5, "cuda")
+        rb = None if bias is None else bias.double().cpu()
+        rw, rids = ref.moe_route(logits.double().cpu(), k, scoring, True, rb, ng, tg, 2.5)
+        tol = 1e-10 if dtype == torch.float64 else 1e-4
+        checked += 1
+        if not (torch.equal(ids.cpu(), rids) and torch.allclose(w.cpu().double(), rw, rtol=tol, atol=tol)):
+            bad.append(f"route T={T} E={E} k={k} {scoring} bias={use_bias} groups={ng} {dtype}")
+        for H in (1, 19, 64):
+            x = torch.randn(T, H, device=dev, dtype=dtype)
+            for idt in (torch.int32, torch.int64):
+                xp, off, rm = permute(x, ids.to(idt), E, "cuda")
+                wxp, woff, wrm = ref.moe_permute(x.cpu(), ids.cpu(), E)
+                checked += 1
+                if not (torch.equal(xp.cpu(), wxp) and torch.equal(off.cpu(), woff) and torch.equal(rm.cpu(), wrm)):
+                    bad.append(f"permute T={T} E={E} k={k} H={H} {dtype} {idt}")
+try:
+    route(torch.tensor([[0.0, float("nan")]], device=dev), 1, "softmax", True, None, None, None, 1.0, "cuda")
+    bad.append("NaN logits were accepted")
+except ValueError as exc:
+    print("expected error:", exc)
+print(f"moe_route / moe_permute (cuda): {checked - len(bad)}/{checked} cases agree with the reference")
+for line in bad:
+    print("MISMATCH", line)
+
+
+def median_ms(fn, reps=30):
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+# Eager calls: each figure includes the host read of the value checks (one for cuda; triton's own).
+for T in (16, 4096):
+    logits = torch.randn(T, 256, device=dev, dtype=torch.bfloat16)
+    bias = torch.randn(256, device=dev) * 0.1
+    x = torch.randn(T, 4096, device=dev, dtype=torch.bfloat16)
+    ids = route(logits, 8, "sigmoid", True, bias, 8, 4, 2.5, "cuda")[1]
+    t = {b: median_ms(lambda b=b: route(logits, 8, "sigmoid", True, bias, 8, 4, 2.5, b)) for b in ("cuda", "triton")}
+    print(f"route DeepSeek-V3 T={T} E256 k8 bf16: cuda {t['cuda']:.3f} ms, triton {t['triton']:.3f} ms")
+    t = {b: median_ms(lambda b=b: permute(x, ids, 256, b)) for b in ("cuda", "triton")}
+    print(f"permute T={T} H4096 E256 k8 bf16: cuda {t['cuda']:.3f} ms, triton {t['triton']:.3f} ms")
+if bad:
+    raise SystemExit(1)
+EOF3
   return $rc
 }
 
+gc_moe_tests() {
+  # The MoE family's GPU tests: the CUDA extension's routing and permutation
+  # (tests/moe/test_cuda.py, with its CUDA-graph capture) and the Triton
+  # launchers compiled for CUDA (tests/moe/test_triton.py, with the fused-MoE
+  # capture).  Run before the whole suite, so that they get their time.
+  python3 -m pytest tests/moe/test_cuda.py tests/moe/test_triton.py -q -rfE --maxfail=50 -p no:cacheprovider \
+    --junitxml="$OUTDIR/junit_moe.xml"
+}
+
 gc_tests() {
-  python3 -m pytest tests -q -rfE --maxfail=50 -p no:cacheprovider --junitxml="$OUTDIR/junit.xml"
+  # The MoE GPU tests ran in their own step (gc_moe_tests).
+  python3 -m pytest tests -q -rfE --maxfail=50 -p no:cacheprovider --junitxml="$OUTDIR/junit.xml" \
+    --ignore=tests/moe/test_cuda.py --ignore=tests/moe/test_triton.py
 }
 
 gc_bench() {
@@ -358,17 +439,18 @@ gc_copy_report() {
   fi
 }
 
-export -f gc_versions gc_build gc_backends gc_cuda_ext gc_tests gc_bench gc_copy_report
+export -f gc_versions gc_build gc_backends gc_cuda_ext gc_moe_tests gc_tests gc_bench gc_copy_report
 
 # --- the run -----------------------------------------------------------------
 echo "gpu_check: $(date -u +%FT%TZ), budget ${BUDGET_S}s, logs in $OUTDIR"
 # name, nominal timeout, own minimum, time kept for the later steps (the sum
 # of their minimums)
-step nvidia_smi 20 10 390 nvidia-smi
-step versions 60 20 370 bash -c gc_versions
-step build 300 110 260 bash -c gc_build
-step backends 60 20 240 bash -c gc_backends
-step cuda_ext 90 40 200 bash -c gc_cuda_ext
+step nvidia_smi 20 10 420 nvidia-smi
+step versions 60 20 400 bash -c gc_versions
+step build 300 110 290 bash -c gc_build
+step backends 60 20 270 bash -c gc_backends
+step cuda_ext 100 40 230 bash -c gc_cuda_ext
+step moe_tests 120 30 200 bash -c gc_moe_tests
 step tests 240 110 90 bash -c gc_tests
 step bench 200 80 10 bash -c gc_bench
 step copy_report 20 10 0 bash -c gc_copy_report
@@ -381,15 +463,17 @@ step copy_report 20 10 0 bash -c gc_copy_report
     IFS='|' read -r name status took <<<"$row"
     printf '%-12s  %-24s  %7s\n' "$name" "$status" "$took"
   done
-  if [[ -f "$OUTDIR/junit.xml" ]]; then
-    python3 - "$OUTDIR/junit.xml" <<'EOF' 2>/dev/null || true
-import sys, xml.etree.ElementTree as ET
+  for junit in junit_moe.xml junit.xml; do
+    [[ -f "$OUTDIR/$junit" ]] || continue
+    python3 - "$OUTDIR/$junit" <<'EOF' 2>/dev/null || true
+import os, sys, xml.etree.ElementTree as ET
 r = ET.parse(sys.argv[1]).getroot()
 s = r if r.tag == "testsuite" else r.find("testsuite")
 f = {k: s.get(k, "?") for k in ("tests", "failures", "errors", "skipped", "time")}
-print("tests: {tests} run, {failures} failed, {errors} errors, {skipped} skipped, {time}s".format(**f))
+f["name"] = os.path.basename(sys.argv[1])
+print("{name}: {tests} run, {failures} failed, {errors} errors, {skipped} skipped, {time}s".format(**f))
 EOF
-  fi
+  done
 } | tee "$OUTDIR/summary.txt"
 
 exit $((FAILED > 0 ? 1 : 0))
