@@ -1,5 +1,17 @@
 """Hugging Face transformers models on frontiers_fast's kernels.
 
+Two independent hooks live here:
+
+* Mamba: :func:`kernelize` swaps a model's ``MambaMixer`` layers (below).
+* MoE experts: importing this module registers the experts implementation
+  ``"frontiers_fast"`` with transformers 5.x (see
+  :func:`register_experts_implementation`), after which
+  ``model.set_experts_implementation("frontiers_fast")`` or
+  ``from_pretrained(..., experts_implementation="frontiers_fast")`` runs the
+  experts of any model whose experts module holds the fused 3-D tensors
+  (``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I], or their
+  ``is_transposed`` / interleaved variants) on :func:`frontiers_fast.fused_moe`.
+
 :func:`kernelize` replaces each ``transformers`` ``MambaMixer`` of a model by
 a :class:`FastMambaMixer`, which holds the *same* parameter objects (and
 submodules), so the model's state dict, its optimizer's parameters and its
@@ -26,13 +38,16 @@ Example::
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_dims, check_same_device, check_shape
+from .._checks import FLOATS, check_dims, check_same_device, check_shape
+from ..nn.moe import _gated_activation, _standard_layout
 from ..nn.ssm import Mamba
+from ..ops.moe import fused_moe
 
 try:
     from transformers.models.mamba.modeling_mamba import MambaMixer as _HFMambaMixer
@@ -272,4 +287,164 @@ def kernelize(model):
     return model
 
 
-__all__ = ["FastMambaMixer", "kernelize"]
+# ===========================================================================
+# MoE experts: the "frontiers_fast" experts implementation
+# ===========================================================================
+# transformers 5.x keeps a MoE layer's experts in one module (decorated with
+# @use_experts_implementation) holding fused expert tensors; its forward
+# (hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]
+# looks up the function registered in ExpertsInterface under the name in
+# config._experts_implementation and calls it with the module as `self`.
+# Routing stays transformers' own: only the experts' math is replaced.
+
+try:
+    from transformers.integrations import moe as _hf_moe
+except ImportError:  # transformers 4.x: no experts interface (the Mamba part above still works)
+    _hf_moe = None
+
+EXPERTS_IMPLEMENTATION = "frontiers_fast"
+
+# experts module -> (what the probe depended on, (activation, interleaved)): the probe runs once a module.
+_GATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _refusal(experts, why: str) -> NotImplementedError:
+    return NotImplementedError(
+        f'experts_implementation="{EXPERTS_IMPLEMENTATION}" cannot run {type(experts).__name__}: {why}; '
+        'use experts_implementation="grouped_mm" or "eager" for this model'
+    )
+
+
+def _unsupported_experts(experts) -> str | None:
+    """Why ``experts`` is outside what fused_moe computes, or None."""
+    if not getattr(experts, "has_gate", True):
+        return "its experts have no gate projection (has_gate=False)"
+    if getattr(experts, "has_bias", False):
+        return "its expert projections have biases (has_bias=True)"
+    if getattr(experts, "has_post_expert_norm", False):
+        return "it normalises each expert's output (has_post_expert_norm=True)"
+    for name in ("gate_up_proj", "down_proj"):
+        w = getattr(experts, name, None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 3:
+            return f"its {name} is not a 3-D expert tensor (got {type(w).__name__})"
+        if w.dtype not in FLOATS:
+            return f"its {name} has dtype {w.dtype} (quantised experts are not supported)"
+    return None
+
+
+def _experts_gate(experts, intermediate_size: int) -> tuple[str, bool]:
+    """(activation, interleaved) of ``experts._apply_gate``, probed once and kept while it and act_fn stay."""
+    apply_gate = getattr(experts, "_apply_gate", None)
+    if apply_gate is None:
+        raise _refusal(experts, "it has no _apply_gate (not a @use_experts_implementation experts module)")
+    key = (getattr(apply_gate, "__func__", apply_gate), getattr(experts, "act_fn", None), intermediate_size)
+    hit = _GATES.get(experts)
+    if hit is not None and all(a is b for a, b in zip(hit[0][:2], key[:2])) and hit[0][2] == key[2]:
+        return hit[1]
+    try:
+        found = _gated_activation(apply_gate, intermediate_size, f"{type(experts).__name__}._apply_gate")
+    except ValueError as exc:
+        raise _refusal(experts, str(exc)) from exc
+    _GATES[experts] = (key, found)
+    return found
+
+
+def experts_forward(
+    self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+):
+    """The ``"frontiers_fast"`` experts implementation: a transformers experts module on :func:`fused_moe`.
+
+    Called by transformers as the experts module's forward (``self`` is that
+    module).  Its ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I]
+    (or [E, H, 2I] / [E, I, H] when ``is_transposed``; a transposed layout
+    is copied to the standard one on every call) feed ``fused_moe``
+    directly, so gradients reach them as with transformers' own
+    implementations.  The gating (SiLU or exact-GELU gate, halves or
+    interleaved columns) is read once from what ``_apply_gate`` computes;
+    experts with biases, without a gate, with a post-expert norm, with
+    quantised weights or another gating are refused with a
+    NotImplementedError that names the module.  The input is cast to the
+    experts' dtype and the output back to the input's, as
+    ``grouped_mm`` does.  Under expert parallelism, transformers' sentinel
+    ids (>= the local E) get weight 0.
+
+    Args:
+        hidden_states: [T, H]; top_k_index: [T, k] int ids in [0, E);
+        top_k_weights: [T, k] router weights (any float dtype).
+
+    Returns:
+        [T, H] in ``hidden_states``' dtype.
+
+    Example::
+
+        >>> model.set_experts_implementation("frontiers_fast")  # then model(...) calls this
+    """
+    why = _unsupported_experts(self)
+    if why is not None:
+        raise _refusal(self, why)
+    transposed = bool(getattr(self, "is_transposed", False))
+    w_gate_up, w_down = self.gate_up_proj, self.down_proj
+    inter = w_down.shape[1] if transposed else w_down.shape[2]
+    activation, interleaved = _experts_gate(self, inter)
+    w_gate_up, w_down = _standard_layout(w_gate_up, w_down, transposed, interleaved)
+    E, two_i, H = w_gate_up.shape
+    if H != hidden_states.shape[-1] or two_i != 2 * inter or tuple(w_down.shape) != (E, H, inter):
+        stored = "[E, H, 2I] and [E, I, H]" if transposed else "[E, 2I, H] and [E, H, I]"
+        raise ValueError(
+            f"{type(self).__name__}.gate_up_proj {list(self.gate_up_proj.shape)} and down_proj "
+            f"{list(self.down_proj.shape)} must be {stored} (is_transposed={transposed}) "
+            f"with H={hidden_states.shape[-1]} from hidden_states"
+        )
+    if getattr(self, "_is_expert_parallel", False):
+        # transformers marks the slots routed to another rank's experts with ids >= the local E.
+        sentinel = top_k_index >= E
+        top_k_index = top_k_index.clamp(max=E - 1)
+        top_k_weights = top_k_weights.masked_fill(sentinel, 0.0)
+    out = fused_moe(
+        hidden_states.to(w_gate_up.dtype),
+        w_gate_up.contiguous(),
+        w_down.contiguous(),
+        top_k_weights,
+        top_k_index,
+        activation,
+    )
+    return out.to(hidden_states.dtype)
+
+
+def register_experts_implementation() -> str:
+    """Register ``"frontiers_fast"`` in transformers' experts interface; idempotent.  Returns the name.
+
+    Importing this module calls it already, so this is only needed after
+    something else removed the entry.  It registers :func:`experts_forward`
+    class-wide (``transformers.integrations.moe.ExpertsInterface.register``),
+    so every model built afterwards, or switched with
+    ``set_experts_implementation``, can select it.  Needs transformers 5.x.
+
+    Example::
+
+        >>> register_experts_implementation()
+        'frontiers_fast'
+        >>> model.set_experts_implementation("frontiers_fast")
+    """
+    if _hf_moe is None or not hasattr(_hf_moe, "ExpertsInterface"):
+        import transformers
+
+        raise ImportError(
+            "the frontiers_fast experts implementation needs transformers 5.x "
+            f"(transformers.integrations.moe.ExpertsInterface); this is transformers {transformers.__version__}"
+        )
+    _hf_moe.ExpertsInterface.register(EXPERTS_IMPLEMENTATION, experts_forward)
+    return EXPERTS_IMPLEMENTATION
+
+
+if _hf_moe is not None and hasattr(_hf_moe, "ExpertsInterface"):
+    register_experts_implementation()
+
+
+__all__ = [
+    "EXPERTS_IMPLEMENTATION",
+    "FastMambaMixer",
+    "experts_forward",
+    "kernelize",
+    "register_experts_implementation",
+]

@@ -2,7 +2,7 @@
 
 from .deq import DEQFixedPoint
 from .gnn import GATConv, GCNConv, GINConv, SAGEConv
-from .moe import MixtralSparseMoeBlock
+from .moe import DeepseekV3MoE, MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock
 from .ssm import InferenceParams, Mamba
 
 __all__ = [
@@ -11,6 +11,8 @@ __all__ = [
     "SAGEConv",
     "GINConv",
     "MixtralSparseMoeBlock",
+    "Qwen3MoeSparseMoeBlock",
+    "DeepseekV3MoE",
     "Mamba",
     "InferenceParams",
     "DEQFixedPoint",
