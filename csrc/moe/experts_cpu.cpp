@@ -9,13 +9,13 @@
 //   h  = act(GU[:, :I]) * GU[:, I:] one vector pass
 //   Y  = h w_down[e]^T              at::mm, straight into Y's rows of e
 // and the combine sums each token's k rows of Y, weighted, in slot order.
-// Everything between the input and the output is in the compute dtype,
-// float32 (float64 for float64 inputs): float16 and bfloat16 experts are
-// converted to float32 one expert at a time into a scratch buffer (on CPUs
-// without AMX, MKL's float32 GEMM is faster than any bfloat16 one torch
-// has, and the intermediates then carry no half-precision rounding).  Full-
-// width experts run on the weights in place (transposed views, no copies),
-// and the GEMMs write into slices of preallocated buffers.
+// The GEMMs run on the weights in place (transposed views, no copies) and
+// write into slices of preallocated buffers.  Dtypes: float32 and float64
+// compute in their own dtype; bfloat16 runs its GEMMs in bfloat16 (oneDNN,
+// float32 accumulation, the intermediates rounded to bfloat16 as in
+// transformers); float16 experts are converted to float32 one expert at a
+// time into a scratch buffer (torch's CPU float16 GEMM is slow).  An expert
+// with at most kSkinnyRows rows skips the GEMM libraries (see below).
 //
 // Threads.  An expert with many rows keeps both cores busy inside its GEMMs,
 // so such experts run one after the other with threaded GEMMs.  With few
@@ -177,11 +177,21 @@ void gated_rows_bwd(const S* gu, const S* G, const A* w, int64_t n, int64_t I, A
 // Decoding and small batches give each expert a handful of rows, and then a
 // GEMM is a stream over the expert's weights: MKL packs the weights first
 // (a copy of them per call) and, for half weights, a converted copy is one
-// more.  Here each weight row is read once per block of up to 8 rows of X,
-// converted to float32 in registers, and dotted with them: NB weight rows by
+// more.  Here each weight row is read once, converted to float32 in
+// registers, and dotted with the rows of X four at a time: NB weight rows by
 // MB rows of X in MB * NB vector accumulators, summed across lanes at the
-// end (a fixed order, so the result is the same on any thread).
-constexpr int64_t kSkinnyRows = 16;
+// end by a fixed tree (the same result on any thread).
+constexpr int64_t kSkinnyRows = 48;
+
+// The sum of a vector's 16 lanes by a fixed tree (halves, then quarters, ...).
+inline float hsum(VecT<float> v) {
+  typedef float V8 __attribute__((vector_size(32)));
+  typedef float V4 __attribute__((vector_size(16)));
+  const V8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const V4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
 
 template <int MB, int NB, typename S>
 inline void skinny_tile(const float* X, int64_t ldx, const S* W, int64_t K, float* Y, int64_t ldy) {
@@ -209,39 +219,40 @@ inline void skinny_tile(const float* X, int64_t ldx, const S* W, int64_t K, floa
     }
   }
   for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < NB; ++j) {
-      float t = 0;
-      for (int l = 0; l < L; ++l) t += acc[m][j][l];
-      Y[m * ldy + j] = t;
-    }
+    for (int j = 0; j < NB; ++j) Y[m * ldy + j] = hsum(acc[m][j]);
 }
 
-template <int MB, typename S>
-void skinny_rows(const float* X, int64_t ldx, const S* W, int64_t N, int64_t K, float* Y, int64_t ldy) {
-  constexpr int NB = MB > 4 ? 2 : 4;  // MB * NB accumulators plus NB weight vectors stay in registers
-  const int64_t nb = N / NB;
-  for_range(nb, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) skinny_tile<MB, NB>(X, ldx, W + b * NB * K, K, Y + b * NB, ldy);
-  });
-  for (int64_t n = nb * NB; n < N; ++n) skinny_tile<MB, 1>(X, ldx, W + n * K, K, Y + n, ldy);
+// All M rows of X against NB rows of W: the weight tile stays in L1 while
+// the rows of X (in L2) go past it four at a time, so W is read once.
+template <int NB, typename S>
+inline void skinny_rows(const float* X, int64_t M, const S* W, int64_t K, float* Y, int64_t ldy) {
+  if constexpr (!std::is_same_v<S, float>) {
+    if (M > 4) {  // several row blocks: convert the weight tile once, not once per block
+      thread_local std::vector<float> tile;
+      if (tile.size() < size_t(NB * K)) tile.resize(size_t(NB * K));
+      load_row(W, 1, NB * K, tile.data());
+      skinny_rows<NB, float>(X, M, tile.data(), K, Y, ldy);
+      return;
+    }
+  }
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) skinny_tile<4, NB>(X + m * K, K, W, K, Y + m * ldy, ldy);
+  switch (M - m) {
+    case 1: skinny_tile<1, NB>(X + m * K, K, W, K, Y + m * ldy, ldy); break;
+    case 2: skinny_tile<2, NB>(X + m * K, K, W, K, Y + m * ldy, ldy); break;
+    case 3: skinny_tile<3, NB>(X + m * K, K, W, K, Y + m * ldy, ldy); break;
+    default: break;
+  }
 }
 
 template <typename S>
 void skinny_gemm(const float* X, int64_t M, const S* W, int64_t N, int64_t K, float* Y) {
-  for (int64_t m0 = 0; m0 < M; m0 += 8) {
-    const float* x = X + m0 * K;
-    float* y = Y + m0 * N;
-    switch (std::min<int64_t>(8, M - m0)) {
-      case 1: skinny_rows<1>(x, K, W, N, K, y, N); break;
-      case 2: skinny_rows<2>(x, K, W, N, K, y, N); break;
-      case 3: skinny_rows<3>(x, K, W, N, K, y, N); break;
-      case 4: skinny_rows<4>(x, K, W, N, K, y, N); break;
-      case 5: skinny_rows<5>(x, K, W, N, K, y, N); break;
-      case 6: skinny_rows<6>(x, K, W, N, K, y, N); break;
-      case 7: skinny_rows<7>(x, K, W, N, K, y, N); break;
-      default: skinny_rows<8>(x, K, W, N, K, y, N); break;
-    }
-  }
+  constexpr int NB = 4;
+  const int64_t nb = N / NB;
+  for_range(nb, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) skinny_rows<NB>(X, M, W + b * NB * K, K, Y + b * NB, N);
+  });
+  for (int64_t n = nb * NB; n < N; ++n) skinny_rows<1>(X, M, W + n * K, K, Y + n, N);
 }
 
 // Rows src[idx[i] / div] of a [*, H] matrix of S into dst [n, H] of C.
@@ -390,6 +401,24 @@ Tensor fused_moe_impl(const Args& a, Act act) {
         skinny_gemm(h.data_ptr<float>(), n, a.w_down[w.e].data_ptr<S>(), a.H, a.I, Y.data_ptr<float>() + w.lo * a.H);
         return;
       }
+    }
+    if constexpr (std::is_same_v<S, c10::BFloat16>) {
+      // bfloat16 GEMMs on the weights in place (oneDNN): converting a whole expert to float32
+      // costs more than its GEMMs once it has more than a few rows.
+      const auto sopt = a.x.options();
+      Tensor Xs = at::empty({tile, a.H}, sopt), GUs = at::empty({tile, 2 * a.I}, sopt);
+      Tensor hs = at::empty({tile, a.I}, sopt), Ys = at::empty({tile, a.H}, sopt);
+      const Tensor wgu_t = a.w_gate_up[w.e].t(), wd_t = a.w_down[w.e].t();
+      for (int64_t lo = w.lo; lo < w.hi; lo += tile) {
+        const int64_t n = std::min(tile, w.hi - lo);
+        Tensor Xn = Xs.narrow(0, 0, n), GUn = GUs.narrow(0, 0, n), hn = hs.narrow(0, 0, n), Yn = Ys.narrow(0, 0, n);
+        gather_rows(x, a.H, order + lo, n, a.k, Xn.data_ptr<S>());
+        at::mm_out(GUn, Xn, wgu_t);
+        gated_rows<S, C>(GUn.data_ptr<S>(), n, a.I, act, hn.data_ptr<S>());
+        at::mm_out(Yn, hn, wd_t);
+        load_row(Yn.data_ptr<S>(), 1, n * a.H, Y.data_ptr<C>() + lo * a.H);
+      }
+      return;
     }
     const Tensor wgu_t = expert_weight<S, C>(a.w_gate_up, w.e, sc.a).t();
     const Tensor wd_t = expert_weight<S, C>(a.w_down, w.e, sc.b).t();

@@ -272,13 +272,24 @@ class Case:
         print(f"[{family.name}] {name} ({mode})", flush=True)
 
     def run(
-        self, provider: str, fn: Callable[[], object], check: Callable[[], object] | None = None
+        self,
+        provider: str,
+        fn: Callable[[], object],
+        check: Callable[[], object] | None = None,
+        *,
+        compare: bool = True,
     ) -> Result:
-        """Check ``check()`` (default: ``fn()``) against the truth, then time ``fn``."""
+        """Check ``check()`` (default: ``fn()``) against the truth, then time ``fn``.
+
+        ``compare=False`` times a yardstick that computes something else (a
+        dense GEMM of the same FLOPs): it is not checked, and its error
+        column in the report stays empty.
+        """
         f = self.family
         r = run_provider(
             f.results, family=f.name, case=self.name, mode=self.mode, provider=provider, device=f.device, fn=fn,
-            check=check or fn, expected=self.expected, tol=self.tol, min_time=self.min_time, memory=self.memory,
+            check=(check or fn) if compare else None, expected=self.expected, tol=self.tol,
+            min_time=self.min_time, memory=self.memory,
         )  # fmt: skip
         r.roof_ms = self.roof_ms
         return r

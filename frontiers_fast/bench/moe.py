@@ -1,139 +1,311 @@
-"""MoE benchmark case: one Mixtral-shaped sparse MoE block, forward and
-forward + backward, our registered ops (reference backend) against
-transformers' ``MixtralSparseMoeBlock`` on the same weights.  Providers and
-sizes only; the harness does the measuring."""
+"""MoE benchmark cases: whole sparse MoE blocks, ours against transformers'.
+
+* A Mixtral-shaped block (H1024, I2816, E8, top-2) in float32 and bfloat16
+  at T = 1, 16, 256 and 2048 tokens, forward; and float32 T=2048 forward +
+  backward with peak memory.  transformers 5.x runs its experts through one
+  of two CPU implementations, ``eager`` (a loop over the experts that were
+  hit) and ``grouped_mm`` (``torch._grouped_mm``): both are timed, and the
+  faster one at each size is the peer to beat.
+* The bfloat16 T=2048 case also times one dense bfloat16 GEMM of the same
+  FLOPs, the yardstick of how close a grouped GEMM gets to a dense one.
+* A Qwen3-MoE-shaped block (E128 top-8, H2048, I768) in bfloat16 at T=256.
+* Expert parallelism over 2 gloo ranks: where the time goes
+  (:func:`frontiers_fast.bench.moe_ep.time_split`).
+
+Every call gets fresh tokens (a few input sets are cycled), so the routing,
+and with it the experts each call reads, changes from call to call.
+Providers and sizes only; the harness does the measuring.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
 
-from ..nn.moe import MixtralSparseMoeBlock
-from .harness import peer
-
-TARGETS: list = []  # baselines only until kernels land
+from .. import _backend
+from ..nn.moe import MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock
+from .harness import peer, time_fn
 
 H, INTER, E, TOP = 1024, 2816, 8, 2
+TOKENS = (1, 16, 256, 2048)
+QWEN = dict(H=2048, I=768, E=128, top=8, T=256)
+OURS = "frontiers_fast[cpp]"
+PEERS = ("transformers eager", "transformers grouped_mm")
+DENSE = "dense bf16 GEMM, same FLOPs"
+
+
+def _name(dt, T):
+    return f"Mixtral MoE {dt} / T{T}-H{H}-I{INTER}-E{E}-top{TOP}"
+
+
+def _targets():
+    speed = {
+        ("fp32", 16): 2.0,
+        ("fp32", 256): 1.5,
+        ("bf16", 16): 2.0,
+        ("bf16", 256): 2.0,
+        ("bf16", 2048): 1.8,
+    }
+    out = [
+        (_name(dt, T), OURS, PEERS, speed.get((dt, T), 1.0), None, "fwd")
+        for dt in ("fp32", "bf16")
+        for T in TOKENS
+    ]
+    out.append((_name("bf16", 2048), OURS, DENSE, 0.65, None, "fwd"))
+    out.append((_name("fp32", 2048), OURS, PEERS, 1.5, 1.5, "fwd+bwd"))
+    q = QWEN
+    out.append((f"Qwen3-MoE bf16 / T{q['T']}-H{q['H']}-I{q['I']}-E{q['E']}-top{q['top']}", OURS, PEERS, 2.0,
+                None, "fwd"))  # fmt: skip
+    return out
+
+
+# What the report checks: (case prefix, our provider prefix, peer(s), min speed-up, min memory ratio, mode).
+TARGETS = _targets()
+
+_DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _params(module):
-    # Same order for both blocks: the parameter names are the same.
+    # Same order for every block: the parameter names are the same.
     return [p for _, p in sorted(module.named_parameters())]
 
 
-def _fwd(module, x):
+class _Cycle:
+    """``next()`` gives the next of a few input sets: fresh tokens on every call."""
+
+    def __init__(self, xs):
+        self.xs, self.i = xs, 0
+
+    def next(self):
+        x = self.xs[self.i % len(self.xs)]
+        self.i += 1
+        return x
+
+
+def _fwd(module, cycle, ctx):
     def fn():
-        with torch.no_grad():
-            return module(x)
+        with torch.no_grad(), ctx():
+            return module(cycle.next())
 
     return fn
 
 
-def _fwd_bwd(module, x, seed):
+def _fwd_bwd(module, x, seed, ctx):
     xg = x.detach().clone().requires_grad_(True)
+    params = _params(module)
 
     def fn():
-        out = module(xg)
-        grads = torch.autograd.grad(out, [xg, *_params(module)], seed)
+        with ctx():
+            out = module(xg)
+            grads = torch.autograd.grad(out, [xg, *params], seed)
         return [out.detach(), *grads]
 
     return fn
 
 
-def _skip_calls(fn, n):
-    """``fn`` whose first ``n`` calls do nothing.
+def _backend_ctx(b):
+    return lambda: _backend.use_backend(b)
 
-    The harness warms up with two calls before timing.  At full size one call
-    takes seconds, and one real warm-up (or the full-size agreement check
-    just before) is enough, so the spare warm-ups are skipped to keep the
-    family inside its time budget.  Every timed call runs ``fn`` in full.
-    """
-    left = [n]
 
-    def wrapped():
-        if left[0] > 0:
-            left[0] -= 1
-            return None
-        return fn()
+def _hf_block(kind, config_kw, impl, state, device):
+    """transformers' block with our weight tensors (shared, not copied), or None when not installed."""
+    if kind == "mixtral":
+        Config = peer("transformers", "MixtralConfig")
+        Block = peer("transformers.models.mixtral.modeling_mixtral", "MixtralSparseMoeBlock")
+    else:
+        Config = peer("transformers", "Qwen3MoeConfig")
+        Block = peer("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeSparseMoeBlock")
+    if Config is None or Block is None:
+        return None
+    config = Config(**config_kw)
+    config._experts_implementation = impl
+    with torch.device("meta"):
+        b = Block(config)
+    b.load_state_dict({k: v.to(device) for k, v in state.items()}, assign=True)
+    return b.eval()
 
-    return wrapped
+
+def _our_block(cls, kw, state, device):
+    with torch.device("meta"):
+        b = cls(**kw)
+    b.load_state_dict({k: v.to(device) for k, v in state.items()}, assign=True)
+    return b.eval()
+
+
+def _inputs(T, H_, n, device, dtype, gen):
+    return [torch.randn(1, T, H_, generator=gen).to(device=device, dtype=dtype) for _ in range(n)]
+
+
+def _providers(bench, kind, cls, our_kw, hf_kw, state):
+    device = bench.device
+    out = [(f"frontiers_fast[{b}]", _our_block(cls, our_kw, state, device), _backend_ctx(b))
+           for b in bench.ours("fused_moe")]  # fmt: skip
+    for impl, name in zip(("eager", "grouped_mm"), PEERS):
+        hf = _hf_block(kind, hf_kw, impl, state, device)
+        if hf is not None:
+            out.append((name, hf, contextlib.nullcontext))
+    return out
+
+
+def _mixtral_state(dtype, gen):
+    # Fan-in scaled weights keep the router logits and expert activations O(1).
+    s = {
+        "gate.weight": torch.randn(E, H, generator=gen) / H**0.5,
+        "experts.gate_up_proj": torch.randn(E, 2 * INTER, H, generator=gen) / H**0.5,
+        "experts.down_proj": torch.randn(E, H, INTER, generator=gen) / INTER**0.5,
+    }
+    return {k: v.to(dtype) for k, v in s.items()}
+
+
+def _truth(cls, kw, state, xs, seed=None):
+    """The float64 reference block on the same (rounded) weights: forward, or forward + backward."""
+    r64 = _our_block(cls, kw, {k: v.double() for k, v in state.items()}, "cpu")
+    ctx = _backend_ctx("reference")
+    if seed is None:
+        with torch.no_grad(), ctx():
+            return r64(xs.double().cpu())
+    return _fwd_bwd(r64, xs.double().cpu(), seed.double().cpu(), ctx)()
+
+
+def _mixtral_cases(bench, notes):
+    device, quick = bench.device, bench.quick
+    tokens = (1, 16, 128) if quick else TOKENS
+    kw = dict(hidden_size=H, intermediate_size=INTER, num_experts=E, top_k=TOP)
+    hf_kw = dict(hidden_size=H, intermediate_size=INTER, num_local_experts=E, num_experts_per_tok=TOP)
+    flops1 = 2 * TOP * 3 * INTER * H  # per token: [H] x [2I, H], then [I] x [H, I], for each of its k experts
+    weight_bytes = {dt: E * 3 * INTER * H * _DT[dt].itemsize for dt in _DT}
+    for dt in ("fp32", "bf16"):
+        dtype = _DT[dt]
+        gen = torch.Generator().manual_seed(0)
+        state = _mixtral_state(dtype, gen)
+        provs = _providers(bench, "mixtral", MixtralSparseMoeBlock, kw, hf_kw, state)
+        tol = 1e-4 if dt == "fp32" else 3e-2
+        for T in tokens:
+            xs = _inputs(T, H, 4, device, dtype, gen)
+            t_check = min(T, 256)
+            want = _truth(MixtralSparseMoeBlock, kw, state, xs[0][:, :t_check])
+            # Decoding reads each chosen expert's weights: memory, not FLOPs, bounds it.
+            if T <= 16:
+                hit = min(E, T * TOP)
+                roof = ("dram", hit * weight_bytes[dt] // E)
+            else:
+                roof = ("gemm_bf16" if dt == "bf16" else "gemm_fp32", T * flops1)
+            mt = min(bench.min_time, 0.3)
+            case = bench.case(_name(dt, T), "fwd", want, tol, min_time=mt, roof=roof)
+            for provider, module, ctx in provs:
+                cyc = _Cycle(xs)
+                fn = _fwd(module, cyc, ctx)
+                check = lambda m=module, c=ctx: _fwd(m, _Cycle(xs[:1]), c)()[:, :t_check]
+                case.run(provider, fn, check=check)
+            if dt == "bf16" and T == tokens[-1]:
+                a = torch.randn(T * TOP, H, generator=gen).to(device=device, dtype=dtype)
+                b = torch.randn(H, 3 * INTER, generator=gen).to(device=device, dtype=dtype)
+                case.run(DENSE, lambda a=a, b=b: a @ b, compare=False)
+        if dt == "fp32" and not quick:
+            # Are the weights cache-resident between calls?  Read them the way a decode step does.
+            ws = [state["experts.gate_up_proj"], state["experts.down_proj"]]
+            nbytes = sum(w.numel() * w.element_size() for w in ws)
+            ms = time_fn(lambda: [w.sum() for w in ws], device, min_time=0.3)[0]
+            notes.append(
+                f"Reading the float32 Mixtral experts ({nbytes / 1e6:.0f} MB, `sum`) ran at {nbytes / ms / 1e6:.1f} GB/s "
+                "in this run, to compare with the memory-read roof above: the machine reports a 480 MB L3, "
+                "which could hold them, so the decode cases may measure cache-resident weights."
+            )
+        if dt == "fp32":
+            T = tokens[-1]
+            t_check = min(T, 256)
+            x = _inputs(T, H, 1, device, dtype, gen)[0]
+            seed = torch.randn(1, T, H, generator=gen).to(device)
+            t0 = time.perf_counter()
+            want = _truth(MixtralSparseMoeBlock, kw, state, x[:, :t_check], seed[:, :t_check])
+            notes.append(f"float64 fwd+bwd truth on {t_check} tokens: {time.perf_counter() - t0:.1f} s")
+            case = bench.case(_name(dt, T), "fwd+bwd", want, 1e-4, memory=not quick,
+                              min_time=min(bench.min_time, 0.2), roof=("gemm_fp32", 3 * T * flops1))  # fmt: skip
+            for provider, module, ctx in provs:
+                # Weight gradients sum over all tokens: check a run on the checked tokens alone.
+                check = _fwd_bwd(module, x[:, :t_check], seed[:, :t_check], ctx)
+                case.run(provider, _fwd_bwd(module, x, seed, ctx), check=check)
+        del provs, state
+
+
+def _qwen_case(bench):
+    q = QWEN
+    device, quick = bench.device, bench.quick
+    Hq, Iq, Eq, top, T = q["H"], q["I"], q["E"], q["top"], q["T"]
+    if quick:
+        Eq, T = 32, 64
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(1)
+    state = {
+        "gate.weight": torch.randn(Eq, Hq, generator=gen) / Hq**0.5,
+        "experts.gate_up_proj": (torch.randn(Eq, 2 * Iq, Hq, generator=gen) / Hq**0.5).to(dtype),
+        "experts.down_proj": (torch.randn(Eq, Hq, Iq, generator=gen) / Iq**0.5).to(dtype),
+    }
+    state["gate.weight"] = state["gate.weight"].to(dtype)
+    kw = dict(hidden_size=Hq, intermediate_size=Iq, num_experts=Eq, top_k=top, norm_topk_prob=True)
+    hf_kw = dict(hidden_size=Hq, moe_intermediate_size=Iq, num_experts=Eq, num_experts_per_tok=top,
+                 norm_topk_prob=True)  # fmt: skip
+    xs = _inputs(T, Hq, 4, device, dtype, gen)
+    # bfloat16 router logits tie often (8 bits of mantissa, 128 experts): transformers' topk breaks a
+    # tie at the top-k boundary its own way, so the check uses the first 64 tokens without one.
+    logits = torch.nn.functional.linear(xs[0][0], state["gate.weight"].to(device)).float()
+    kth = logits.topk(top + 1, dim=-1).values
+    rows = torch.nonzero(kth[:, top - 1] != kth[:, top]).flatten()[:64]
+    want = _truth(Qwen3MoeSparseMoeBlock, kw, state, xs[0][:, rows])
+    name = f"Qwen3-MoE bf16 / T{T}-H{Hq}-I{Iq}-E{Eq}-top{top}"
+    case = bench.case(name, "fwd", want, 3e-2, min_time=min(bench.min_time, 0.3),
+                      roof=("gemm_bf16", T * 2 * top * 3 * Iq * Hq))  # fmt: skip
+    for provider, module, ctx in _providers(bench, "qwen3", Qwen3MoeSparseMoeBlock, kw, hf_kw, state):
+        check = lambda m=module, c=ctx: _fwd(m, _Cycle(xs[:1]), c)()[:, rows]
+        case.run(provider, _fwd(module, _Cycle(xs), ctx), check=check)
+
+
+def _ep_section(bench):
+    if bench.device != "cpu":
+        return None
+    try:
+        from .moe_ep import time_split
+    except ImportError as exc:  # pragma: no cover - the module ships with the package
+        return f"(not measured: {exc})"
+    T = 64 if bench.quick else 256
+    try:
+        r = time_split(T, H, INTER, E, TOP, world=2, dtype=torch.float32, repeats=3)
+    except Exception as exc:  # a failed spawn must not stop the report
+        return f"(not measured: {type(exc).__name__}: {exc})"
+    phases = ("total", "routing", "permute", "all_to_all_counts", "all_to_all_tokens", "compute",
+              "all_to_all_return", "combine", "all_to_all")  # fmt: skip
+    rows = ["| phase | ms (median of 3, slowest rank) | share of total |", "|---|---|---|"]
+    rows += [f"| {k} | {r[k]:.2f} | {r[k] / r['total']:.0%} |" for k in phases if k in r]
+    return (
+        f"`expert_parallel` Mixtral block (H{H} I{INTER} E{E} top-{TOP}, float32), {T} tokens per rank, "
+        "2 gloo ranks on this machine's 2 cores (each rank gets one thread).  The all-to-all rows include "
+        "the time a rank waits for its slower peer.\n\n" + "\n".join(rows)
+    )
 
 
 def run(bench, out_dir=None):
-    device, quick = bench.device, bench.quick
-    T = 128 if quick else 2048
-    # The float64 truth runs on the first t_check tokens: a full float64
-    # forward + backward at T=2048 alone would take most of the time budget.
-    t_check = min(T, 256)
-    name = f"fused MoE / T{T}-H{H}-I{INTER}-E{E}-top{TOP}"
-    gen = torch.Generator().manual_seed(0)
-    # Fan-in scaled weights keep the router logits and expert activations O(1).
-    w_router = torch.randn(E, H, generator=gen) / H**0.5
-    w_gate_up = torch.randn(E, 2 * INTER, H, generator=gen) / H**0.5
-    w_down = torch.randn(E, H, INTER, generator=gen) / INTER**0.5
-    state = {"gate.weight": w_router, "experts.gate_up_proj": w_gate_up, "experts.down_proj": w_down}
-    x = torch.randn(1, T, H, generator=gen).to(device)
-    seed = torch.randn(1, T, H, generator=gen).to(device)
-    xc, seedc = x[:, :t_check].contiguous(), seed[:, :t_check].contiguous()
-
-    def block(dtype):
-        # Built on the meta device: the 70M-parameter random init would be thrown away anyway.
-        with torch.device("meta"):
-            b = MixtralSparseMoeBlock(hidden_size=H, intermediate_size=INTER, num_experts=E, top_k=TOP)
-        b.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
-        return b.eval()
-
-    t0 = time.perf_counter()
-    r64 = block(torch.float64)
-    with torch.no_grad():
-        expected_fwd = r64(xc.double())
-    expected_bwd = _fwd_bwd(r64, xc.double(), seedc.double())()
-    del r64
-    t64 = time.perf_counter() - t0
-    print(f"  float64 reference on {t_check} of {T} tokens (fwd and fwd+bwd): {t64:.1f} s", flush=True)
-
-    providers = [("frontiers_fast[reference]", block(torch.float32))]
-    MixtralConfig = peer("transformers", "MixtralConfig")
-    HFBlock = peer("transformers.models.mixtral.modeling_mixtral", "MixtralSparseMoeBlock")
-    if MixtralConfig is not None and HFBlock is not None:
-        config = MixtralConfig(
-            hidden_size=H, intermediate_size=INTER, num_local_experts=E, num_experts_per_tok=TOP
-        )
-        hf = HFBlock(config)
-        hf.load_state_dict(state)
-        providers.append(("transformers MixtralSparseMoeBlock", hf.to(device).eval()))
-
-    mt = min(bench.min_time, 0.2)  # calls take seconds: the harness's minimum of 3 repeats is plenty
-    # Two GEMMs per routed token and expert: x [H] by [2I, H], then [I] by [H, I].
-    flops = 2 * T * TOP * (2 * INTER * H + INTER * H)
-    for mode, expected in (("fwd", expected_fwd), ("fwd+bwd", expected_bwd)):
-        case = bench.case(name, mode, expected, 1e-4, memory=mode == "fwd+bwd" and not quick, min_time=mt,
-                          roof=("gemm_fp32", flops if mode == "fwd" else 3 * flops))  # fmt: skip
-        for provider, module in providers:
-            if mode == "fwd":
-                fn = _fwd(module, x)
-                # Tokens are independent in the forward: the full-size call is checked on its first rows,
-                # and it doubles as the warm-up.
-                check = lambda fn=fn: fn()[:, :t_check]
-                timed = _skip_calls(fn, 2)
-            else:
-                # Gradients of the weights sum over all tokens: check a run on the checked tokens alone.
-                check = _fwd_bwd(module, xc, seedc)
-                timed = _skip_calls(_fwd_bwd(module, x, seed), 1)
-            case.run(provider, timed, check=check)
-
+    notes = []
+    _mixtral_cases(bench, notes)
+    _qwen_case(bench)
+    ep = _ep_section(bench)
     note = (
-        f"Before timing, each provider was checked against a float64 run of the reference (routing "
-        f"included) on the first {t_check} of the {T} tokens (a full float64 run would take most of the "
-        f"time budget; it took {t64:.1f} s on the slice): the forward check compares the first "
-        f"{t_check} rows of the full-size output, the fwd+bwd check a run on those tokens alone (output "
-        "and the gradients of the input and all three weight tensors).  The error column is the norm-wise "
-        "relative error.  Weights are fan-in scaled normals; the router is Mixtral's (softmax in float32, "
-        "top-2, renormalised).  `frontiers_fast[reference]` is `frontiers_fast.nn.moe.MixtralSparseMoeBlock` "
-        "(moe_route + fused_moe ops on the reference backend: permute, one GEMM pair per expert on its "
-        "rows, gather-combine; its backward recomputes the expert forward).  transformers' block loops over "
-        "the experts that were hit and combines with index_add.  Times are medians of 3 calls after one "
-        "warm-up call."
+        "Every provider is checked against a float64 run of the reference block (routing included) on the "
+        "same weights (rounded to the case's dtype first) before it is timed: forward cases on the first "
+        "rows of a full-size call, fwd+bwd on a run over the first 256 tokens (output and the gradients of "
+        "the input and of all three weight tensors).  The error column is the largest error relative to "
+        "the largest value (the Qwen3-MoE case checks the first 64 tokens whose bfloat16 router logits "
+        "have no tie at the top-k boundary, where transformers' topk and our lowest-id rule may pick "
+        "differently).  Weights are fan-in scaled normals.  Each call gets fresh tokens (four input "
+        "sets, cycled).  transformers' blocks share our weight tensors; each runs one experts "
+        "implementation (`config._experts_implementation`), `eager` or `grouped_mm`, and a target is "
+        "checked against the faster of the two at each size.  The decode cases' (T=1, 16) roof is the "
+        "time to read the chosen experts' weights at the memory-read rate.  The dense "
+        "GEMM row is `[T*k, H] @ [H, 3I]` in bfloat16 (the FLOPs of the experts' GEMMs), not a MoE.  "
+        + " ".join(notes)
     )
-    return [("MoE: how the comparison was made", note)]
+    sections = [("MoE: how the comparison was made", note)]
+    if ep is not None:
+        sections.append(("MoE: expert parallelism, where the time goes", ep))
+    return sections
