@@ -11,10 +11,12 @@
 // and the combine sums each token's k rows of Y, weighted, in slot order.
 // The GEMMs run on the weights in place (transposed views, no copies) and
 // write into slices of preallocated buffers.  Dtypes: float32 and float64
-// compute in their own dtype; bfloat16 runs its GEMMs in bfloat16 (oneDNN,
-// float32 accumulation, the intermediates rounded to bfloat16 as in
-// transformers); float16 experts are converted to float32 one expert at a
-// time into a scratch buffer (torch's CPU float16 GEMM is slow).  An expert
+// compute in their own dtype; float16 experts, and without AMX bfloat16
+// experts with many rows, are converted to float32 one expert at a time
+// into a scratch buffer (torch's CPU float16 GEMM is slow, and its bfloat16
+// one runs at half the float32 rate without AMX); other bfloat16 experts run
+// bfloat16 GEMMs (oneDNN, float32 accumulation, the intermediates rounded to
+// bfloat16 as in transformers).  An expert
 // with at most kSkinnyRows rows skips the GEMM libraries (see below).
 //
 // Threads.  An expert with many rows keeps both cores busy inside its GEMMs,
@@ -44,7 +46,12 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/Utils.h>
 #include <torch/library.h>
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -71,6 +78,25 @@ using at::Tensor;
 // Experts with at most this many rows on average run spread over the
 // threads, each with single-threaded GEMMs (see the file comment).
 constexpr int64_t kSpreadRows = 96;
+// Without AMX, torch's bfloat16 GEMM runs at about half the float32 one's
+// rate: an expert with this many rows or more converts its weights to
+// float32 (a pass over them) and runs float32 GEMMs.
+constexpr int64_t kConvertRows = 128;
+
+// AMX for bfloat16 (CPUID.7.0:EDX[22]), enabled for this process (torch's init_amx).
+bool has_amx_bf16() {
+  static const bool amx = [] {
+#if defined(__x86_64__)
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22))) return false;
+    return at::cpu::init_amx();
+#else
+    return false;
+#endif
+  }();
+  return amx;
+}
+
 // Rows per GEMM pass of the forward: bounds the [rows, 2I] scratch.
 constexpr int64_t kFwdTile = 512;
 // The backward's pieces (fixed sizes, so that the results do not depend on
@@ -403,22 +429,23 @@ Tensor fused_moe_impl(const Args& a, Act act) {
       }
     }
     if constexpr (std::is_same_v<S, c10::BFloat16>) {
-      // bfloat16 GEMMs on the weights in place (oneDNN): converting a whole expert to float32
-      // costs more than its GEMMs once it has more than a few rows.
-      const auto sopt = a.x.options();
-      Tensor Xs = at::empty({tile, a.H}, sopt), GUs = at::empty({tile, 2 * a.I}, sopt);
-      Tensor hs = at::empty({tile, a.I}, sopt), Ys = at::empty({tile, a.H}, sopt);
-      const Tensor wgu_t = a.w_gate_up[w.e].t(), wd_t = a.w_down[w.e].t();
-      for (int64_t lo = w.lo; lo < w.hi; lo += tile) {
-        const int64_t n = std::min(tile, w.hi - lo);
-        Tensor Xn = Xs.narrow(0, 0, n), GUn = GUs.narrow(0, 0, n), hn = hs.narrow(0, 0, n), Yn = Ys.narrow(0, 0, n);
-        gather_rows(x, a.H, order + lo, n, a.k, Xn.data_ptr<S>());
-        at::mm_out(GUn, Xn, wgu_t);
-        gated_rows<S, C>(GUn.data_ptr<S>(), n, a.I, act, hn.data_ptr<S>());
-        at::mm_out(Yn, hn, wd_t);
-        load_row(Yn.data_ptr<S>(), 1, n * a.H, Y.data_ptr<C>() + lo * a.H);
+      // bfloat16 GEMMs on the weights in place (oneDNN, float32 accumulation), or (below) converted.
+      if (has_amx_bf16() || w.hi - w.lo < kConvertRows) {
+        const auto sopt = a.x.options();
+        Tensor Xs = at::empty({tile, a.H}, sopt), GUs = at::empty({tile, 2 * a.I}, sopt);
+        Tensor hs = at::empty({tile, a.I}, sopt), Ys = at::empty({tile, a.H}, sopt);
+        const Tensor wgu_t = a.w_gate_up[w.e].t(), wd_t = a.w_down[w.e].t();
+        for (int64_t lo = w.lo; lo < w.hi; lo += tile) {
+          const int64_t n = std::min(tile, w.hi - lo);
+          Tensor Xn = Xs.narrow(0, 0, n), GUn = GUs.narrow(0, 0, n), hn = hs.narrow(0, 0, n), Yn = Ys.narrow(0, 0, n);
+          gather_rows(x, a.H, order + lo, n, a.k, Xn.data_ptr<S>());
+          at::mm_out(GUn, Xn, wgu_t);
+          gated_rows<S, C>(GUn.data_ptr<S>(), n, a.I, act, hn.data_ptr<S>());
+          at::mm_out(Yn, hn, wd_t);
+          load_row(Yn.data_ptr<S>(), 1, n * a.H, Y.data_ptr<C>() + lo * a.H);
+        }
+        return;
       }
-      return;
     }
     const Tensor wgu_t = expert_weight<S, C>(a.w_gate_up, w.e, sc.a).t();
     const Tensor wd_t = expert_weight<S, C>(a.w_down, w.e, sc.b).t();
