@@ -52,8 +52,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._checks import check_dims, check_features, check_in_range, check_index_tensor, check_tensor
-from .nn.moe import MoeExperts
+from .nn.moe import MoeExperts, check_expert_inputs
 from .ops.moe import ACTIVATIONS, fused_moe, moe_permute, moe_unpermute
 
 __all__ = [
@@ -179,36 +178,10 @@ class ExpertParallelExperts(nn.Module):
         )
 
     def _check(self, hidden_states, top_k_index, top_k_weights):
-        check_features(
-            "hidden_states",
-            hidden_states,
-            "the block's hidden_size",
-            self.hidden_dim,
-            like=("gate_up_proj", self.gate_up_proj),
-        )
-        check_dims("hidden_states", hidden_states, 2, "[T, hidden_size]")
-        check_index_tensor("top_k_index", top_k_index, (torch.int32, torch.int64))
-        check_dims("top_k_index", top_k_index, 2, "[T, top_k]")
-        check_tensor("top_k_weights", top_k_weights)
-        if top_k_index.shape[0] != hidden_states.shape[0]:
-            raise ValueError(
-                f"top_k_index has {top_k_index.shape[0]} rows but hidden_states has {hidden_states.shape[0]} tokens"
-            )
-        if top_k_weights.shape != top_k_index.shape:
-            raise ValueError(
-                f"top_k_weights must have the shape of top_k_index {tuple(top_k_index.shape)}, "
-                f"got {tuple(top_k_weights.shape)}"
-            )
-        for name, t in (("top_k_index", top_k_index), ("top_k_weights", top_k_weights)):
-            if t.device != hidden_states.device:
-                raise ValueError(f"{name} is on {t.device} but hidden_states is on {hidden_states.device}")
-        check_in_range(
-            "top_k_index",
-            top_k_index,
-            0,
-            self.num_experts - 1,
+        check_expert_inputs(
+            hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.num_experts,
             f" (global ids: num_experts={self.num_experts})",
-        )
+        )  # fmt: skip
 
     def _exchange_counts(self, counts: Tensor | None, error: BaseException | None):
         """All-to-all of the per-expert row counts, with this rank's error flag on every row.

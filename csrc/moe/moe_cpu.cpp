@@ -155,18 +155,9 @@ std::tuple<Tensor, Tensor> moe_route_cpu(const Tensor& logits_, int64_t top_k, s
   const char* op = "moe_route";
   data_arg(logits_, op, "logits", 2);
   const Tensor logits = logits_.contiguous();
-  const bool softmax = softmax_arg(scoring, op);
   const int64_t nt = logits.size(0), E = logits.size(1);
-  TORCH_CHECK_VALUE(top_k >= 1 && top_k <= E, op, ": top_k must lie in [1, ", E, "], got ", top_k);
-  TORCH_CHECK_VALUE(n_group.has_value() == topk_group.has_value(), op,
-                    ": n_group and topk_group must be given together");
+  const bool softmax = route_options(op, scoring, top_k, E, n_group, topk_group);
   const int64_t ng = n_group.value_or(0), tg = topk_group.value_or(0);
-  if (n_group) {
-    TORCH_CHECK_VALUE(ng >= 1 && E % ng == 0, op, ": n_group must divide E=", E, ", got ", ng);
-    TORCH_CHECK_VALUE(tg >= 1 && tg <= ng, op, ": topk_group must lie in [1, ", ng, "], got ", tg);
-    TORCH_CHECK_VALUE(top_k <= tg * (E / ng), op, ": top_k=", top_k, " exceeds the ", tg * (E / ng),
-                      " experts in the topk_group=", tg, " kept groups");
-  }
   const auto acc = acc_scalar_type(logits.scalar_type());
   Tensor bias;
   if (const Tensor* b = present(correction_bias)) {

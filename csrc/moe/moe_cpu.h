@@ -7,7 +7,9 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
@@ -15,6 +17,7 @@
 #include "common/checks.h"
 #include "common/convert.h"
 #include "common/sched.h"
+#include "moe/route_args.h"
 
 namespace frontiers_fast {
 namespace moe {

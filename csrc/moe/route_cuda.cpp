@@ -38,6 +38,7 @@
 #include "common/alloc.h"
 #include "common/checks.h"
 #include "moe/route.cuh"
+#include "moe/route_args.h"
 
 namespace frontiers_fast {
 namespace moe {
@@ -112,20 +113,9 @@ std::tuple<Tensor, Tensor> moe_route_cuda(const Tensor& logits_, int64_t top_k, 
                                           double scaling) {
   const char* op = "moe_route";
   data_arg_cuda(logits_, op, "logits", 2);
-  TORCH_CHECK_VALUE(scoring == "softmax" || scoring == "sigmoid", op,
-                    ": scoring must be 'softmax' or 'sigmoid', got '", std::string(scoring), "'");
-  const bool softmax = scoring == "softmax";
   const int64_t nt = logits_.size(0), E = logits_.size(1);
-  TORCH_CHECK_VALUE(top_k >= 1 && top_k <= E, op, ": top_k must lie in [1, ", E, "], got ", top_k);
-  TORCH_CHECK_VALUE(n_group.has_value() == topk_group.has_value(), op,
-                    ": n_group and topk_group must be given together");
+  const bool softmax = route_options(op, scoring, top_k, E, n_group, topk_group);
   const int64_t ng = n_group.value_or(0), tg = topk_group.value_or(0);
-  if (n_group) {
-    TORCH_CHECK_VALUE(ng >= 1 && E % ng == 0, op, ": n_group must divide E=", E, ", got ", ng);
-    TORCH_CHECK_VALUE(tg >= 1 && tg <= ng, op, ": topk_group must lie in [1, ", ng, "], got ", tg);
-    TORCH_CHECK_VALUE(top_k <= tg * (E / ng), op, ": top_k=", top_k, " exceeds the ", tg * (E / ng),
-                      " experts in the topk_group=", tg, " kept groups");
-  }
   TORCH_CHECK(E <= kRouteMaxExperts, op, " (cuda): logits has E=", E, " experts, but this kernel stages a row's ",
               "scores in shared memory and supports E <= ", kRouteMaxExperts, "; use the triton or reference backend");
 

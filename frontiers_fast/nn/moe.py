@@ -182,6 +182,40 @@ class MoeTopKRouter(nn.Module):
         return logits, weights, ids
 
 
+def check_expert_inputs(hidden_states, top_k_index, top_k_weights, gate_up_proj, num_experts, what=""):
+    """The checks of an experts module's ``forward(hidden_states, top_k_index, top_k_weights)``.
+
+    Under the module's own argument names (``fused_moe`` would name x, ids and
+    weights); ``gate_up_proj`` [E, 2I, H] gives H, ``num_experts`` the id range
+    (``what`` is added to its message).  Shared by :class:`MoeExperts` and the
+    expert-parallel shard.
+    """
+    check_features(
+        "hidden_states",
+        hidden_states,
+        "the module's hidden_size",
+        gate_up_proj.shape[-1],
+        like=("gate_up_proj", gate_up_proj),
+    )
+    check_dims("hidden_states", hidden_states, 2, "[T, hidden_size]")
+    check_index_tensor("top_k_index", top_k_index, (torch.int32, torch.int64))
+    check_dims("top_k_index", top_k_index, 2, "[T, top_k]")
+    check_tensor("top_k_weights", top_k_weights)
+    if top_k_index.shape[0] != hidden_states.shape[0]:
+        raise ValueError(
+            f"top_k_index has {top_k_index.shape[0]} rows but hidden_states has {hidden_states.shape[0]} tokens"
+        )
+    if top_k_weights.shape != top_k_index.shape:
+        raise ValueError(
+            f"top_k_weights must have the shape of top_k_index {tuple(top_k_index.shape)}, "
+            f"got {tuple(top_k_weights.shape)}"
+        )
+    for name, t in (("top_k_index", top_k_index), ("top_k_weights", top_k_weights)):
+        if t.device != hidden_states.device:
+            raise ValueError(f"{name} is on {t.device} but hidden_states is on {hidden_states.device}")
+    check_in_range("top_k_index", top_k_index, 0, num_experts - 1, what or f" (num_experts={num_experts})")
+
+
 class MoeExperts(nn.Module):
     """E gated-MLP experts in the fused layout: ``forward(x [T, H], ids, weights) -> [T, H]``."""
 
@@ -201,30 +235,7 @@ class MoeExperts(nn.Module):
         _fan_in_normal_(self.down_proj)
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        # Checked here under the module's own argument names; fused_moe would name x, ids and weights.
-        check_features(
-            "hidden_states",
-            hidden_states,
-            "the module's hidden_size",
-            self.hidden_dim,
-            like=("gate_up_proj", self.gate_up_proj),
-        )
-        check_dims("hidden_states", hidden_states, 2, "[T, hidden_size]")
-        check_index_tensor("top_k_index", top_k_index, (torch.int32, torch.int64))
-        check_dims("top_k_index", top_k_index, 2, "[T, top_k]")
-        check_tensor("top_k_weights", top_k_weights)
-        if top_k_index.shape[0] != hidden_states.shape[0]:
-            raise ValueError(
-                f"top_k_index has {top_k_index.shape[0]} rows but hidden_states has {hidden_states.shape[0]} tokens"
-            )
-        if top_k_weights.shape != top_k_index.shape:
-            raise ValueError(
-                f"top_k_weights must have the shape of top_k_index {tuple(top_k_index.shape)}, "
-                f"got {tuple(top_k_weights.shape)}"
-            )
-        check_in_range(
-            "top_k_index", top_k_index, 0, self.num_experts - 1, f" (num_experts={self.num_experts})"
-        )
+        check_expert_inputs(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.num_experts)
         return fused_moe(
             hidden_states, self.gate_up_proj, self.down_proj, top_k_weights, top_k_index, self.activation
         )
