@@ -97,8 +97,8 @@ bool has_amx_bf16() {
   return amx;
 }
 
-// Rows per GEMM pass of the forward: bounds the [rows, 2I] scratch.
-constexpr int64_t kFwdTile = 512;
+// Rows per GEMM pass of the forward at most: bounds the [rows, 2I] scratch.
+constexpr int64_t kFwdTile = 1024;
 // The backward's pieces (fixed sizes, so that the results do not depend on
 // the thread count): row tiles of an expert, and rows of its weight gradients.
 constexpr int64_t kBwdTile = 128;
@@ -208,6 +208,8 @@ void gated_rows_bwd(const S* gu, const S* G, const A* w, int64_t n, int64_t I, A
 // MB rows of X in MB * NB vector accumulators, summed across lanes at the
 // end by a fixed tree (the same result on any thread).
 constexpr int64_t kSkinnyRows = 48;
+// The same for bfloat16 experts when the CPU has AMX (see skinny_limit).
+constexpr int64_t kSkinnyRowsAmx = 4;
 
 // The sum of a vector's 16 lanes by a fixed tree (halves, then quarters, ...).
 inline float hsum(VecT<float> v) {
@@ -402,6 +404,58 @@ Args check_args(const char* op, const Tensor& x, const Tensor& w_gate_up, const 
           cdt};
 }
 
+// Rows per forward pass of an expert with n rows: at most kFwdTile, in
+// passes of equal size (a pass reads the expert's weights whatever its rows,
+// so 530 rows run as 265 + 265, not 512 + 18).
+inline int64_t fwd_tile(int64_t n) {
+  const int64_t passes = (n + kFwdTile - 1) / kFwdTile;
+  return (n + passes - 1) / passes;
+}
+
+// Experts with at most this many rows run the skinny kernel.  With AMX a
+// bfloat16 GEMM (oneDNN) outruns float32 FMAs from a few rows on.
+template <typename S>
+int64_t skinny_limit() {
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    if (has_amx_bf16()) return kSkinnyRowsAmx;
+  }
+  return kSkinnyRows;
+}
+
+// A [rows, cols] buffer of `opt` in t, reallocated only when it is too small
+// or of another dtype.  Zero-filled when allocated: rows past those a pass
+// writes stay finite (see gemm_rows).
+inline Tensor scratch_rows(Tensor& t, int64_t rows, int64_t cols, const at::TensorOptions& opt) {
+  if (!t.defined() || t.size(0) < rows || t.size(1) != cols || t.scalar_type() != opt.dtype())
+    t = at::zeros({rows, cols}, opt);
+  return t.narrow(0, 0, rows);
+}
+
+// The rows a bfloat16 GEMM of n rows runs on: n rounded up to a multiple of
+// 16 (to 32 past 128).  oneDNN compiles a kernel for every new GEMM shape
+// (about 5 ms for a Mixtral expert, against 3 ms to run it), and with fresh
+// routing every call gives each expert a new row count; rounded, an expert
+// sees a few dozen shapes in all.  The extra rows are scratch rows of the
+// same buffers, computed and ignored (a GEMM's output row depends only on
+// its input row).
+inline int64_t gemm_rows(int64_t n) {
+  const int64_t g = n <= 128 ? 16 : 32;
+  return (n + g - 1) / g * g;
+}
+
+// fn(r0, r1) over [0, n) rows of `cols` values each: threaded for the
+// experts that run one after the other, inline inside the spread region.
+template <class Fn>
+inline void for_rows(int64_t n, int64_t cols, const Fn& fn) {
+  for_range(n, std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(cols, 1)), fn);
+}
+
+// The forward's scratch of one thread: the gathered rows, gate/up, h, and
+// (bfloat16 GEMMs) the bfloat16 output rows; reused from expert to expert.
+struct FwdScratch {
+  Tensor X, GU, h, Y;
+};
+
 template <typename S>
 Tensor fused_moe_impl(const Args& a, Act act) {
   using C = acc_t<S>;
@@ -409,52 +463,70 @@ Tensor fused_moe_impl(const Args& a, Act act) {
   Dispatch d = dispatch_of(a.ids, a.E);
   const int64_t* order = d.order.data_ptr<int64_t>();
   const auto copt = a.x.options().dtype(a.cdt);
+  const auto sopt = a.x.options();
   Tensor Y = at::empty({R, a.H}, copt);
   bool spread = false;
   const std::vector<Work> work = expert_work(d.offsets.data_ptr<int64_t>(), a.E, spread);
-  std::vector<Scratch> scratch(size_t(spread ? at::get_num_threads() : 1));
+  const size_t slots = size_t(spread ? at::get_num_threads() : 1);
+  std::vector<Scratch> scratch(slots);
+  std::vector<FwdScratch> bufs(slots);
   const S* x = a.x.data_ptr<S>();
+  const int64_t I = a.I, H = a.H;
   run_work(work, spread, [&](const Work& w, int slot) {
     Scratch& sc = scratch[size_t(slot)];
-    const int64_t tile = std::min(kFwdTile, w.hi - w.lo);
-    Tensor X = at::empty({tile, a.H}, copt), GU = at::empty({tile, 2 * a.I}, copt), h = at::empty({tile, a.I}, copt);
+    FwdScratch& b = bufs[size_t(slot)];
+    const int64_t rows = w.hi - w.lo, tile = fwd_tile(rows);
+    const auto gather = [&](int64_t lo, int64_t n, auto* dst) {
+      for_rows(n, H, [&](int64_t r0, int64_t r1) { gather_rows(x, H, order + lo + r0, r1 - r0, a.k, dst + r0 * H); });
+    };
+    const auto gated = [&](const auto* gu, int64_t n, auto* h) {
+      for_rows(n, I, [&](int64_t r0, int64_t r1) {
+        gated_rows<std::remove_cv_t<std::remove_pointer_t<decltype(gu)>>, C>(gu + r0 * 2 * I, r1 - r0, I, act,
+                                                                              h + r0 * I);
+      });
+    };
     if constexpr (std::is_same_v<C, float>) {
-      if (w.hi - w.lo <= kSkinnyRows) {  // the weights straight from their storage, no copy
-        const int64_t n = w.hi - w.lo;
-        gather_rows(x, a.H, order + w.lo, n, a.k, X.data_ptr<C>());
-        skinny_gemm(X.data_ptr<float>(), n, a.w_gate_up[w.e].data_ptr<S>(), 2 * a.I, a.H, GU.data_ptr<float>());
-        gated_rows<C, C>(GU.data_ptr<C>(), n, a.I, act, h.data_ptr<C>());
-        skinny_gemm(h.data_ptr<float>(), n, a.w_down[w.e].data_ptr<S>(), a.H, a.I, Y.data_ptr<float>() + w.lo * a.H);
+      if (rows <= skinny_limit<S>()) {  // the weights straight from their storage, no copy
+        Tensor X = scratch_rows(b.X, rows, H, copt), GU = scratch_rows(b.GU, rows, 2 * I, copt);
+        Tensor h = scratch_rows(b.h, rows, I, copt);
+        gather(w.lo, rows, X.data_ptr<C>());
+        skinny_gemm(X.data_ptr<float>(), rows, a.w_gate_up[w.e].data_ptr<S>(), 2 * I, H, GU.data_ptr<float>());
+        gated(GU.data_ptr<C>(), rows, h.data_ptr<C>());
+        skinny_gemm(h.data_ptr<float>(), rows, a.w_down[w.e].data_ptr<S>(), H, I, Y.data_ptr<float>() + w.lo * H);
         return;
       }
     }
     if constexpr (std::is_same_v<S, c10::BFloat16>) {
       // bfloat16 GEMMs on the weights in place (oneDNN, float32 accumulation), or (below) converted.
-      if (has_amx_bf16() || w.hi - w.lo < kConvertRows) {
-        const auto sopt = a.x.options();
-        Tensor Xs = at::empty({tile, a.H}, sopt), GUs = at::empty({tile, 2 * a.I}, sopt);
-        Tensor hs = at::empty({tile, a.I}, sopt), Ys = at::empty({tile, a.H}, sopt);
+      if (has_amx_bf16() || rows < kConvertRows) {
+        const int64_t cap = gemm_rows(tile);
+        Tensor Xs = scratch_rows(b.X, cap, H, sopt), GUs = scratch_rows(b.GU, cap, 2 * I, sopt);
+        Tensor hs = scratch_rows(b.h, cap, I, sopt), Ys = scratch_rows(b.Y, cap, H, sopt);
         const Tensor wgu_t = a.w_gate_up[w.e].t(), wd_t = a.w_down[w.e].t();
         for (int64_t lo = w.lo; lo < w.hi; lo += tile) {
-          const int64_t n = std::min(tile, w.hi - lo);
-          Tensor Xn = Xs.narrow(0, 0, n), GUn = GUs.narrow(0, 0, n), hn = hs.narrow(0, 0, n), Yn = Ys.narrow(0, 0, n);
-          gather_rows(x, a.H, order + lo, n, a.k, Xn.data_ptr<S>());
+          const int64_t n = std::min(tile, w.hi - lo), m = gemm_rows(n);
+          Tensor Xn = Xs.narrow(0, 0, m), GUn = GUs.narrow(0, 0, m), hn = hs.narrow(0, 0, m), Yn = Ys.narrow(0, 0, m);
+          gather(lo, n, Xn.data_ptr<S>());
           at::mm_out(GUn, Xn, wgu_t);
-          gated_rows<S, C>(GUn.data_ptr<S>(), n, a.I, act, hn.data_ptr<S>());
+          gated(GUn.data_ptr<S>(), n, hn.data_ptr<S>());
           at::mm_out(Yn, hn, wd_t);
-          load_row(Yn.data_ptr<S>(), 1, n * a.H, Y.data_ptr<C>() + lo * a.H);
+          const S* ys = Yn.data_ptr<S>();
+          C* yd = Y.data_ptr<C>() + lo * H;
+          for_rows(n, H, [&](int64_t r0, int64_t r1) { load_row(ys + r0 * H, 1, (r1 - r0) * H, yd + r0 * H); });
         }
         return;
       }
     }
     const Tensor wgu_t = expert_weight<S, C>(a.w_gate_up, w.e, sc.a).t();
     const Tensor wd_t = expert_weight<S, C>(a.w_down, w.e, sc.b).t();
+    Tensor X = scratch_rows(b.X, tile, H, copt), GU = scratch_rows(b.GU, tile, 2 * I, copt);
+    Tensor h = scratch_rows(b.h, tile, I, copt);
     for (int64_t lo = w.lo; lo < w.hi; lo += tile) {
       const int64_t n = std::min(tile, w.hi - lo);
       Tensor Xn = X.narrow(0, 0, n), GUn = GU.narrow(0, 0, n), hn = h.narrow(0, 0, n);
-      gather_rows(x, a.H, order + lo, n, a.k, Xn.data_ptr<C>());
+      gather(lo, n, Xn.data_ptr<C>());
       at::mm_out(GUn, Xn, wgu_t);
-      gated_rows<C, C>(GUn.data_ptr<C>(), n, a.I, act, hn.data_ptr<C>());
+      gated(GUn.data_ptr<C>(), n, hn.data_ptr<C>());
       Tensor Yn = Y.narrow(0, lo, n);
       at::mm_out(Yn, hn, wd_t);
     }

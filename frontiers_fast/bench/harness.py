@@ -12,6 +12,9 @@ and names its cases and providers::
 and the harness does the rest the same way for everyone: each provider's
 output is checked against the float64 truth first (a mismatch is reported,
 not timed), then timed, and its peak memory measured when the case asks.
+Written as ``with bench.case(...) as case:``, the case times its providers
+together when the block ends, calling them in alternation, so that a slow
+phase of a shared machine hits every provider alike.
 
 Every figure is taken in one process, on the same inputs.  CPU times are
 medians of repeats with ``time.perf_counter``; CUDA times use events.
@@ -89,20 +92,52 @@ def time_fn(
     times = []
     start = time.perf_counter()
     while len(times) < max_reps and (len(times) < 3 or time.perf_counter() - start < min_time):
-        if device == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
+        times.append(_time_once(fn, device))
+    return _summary(times)
+
+
+def _summary(times):
+    times = sorted(times)
     q = lambda p: times[min(len(times) - 1, int(p * len(times)))]
     return statistics.median(times), q(0.2), q(0.8)
+
+
+def _time_once(fn, device):
+    if device == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        return a.elapsed_time(b)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_interleaved(
+    fns: list[Callable[[], object]], device: str, min_time: float = 0.5, max_reps: int = 50, warmup: int = 2
+):
+    """:func:`time_fn` for several providers at once, called in alternation.
+
+    Each round calls every provider once, starting one further along each
+    round, so a slow phase of a shared machine (another process, a clock
+    change, a page-cache flush) lands on all of them alike instead of on
+    whichever happened to run then.  Returns one (median, p20, p80) per fn.
+    """
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times = [[] for _ in fns]
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < max_reps and (rounds < 3 or time.perf_counter() - start < min_time * len(fns)):
+        for j in range(len(fns)):
+            i = (j + rounds) % len(fns)
+            times[i].append(_time_once(fns[i], device))
+        rounds += 1
+    return [_summary(t) for t in times]
 
 
 def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
@@ -146,6 +181,31 @@ def max_error(out, expected) -> float:
     return err
 
 
+def _error_status(exc) -> str:
+    return f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+
+
+def _checked(r: Result, check, expected, tol) -> bool:
+    """Fill ``r.max_err``; False (with ``r.status`` set) when the output disagrees or raises."""
+    try:
+        if check is not None and expected is not None:
+            r.max_err = max_error(check(), expected)
+            if not r.max_err <= tol:
+                r.status = f"mismatch: max error {r.max_err:.2e} > {tol:.0e}"
+                return False
+    except Exception as exc:  # a peer failing must not stop the report
+        r.status = _error_status(exc)
+        return False
+    return True
+
+
+def _print(r: Result):
+    mem = f"  peak {r.peak_mb:8.1f} MB" if r.peak_mb is not None else ""
+    err = f"  err {r.max_err:.1e}" if r.max_err is not None else ""
+    shown = f"{r.ms:9.3f} ms" if r.ms is not None else r.status
+    print(f"  {r.provider:<28} {shown}{mem}{err}", flush=True)
+
+
 def run_provider(
     results: list,
     *,
@@ -163,25 +223,37 @@ def run_provider(
 ):
     """Check ``check()`` against ``expected`` (within ``tol``), then time ``fn``."""
     r = Result(family, case, mode, provider, device)
-    try:
-        if check is not None and expected is not None:
-            r.max_err = max_error(check(), expected)
-            if not r.max_err <= tol:
-                r.status = f"mismatch: max error {r.max_err:.2e} > {tol:.0e}"
-                results.append(r)
-                print(f"  {provider:<28} {r.status}", flush=True)
-                return r
-        r.ms, r.ms_p20, r.ms_p80 = time_fn(fn, device, min_time=min_time)
-        if memory:
-            r.peak_mb = peak_memory_mb(fn, device)
-    except Exception as exc:  # a peer failing must not stop the report
-        r.status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
     results.append(r)
-    mem = f"  peak {r.peak_mb:8.1f} MB" if r.peak_mb is not None else ""
-    err = f"  err {r.max_err:.1e}" if r.max_err is not None else ""
-    shown = f"{r.ms:9.3f} ms" if r.ms is not None else r.status
-    print(f"  {provider:<28} {shown}{mem}{err}", flush=True)
+    if _checked(r, check, expected, tol):
+        try:
+            r.ms, r.ms_p20, r.ms_p80 = time_fn(fn, device, min_time=min_time)
+            if memory:
+                r.peak_mb = peak_memory_mb(fn, device)
+        except Exception as exc:
+            r.status = _error_status(exc)
+    _print(r)
     return r
+
+
+def run_interleaved(entries: list[tuple[Result, Callable[[], object]]], device: str, min_time: float,
+                    memory: bool = False):  # fmt: skip
+    """Time the ``(result, fn)`` pairs in alternation (:func:`time_interleaved`) and fill the results.
+
+    A provider that raises while timed is timed again alone, so its error
+    names it and the others keep their figures.
+    """
+    try:
+        got = time_interleaved([fn for _, fn in entries], device, min_time=min_time)
+    except Exception:
+        got = None
+    for i, (r, fn) in enumerate(entries):
+        try:
+            r.ms, r.ms_p20, r.ms_p80 = got[i] if got is not None else time_fn(fn, device, min_time=min_time)
+            if memory:
+                r.peak_mb = peak_memory_mb(fn, device)
+        except Exception as exc:
+            r.status = _error_status(exc)
+        _print(r)
 
 
 # ---------------------------------------------------------------------------
@@ -261,7 +333,14 @@ def our_backends(function: str, device: str) -> list[str]:
 
 
 class Case:
-    """One benchmark case: a float64 truth, a tolerance, and the providers timed against it."""
+    """One benchmark case: a float64 truth, a tolerance, and the providers timed against it.
+
+    Used as a context manager (``with bench.case(...) as case:``), the
+    providers are checked as they are added and timed together when the
+    block ends, in alternation (:func:`time_interleaved`): on a shared
+    machine the ratios between them are then far steadier than when each is
+    timed in its own stretch.
+    """
 
     def __init__(
         self, family: Family, name: str, mode: str, expected, tol: float, memory: bool, roof, min_time
@@ -269,7 +348,18 @@ class Case:
         self.family, self.name, self.mode = family, name, mode
         self.expected, self.tol, self.memory, self.min_time = expected, tol, memory, min_time
         self.roof_ms = roof_ms(roof, family.rates)
+        self._queue = None
         print(f"[{family.name}] {name} ({mode})", flush=True)
+
+    def __enter__(self):
+        self._queue = []
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        queue, self._queue = self._queue, None
+        if exc_type is None and queue:
+            run_interleaved(queue, self.family.device, self.min_time, self.memory)
+        return False
 
     def run(
         self,
@@ -286,6 +376,14 @@ class Case:
         column in the report stays empty.
         """
         f = self.family
+        if self._queue is not None:
+            r = Result(f.name, self.name, self.mode, provider, f.device, roof_ms=self.roof_ms)
+            f.results.append(r)
+            if _checked(r, (check or fn) if compare else None, self.expected, self.tol):
+                self._queue.append((r, fn))
+            else:
+                _print(r)
+            return r
         r = run_provider(
             f.results, family=f.name, case=self.name, mode=self.mode, provider=provider, device=f.device, fn=fn,
             check=(check or fn) if compare else None, expected=self.expected, tol=self.tol,

@@ -13,7 +13,8 @@
   (:func:`frontiers_fast.bench.moe_ep.time_split`).
 
 Every call gets fresh tokens (a few input sets are cycled), so the routing,
-and with it the experts each call reads, changes from call to call.
+and with it the experts each call reads, changes from call to call.  The
+providers of a case are timed in alternation (``with bench.case(...)``).
 Providers and sizes only; the harness does the measuring.
 """
 
@@ -193,16 +194,16 @@ def _mixtral_cases(bench, notes):
             else:
                 roof = ("gemm_bf16" if dt == "bf16" else "gemm_fp32", T * flops1)
             mt = min(bench.min_time, 0.3)
-            case = bench.case(_name(dt, T), "fwd", want, tol, min_time=mt, roof=roof)
-            for provider, module, ctx in provs:
-                cyc = _Cycle(xs)
-                fn = _fwd(module, cyc, ctx)
-                check = lambda m=module, c=ctx: _fwd(m, _Cycle(xs[:1]), c)()[:, :t_check]
-                case.run(provider, fn, check=check)
-            if dt == "bf16" and T == tokens[-1]:
-                a = torch.randn(T * TOP, H, generator=gen).to(device=device, dtype=dtype)
-                b = torch.randn(H, 3 * INTER, generator=gen).to(device=device, dtype=dtype)
-                case.run(DENSE, lambda a=a, b=b: a @ b, compare=False)
+            with bench.case(_name(dt, T), "fwd", want, tol, min_time=mt, roof=roof) as case:
+                for provider, module, ctx in provs:
+                    cyc = _Cycle(xs)
+                    fn = _fwd(module, cyc, ctx)
+                    check = lambda m=module, c=ctx: _fwd(m, _Cycle(xs[:1]), c)()[:, :t_check]
+                    case.run(provider, fn, check=check)
+                if dt == "bf16" and T == tokens[-1]:
+                    a = torch.randn(T * TOP, H, generator=gen).to(device=device, dtype=dtype)
+                    b = torch.randn(H, 3 * INTER, generator=gen).to(device=device, dtype=dtype)
+                    case.run(DENSE, lambda a=a, b=b: a @ b, compare=False)
         if dt == "fp32" and not quick:
             # Are the weights cache-resident between calls?  Read them the way a decode step does.
             ws = [state["experts.gate_up_proj"], state["experts.down_proj"]]
@@ -223,10 +224,11 @@ def _mixtral_cases(bench, notes):
             notes.append(f"float64 fwd+bwd truth on {t_check} tokens: {time.perf_counter() - t0:.1f} s")
             case = bench.case(_name(dt, T), "fwd+bwd", want, 1e-4, memory=not quick,
                               min_time=min(bench.min_time, 0.2), roof=("gemm_fp32", 3 * T * flops1))  # fmt: skip
-            for provider, module, ctx in provs:
-                # Weight gradients sum over all tokens: check a run on the checked tokens alone.
-                check = _fwd_bwd(module, x[:, :t_check], seed[:, :t_check], ctx)
-                case.run(provider, _fwd_bwd(module, x, seed, ctx), check=check)
+            with case:
+                for provider, module, ctx in provs:
+                    # Weight gradients sum over all tokens: check a run on the checked tokens alone.
+                    check = _fwd_bwd(module, x[:, :t_check], seed[:, :t_check], ctx)
+                    case.run(provider, _fwd_bwd(module, x, seed, ctx), check=check)
         del provs, state
 
 
@@ -257,9 +259,10 @@ def _qwen_case(bench):
     name = f"Qwen3-MoE bf16 / T{T}-H{Hq}-I{Iq}-E{Eq}-top{top}"
     case = bench.case(name, "fwd", want, 3e-2, min_time=min(bench.min_time, 0.3),
                       roof=("gemm_bf16", T * 2 * top * 3 * Iq * Hq))  # fmt: skip
-    for provider, module, ctx in _providers(bench, "qwen3", Qwen3MoeSparseMoeBlock, kw, hf_kw, state):
-        check = lambda m=module, c=ctx: _fwd(m, _Cycle(xs[:1]), c)()[:, rows]
-        case.run(provider, _fwd(module, _Cycle(xs), ctx), check=check)
+    with case:
+        for provider, module, ctx in _providers(bench, "qwen3", Qwen3MoeSparseMoeBlock, kw, hf_kw, state):
+            check = lambda m=module, c=ctx: _fwd(m, _Cycle(xs[:1]), c)()[:, rows]
+            case.run(provider, _fwd(module, _Cycle(xs), ctx), check=check)
 
 
 def _ep_section(bench):
