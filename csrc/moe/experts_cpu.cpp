@@ -16,8 +16,12 @@
 // into a scratch buffer (torch's CPU float16 GEMM is slow, and its bfloat16
 // one runs at half the float32 rate without AMX); other bfloat16 experts run
 // bfloat16 GEMMs (oneDNN, float32 accumulation, the intermediates rounded to
-// bfloat16 as in transformers).  An expert
-// with at most kSkinnyRows rows skips the GEMM libraries (see below).
+// bfloat16 as in transformers), their row counts rounded up (gemm_rows) so
+// that oneDNN compiles a bounded set of kernels.  An expert with at most
+// kSkinnyRows rows skips the GEMM libraries (the skinny kernel below); with
+// AMX, a bfloat16 expert with at most kAmxSkinnyRows rows runs AMX tiles on
+// its weights in place (common/amx_gemm.h: oneDNN would reorder the whole
+// weight first), gate/up and the output in float32, h rounded to bfloat16.
 //
 // Threads.  An expert with many rows keeps both cores busy inside its GEMMs,
 // so such experts run one after the other with threaded GEMMs.  With few
@@ -63,6 +67,7 @@
 #include <vector>
 
 #include "common/alloc.h"
+#include "common/amx_gemm.h"
 #include "common/checks.h"
 #include "common/convert.h"
 #include "common/sched.h"
@@ -210,6 +215,10 @@ void gated_rows_bwd(const S* gu, const S* G, const A* w, int64_t n, int64_t I, A
 constexpr int64_t kSkinnyRows = 48;
 // The same for bfloat16 experts when the CPU has AMX (see skinny_limit).
 constexpr int64_t kSkinnyRowsAmx = 4;
+// bfloat16 experts with at most this many rows run common/amx_gemm.h's
+// skinny AMX GEMM (weights in place) when the CPU has AMX; more rows go to
+// oneDNN, whose per-call reorder of the weights is then amortised.
+constexpr int64_t kAmxSkinnyRows = 96;
 
 // The sum of a vector's 16 lanes by a fixed tree (halves, then quarters, ...).
 inline float hsum(VecT<float> v) {
@@ -412,8 +421,8 @@ inline int64_t fwd_tile(int64_t n) {
   return (n + passes - 1) / passes;
 }
 
-// Experts with at most this many rows run the skinny kernel.  With AMX a
-// bfloat16 GEMM (oneDNN) outruns float32 FMAs from a few rows on.
+// Experts with at most this many rows run the skinny kernel.  With AMX the
+// AMX tiles (common/amx_gemm.h) outrun float32 FMAs from a few rows on.
 template <typename S>
 int64_t skinny_limit() {
   if constexpr (std::is_same_v<S, c10::BFloat16>) {
@@ -497,6 +506,17 @@ Tensor fused_moe_impl(const Args& a, Act act) {
       }
     }
     if constexpr (std::is_same_v<S, c10::BFloat16>) {
+      if (has_amx_bf16() && rows <= kAmxSkinnyRows && amx::amx_skinny_ok(2 * I, H) && amx::amx_skinny_ok(H, I)) {
+        // AMX tiles on the weights in place (common/amx_gemm.h); gate/up and Y in float32, h rounded to bfloat16.
+        Tensor Xs = scratch_rows(b.X, rows, H, sopt), GU = scratch_rows(b.GU, rows, 2 * I, copt);
+        Tensor hf = scratch_rows(b.h, rows, I, copt), hs = scratch_rows(b.Y, rows, I, sopt);
+        gather(w.lo, rows, Xs.data_ptr<S>());
+        amx::skinny_gemm(Xs.data_ptr<S>(), rows, a.w_gate_up[w.e].data_ptr<S>(), 2 * I, H, GU.data_ptr<float>(), 2 * I);
+        gated(GU.data_ptr<float>(), rows, hf.data_ptr<float>());
+        store_row(hf.data_ptr<float>(), rows * I, hs.data_ptr<S>(), 1);
+        amx::skinny_gemm(hs.data_ptr<S>(), rows, a.w_down[w.e].data_ptr<S>(), H, I, Y.data_ptr<float>() + w.lo * H, H);
+        return;
+      }
       // bfloat16 GEMMs on the weights in place (oneDNN, float32 accumulation), or (below) converted.
       if (has_amx_bf16() || rows < kConvertRows) {
         const int64_t cap = gemm_rows(tile);
