@@ -18,7 +18,10 @@
 #pragma once
 
 #include <c10/util/BFloat16.h>
+
+#if defined(__x86_64__)
 #include <immintrin.h>
+#endif
 
 #include <cstdint>
 #include <cstring>
@@ -29,6 +32,7 @@
 namespace frontiers_fast {
 namespace amx {
 
+#if defined(__x86_64__)
 inline bool amx_skinny_ok(int64_t N, int64_t K) { return N % 32 == 0 && K % 32 == 0 && K > 0 && N > 0; }
 
 // X [M, K] packed into B tiles: for k block kb (32 values) and m block mb
@@ -135,6 +139,11 @@ inline void skinny_gemm(const c10::BFloat16* X, int64_t M, const c10::BFloat16* 
       skinny_blocks<2>(w, K, b0 * 32, b1 * 32, Xp, mblocks, M, Y, ldy);
   });
 }
+
+#else  // no AMX off x86-64: callers check amx_skinny_ok first
+inline bool amx_skinny_ok(int64_t, int64_t) { return false; }
+inline void skinny_gemm(const c10::BFloat16*, int64_t, const c10::BFloat16*, int64_t, int64_t, float*, int64_t) {}
+#endif
 
 }  // namespace amx
 }  // namespace frontiers_fast
