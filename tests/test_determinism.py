@@ -144,3 +144,10 @@ def test_splat():
         return img
 
     _grads_four_ways(render, leaves)
+
+
+@pytest.mark.parametrize("backend", backends_for("spherical_harmonics", "cpu"))
+def test_spherical_harmonics(backend):
+    dirs, coeffs = _leaf(5000, 3), _leaf(5000, 16, 3)
+    masks = torch.rand(5000) > 0.2
+    _grads_four_ways(lambda d, c: ff.spherical_harmonics(3, d, c, masks, backend=backend), [dirs, coeffs])

@@ -116,9 +116,9 @@ def test_cuda_on_a_function_without_a_cuda_kernel_raises():
     with pytest.raises(NotImplementedError, match=r"frontiers_fast\.spmm: backend 'cuda'.*for its backward"):
         ff.spmm(g, x, w, backend="cuda")
     with pytest.raises(
-        NotImplementedError, match=r"spherical_harmonics.*'cpp' is not implemented.*reference"
+        NotImplementedError, match=r"isect_offset_encode.*'cpp' is not implemented.*reference"
     ):
-        ff.spherical_harmonics(0, torch.randn(6, 3), torch.randn(6, 1, 3), backend="cpp")
+        ff.isect_offset_encode(torch.zeros(0, dtype=torch.int64), 1, 2, 2, backend="cpp")
     # the scan's CUDA kernel is a forward only
     u = torch.randn(1, 2, 3, requires_grad=True)
     with pytest.raises(NotImplementedError, match=r"selective_scan: backend 'cuda'.*for its backward"):
@@ -129,8 +129,8 @@ def test_cuda_on_a_function_without_a_cuda_kernel_raises():
 
 def test_a_process_wide_force_is_a_force(monkeypatch):
     monkeypatch.setenv("FRONTIERS_FAST_BACKEND", "cpp")
-    with pytest.raises(NotImplementedError, match="spherical_harmonics"):
-        ff.spherical_harmonics(0, torch.randn(6, 3), torch.randn(6, 1, 3))
+    with pytest.raises(NotImplementedError, match="isect_offset_encode"):
+        ff.isect_offset_encode(torch.zeros(0, dtype=torch.int64), 1, 2, 2)
 
 
 def test_direct_op_calls_are_checked():

@@ -351,6 +351,7 @@ define_op(
     "spherical_harmonics(SymInt degree, Tensor dirs, Tensor coeffs, Tensor? masks) -> Tensor",
     fake=_fake_sh,
     reference=_ref_sh,
+    native=("cpp",),
     backward=_sh_backward,
     setup_context=_sh_setup,
 )
@@ -362,6 +363,7 @@ define_op(
         torch.empty_like(coeffs),
     ),
     reference=_ref_sh_bwd,
+    native=("cpp",),
 )
 
 

@@ -234,8 +234,15 @@ FUNCTIONS = [c[0] for c in _calls()]
 
 
 @pytest.mark.parametrize("index", range(len(FUNCTIONS)), ids=FUNCTIONS)
-def test_forced_cpp_is_refused_naming_the_function(index):
-    name, call, _ = _calls()[index]
+def test_forced_cpp_runs_only_cpp_or_is_refused_naming_the_function(index):
+    name, call, leaves = _calls()[index]
+    if "cpp" in _backend.FUNCTIONS[name].implemented(bool(leaves)):
+        with spy_backends() as calls:
+            out = call("cpp")
+            if leaves:
+                torch.autograd.grad(out.double().pow(2).sum(), leaves, allow_unused=True)
+        assert {b for _, b in calls} == {"cpp"}
+        return
     with pytest.raises(
         NotImplementedError, match=rf"frontiers_fast\.{name}: backend 'cpp' is not implemented"
     ):
@@ -259,9 +266,14 @@ def test_reference_runs_every_op_forward_and_backward(index):
         assert ran & set(spec.grad_ops)
 
 
+# The stages with a fast backend so far (issue: the splatting kernels); the rest run the reference.
+FAST = {"spherical_harmonics": ["cpp", "reference"]}
+
+
 def test_default_backend_is_the_reference_and_reported():
-    assert B == "reference"
+    assert B == "reference"  # rasterization: its other stages have only the reference yet
     for name in FUNCTIONS:
         report = _backend.backends(op=name)
-        assert [b for b, r in report.items() if r["implemented"]] == ["reference"]
+        assert [b for b, r in report.items() if r["implemented"]] == FAST.get(name, ["reference"])
         assert report["reference"]["available"]
+    assert _backend.resolve(None, torch.device("cpu"), "spherical_harmonics", True) == "cpp"
