@@ -73,14 +73,6 @@ inline int64_t offsets_arg(const at::Tensor& ptr, int64_t count, const char* op,
   return n;
 }
 
-// No NaN or inf in a floating tensor (the Python layer's check_finite, for
-// the ops whose reference entries refuse non-finite values): reads every
-// value.  ValueError, naming the argument, with the message check_finite gives.
-inline void finite_arg(const at::Tensor& t, const char* op, const char* name) {
-  if (t.numel() == 0 || !at::isFloatingType(t.scalar_type())) return;
-  TORCH_CHECK_VALUE(at::isfinite(t).all().item<bool>(), op, ": ", name, " must be finite (it contains NaN or inf)");
-}
-
 // Packed-sequence offsets a user gave (cu_seqlens of the selective-scan
 // family): int64 [S + 1], S >= 1, over a batch of one, 0 first, `total` (the
 // length of `of`) last, never decreasing.  Unlike the O(1) checks above these

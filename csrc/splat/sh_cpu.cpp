@@ -14,12 +14,15 @@
 //   grad dirs = (grad v - v (v . grad v)) / |dirs|    (|dirs| > 1e-12)
 //             = grad v / 1e-12                         (otherwise, as F.normalize)
 // Nothing is reduced across entries, so it is deterministic for any thread
-// count.  NaN or inf in dirs or coeffs is refused, as the reference op does.
+// count.  NaN or inf in dirs or coeffs is refused by the forward, as the
+// reference op does (the backward, like the reference's, takes the inputs
+// its forward accepted).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -133,10 +136,7 @@ Args check_args(const char* op, int64_t degree, const Tensor& dirs_, const Tenso
                 dirs_.sizes().slice(0, dirs_.dim() - 1), ", got ", m->sizes());
     masks = m->contiguous();
   }
-  Tensor dirs = dirs_.contiguous(), coeffs = coeffs_.contiguous();
-  finite_arg(dirs, op, "dirs");
-  finite_arg(coeffs, op, "coeffs");
-  return {dirs, coeffs, masks, n, K, int(degree)};
+  return {dirs_.contiguous(), coeffs_.contiguous(), masks, n, K, int(degree)};
 }
 
 constexpr int64_t kGrain = 2048;
@@ -153,7 +153,17 @@ Tensor spherical_harmonics_cpu(int64_t degree, const Tensor& dirs_, const Tensor
     const bool* masks = a.masks.defined() ? a.masks.data_ptr<bool>() : nullptr;
     T* o = out.data_ptr<T>();
     const int nb = (a.degree + 1) * (a.degree + 1);
+    const int64_t kc = a.K * 3;
+    std::atomic<bool> bad_dirs{false}, bad_coeffs{false};
     at::parallel_for(0, a.n, kGrain, [&](int64_t i0, int64_t i1) {
+      // The finiteness check rides on this pass: x * 0 is NaN exactly when
+      // x is NaN or inf, so one sum per chunk tells (every coefficient,
+      // masked-out and unused ones included, as the reference checks them).
+      T fd = 0, fc = 0;
+      for (int64_t j = i0 * 3; j < i1 * 3; ++j) fd += dirs[j] * T(0);
+      for (int64_t j = i0 * kc; j < i1 * kc; ++j) fc += coeffs[j] * T(0);
+      if (fd != fd) bad_dirs = true;
+      if (fc != fc) bad_coeffs = true;
       T Y[16], v[3];
       for (int64_t i = i0; i < i1; ++i) {
         T* oi = o + i * 3;
@@ -173,6 +183,8 @@ Tensor spherical_harmonics_cpu(int64_t degree, const Tensor& dirs_, const Tensor
         oi[0] = r, oi[1] = g, oi[2] = b;
       }
     });
+    TORCH_CHECK_VALUE(!bad_dirs, "spherical_harmonics: dirs must be finite (it contains NaN or inf)");
+    TORCH_CHECK_VALUE(!bad_coeffs, "spherical_harmonics: coeffs must be finite (it contains NaN or inf)");
   });
   return out;
 }

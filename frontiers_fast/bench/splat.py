@@ -1,9 +1,11 @@
 """Gaussian splatting benchmark: the reference renderer on the real garden scene.
 
-Baseline only (no kernels yet): ``frontiers_fast[reference]`` is the
-registered ``rasterization`` running its PyTorch reference, timed in float32
-after checking it against a float64 render of the same scene.  One camera
-(camera 0 of the three in the file) at the file's 648 x 420.
+The renderer is a baseline (its stages do not all have kernels yet):
+``frontiers_fast[reference]`` is the registered ``rasterization`` running its
+PyTorch reference, timed in float32 after checking it against a float64
+render of the same scene.  One camera (camera 0 of the three in the file) at
+the file's 648 x 420.  The spherical-harmonics stage, which has its C++
+kernel, is also timed alone against the reference.
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ def run(bench, out_dir=None):
         "frontiers_fast[reference]", lambda: fwd_bwd(b32, seed), check=lambda: bfirst
     )
 
+    _sh_cases(bench, s, a32)
+
     sections = []
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
@@ -96,6 +100,38 @@ def run(bench, out_dir=None):
             ("Garden render", f"![garden render, camera 0, {s.width}x{s.height}](garden.png)\n\n{line}")
         )
     return sections
+
+
+def _sh_cases(bench, s, a32):
+    """The spherical-harmonics stage alone, degree 3, on every Gaussian of the scene.
+
+    Directions from camera 0's centre to the means; coefficients N(0, 1)
+    (the file has plain colours).  Its data (about 21 MB) fits in the L3.
+    """
+    from ..ops import splat as ops
+
+    means, viewmats = a32[0], a32[5]
+    R, t = viewmats[0, :3, :3], viewmats[0, :3, 3]
+    dirs = means - (-R.T @ t)
+    gen = torch.Generator().manual_seed(3)
+    coeffs = torch.randn(means.shape[0], 16, 3, generator=gen).to(means.device)
+    n = means.shape[0]
+    want = ops.spherical_harmonics(3, dirs.double(), coeffs.double(), backend="reference")
+    providers = [*bench.ours("spherical_harmonics"), "reference"]
+    with bench.case(f"spherical_harmonics degree 3 / garden {n} Gaussians", "fwd", want, 1e-5) as case:
+        for b in providers:
+            case.run(f"frontiers_fast[{b}]", lambda b=b: ops.spherical_harmonics(3, dirs, coeffs, backend=b))
+    seed = torch.randn(n, 3, generator=gen).to(means.device)
+
+    def fwd_bwd(d, c, b):
+        d, c = d.clone().requires_grad_(True), c.clone().requires_grad_(True)
+        out = ops.spherical_harmonics(3, d, c, backend=b)
+        return [out.detach(), *torch.autograd.grad(out, [d, c], seed.to(d.dtype))]
+
+    want = fwd_bwd(dirs.double(), coeffs.double(), "reference")
+    with bench.case(f"spherical_harmonics degree 3 / garden {n} Gaussians", "fwd+bwd", want, 1e-5) as case:
+        for b in providers:
+            case.run(f"frontiers_fast[{b}]", lambda b=b: fwd_bwd(dirs, coeffs, b))
 
 
 def _subset(a, n):
