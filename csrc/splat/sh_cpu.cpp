@@ -215,9 +215,13 @@ std::tuple<Tensor, Tensor> spherical_harmonics_bwd_cpu(int64_t degree, const Ten
       for (int64_t i = i0; i < i1; ++i) {
         T* gci = gcp + i * a.K * 3;
         T* gdi = gdp + i * 3;
-        for (int64_t k = 0; k < a.K * 3; ++k) gci[k] = T(0);
-        gdi[0] = gdi[1] = gdi[2] = T(0);
-        if (masks && !masks[i]) continue;
+        const bool off = masks && !masks[i];
+        // Bases past the degree (all of them where masked out) get no gradient.
+        for (int64_t k = off ? 0 : nb * 3; k < a.K * 3; ++k) gci[k] = T(0);
+        if (off) {
+          gdi[0] = gdi[1] = gdi[2] = T(0);
+          continue;
+        }
         const T n = normalize(dirs + i * 3, v);
         basis<T>(a.degree, v[0], v[1], v[2], Y, dY);
         const T* c = coeffs + i * a.K * 3;

@@ -206,54 +206,30 @@ def _print(r: Result):
     print(f"  {r.provider:<28} {shown}{mem}{err}", flush=True)
 
 
-def run_provider(
-    results: list,
-    *,
-    family: str,
-    case: str,
-    mode: str,
-    provider: str,
-    device: str,
-    fn: Callable[[], object],
-    check: Callable[[], object] | None,
-    expected,
-    tol: float,
-    min_time: float,
-    memory: bool = False,
-):
-    """Check ``check()`` against ``expected`` (within ``tol``), then time ``fn``."""
-    r = Result(family, case, mode, provider, device)
-    results.append(r)
-    if _checked(r, check, expected, tol):
-        try:
-            r.ms, r.ms_p20, r.ms_p80 = time_fn(fn, device, min_time=min_time)
-            if memory:
-                r.peak_mb = peak_memory_mb(fn, device)
-        except Exception as exc:
-            r.status = _error_status(exc)
+def _time_into(r: Result, fn, device, min_time, memory, timed=None):
+    """Fill ``r``'s times (``timed``, or :func:`time_fn` of ``fn``) and peak memory, then print it."""
+    try:
+        r.ms, r.ms_p20, r.ms_p80 = timed if timed is not None else time_fn(fn, device, min_time=min_time)
+        if memory:
+            r.peak_mb = peak_memory_mb(fn, device)
+    except Exception as exc:  # a peer failing must not stop the report
+        r.status = _error_status(exc)
     _print(r)
-    return r
 
 
 def run_interleaved(entries: list[tuple[Result, Callable[[], object]]], device: str, min_time: float,
                     memory: bool = False):  # fmt: skip
     """Time the ``(result, fn)`` pairs in alternation (:func:`time_interleaved`) and fill the results.
 
-    A provider that raises while timed is timed again alone, so its error
-    names it and the others keep their figures.
+    If one provider raises while timed, each is timed again alone, so the
+    error names its provider and the others keep their figures.
     """
     try:
         got = time_interleaved([fn for _, fn in entries], device, min_time=min_time)
     except Exception:
-        got = None
-    for i, (r, fn) in enumerate(entries):
-        try:
-            r.ms, r.ms_p20, r.ms_p80 = got[i] if got is not None else time_fn(fn, device, min_time=min_time)
-            if memory:
-                r.peak_mb = peak_memory_mb(fn, device)
-        except Exception as exc:
-            r.status = _error_status(exc)
-        _print(r)
+        got = [None] * len(entries)
+    for (r, fn), timed in zip(entries, got):
+        _time_into(r, fn, device, min_time, memory, timed)
 
 
 # ---------------------------------------------------------------------------
@@ -376,20 +352,14 @@ class Case:
         column in the report stays empty.
         """
         f = self.family
-        if self._queue is not None:
-            r = Result(f.name, self.name, self.mode, provider, f.device, roof_ms=self.roof_ms)
-            f.results.append(r)
-            if _checked(r, (check or fn) if compare else None, self.expected, self.tol):
-                self._queue.append((r, fn))
-            else:
-                _print(r)
-            return r
-        r = run_provider(
-            f.results, family=f.name, case=self.name, mode=self.mode, provider=provider, device=f.device, fn=fn,
-            check=(check or fn) if compare else None, expected=self.expected, tol=self.tol,
-            min_time=self.min_time, memory=self.memory,
-        )  # fmt: skip
-        r.roof_ms = self.roof_ms
+        r = Result(f.name, self.name, self.mode, provider, f.device, roof_ms=self.roof_ms)
+        f.results.append(r)
+        if not _checked(r, (check or fn) if compare else None, self.expected, self.tol):
+            _print(r)
+        elif self._queue is not None:
+            self._queue.append((r, fn))
+        else:
+            _time_into(r, fn, f.device, self.min_time, self.memory)
         return r
 
     def skip(self, provider: str, why: str) -> Result:
