@@ -151,3 +151,26 @@ def test_spherical_harmonics(backend):
     dirs, coeffs = _leaf(5000, 3), _leaf(5000, 16, 3)
     masks = torch.rand(5000) > 0.2
     _grads_four_ways(lambda d, c: ff.spherical_harmonics(3, d, c, masks, backend=backend), [dirs, coeffs])
+
+
+@pytest.mark.parametrize(
+    "backend", [b for b in backends_for("rasterize_to_pixels", "cpu") if b != "reference"]
+)
+def test_rasterize_to_pixels(backend):
+    # Many Gaussians per tile and per pixel: every tile's records and every
+    # Gaussian's sum over its tiles are reduced in a fixed order.  (The
+    # reference's backward is autograd through torch's bmm and sums, whose
+    # splits follow the thread count: it is not among the cases.)
+    from .splat.scenes import projected
+
+    W, H, ts = 96, 64, 16
+    means2d, conics, opac, offsets, fids, _, _ = projected(2, 3000, W, H, ts, dtype=torch.float32)
+    colors = torch.rand(2, 3000, 3)
+    bg = torch.rand(2, 3)
+    leaves = [t.clone().requires_grad_(True) for t in (means2d, conics, colors, opac, bg)]
+
+    def render(m, c, col, o, b):
+        img, alpha = ff.rasterize_to_pixels(m, c, col, o, W, H, ts, offsets, fids, b, backend=backend)
+        return img.sum(-1) + alpha[..., 0]
+
+    _grads_four_ways(render, leaves)

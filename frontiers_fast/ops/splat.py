@@ -2,8 +2,9 @@
 
 Ops in the ``frontiers_fast::`` namespace, all defined with
 :func:`frontiers_fast._library.define_op` (the last argument, ``backend``, is
-left out below).  Only the ``reference`` backend exists for now; kernels for
-other backends will register under these same schemas.
+left out below).  Every op has its ``reference``; the C++ kernels
+(``csrc/splat/*_cpu.cpp``) register under the same schemas, as ``native``
+backends of the ops that have them.
 
   project_gaussians(means, quats, scales, opacities, viewmats, Ks, width, height, eps2d, near_plane,
                     far_plane, radius_clip, antialiased) -> (means2d, depths, conics, compensations, radii)
@@ -15,17 +16,24 @@ other backends will register under these same schemas.
       -> (tiles_per_gauss, isect_ids, flatten_ids)                        [no autograd]
   isect_offset_encode(isect_ids, n_images, tile_width, tile_height) -> isect_offsets   [no autograd]
   rasterize_to_pixels(means2d, conics, colors, opacities, backgrounds?, width, height, tile_size,
-                      isect_offsets, flatten_ids) -> (render_colors, render_alphas)
-  rasterize_to_pixels_bwd(<the same inputs>, grad_colors, grad_alphas)
+                      isect_offsets, flatten_ids) -> (render_colors, render_alphas, final_ts, last_ids)
+  rasterize_to_pixels_bwd(<the same inputs>, final_ts, last_ids, grad_colors, grad_alphas)
       -> (grad_means2d, grad_conics, grad_colors, grad_opacities, grad_backgrounds)
 
 Shapes are those of :mod:`frontiers_fast.reference.splat`.  A ``_bwd`` op
-is a kernel op without autograd of its own, run with the forward's backend:
-it recomputes the reference forward under autograd inside the op.  The
-blender's does so one chunk of pixel blocks at a time, so its memory stays
-bounded like the forward's (plain autograd through the reference would keep
-every chunk).  ``grad_backgrounds`` is :func:`~frontiers_fast._library.absent`
-when there is no background.
+is a kernel op without autograd of its own, run with the forward's backend.
+Its reference recomputes the reference forward under autograd inside the
+op; the blender's does so one chunk of pixel blocks at a time, so its memory
+stays bounded like the forward's (plain autograd through the reference would
+keep every chunk).  ``grad_backgrounds`` is
+:func:`~frontiers_fast._library.absent` when there is no background.
+
+The blender's forward also returns ``final_ts`` [C, H, W] (each pixel's
+final transmittance, exact: ``1 - render_alphas`` loses its low bits where
+T is small) and ``last_ids`` [C, H, W] int32 (the index into flatten_ids of
+the last Gaussian each pixel blended, -1 if none).  They are the state a
+back-to-front backward starts from (the C++ one); the public functions drop
+them.
 
 Bad input.  The public functions check types, dtypes, shapes, devices and
 the scalar parameters.  The checks that read tensor values live in the
@@ -420,22 +428,30 @@ def _ref_raster(
     means2d, conics, colors, opacities, backgrounds, width, height, tile_size, isect_offsets, flatten_ids
 ):
     _check_blend_values(means2d, conics, colors, opacities, backgrounds, isect_offsets, flatten_ids)
-    rc, ra = ref.rasterize_to_pixels(
-        means2d, conics, colors, opacities, width, height, tile_size, isect_offsets, flatten_ids, backgrounds
-    )
-    return rc.contiguous(), ra.contiguous()
+    outs = ref.rasterize_to_pixels(
+        means2d, conics, colors, opacities, width, height, tile_size, isect_offsets, flatten_ids, backgrounds,
+        with_state=True,
+    )  # fmt: skip
+    return tuple(t.contiguous() for t in outs)
 
 
 def _fake_raster(means2d, conics, colors, opacities, backgrounds, width, height, *rest):
     torch._check(colors.dim() == 3, lambda: "colors must be [C, N, D]")
     C, D = colors.shape[0], colors.shape[2]
-    return colors.new_empty((C, height, width, D)), colors.new_empty((C, height, width, 1))
+    return (
+        colors.new_empty((C, height, width, D)),
+        colors.new_empty((C, height, width, 1)),
+        colors.new_empty((C, height, width)),
+        colors.new_empty((C, height, width), dtype=torch.int32),
+    )
 
 
 def _ref_raster_bwd(
     means2d, conics, colors, opacities, backgrounds, width, height, tile_size, isect_offsets, flatten_ids,
-    grad_colors, grad_alphas,
+    final_ts, last_ids, grad_colors, grad_alphas,
 ):  # fmt: skip
+    # final_ts and last_ids (the forward's state for a back-to-front pass) are
+    # not needed here: each chunk's forward is recomputed under autograd.
     C, N, D = colors.shape
     plan = ref.BlendPlan(means2d, conics, opacities, isect_offsets, flatten_ids, width, height, tile_size)
     order, chunks = ref.block_chunks(plan.count, plan.block**2)
@@ -485,35 +501,44 @@ def _fake_raster_bwd(means2d, conics, colors, opacities, backgrounds, *rest):
 
 def _raster_setup(ctx, a, output):
     ctx.args = (a.width, a.height, a.tile_size)
+    _, _, final_ts, last_ids = output
     ctx.save_for_backward(
-        a.means2d, a.conics, a.colors, a.opacities, a.backgrounds, a.isect_offsets, a.flatten_ids
+        a.means2d, a.conics, a.colors, a.opacities, a.backgrounds, a.isect_offsets, a.flatten_ids, final_ts,
+        last_ids,
+    )  # fmt: skip
+
+
+def _raster_backward(ctx, g_colors, g_alphas, _g_final_ts, _g_last_ids):
+    # final_ts and last_ids are the backward's own state, never returned to
+    # a caller (the public functions drop them): no gradient comes through them.
+    means2d, conics, colors, opacities, backgrounds, offsets, flatten_ids, final_ts, last_ids = (
+        ctx.saved_tensors
     )
-
-
-def _raster_backward(ctx, g_colors, g_alphas):
-    means2d, conics, colors, opacities, backgrounds, offsets, flatten_ids = ctx.saved_tensors
     C, D = colors.shape[0], colors.shape[2]
     W, H = ctx.args[0], ctx.args[1]
     g_colors = colors.new_zeros((C, H, W, D)) if g_colors is None else g_colors.contiguous()
     g_alphas = colors.new_zeros((C, H, W, 1)) if g_alphas is None else g_alphas.contiguous()
     gm, gc, gcol, go, gbg = _ops.rasterize_to_pixels_bwd(
-        means2d, conics, colors, opacities, backgrounds, *ctx.args, offsets, flatten_ids, g_colors, g_alphas,
-        ctx.backend,
+        means2d, conics, colors, opacities, backgrounds, *ctx.args, offsets, flatten_ids, final_ts, last_ids,
+        g_colors, g_alphas, ctx.backend,
     )  # fmt: skip
     return {"means2d": gm, "conics": gc, "colors": gcol, "opacities": go, "backgrounds": gbg}
 
 
 define_op(
-    f"rasterize_to_pixels({_RASTER_ARGS}) -> (Tensor, Tensor)",
+    f"rasterize_to_pixels({_RASTER_ARGS}) -> (Tensor, Tensor, Tensor, Tensor)",
     fake=_fake_raster,
     reference=_ref_raster,
+    native=("cpp",),
     backward=_raster_backward,
     setup_context=_raster_setup,
 )
 define_op(
-    f"rasterize_to_pixels_bwd({_RASTER_ARGS}, Tensor grad_colors, Tensor grad_alphas) -> {_FIVE}",
+    f"rasterize_to_pixels_bwd({_RASTER_ARGS}, Tensor final_ts, Tensor last_ids, Tensor grad_colors, "
+    f"Tensor grad_alphas) -> {_FIVE}",
     fake=_fake_raster_bwd,
     reference=_ref_raster_bwd,
+    native=("cpp",),
 )
 
 
@@ -784,10 +809,11 @@ def rasterize_to_pixels(
     backend = _backend.resolve(backend, means2d.device, "rasterize_to_pixels", grad)
     # Value checks (finite inputs, opacities in [0, 1], flatten_ids and
     # isect_offsets ranges) run in the op body.
-    return _ops.rasterize_to_pixels(
+    render_colors, render_alphas, _, _ = _ops.rasterize_to_pixels(
         means2d, conics, colors, opacities, backgrounds, width, height, tile_size, isect_offsets, flatten_ids,
         backend,
     )  # fmt: skip
+    return render_colors, render_alphas
 
 
 def rasterization(
@@ -903,7 +929,7 @@ def rasterization(
         means2d, radii, depths, tile_size, tile_width, tile_height, backend
     )
     offsets = _ops.isect_offset_encode(isect_ids, C, tile_width, tile_height, backend)
-    render_colors, render_alphas = _ops.rasterize_to_pixels(
+    render_colors, render_alphas, _, _ = _ops.rasterize_to_pixels(
         means2d, conics, colors.contiguous(), opac.contiguous(), backgrounds, width, height, tile_size, offsets,
         flatten_ids, backend,
     )  # fmt: skip

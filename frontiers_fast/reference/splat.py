@@ -391,7 +391,8 @@ class BlendPlan:
 
     Attributes: ``block``, ``blocks_w``, ``blocks_h`` (per camera), ``start``
     and ``count`` [C * blocks_h * blocks_w] into ``ids`` [M'] (flat C * N
-    Gaussian indices).
+    Gaussian indices) and ``isect`` [M'] (the intersection each entry came
+    from: its index into flatten_ids).
     """
 
     def __init__(self, means2d, conics, opacities, isect_offsets, flatten_ids, width, height, tile_size):
@@ -444,7 +445,8 @@ class BlendPlan:
             by = by0[isect] + k // w
             block_id = (cam[isect] * self.blocks_h + by) * self.blocks_w + bx
             block_id, order = torch.sort(block_id, stable=True)
-            self.ids = g[isect[order]]
+            self.isect = isect[order]
+            self.ids = g[self.isect]
             self.count = torch.bincount(block_id, minlength=n_blocks)
             self.start = torch.cumsum(self.count, 0) - self.count
 
@@ -474,8 +476,13 @@ def block_chunks(count: Tensor, pixels: int, chunk_elements: int = CHUNK_ELEMENT
     return order, chunks
 
 
-def blend_blocks(blocks: Tensor, K: int, plan: BlendPlan, means2d, conics, colors, opacities):
+def blend_blocks(
+    blocks: Tensor, K: int, plan: BlendPlan, means2d, conics, colors, opacities, with_last=False
+):
     """Blend a chunk of blocks: returns (colour [nb, P, D], final transmittance [nb, P]).
+
+    With ``with_last``, also each pixel's last blended Gaussian [nb, P] int64:
+    its intersection (index into flatten_ids), -1 where none is blended.
 
     ``blocks`` [nb] are flat (camera, block row, block column) indices into
     ``plan``; K >= their longest list.  means2d [C * N, 2], conics [C * N, 3],
@@ -487,9 +494,11 @@ def blend_blocks(blocks: Tensor, K: int, plan: BlendPlan, means2d, conics, color
     b = plan.block
     start, count = plan.start[blocks], plan.count[blocks]
     if plan.ids.numel() == 0:  # nothing reaches any pixel
-        return colors.new_zeros((blocks.numel(), b * b, colors.shape[-1])), colors.new_ones(
-            (blocks.numel(), b * b)
+        out = (
+            colors.new_zeros((blocks.numel(), b * b, colors.shape[-1])),
+            colors.new_ones((blocks.numel(), b * b)),
         )
+        return (*out, torch.full((blocks.numel(), b * b), -1, device=dev)) if with_last else out
     k = torch.arange(K, device=dev)
     valid = k[None, :] < count[:, None]  # [nb, K]
     idx = (start[:, None] + k[None, :]).clamp(max=plan.ids.numel() - 1)
@@ -529,7 +538,11 @@ def blend_blocks(blocks: Tensor, K: int, plan: BlendPlan, means2d, conics, color
     weight = torch.where(keep, alpha * torch.exp(log_t - log1m), 0.0)  # alpha_k * T before k
     out = torch.bmm(weight, colors[g])  # [nb, P, D]
     final_t = torch.exp(torch.where(keep, log1m, 0.0).sum(-1))
-    return out, final_t
+    if not with_last:
+        return out, final_t
+    pos = torch.where(keep, k, -1).amax(-1)  # [nb, P]: list position of the last kept Gaussian
+    at = (start[:, None] + pos.clamp(min=0)).clamp(max=plan.ids.numel() - 1)
+    return out, final_t, torch.where(pos >= 0, plan.isect[at], -1)
 
 
 def blocks_to_image(x: Tensor, plan: BlendPlan, C: int, width: int, height: int) -> Tensor:
@@ -560,6 +573,7 @@ def rasterize_to_pixels(
     flatten_ids: Tensor,
     backgrounds: Tensor | None = None,
     chunk_elements: int = CHUNK_ELEMENTS,
+    with_state: bool = False,
 ):
     """Front-to-back alpha blending of projected Gaussians into C images.
 
@@ -574,6 +588,10 @@ def rasterize_to_pixels(
     1e-4 or below.  out = sum_k c_k alpha_k T_k + T_final * background.
 
     Returns render_colors [C, H, W, D] and render_alphas [C, H, W, 1] (1 - T_final).
+    With ``with_state``, also what a back-to-front backward starts from:
+    final_ts [C, H, W] (T_final itself: 1 - alpha would lose its low bits
+    where T_final is small) and last_ids [C, H, W] int32, each pixel's last
+    blended Gaussian as an index into flatten_ids (-1 if none).
 
     The Python loop runs over chunks of pixel blocks (see :class:`BlendPlan`;
     blocks sorted by list length so the padding is small), never over pixels
@@ -590,17 +608,21 @@ def rasterize_to_pixels(
         colors.reshape(C * N, D),
         opacities.reshape(C * N),
     )
-    outs, trans = [], []
+    outs, trans, lasts = [], [], []
     for b, e, K in chunks:
-        o, t = blend_blocks(order[b:e], K, plan, *flat)
+        o, t, *last = blend_blocks(order[b:e], K, plan, *flat, with_last=with_state)
         outs.append(o)
         trans.append(t)
+        lasts += last
     inv = torch.argsort(order)
     T = blocks_to_image(torch.cat(trans)[inv].unsqueeze(-1), plan, C, width, height)
     render_colors = blocks_to_image(torch.cat(outs)[inv], plan, C, width, height)
     if backgrounds is not None:
         render_colors = render_colors + T * backgrounds[:, None, None, :]
-    return render_colors, 1.0 - T
+    if not with_state:
+        return render_colors, 1.0 - T
+    last_ids = blocks_to_image(torch.cat(lasts)[inv].unsqueeze(-1), plan, C, width, height)[..., 0]
+    return render_colors, 1.0 - T, T[..., 0], last_ids.to(torch.int32)
 
 
 # ---------------------------------------------------------------------------

@@ -5,6 +5,13 @@ bases than the degree needs, masks, directions of every length (including
 zero, where F.normalize divides by its eps), float32 and float64; outputs
 and the gradients of dirs and coeffs; opcheck, compile, fp64 gradcheck, and
 the errors the reference entry gives (non-finite input).
+
+Rasterization (C++): odd image sizes, tile sizes 2 to 32, one to three
+cameras, 1 to 5 channels, with and without backgrounds, in scenes that hit
+every branch of the blend (the 0.99 clamp, the 1e-4 stop, alphas under
+1/255, conics that are not positive definite); the images, the backward's
+state (T_final, each pixel's last Gaussian: exactly) and every gradient;
+empty lists; opcheck, compile, fp64 gradcheck and the value errors.
 """
 
 import pytest
@@ -14,6 +21,7 @@ import frontiers_fast as ff
 from frontiers_fast.reference import splat as ref
 
 from ..helpers import assert_close, backend_cases, check_compiled, grads, opcheck
+from .scenes import projected
 
 ops = torch.ops.frontiers_fast
 SH_CASES = backend_cases("spherical_harmonics")
@@ -100,3 +108,157 @@ def test_spherical_harmonics_refuses_non_finite(device, backend):
     d[0, 0] = float("nan")
     with pytest.raises(ValueError, match="dirs must be finite"):
         ops.spherical_harmonics(1, d, coeffs, None, backend)
+
+
+# ---------------------------------------------------------------------------
+# rasterize_to_pixels
+# ---------------------------------------------------------------------------
+RASTER_CASES = backend_cases("rasterize_to_pixels")
+
+
+def _raster_scene(C, N, W, H, ts, D, gen_seed, dtype=torch.float64):
+    """A projected random scene with every branch of the blend in it: opaque Gaussians (the 0.99
+    clamp, pixels that stop at T = 1e-4), faint ones (alpha under 1/255), and a few conics that are
+    not positive definite (sigma < 0 on part of the tile: skipped there)."""
+    torch.manual_seed(gen_seed)
+    means2d, conics, opac, _, _, radii, depths = projected(
+        C, N, W, H, ts, scale=(0.05, 0.5), opacity=(0.0, 1.0)
+    )
+
+    # Three wide opaque Gaussians near the image centre: alpha 0.99 twice takes T to 1e-4, so the
+    # pixels around their centres stop there.
+    def extra(t, rows):  # rows [3, ...] appended to every camera
+        rows = t.new_tensor(rows)
+        return torch.cat([t, rows.expand(C, *rows.shape)], 1)
+
+    centre = [[W / 2, H / 2], [W / 2 + 0.7, H / 2 - 0.4], [W / 2 - 0.3, H / 2]]
+    means2d = extra(means2d, centre)
+    conics = extra(conics, [[0.04, 0.01, 0.05]] * 3)
+    radii = extra(radii, [[17, 15]] * 3)
+    depths = extra(depths, [0.5, 0.6, 0.7])
+    opac = extra(opac, [1.0, 1.0, 1.0])
+    opac[:, ::7] = 1.0  # o e^-sigma > 0.99 near the centre: the clamp
+    opac[:, 3::11] = 0.002  # never reaches 1/255
+    conics = conics.clone()
+    conics[:, 5::13, 1] = 2.0 * (conics[:, 5::13, 0] * conics[:, 5::13, 2]).sqrt()  # b^2 > a c
+    tw, th = ref.tile_grid(W, H, ts)
+    _, ids, fids = ref.isect_tiles(means2d, radii, depths, ts, tw, th)
+    offsets = ref.isect_offset_encode(ids, C, tw, th)
+    N = N + 3
+    colors = torch.rand(C, N, D, dtype=torch.float64)
+    bg = torch.rand(C, D, dtype=torch.float64)
+    return [t.to(dtype) for t in (means2d, conics, colors, opac, bg)], offsets, fids
+
+
+@pytest.mark.parametrize("device,backend", RASTER_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "C,N,W,H,ts,D,with_bg",
+    [(1, 80, 37, 29, 16, 3, False), (3, 60, 50, 33, 8, 4, True), (2, 40, 20, 17, 4, 1, True),
+     (2, 50, 40, 24, 16, 5, True), (1, 30, 9, 7, 2, 2, False), (1, 25, 70, 40, 32, 3, True)],
+)  # fmt: skip
+def test_rasterize_to_pixels(C, N, W, H, ts, D, with_bg, dtype, device, backend):
+    (m2d, con, col, opac, bg), offsets, fids = _raster_scene(C, N, W, H, ts, D, 1000 * C + W)
+    bg = bg if with_bg else None
+    state = ops.rasterize_to_pixels(m2d, con, col, opac, bg, W, H, ts, offsets, fids, "reference")
+    _, _, final_t, last = state
+    assert (last >= 0).any(), "the scene should cover some pixels"
+    assert bool(((final_t < 2e-4) & (last >= 0)).any()), "some pixel should stop at T = 1e-4"
+
+    inputs = [m2d, con, col, opac] + ([bg] if with_bg else [])
+    ours = [t.to(device=device, dtype=dtype).requires_grad_(True) for t in inputs]
+    theirs = [t.clone().requires_grad_(True) for t in inputs]
+
+    def run(xs, b, dev):
+        o, f = offsets.to(dev), fids.to(dev)
+        return ff.rasterize_to_pixels(*xs[:4], W, H, ts, o, f, xs[4] if with_bg else None, backend=b)
+
+    got = run(ours, backend, device)
+    want = run(theirs, "reference", "cpu")
+    for g, w, name in zip(got, want, ("render_colors", "render_alphas")):
+        assert g.dtype == dtype
+        assert_close(g.cpu(), w, dtype, msg=name)
+    # The state the backward starts from: T_final, and the last Gaussian of every pixel exactly.
+    fast = ops.rasterize_to_pixels(*[t.detach() for t in ours[:4]], ours[4].detach() if with_bg else None, W, H,
+                                   ts, offsets.to(device), fids.to(device), backend)  # fmt: skip
+    assert_close(fast[2].cpu(), final_t, dtype, msg="final_ts")
+    assert torch.equal(fast[3].cpu(), last), "last_ids"
+    seeds = [torch.randn_like(w) for w in want]
+    g_got = grads(list(got), ours, [s.to(device=device, dtype=dtype) for s in seeds])
+    g_want = grads(list(want), theirs, seeds)
+    for g, w, name in zip(g_got, g_want, ("means2d", "conics", "colors", "opacities", "backgrounds")):
+        assert_close(g.cpu(), w, dtype, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("device,backend", RASTER_CASES)
+def test_rasterize_to_pixels_empty(device, backend):
+    # No intersection at all, and no Gaussian at all: background everywhere, and zero gradients.
+    W, H, ts = 13, 10, 4
+    for N in (5, 0):
+        m2d = torch.rand(2, N, 2, dtype=torch.float64, device=device).requires_grad_(True)
+        con = torch.ones(2, N, 3, dtype=torch.float64, device=device).requires_grad_(True)
+        col = torch.rand(2, N, 3, dtype=torch.float64, device=device).requires_grad_(True)
+        opac = torch.rand(2, N, dtype=torch.float64, device=device).requires_grad_(True)
+        bg = torch.rand(2, 3, dtype=torch.float64, device=device).requires_grad_(True)
+        offsets = torch.zeros(2, 3, 4, dtype=torch.int32, device=device)
+        fids = torch.zeros(0, dtype=torch.int32, device=device)
+        rc, ra = ff.rasterize_to_pixels(m2d, con, col, opac, W, H, ts, offsets, fids, bg, backend=backend)
+        assert torch.equal(rc, bg[:, None, None, :].expand(2, H, W, 3))
+        assert torch.equal(ra, torch.zeros(2, H, W, 1, dtype=torch.float64, device=device))
+        g = grads([rc], [m2d, con, col, opac, bg], [torch.ones_like(rc)])
+        for t in g[:4]:
+            assert torch.equal(t, torch.zeros_like(t))
+        assert torch.equal(g[4], torch.full_like(bg, float(H * W)))
+
+
+@pytest.mark.parametrize("device,backend", RASTER_CASES)
+def test_rasterize_to_pixels_gradcheck_and_registration(device, backend):
+    w, h, ts = 11, 9, 8
+    (m2d, con, col, opac, bg), offsets, fids = _raster_scene(2, 8, w, h, ts, 2, 5)
+    offsets, fids = offsets.to(device), fids.to(device)
+    leaves = [t.to(device).requires_grad_(True) for t in (m2d, con, col, opac.clamp(0.3, 0.8), bg)]
+
+    def fn(m, c, cl, o, b):
+        return ff.rasterize_to_pixels(m, c, cl, o, w, h, ts, offsets, fids, b, backend=backend)
+
+    # fast_mode checks random projections of the Jacobian (the full one takes a backward per pixel).
+    assert torch.autograd.gradcheck(fn, leaves, fast_mode=True)
+    for b in (leaves[4], None):
+        args = (*leaves[:4], b, w, h, ts, offsets, fids, backend)
+        opcheck(ops.rasterize_to_pixels, args)
+        _, _, final_t, last = ops.rasterize_to_pixels(*args)
+        gc = torch.randn(2, h, w, 2, dtype=torch.float64, device=device)
+        ga = torch.randn(2, h, w, 1, dtype=torch.float64, device=device)
+        bwd_args = (*[t.detach() for t in leaves[:4]], None if b is None else b.detach(), w, h, ts, offsets, fids,
+                    final_t, last, gc, ga, backend)  # fmt: skip
+        opcheck(ops.rasterize_to_pixels_bwd, bwd_args, full=False)
+    check_compiled(lambda *xs: fn(*xs)[0].square().sum(), leaves)
+
+
+@pytest.mark.parametrize("device,backend", RASTER_CASES)
+def test_rasterize_to_pixels_refuses_bad_values(device, backend):
+    (m2d, con, col, opac, bg), offsets, fids = _raster_scene(2, 10, 16, 12, 8, 3, 9, torch.float32)
+    args = [t.to(device) for t in (m2d, con, col, opac)] + [
+        16,
+        12,
+        8,
+        offsets.to(device),
+        fids.to(device),
+        bg,
+    ]
+    ff.rasterize_to_pixels(*args, backend=backend)  # the unmodified call is fine
+    for i, name in enumerate(("means2d", "conics", "colors", "opacities")):
+        for bad in (float("nan"), float("inf")):
+            x = args[i].clone()
+            x.view(-1)[3] = bad
+            with pytest.raises(ValueError, match=f"{name} must be finite"):
+                ff.rasterize_to_pixels(*args[:i], x, *args[i + 1 :], backend=backend)
+    with pytest.raises(ValueError, match=r"opacities must lie in \[0, 1\]"):
+        ff.rasterize_to_pixels(*args[:3], args[3] * 1.5 + 0.01, *args[4:], backend=backend)
+    CN = args[3].numel()
+    with pytest.raises(
+        ValueError, match=rf"flatten_ids must lie in \[0, {CN - 1}\] \(indices into the C \* N"
+    ):
+        ff.rasterize_to_pixels(*args[:8], args[8] + CN, args[9], backend=backend)
+    with pytest.raises(ValueError, match="isect_offsets must be non-decreasing"):
+        ff.rasterize_to_pixels(*args[:7], args[7].flip(-1).contiguous(), *args[8:], backend=backend)

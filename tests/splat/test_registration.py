@@ -65,8 +65,9 @@ def test_opcheck_rasterize_to_pixels():
         args = (*_grad(means2d, conics, colors, opac), None if b is None else b.clone().requires_grad_(True), W, H, 8,
                 offsets, fids, B)  # fmt: skip
         opcheck(ops.rasterize_to_pixels, args)
+        _, _, final_t, last = ops.rasterize_to_pixels(*args)
         gc, ga = torch.randn(2, H, W, 3, dtype=torch.float64), torch.randn(2, H, W, 1, dtype=torch.float64)
-        args = (means2d, conics, colors, opac, b, W, H, 8, offsets, fids, gc, ga, B)
+        args = (means2d, conics, colors, opac, b, W, H, 8, offsets, fids, final_t, last, gc, ga, B)
         opcheck(ops.rasterize_to_pixels_bwd, args, full=False)
 
 
@@ -267,7 +268,7 @@ def test_reference_runs_every_op_forward_and_backward(index):
 
 
 # The stages with a fast backend so far (issue: the splatting kernels); the rest run the reference.
-FAST = {"spherical_harmonics": ["cpp", "reference"]}
+FAST = {"spherical_harmonics": ["cpp", "reference"], "rasterize_to_pixels": ["cpp", "reference"]}
 
 
 def test_default_backend_is_the_reference_and_reported():
@@ -276,4 +277,5 @@ def test_default_backend_is_the_reference_and_reported():
         report = _backend.backends(op=name)
         assert [b for b, r in report.items() if r["implemented"]] == FAST.get(name, ["reference"])
         assert report["reference"]["available"]
-    assert _backend.resolve(None, torch.device("cpu"), "spherical_harmonics", True) == "cpp"
+    for name in FAST:
+        assert _backend.resolve(None, torch.device("cpu"), name, True) == "cpp"
