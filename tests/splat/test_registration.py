@@ -267,7 +267,7 @@ def test_reference_runs_every_op_forward_and_backward(index):
 
 
 # The stages with a fast backend so far (issue: the splatting kernels); the rest run the reference.
-FAST = {"spherical_harmonics": ["cpp", "reference"]}
+FAST = {"spherical_harmonics": ["cpp", "reference"], "project_gaussians": ["cpp", "reference"]}
 
 
 def test_default_backend_is_the_reference_and_reported():
@@ -277,3 +277,4 @@ def test_default_backend_is_the_reference_and_reported():
         assert [b for b, r in report.items() if r["implemented"]] == FAST.get(name, ["reference"])
         assert report["reference"]["available"]
     assert _backend.resolve(None, torch.device("cpu"), "spherical_harmonics", True) == "cpp"
+    assert _backend.resolve(None, torch.device("cpu"), "project_gaussians", True) == "cpp"
