@@ -5,7 +5,20 @@ bases than the degree needs, masks, directions of every length (including
 zero, where F.normalize divides by its eps), float32 and float64; outputs
 and the gradients of dirs and coeffs; opcheck, compile, fp64 gradcheck, and
 the errors the reference entry gives (non-finite input).
+
+Projection (C++): small scenes with one and three cameras, odd image sizes,
+classic and antialiased, default planes and clipping ones (no blur, near and
+far planes that cut, radius_clip), with Gaussians placed behind the camera,
+beyond the far plane, off-screen, beyond the FOV clamp bound on every side
+(kept), transparent, a needle on the compensation floor and a point with a
+zero covariance; the radii exactly as the reference in the same dtype, the
+outputs and every gradient against float64; fp64 gradcheck, opcheck,
+compile, and every value the reference entry refuses, with its message.
+Outputs are NaN-poisoned (FRONTIERS_FAST_DEBUG_POISON=1, set by conftest),
+so an entry left unwritten fails the comparison.
 """
+
+import re
 
 import pytest
 import torch
@@ -225,3 +238,101 @@ def test_project_gaussians(C, W, H, antialiased, planes, dtype, device, backend)
     )
     for name, a, b in zip(("means", "quats", "scales", "opacities", "viewmats", "Ks"), got, expect):
         assert_close(a.cpu(), b, dtype, msg=f"grad {name}")
+
+
+def _proj_args(inputs, W, H, antialiased, backend):
+    """The positional arguments of the project_gaussians op (default planes)."""
+    return (*inputs, W, H, 0.3, 0.01, 1e10, 0.0, antialiased, backend)
+
+
+@pytest.mark.parametrize("device,backend", PROJ_CASES)
+def test_project_gaussians_gradcheck_and_registration(device, backend):
+    W, H = 21, 15
+    # A small scene with every special; the needle and point keep clear of
+    # gradcheck's 1e-6 steps (scales stay positive, culling does not flip).
+    inputs, idx = _proj_scene(2, W, H, torch.float64, tiny=1e-3)
+    keep = torch.arange(inputs[0].shape[0]) % 6 == 0
+    keep[list(idx.values())] = True
+    inputs = [t[keep] for t in inputs[:4]] + inputs[4:]
+    means, quats, scales, opac, viewmats, Ks = (
+        t.to(device).requires_grad_(i != 3) for i, t in enumerate(inputs)
+    )
+    leaves = [means, quats, scales, viewmats, Ks]
+    for aa in (False, True):
+
+        def fn(m, q, s, v, k, aa=aa):
+            return ff.project_gaussians(m, q, s, opac, v, k, W, H, antialiased=aa, backend=backend)[1:]
+
+        radii = ff.project_gaussians(*leaves[:3], opac, *leaves[3:], W, H, antialiased=aa, backend=backend)[0]
+        assert 0 < (radii > 0).all(-1).sum() < radii.shape[0] * radii.shape[1]
+        assert torch.autograd.gradcheck(fn, leaves)
+        opcheck(
+            ops.project_gaussians, _proj_args([means, quats, scales, opac, viewmats, Ks], W, H, aa, backend)
+        )
+        C, N = viewmats.shape[0], means.shape[0]
+        g = [
+            torch.randn(*s, dtype=torch.float64, device=device)
+            for s in ((C, N, 2), (C, N), (C, N, 3), (C, N))
+        ]
+        bwd_args = _proj_args(
+            [t.detach() for t in (means, quats, scales, opac, viewmats, Ks)], W, H, aa, backend
+        )
+        opcheck(ops.project_gaussians_bwd, (*bwd_args[:-1], *g, backend), full=False)
+
+    def loss(m, s, v):
+        _, m2d, z, con, comp = ff.project_gaussians(
+            m, quats, s, opac, v, Ks, W, H, antialiased=True, backend=backend
+        )
+        return (m2d * m2d).sum() + z.sum() + (con * con).sum() + comp.sum()
+
+    check_compiled(loss, [means, scales, viewmats])
+
+
+def _bad_project_inputs(dtype):
+    """(what is wrong, inputs): one row per value _ref_project refuses, and two wrong at once."""
+    viewmats, Ks = cameras(2, 16, 12)
+    g = list(gaussians(10))
+    base = [t.to(dtype) for t in (*g, viewmats, Ks)]
+
+    def poke(i, index, value):
+        t = [x.clone() for x in base]
+        t[i][index] = value
+        return t
+
+    nan, inf = float("nan"), float("inf")
+    rows = [("means nan", poke(0, (3, 1), nan)), ("means inf", poke(0, (9, 2), -inf))]
+    rows += [("quats nan", poke(1, (2, 0), nan)), ("scales inf", poke(2, (5, 1), inf))]
+    rows += [("opacities nan", poke(3, 7, nan)), ("scales zero", poke(2, (4, 2), 0.0))]
+    rows += [("scales negative", poke(2, (1, 0), -0.25)), ("quats zero", poke(1, 6, 0.0))]
+    rows += [("quats short", poke(1, 4, 1e-20)), ("opacities above 1", poke(3, 2, 1.5))]
+    rows += [("opacities below 0", poke(3, 8, -0.125))]
+    # The camera rows the projection never reads are checked too.
+    rows += [("viewmats nan", poke(4, (1, 3, 0), nan)), ("Ks inf", poke(5, (0, 2, 1), inf))]
+    rows += [("fx negative", poke(5, (1, 0, 0), -5.0)), ("fy zero", poke(5, (0, 1, 1), 0.0))]
+    both = poke(5, (0, 2, 2), nan)
+    both[2] = -both[2]
+    rows += [("Ks nan and scales negative", both)]
+    # Finite inputs whose projection overflows: all pairs, or one culled pair (behind the camera).
+    big = 1e30 if dtype == torch.float32 else 1e200  # squared, past the dtype's range
+    rows += [("overflow", [t * big if i == 2 else t for i, t in enumerate(base)])]
+    behind = poke(0, 6, torch.tensor([0.0, 0.0, -10.0], dtype=dtype))
+    behind[2][6] = big
+    rows += [("overflow of a culled pair", behind)]
+    return rows
+
+
+@pytest.mark.parametrize("device,backend", PROJ_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_project_gaussians_refuses_what_the_reference_refuses(dtype, device, backend):
+    for what, inputs in _bad_project_inputs(dtype):
+        inputs = [t.to(device) for t in inputs]
+        for aa in (False, True):
+            args = _proj_args(inputs, 16, 12, aa, backend)
+            with pytest.raises(ValueError) as want:
+                ops.project_gaussians(*args[:-1], "reference")
+            # The reference's message, the C++ op's name before it.
+            with pytest.raises(ValueError) as got:
+                ops.project_gaussians(*args)
+            assert str(got.value).removeprefix("project_gaussians: ") == str(want.value), what
+            with pytest.raises(ValueError, match=f"^(project_gaussians: )?{re.escape(str(want.value))}$"):
+                ff.project_gaussians(*inputs, 16, 12, antialiased=aa, backend=backend)
