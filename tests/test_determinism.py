@@ -174,3 +174,28 @@ def test_rasterize_to_pixels(backend):
         return img.sum(-1) + alpha[..., 0]
 
     _grads_four_ways(render, leaves)
+
+
+@pytest.mark.parametrize("backend", backends_for("project_gaussians", "cpu"))
+@pytest.mark.parametrize("antialiased", [False, True])
+def test_project_gaussians(backend, antialiased):
+    # 3000 Gaussians: several of the C++ backward's fixed chunks, whose
+    # per-camera partial sums (viewmats, Ks) are added in chunk order.  In
+    # float64: the C++ sums run in float64, and rounding them to float32
+    # would hide a change of order.
+    from .splat.scenes import cameras, gaussians
+
+    W, H = 64, 48
+    means, quats, scales, opacities = gaussians(3000, extent=2.0)
+    viewmats, Ks = cameras(3, W, H)
+    weights = torch.randn(
+        3 * 3000 * 7, dtype=torch.float64
+    )  # (means2d, depths, conics, compensations) of each pair
+    leaves = [t.clone().requires_grad_(True) for t in (means, quats, scales, viewmats, Ks)]
+
+    def project(m, q, s, v, k):
+        _, m2d, z, con, comp = ff.project_gaussians(m, q, s, opacities, v, k, W, H, antialiased=antialiased,
+                                                    backend=backend)  # fmt: skip
+        return torch.cat([m2d.flatten(), z.flatten(), con.flatten(), comp.flatten()]) * weights
+
+    _grads_four_ways(project, leaves)

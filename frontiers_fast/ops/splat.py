@@ -308,6 +308,7 @@ define_op(
     f"project_gaussians({_PROJECT_ARGS}) -> {_FIVE}",
     fake=_fake_project,
     reference=_ref_project,
+    native=("cpp",),  # csrc/splat/project_cpu.cpp: the same value checks and messages as _ref_project
     backward=_project_backward,
     setup_context=_project_setup,
 )
@@ -318,6 +319,7 @@ define_op(
         torch.empty_like(t) for t in (means, quats, scales, viewmats, Ks)
     ),
     reference=_ref_project_bwd,
+    native=("cpp",),  # analytic; deterministic per-camera sums (fixed chunks of Gaussians)
 )
 
 

@@ -12,7 +12,20 @@ every branch of the blend (the 0.99 clamp, the 1e-4 stop, alphas under
 1/255, conics that are not positive definite); the images, the backward's
 state (T_final, each pixel's last Gaussian: exactly) and every gradient;
 empty lists; opcheck, compile, fp64 gradcheck and the value errors.
+
+Projection (C++): small scenes with one and three cameras, odd image sizes,
+classic and antialiased, default planes and clipping ones (no blur, near and
+far planes that cut, radius_clip), with Gaussians placed behind the camera,
+beyond the far plane, off-screen, beyond the FOV clamp bound on every side
+(kept), transparent, a needle on the compensation floor and a point with a
+zero covariance; the radii exactly as the reference in the same dtype, the
+outputs and every gradient against float64; fp64 gradcheck, opcheck,
+compile, and every value the reference entry refuses, with its message.
+Outputs are NaN-poisoned (FRONTIERS_FAST_DEBUG_POISON=1, set by conftest),
+so an entry left unwritten fails the comparison.
 """
+
+import re
 
 import pytest
 import torch
@@ -21,7 +34,7 @@ import frontiers_fast as ff
 from frontiers_fast.reference import splat as ref
 
 from ..helpers import assert_close, backend_cases, check_compiled, grads, opcheck
-from .scenes import projected
+from .scenes import cameras, gaussians, projected
 
 ops = torch.ops.frontiers_fast
 SH_CASES = backend_cases("spherical_harmonics")
@@ -262,3 +275,224 @@ def test_rasterize_to_pixels_refuses_bad_values(device, backend):
         ff.rasterize_to_pixels(*args[:8], args[8] + CN, args[9], backend=backend)
     with pytest.raises(ValueError, match="isect_offsets must be non-decreasing"):
         ff.rasterize_to_pixels(*args[:7], args[7].flip(-1).contiguous(), *args[8:], backend=backend)
+
+
+# projection
+# ---------------------------------------------------------------------------
+PROJ_CASES = backend_cases("project_gaussians")
+PLANES = {
+    "default": {},
+    # no blur (a zero covariance has det 0), a near and a far plane that cut, small radii clipped
+    "clipped": dict(eps2d=0.0, near_plane=0.5, far_plane=20.0, radius_clip=3.0),
+}
+
+
+def _proj_scene(C, W, H, dtype, blur=True, tiny=None):
+    """C cameras about 4 units from the origin, random Gaussians, and ones placed to hit every branch.
+
+    Returns the float64 inputs (means, quats, scales, opacities, viewmats, Ks),
+    rounded to ``dtype``, and the index of each special Gaussian.  The
+    specials sit in camera 0's frame (the others differ by a small rotation):
+    behind the camera, beyond the far plane of "clipped", off-screen and
+    small, large and centred beyond the 1.3x FOV bound on each side and in a
+    corner (kept, their Jacobian clamped), below 1/255 opacity, at 1/255 and
+    a little, a needle (thin enough that the antialiased compensation sits
+    on its 0.005 floor, yet its widths still move that det; not with
+    ``blur=False``, where its det would be a rounding error in float32) and
+    a point (zero covariance: det 0 without blur).
+    """
+    viewmats, Ks = cameras(C, W, H)
+    means, quats, scales, opacities = gaussians(60, extent=2.5)
+    tiny = tiny if tiny is not None else (1e-30 if dtype == torch.float32 else 1e-200)
+    R, t = viewmats[0, :3, :3], viewmats[0, :3, 3]
+    fx, fy, cx, cy = (float(Ks[0, i, j]) for i, j in ((0, 0), (1, 1), (0, 2), (1, 2)))
+    # x/z, y/z 0.4 (in units of the half field of view) past the clamp bound of each side
+    ux = ((W - cx) / fx * 1.3 + 0.4 * W / (2 * fx), -(cx / fx * 1.3 + 0.4 * W / (2 * fx)))
+    uy = ((H - cy) / fy * 1.3 + 0.4 * H / (2 * fy), -(cy / fy * 1.3 + 0.4 * H / (2 * fy)))
+    special = {  # name: (camera-space mean, scales, opacity)
+        "behind": ([0.1, 0.0, -0.5], [0.2] * 3, 0.8),
+        "far": ([0.0, 0.2, 30.0], [0.3] * 3, 0.8),
+        "off_screen": ([4.0 * ux[0] * 2, 0.0, 4.0], [0.05] * 3, 0.8),
+        "clamp_right": ([4.0 * ux[0], 0.1, 4.0], [1.2, 0.6, 0.9], 0.9),
+        "clamp_left": ([4.0 * ux[1], -0.1, 4.0], [0.7, 1.1, 0.8], 0.9),
+        "clamp_bottom": ([0.2, 4.0 * uy[0], 4.0], [1.0, 1.0, 0.6], 0.9),
+        "clamp_corner": ([4.0 * ux[1], 4.0 * uy[1], 4.0], [1.2, 1.0, 0.9], 0.9),
+        "transparent": ([0.0, 0.1, 4.0], [0.2] * 3, 0.003),
+        "faint": ([0.1, 0.1, 4.0], [0.2] * 3, 0.0045),
+        "point": ([-0.2, 0.1, 3.0], [tiny] * 3, 0.9),
+    }
+    if blur:
+        special["needle"] = ([0.3, -0.2, 3.5], [1e-4, 1e-4, 0.4], 0.9)
+    extra = torch.tensor([p for p, _, _ in special.values()], dtype=torch.float64)
+    means = torch.cat([means, (extra - t) @ R])  # camera 0 -> world
+    quats = torch.cat([quats, torch.randn(len(special), 4, dtype=torch.float64)])
+    scales = torch.cat([scales, torch.tensor([s for _, s, _ in special.values()], dtype=torch.float64)])
+    opacities = torch.cat([opacities, torch.tensor([o for _, _, o in special.values()], dtype=torch.float64)])
+    index = {name: 60 + i for i, name in enumerate(special)}
+    inputs = [t.to(dtype).double() for t in (means, quats, scales, opacities, viewmats, Ks)]
+    return inputs, index
+
+
+def _fov_clamped(means, viewmats, Ks, W, H):
+    """[C, N] bool: x/z or y/z outside the reference's clamp bounds (float64)."""
+    p = torch.einsum("cij,nj->cni", viewmats[:, :3, :3], means) + viewmats[:, None, :3, 3]
+    fx, fy, cx, cy = (Ks[:, i, j, None] for i, j in ((0, 0), (1, 1), (0, 2), (1, 2)))
+    u, v = p[..., 0] / p[..., 2], p[..., 1] / p[..., 2]
+    fc = ref.FOV_CLAMP
+    out_x = (u < -(cx / fx + fc * W / (2 * fx))) | (u > (W - cx) / fx + fc * W / (2 * fx))
+    out_y = (v < -(cy / fy + fc * H / (2 * fy))) | (v > (H - cy) / fy + fc * H / (2 * fy))
+    return out_x | out_y
+
+
+@pytest.mark.parametrize("device,backend", PROJ_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("C,W,H", [(1, 33, 25), (3, 47, 31)])
+@pytest.mark.parametrize("antialiased", [False, True])
+@pytest.mark.parametrize("planes", list(PLANES))
+def test_project_gaussians(C, W, H, antialiased, planes, dtype, device, backend):
+    kw = dict(PLANES[planes], antialiased=antialiased)
+    inputs, idx = _proj_scene(C, W, H, dtype, blur=planes == "default")
+    leaves = [t.to(dtype).to(device).requires_grad_(True) for t in inputs]
+    radii, *out = ff.project_gaussians(*leaves, W, H, **kw, backend=backend)
+    radii, out = radii.cpu(), [o.cpu() for o in out]
+    # The integer radii follow the reference run in the same dtype exactly.
+    same = ref.project_gaussians(*(t.to(dtype) for t in inputs), W, H, **kw)
+    assert radii.dtype == torch.int32 and torch.equal(radii, same[0])
+    ref_in = [t.clone().requires_grad_(True) for t in inputs]
+    want_radii, *want = ref.project_gaussians(*ref_in, W, H, **kw)
+    keep = (radii > 0).all(-1)
+    assert torch.equal(keep, (want_radii > 0).all(-1))
+
+    # Every branch is taken: culled by depth, by the image border and by
+    # opacity; kept with the Jacobian clamped; the compensation floor; det
+    # and radius_clip culling without blur.
+    cull = ~keep
+    assert cull[:, idx["behind"]].all() and cull[:, idx["off_screen"]].all()
+    assert cull[:, idx["transparent"]].all()
+    clamped = _fov_clamped(*(t.double() for t in (inputs[0], inputs[4], inputs[5])), W, H)
+    for side in ("clamp_right", "clamp_left", "clamp_bottom", "clamp_corner"):
+        assert keep[0, idx[side]] and clamped[0, idx[side]], side
+    assert keep.sum() > 20 * C
+    if planes == "clipped":
+        assert cull[:, idx["far"]].all() and cull[:, idx["point"]].all()  # det 0: no blur to lift it
+        no_clip = ref.project_gaussians(*(t.to(dtype) for t in inputs), W, H, **{**kw, "radius_clip": 0.0})[0]
+        assert ((no_clip > 0).all(-1) & cull).any()  # radius_clip culls some
+    else:
+        assert keep[:, idx["far"]].all() and keep[:, idx["point"]].all()
+        if antialiased:
+            assert (out[3][:, idx["needle"]] == ref.MIN_COMPENSATION).all()
+    if not antialiased and planes == "default":
+        assert keep[:, idx["faint"]].all()  # 0.0045 >= 1/255; antialiased it may fall below
+
+    for name, a, b in zip(("means2d", "depths", "conics", "compensations"), out, want):
+        assert a.dtype == dtype and a.shape == b.shape
+        assert_close(a, b, dtype, msg=name)
+        assert (a[cull] == 0).all(), f"culled {name} are not zero"
+    # Gradients of every output against float64 autograd (classic
+    # compensations are constant ones: the seed given them must be ignored).
+    seeds = [torch.randn(b.shape, dtype=torch.float64) for b in want]
+    loss = sum((a * s.to(dtype)).sum() for a, s in zip(out, seeds))
+    got = grads(loss, leaves, torch.ones((), dtype=dtype))
+    expect = grads(
+        sum((b * s).sum() for b, s in zip(want, seeds)), ref_in, torch.ones((), dtype=torch.float64)
+    )
+    for name, a, b in zip(("means", "quats", "scales", "opacities", "viewmats", "Ks"), got, expect):
+        assert_close(a.cpu(), b, dtype, msg=f"grad {name}")
+
+
+def _proj_args(inputs, W, H, antialiased, backend):
+    """The positional arguments of the project_gaussians op (default planes)."""
+    return (*inputs, W, H, 0.3, 0.01, 1e10, 0.0, antialiased, backend)
+
+
+@pytest.mark.parametrize("device,backend", PROJ_CASES)
+def test_project_gaussians_gradcheck_and_registration(device, backend):
+    W, H = 21, 15
+    # A small scene with every special; the needle and point keep clear of
+    # gradcheck's 1e-6 steps (scales stay positive, culling does not flip).
+    inputs, idx = _proj_scene(2, W, H, torch.float64, tiny=1e-3)
+    keep = torch.arange(inputs[0].shape[0]) % 6 == 0
+    keep[list(idx.values())] = True
+    inputs = [t[keep] for t in inputs[:4]] + inputs[4:]
+    means, quats, scales, opac, viewmats, Ks = (
+        t.to(device).requires_grad_(i != 3) for i, t in enumerate(inputs)
+    )
+    leaves = [means, quats, scales, viewmats, Ks]
+    for aa in (False, True):
+
+        def fn(m, q, s, v, k, aa=aa):
+            return ff.project_gaussians(m, q, s, opac, v, k, W, H, antialiased=aa, backend=backend)[1:]
+
+        radii = ff.project_gaussians(*leaves[:3], opac, *leaves[3:], W, H, antialiased=aa, backend=backend)[0]
+        assert 0 < (radii > 0).all(-1).sum() < radii.shape[0] * radii.shape[1]
+        assert torch.autograd.gradcheck(fn, leaves)
+        opcheck(
+            ops.project_gaussians, _proj_args([means, quats, scales, opac, viewmats, Ks], W, H, aa, backend)
+        )
+        C, N = viewmats.shape[0], means.shape[0]
+        g = [
+            torch.randn(*s, dtype=torch.float64, device=device)
+            for s in ((C, N, 2), (C, N), (C, N, 3), (C, N))
+        ]
+        bwd_args = _proj_args(
+            [t.detach() for t in (means, quats, scales, opac, viewmats, Ks)], W, H, aa, backend
+        )
+        opcheck(ops.project_gaussians_bwd, (*bwd_args[:-1], *g, backend), full=False)
+
+    def loss(m, s, v):
+        _, m2d, z, con, comp = ff.project_gaussians(
+            m, quats, s, opac, v, Ks, W, H, antialiased=True, backend=backend
+        )
+        return (m2d * m2d).sum() + z.sum() + (con * con).sum() + comp.sum()
+
+    check_compiled(loss, [means, scales, viewmats])
+
+
+def _bad_project_inputs(dtype):
+    """(what is wrong, inputs): one row per value _ref_project refuses, and two wrong at once."""
+    viewmats, Ks = cameras(2, 16, 12)
+    g = list(gaussians(10))
+    base = [t.to(dtype) for t in (*g, viewmats, Ks)]
+
+    def poke(i, index, value):
+        t = [x.clone() for x in base]
+        t[i][index] = value
+        return t
+
+    nan, inf = float("nan"), float("inf")
+    rows = [("means nan", poke(0, (3, 1), nan)), ("means inf", poke(0, (9, 2), -inf))]
+    rows += [("quats nan", poke(1, (2, 0), nan)), ("scales inf", poke(2, (5, 1), inf))]
+    rows += [("opacities nan", poke(3, 7, nan)), ("scales zero", poke(2, (4, 2), 0.0))]
+    rows += [("scales negative", poke(2, (1, 0), -0.25)), ("quats zero", poke(1, 6, 0.0))]
+    rows += [("quats short", poke(1, 4, 1e-20)), ("opacities above 1", poke(3, 2, 1.5))]
+    rows += [("opacities below 0", poke(3, 8, -0.125))]
+    # The camera rows the projection never reads are checked too.
+    rows += [("viewmats nan", poke(4, (1, 3, 0), nan)), ("Ks inf", poke(5, (0, 2, 1), inf))]
+    rows += [("fx negative", poke(5, (1, 0, 0), -5.0)), ("fy zero", poke(5, (0, 1, 1), 0.0))]
+    both = poke(5, (0, 2, 2), nan)
+    both[2] = -both[2]
+    rows += [("Ks nan and scales negative", both)]
+    # Finite inputs whose projection overflows: all pairs, or one culled pair (behind the camera).
+    big = 1e30 if dtype == torch.float32 else 1e200  # squared, past the dtype's range
+    rows += [("overflow", [t * big if i == 2 else t for i, t in enumerate(base)])]
+    behind = poke(0, 6, torch.tensor([0.0, 0.0, -10.0], dtype=dtype))
+    behind[2][6] = big
+    rows += [("overflow of a culled pair", behind)]
+    return rows
+
+
+@pytest.mark.parametrize("device,backend", PROJ_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_project_gaussians_refuses_what_the_reference_refuses(dtype, device, backend):
+    for what, inputs in _bad_project_inputs(dtype):
+        inputs = [t.to(device) for t in inputs]
+        for aa in (False, True):
+            args = _proj_args(inputs, 16, 12, aa, backend)
+            with pytest.raises(ValueError) as want:
+                ops.project_gaussians(*args[:-1], "reference")
+            # The reference's message, the C++ op's name before it.
+            with pytest.raises(ValueError) as got:
+                ops.project_gaussians(*args)
+            assert str(got.value).removeprefix("project_gaussians: ") == str(want.value), what
+            with pytest.raises(ValueError, match=f"^(project_gaussians: )?{re.escape(str(want.value))}$"):
+                ff.project_gaussians(*inputs, 16, 12, antialiased=aa, backend=backend)

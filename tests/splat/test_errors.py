@@ -149,9 +149,13 @@ def test_rasterization_bad_inputs(scene, change, exc, match):
 def test_unimplemented_backends(scene, backend):
     with pytest.raises(NotImplementedError, match="not implemented"):
         _with(scene, backend=backend)
-    if backend != "cpp":  # spherical_harmonics has its C++ kernel
+    if backend != "cpp":  # spherical_harmonics and project_gaussians have their C++ kernels
         with pytest.raises(NotImplementedError, match="not implemented"):
             ops.spherical_harmonics(0, torch.randn(3, 3), torch.randn(3, 1, 3), backend=backend)
+        with pytest.raises(NotImplementedError, match="not implemented"):
+            s = scene
+            ops.project_gaussians(s["means"], s["quats"], s["scales"], s["opacities"], s["viewmats"], s["Ks"], W, H,
+                                  backend=backend)  # fmt: skip
 
 
 def test_stage_bad_inputs(scene):

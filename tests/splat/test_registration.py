@@ -268,7 +268,11 @@ def test_reference_runs_every_op_forward_and_backward(index):
 
 
 # The stages with a fast backend so far (issue: the splatting kernels); the rest run the reference.
-FAST = {"spherical_harmonics": ["cpp", "reference"], "rasterize_to_pixels": ["cpp", "reference"]}
+FAST = {
+    "spherical_harmonics": ["cpp", "reference"],
+    "project_gaussians": ["cpp", "reference"],
+    "rasterize_to_pixels": ["cpp", "reference"],
+}
 
 
 def test_default_backend_is_the_reference_and_reported():
