@@ -50,10 +50,11 @@ def test_opcheck_spherical_harmonics():
 
 
 def test_opcheck_isect():
-    means2d, _, _, _, _, radii, depths = projected(2, 20, W, H, 8)
+    means2d, conics, opac, _, _, radii, depths = projected(2, 20, W, H, 8)
     tw, th = ref.tile_grid(W, H, 8)
-    opcheck(ops.isect_tiles, (means2d, radii, depths, 8, tw, th, B), full=False)
-    _, ids, _ = ops.isect_tiles(means2d, radii, depths, 8, tw, th, B)
+    opcheck(ops.isect_tiles, (means2d, radii, depths, 8, tw, th, None, None, None, B), full=False)
+    opcheck(ops.isect_tiles, (means2d, radii, depths, 8, tw, th, conics, opac, 1000, B), full=False)
+    _, ids, _ = ops.isect_tiles(means2d, radii, depths, 8, tw, th, conics, opac, None, B)
     opcheck(ops.isect_offset_encode, (ids, 2, tw, th, B), full=False)
 
 
@@ -267,7 +268,11 @@ def test_reference_runs_every_op_forward_and_backward(index):
 
 
 # The stages with a fast backend so far (issue: the splatting kernels); the rest run the reference.
-FAST = {"spherical_harmonics": ["cpp", "reference"]}
+FAST = {
+    "spherical_harmonics": ["cpp", "reference"],
+    "isect_tiles": ["cpp", "reference"],
+    "isect_offset_encode": ["cpp", "reference"],
+}
 
 
 def test_default_backend_is_the_reference_and_reported():
@@ -276,4 +281,5 @@ def test_default_backend_is_the_reference_and_reported():
         report = _backend.backends(op=name)
         assert [b for b, r in report.items() if r["implemented"]] == FAST.get(name, ["reference"])
         assert report["reference"]["available"]
-    assert _backend.resolve(None, torch.device("cpu"), "spherical_harmonics", True) == "cpp"
+    for name in FAST:
+        assert _backend.resolve(None, torch.device("cpu"), name, name == "spherical_harmonics") == "cpp"
