@@ -12,8 +12,8 @@ backends of the ops that have them.
       -> (grad_means, grad_quats, grad_scales, grad_viewmats, grad_Ks)
   spherical_harmonics(degree, dirs, coeffs, masks?) -> colors
   spherical_harmonics_bwd(degree, dirs, coeffs, masks?, grad_colors) -> (grad_dirs, grad_coeffs)
-  isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height)
-      -> (tiles_per_gauss, isect_ids, flatten_ids)                        [no autograd]
+  isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height, conics?, opacities?,
+              max_intersections?) -> (tiles_per_gauss, isect_ids, flatten_ids)   [no autograd]
   isect_offset_encode(isect_ids, n_images, tile_width, tile_height) -> isect_offsets   [no autograd]
   rasterize_to_pixels(means2d, conics, colors, opacities, backgrounds?, width, height, tile_size,
                       isect_offsets, flatten_ids) -> (render_colors, render_alphas, final_ts, last_ids)
@@ -131,12 +131,18 @@ def _check_camera_values(viewmats, Ks):
         raise ValueError("Ks must have positive focal lengths (Ks[:, 0, 0] and Ks[:, 1, 1] > 0)")
 
 
-def _check_isect_values(means2d, radii, depths):
+def _check_isect_values(means2d, radii, depths, conics, opacities):
     check_finite("means2d", means2d)
     check_finite("depths", depths)
     # The keys sort the float32 bit patterns of the depths, which order only non-negative values.
     if has_values(depths) and bool(((depths < 0) & (radii > 0).all(-1)).any()):
         raise ValueError("depths must be >= 0 where radii > 0 (the keys sort depths by their float32 bits)")
+    # The exact tile test reads them (a NaN would decide tiles differently per backend).
+    if conics is not None:
+        check_finite("conics", conics)
+    if opacities is not None:  # rasterization's opacities may carry a graph: their values alone are read
+        check_finite("opacities", opacities.detach())
+        check_in_range("opacities", opacities.detach(), 0, 1)
 
 
 def _check_isect_ids(isect_ids, n_images, tile_width, tile_height):
@@ -380,15 +386,19 @@ define_op(
 # ---------------------------------------------------------------------------
 # tile intersection (integer outputs, no autograd)
 # ---------------------------------------------------------------------------
-def _ref_isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height):
+def _ref_isect_tiles(
+    means2d, radii, depths, tile_size, tile_width, tile_height, conics, opacities, max_intersections
+):
     # Sizes first (with concrete sizes: under torch.compile the public
     # function sees symbolic ones): they are refused before any O(C N) work.
     ref.check_isect_sizes(depths.shape[0], depths.shape[1], tile_width * tile_height)
-    _check_isect_values(means2d, radii, depths)
-    return ref.isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height)
+    _check_isect_values(means2d, radii, depths, conics, opacities)
+    return ref.isect_tiles(
+        means2d, radii, depths, tile_size, tile_width, tile_height, conics, opacities, max_intersections
+    )
 
 
-def _fake_isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height, backend):
+def _fake_isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height, *rest):
     m = torch.library.get_ctx().new_dynamic_size()  # the number of overlaps depends on the data
     return (
         depths.new_empty(depths.shape, dtype=torch.int32),
@@ -404,9 +414,10 @@ def _ref_isect_offset_encode(isect_ids, n_images, tile_width, tile_height):
 
 define_op(
     "isect_tiles(Tensor means2d, Tensor radii, Tensor depths, SymInt tile_size, SymInt tile_width, "
-    "SymInt tile_height) -> (Tensor, Tensor, Tensor)",
+    "SymInt tile_height, Tensor? conics, Tensor? opacities, int? max_intersections) -> (Tensor, Tensor, Tensor)",
     fake=_fake_isect_tiles,
     reference=_ref_isect_tiles,
+    native=("cpp",),
 )
 define_op(
     "isect_offset_encode(Tensor isect_ids, SymInt n_images, SymInt tile_width, SymInt tile_height) -> Tensor",
@@ -414,6 +425,7 @@ define_op(
         (n_images, tile_height, tile_width), dtype=torch.int32
     ),
     reference=_ref_isect_offset_encode,
+    native=("cpp",),
 )
 
 
@@ -585,6 +597,21 @@ def _check_int32(name, t, shape, like, like_name):
     check_same_device(name, t, like_name, like.device)
 
 
+def _check_exact_culling(conics, opacities, means2d):
+    """The optional conics [C, N, 3] and opacities [C, N] of isect_tiles' exact culling: both or neither."""
+    if (conics is None) != (opacities is None):
+        given, missing = ("conics", "opacities") if opacities is None else ("opacities", "conics")
+        raise ValueError(
+            f"isect_tiles got {given} but not {missing}: exact tile culling needs both (or neither, for the "
+            "bounding-box lists)"
+        )
+    if conics is None:
+        return
+    C, N = means2d.shape[:2]
+    _check_float("conics", conics, (C, N, 3), means2d, "means2d")
+    _check_float("opacities", opacities, (C, N), means2d, "means2d")
+
+
 def _check_gaussians(means, quats, scales, opacities):
     _check_float("means", means, (None, 3))
     N = means.shape[0]
@@ -714,20 +741,34 @@ def spherical_harmonics(
     return _ops.spherical_harmonics(degree, dirs, coeffs, masks, backend)
 
 
-def isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height, *, backend=None):
+def isect_tiles(
+    means2d, radii, depths, tile_size, tile_width, tile_height, conics=None, opacities=None, *,
+    max_intersections=None, backend=None,
+):  # fmt: skip
     """Tile overlaps as sorted 64-bit keys (camera | tile | depth bits).
 
     means2d [C, N, 2], radii [C, N, 2] int32, depths [C, N] (>= 0 where
-    radii > 0).  Returns tiles_per_gauss [C, N] int32 (bounding-box
-    tiles: see :func:`frontiers_fast.reference.splat.isect_tiles`), isect_ids
-    [M] int64, flatten_ids [M] int32.  ValueError when the camera and tile
-    fields need more than 31 bits, C * N > 2^31 or M >= 2^31.
+    radii > 0).  Without ``conics`` and ``opacities`` every tile of a
+    Gaussian's bounding box is listed (gsplat 1.5.3's ``isect_tiles``).  With
+    conics [C, N, 3] and the blending opacities [C, N] in [0, 1] (both or
+    neither; of means2d's dtype and device) only the box's tiles that the
+    ``alpha >= 1/255`` ellipse reaches are (gsplat main's exact culling): the
+    rendered images are the same, the lists shorter.  See
+    :func:`frontiers_fast.reference.splat.isect_tiles`.
 
-    NaN or inf in ``means2d`` or ``depths`` is refused (ValueError naming
-    it), in eager and compiled calls alike: they decide integer tiles and
-    the sort order.  M depends on the values, so meta tensors are refused.
+    Returns tiles_per_gauss [C, N] int32, isect_ids [M] int64 (sorted),
+    flatten_ids [M] int32.  The intersections are counted before the outputs
+    are allocated: ValueError when M exceeds ``max_intersections`` (None:
+    when the 12 M bytes of isect_ids and flatten_ids exceed the device's
+    memory), when the camera and tile fields need more than 31 bits,
+    C * N > 2^31 or M >= 2^31.
 
-    Example: ``tpg, isect_ids, flatten_ids = isect_tiles(means2d, radii, depths, 16, 40, 30)``
+    NaN or inf in ``means2d``, ``depths``, ``conics`` or ``opacities`` is
+    refused (ValueError naming it), in eager and compiled calls alike: they
+    decide integer tiles and the sort order.  M depends on the values, so
+    meta tensors are refused.
+
+    Example: ``tpg, isect_ids, flatten_ids = isect_tiles(means2d, radii, depths, 16, 40, 30, conics, opac)``
     """
     _check_float("means2d", means2d, (None, None, 2))
     C, N = means2d.shape[:2]
@@ -736,6 +777,9 @@ def isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height, *, b
     tile_size = check_int("tile_size", tile_size, 1)
     tile_width = check_int("tile_width", tile_width, 1)
     tile_height = check_int("tile_height", tile_height, 1)
+    _check_exact_culling(conics, opacities, means2d)
+    if max_intersections is not None:
+        max_intersections = check_int("max_intersections", max_intersections, 0)
     check_has_values("means2d", means2d)
     # The op body repeats this size check with concrete sizes (under
     # torch.compile C and N may be symbolic) and runs the value checks
@@ -743,7 +787,9 @@ def isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height, *, b
     if not torch.compiler.is_compiling():
         ref.check_isect_sizes(C, N, tile_width * tile_height)
     backend = _backend.resolve(backend, means2d.device, "isect_tiles", False)
-    return _ops.isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height, backend)
+    return _ops.isect_tiles(
+        means2d, radii, depths, tile_size, tile_width, tile_height, conics, opacities, max_intersections, backend
+    )  # fmt: skip
 
 
 def isect_offset_encode(isect_ids, n_images, tile_width, tile_height, *, backend=None):
@@ -838,6 +884,7 @@ def rasterization(
     radius_clip: float = 0.0,
     tile_size: int = 16,
     *,
+    max_intersections: int | None = None,
     backend: str | None = None,
 ):
     """Render N 3D Gaussians into C pinhole cameras (3D Gaussian Splatting, Kerbl et al. 2023).
@@ -854,10 +901,12 @@ def rasterization(
     Returns render_colors [C, H, W, D'], render_alphas [C, H, W, 1] and a meta
     dict (radii, means2d, depths, conics, opacities, tiles_per_gauss,
     isect_ids, flatten_ids, isect_offsets, tile_width, tile_height, ...).
-    The tile lists come from each Gaussian's bounding box; gsplat main's CUDA
-    path also passes conics and opacities to its tile test and drops the
-    box's tiles that miss the alpha >= 1/255 ellipse, so its tiles_per_gauss
-    and lists are shorter but the images and gradients are the same.
+    The tile lists are culled exactly, as on gsplat main's CUDA path: the
+    conics and the blending opacities go to :func:`isect_tiles`, which keeps
+    only the tiles of each bounding box that the alpha >= 1/255 ellipse
+    reaches (the images and gradients are those of the box lists, which are
+    longer).  ``max_intersections`` caps the number of (Gaussian, tile)
+    pairs (ValueError past it; None: bounded by memory).
 
     NaN or inf in any input tensor is refused (ValueError naming it; inside a
     compiled graph the stage op that meets it names its own argument, e.g.
@@ -872,6 +921,8 @@ def rasterization(
     C, width, height = _check_camera(means, viewmats, Ks, width, height)
     near_plane, far_plane, eps2d, radius_clip = _check_planes(near_plane, far_plane, eps2d, radius_clip)
     tile_size = check_int("tile_size", tile_size, 1)
+    if max_intersections is not None:
+        max_intersections = check_int("max_intersections", max_intersections, 0)
     check_choice("render_mode", render_mode, ref.RENDER_MODES)
     check_choice("rasterize_mode", rasterize_mode, ref.RASTERIZE_MODES)
     check_tensor("colors", colors, FP32_64, FP32_64_WHAT)
@@ -927,8 +978,9 @@ def rasterization(
         colors = (rgb + 0.5).clamp(min=0.0)
     colors, backgrounds = ref.with_depth_channel(colors, depths, backgrounds, render_mode)
     tile_width, tile_height = ref.tile_grid(width, height, tile_size)
+    # Exact culling: conics and the opacities the blender sees (antialiased: times the compensation).
     tiles_per_gauss, isect_ids, flatten_ids = _ops.isect_tiles(
-        means2d, radii, depths, tile_size, tile_width, tile_height, backend
+        means2d, radii, depths, tile_size, tile_width, tile_height, conics, opac, max_intersections, backend
     )
     offsets = _ops.isect_offset_encode(isect_ids, C, tile_width, tile_height, backend)
     render_colors, render_alphas, _, _ = _ops.rasterize_to_pixels(

@@ -25,9 +25,11 @@ pinned by our issue where gsplat 1.5.3 differs:
   (n_tiles - 1).bit_length()`` bits wide, as on gsplat main (1.5.3 takes
   ``n_tiles.bit_length()``: one bit more when n_tiles is a power of two).
 
-One difference from gsplat main is kept on purpose: tile intersection uses
-each Gaussian's bounding box, not main's ellipse-exact tile test (see
-:func:`isect_tiles`); images and gradients are the same.
+Tile intersection follows gsplat main's CUDA path: :func:`rasterization`
+passes the conics and opacities, so only the tiles that the ``alpha >=
+1/255`` ellipse reaches are listed (see :func:`isect_tiles`; called without
+them it lists each Gaussian's bounding box, as gsplat 1.5.3 and main's
+PyTorch path do).  Images and gradients are the same either way.
 
 Shapes: N Gaussians, C cameras, D colour channels, K SH coefficients per
 channel ((degree + 1)^2 of them used), M tile intersections.  All float
@@ -42,6 +44,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .._checks import check_memory
 
 ALPHA_THRESHOLD = 1.0 / 255.0  # below this a Gaussian's contribution is dropped
 MAX_ALPHA = 0.99  # keeps 1 - alpha >= 0.01, so log(1 - alpha) is always finite
@@ -286,8 +290,134 @@ def _depth_bits(depths: Tensor) -> Tensor:
     return depths.detach().to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
 
 
+# Exact culling: a tile is listed only if the opacity-aware ellipse
+# sigma <= ln(255 o) can reach one of its pixel centres.  The rasterizer
+# evaluates sigma in its own dtype (float32 at worst): in any order of
+# evaluation its rounding error is a few 2^-24 of S = |a| dx^2 / 2 +
+# |c| dy^2 / 2 + |b dx dy|, the sum of the terms' magnitudes, which can far
+# exceed sigma for a thin, long ellipse.  S <= (|a| + |b|) dx^2 / 2 + (|c| + |b|)
+# dy^2 / 2, so the conic with its diagonal shrunk by EXACT_REL_MARGIN of those
+# sums is below sigma - EXACT_REL_MARGIN * S everywhere: testing that conic
+# covers every pixel whose rounded sigma could pass.  EXACT_ABS_MARGIN covers
+# the rounding of exp, of o * exp(-sigma) against 1/255 and of this test
+# (float64: 1e-16 of S, under 1e-4 while S < 1e12), and the 1e-9 of ln_upper.  1e-5 is 40 times the float32 error
+# bound and grows a typical splat's ellipse by 5e-6 of its size.
+EXACT_REL_MARGIN = 1e-5
+EXACT_ABS_MARGIN = 1e-3
+LN2 = 0.6931471805599453
+LN_FLOOR = 2.0**-20  # ln_upper's argument is clamped here: ln < -13, far below any sigma that passes
+ISECT_CHUNK = 1 << 22  # box intersections expanded at once: bounds the temporaries of isect_tiles
+
+
+def ln_upper(x: Tensor) -> Tensor:
+    """An upper bound (within 1e-9) of ln(max(x, 2^-20)), float64.
+
+    Made of frexp, +, -, * and / alone, which round the same everywhere
+    (torch.log's vectorised and scalar paths can differ in the last bit), so
+    the C++ backend reproduces every bit: x = m 2^e with m in [0.5, 1), and
+    ln m = 2 atanh(s) with s = (m - 1) / (m + 1) in [-1/3, 0), cut after s^15.
+    Every term is negative, so the cut series lies above ln m.
+    """
+    m, e = torch.frexp(x.clamp(min=LN_FLOOR))
+    s = (m - 1.0) / (m + 1.0)
+    s2 = s * s
+    p = torch.full_like(s, 1.0 / 15)
+    for k in (13, 11, 9, 7, 5, 3, 1):
+        p = p * s2 + 1.0 / k
+    return e.to(torch.float64) * LN2 + 2.0 * s * p
+
+
+def exact_conics(conics: Tensor, opacities: Tensor):
+    """Per Gaussian, the shrunk conic (a', b, c') of the exact test, float64, whether it is positive
+    definite, and the threshold ln_upper(255 o) + EXACT_ABS_MARGIN.  Shapes: conics [..., 3], opacities [...]."""
+    a, b, c = conics.detach().to(torch.float64).unbind(-1)
+    ab = b.abs()
+    ap = a - EXACT_REL_MARGIN * (a.abs() + ab)
+    cp = c - EXACT_REL_MARGIN * (c.abs() + ab)
+    pd = (ap > 0) & (ap * cp - b * b > 0)
+    thr = ln_upper(255.0 * opacities.detach().to(torch.float64)) + EXACT_ABS_MARGIN
+    return ap, b, cp, pd, thr
+
+
+def _quad(ap, b, cp, dx, dy):
+    return 0.5 * (ap * dx * dx + cp * dy * dy) + b * dx * dy
+
+
+def tile_touched(mx, my, ap, b, cp, pd, thr, tx, ty, tile_size: int) -> Tensor:
+    """Whether the shrunk ellipse ``q(d) <= thr`` reaches the rectangle of tile (tx, ty)'s pixel centres.
+
+    The minimum of the quadratic q over the rectangle is 0 where the mean is
+    inside; otherwise it lies on an edge, where the 1-D minimiser
+    ``-b X / c'`` (on the edges x = X) or ``-b Y / a'`` is clamped to the
+    edge.  A tile is dropped only when all four edge minima exceed thr and
+    the mean is outside it (or thr < 0); a NaN keeps it, and so does a conic
+    that is not positive definite.  All
+    float64, in this operation order: the C++ backend repeats it step for step.
+    """
+    x0 = (tx * tile_size).to(torch.float64) + 0.5
+    y0 = (ty * tile_size).to(torch.float64) + 0.5
+    dx0, dy0 = x0 - mx, y0 - my
+    dx1, dy1 = (x0 + (tile_size - 1)) - mx, (y0 + (tile_size - 1)) - my
+    inside = (dx0 <= 0) & (dx1 >= 0) & (dy0 <= 0) & (dy1 >= 0)
+    far = ~inside | (thr < 0)  # inside, the minimum is q(0) = 0
+    for X in (dx0, dx1):
+        y = torch.clamp(-(b * X) / cp, dy0, dy1)
+        far &= _quad(ap, b, cp, X, y) > thr
+    for Y in (dy0, dy1):
+        x = torch.clamp(-(b * Y) / ap, dx0, dx1)
+        far &= _quad(ap, b, cp, x, Y) > thr
+    return ~pd | ~far
+
+
+def _tile_boxes(means2d, radii, tile_size, tile_width, tile_height):
+    """Per flattened Gaussian [C * N]: the first tile (x, y) of its box and the box's extent, int64 [C * N, 2]
+    (0 where a radius is not positive).  Clamped to the grid in float64, before the int64 conversion."""
+    m = means2d.detach().to(torch.float64).reshape(-1, 2) / tile_size
+    r = radii.reshape(-1, 2).to(torch.float64) / tile_size
+    grid = torch.tensor([tile_width, tile_height], dtype=torch.float64, device=means2d.device)
+    lo = torch.minimum(torch.floor(m - r).clamp(min=0), grid).to(torch.int64)
+    hi = torch.minimum(torch.ceil(m + r).clamp(min=0), grid).to(torch.int64)
+    visible = (radii > 0).all(-1).reshape(-1, 1)
+    return lo, (hi - lo) * visible
+
+
+def box_intersections(
+    means2d: Tensor, radii: Tensor, tile_size: int, tile_width: int, tile_height: int
+) -> int:
+    """M of the bounding-box tile lists (``isect_tiles`` without conics): to compare with the exact count."""
+    _, span = _tile_boxes(means2d, radii, tile_size, tile_width, tile_height)
+    return int((span[:, 0] * span[:, 1]).sum())
+
+
+def check_isect_count(n_isects: int, max_intersections: int | None, device) -> None:
+    """ValueError unless M = ``n_isects`` intersections fit: int32 indices, the cap, then memory.
+
+    ``max_intersections`` None bounds M by the device's memory alone (the 12
+    bytes of an isect_ids and a flatten_ids entry per intersection).
+    """
+    if n_isects >= INT32_LIMIT:
+        raise ValueError(
+            f"the Gaussians cover M = {n_isects} (Gaussian, tile) pairs, more than the int32 isect_offsets can "
+            "index (2^31 - 1); use a larger tile_size or fewer Gaussians per call"
+        )
+    if max_intersections is not None and n_isects > max_intersections:
+        raise ValueError(
+            f"the Gaussians cover M = {n_isects} (Gaussian, tile) pairs, more than max_intersections = "
+            f"{max_intersections}; raise max_intersections, use a larger tile_size or fewer Gaussians per call"
+        )
+    check_memory(f"the tile intersection list (M = {n_isects} (Gaussian, tile) pairs)", 12 * n_isects, device)
+
+
 def isect_tiles(
-    means2d: Tensor, radii: Tensor, depths: Tensor, tile_size: int, tile_width: int, tile_height: int
+    means2d: Tensor,
+    radii: Tensor,
+    depths: Tensor,
+    tile_size: int,
+    tile_width: int,
+    tile_height: int,
+    conics: Tensor | None = None,
+    opacities: Tensor | None = None,
+    max_intersections: int | None = None,
 ):
     """Sorted (camera, tile, depth) keys of every Gaussian-tile overlap.
 
@@ -295,59 +425,92 @@ def isect_tiles(
     radii are positive).  A Gaussian with a positive radius covers tiles
     ``floor((m - r) / ts) <= t < ceil((m + r) / ts)`` on each axis, clamped to
     the grid: its bounding box, as gsplat 1.5.3 and gsplat main's PyTorch
-    path do.  (gsplat main's CUDA ``rasterization`` also passes the conics
-    and opacities so that only tiles touching the ``alpha >= 1/255`` ellipse
-    are kept; we keep the box.  The extra tiles are ones where every pixel
-    sees ``alpha < 1/255`` and skips the Gaussian, so rendered images and
-    gradients are the same; only ``tiles_per_gauss`` and the intersection
-    lists are longer.)
+    path do.
+
+    With ``conics`` [C, N, 3] and ``opacities`` [C, N] (the blending
+    opacities; both or neither), the box's tiles are culled exactly, as
+    gsplat main's CUDA ``rasterization`` does (its snug-box / AccuTile test):
+    a tile is kept only if the ellipse ``sigma <= ln(255 o)``, where a pixel
+    sees ``alpha >= 1/255``, reaches the rectangle of its pixel centres
+    (:func:`tile_touched`, with a margin for rounding: ``EXACT_REL_MARGIN``).
+    Every dropped tile has only pixels that skip the Gaussian, so rendered
+    images and gradients are those of the box lists; ``tiles_per_gauss`` and
+    the lists are shorter.  A conic that is not positive definite keeps its box.
 
     The key is ``camera << (32 + tile_bits) | tile << 32 | float32 bits of
     depth`` with ``tile_bits = bits_for_count(tile_width * tile_height)``, so
     one sort orders by camera, then tile (row-major), then depth front to
-    back; ties keep the Gaussian order.
+    back; ties keep the Gaussian order (intersections are generated Gaussian
+    by Gaussian in flattened [C * N] order, each box row-major).
 
+    The intersections are counted before anything of size M is allocated.
     Returns ``tiles_per_gauss`` [C, N] int32, ``isect_ids`` [M] int64 (sorted)
     and ``flatten_ids`` [M] int32 (index into the flattened [C * N]).
     Raises ValueError when the keys or int32 indices would overflow
-    (:func:`check_isect_sizes`, and M >= 2^31).
+    (:func:`check_isect_sizes`, and M >= 2^31), when M exceeds
+    ``max_intersections``, or when the outputs would not fit in memory
+    (:func:`check_isect_count`).
 
-    Example: ``tpg, ids, fid = isect_tiles(m2d, radii, z, 16, *tile_grid(W, H, 16))``
+    Example: ``tpg, ids, fid = isect_tiles(m2d, radii, z, 16, *tile_grid(W, H, 16), conics, opac)``
     """
     C, N = depths.shape
     dev = means2d.device
     n_tiles = tile_width * tile_height
     check_isect_sizes(C, N, n_tiles)
-    tile_bits = bits_for_count(n_tiles)
-    m = means2d.detach().to(torch.float64) / tile_size
-    r = radii.to(torch.float64) / tile_size
-    lo = torch.floor(m - r).to(torch.int64)
-    hi = torch.ceil(m + r).to(torch.int64)
-    grid = torch.tensor([tile_width, tile_height], device=dev)
-    lo = torch.minimum(lo.clamp(min=0), grid)
-    hi = torch.minimum(hi.clamp(min=0), grid)
-    span = hi - lo  # [C, N, 2]
-    visible = (radii > 0).all(-1)
-    count = (span[..., 0] * span[..., 1]) * visible  # [C, N]
-
-    flat_count = count.reshape(-1)
-    n_isects = int(flat_count.sum())
-    if n_isects >= INT32_LIMIT:
+    if (conics is None) != (opacities is None):
         raise ValueError(
-            f"radii cover M = {n_isects} (Gaussian, tile) pairs, more than the int32 isect_offsets can index "
-            "(2^31 - 1); use a larger tile_size or fewer Gaussians per call"
+            "conics and opacities must be given together (exact tile culling needs both) or not at all"
         )
-    gid = torch.repeat_interleave(torch.arange(C * N, device=dev), flat_count, output_size=n_isects)
-    start = torch.cumsum(flat_count, 0) - flat_count
-    j = torch.arange(gid.numel(), device=dev) - start[gid]  # rank of the tile inside its rectangle
-    w = span.reshape(-1, 2)[gid, 0].clamp(min=1)
-    lo_g = lo.reshape(-1, 2)[gid]
-    tx = lo_g[:, 0] + j % w
-    ty = lo_g[:, 1] + j // w
-    cam = gid // N
-    keys = (cam << (32 + tile_bits)) | ((ty * tile_width + tx) << 32) | _depth_bits(depths).reshape(-1)[gid]
+    if max_intersections is not None and max_intersections < 0:
+        raise ValueError(f"max_intersections must be >= 0 or None, got {max_intersections}")
+    tile_bits = bits_for_count(n_tiles)
+    lo, span = _tile_boxes(means2d, radii, tile_size, tile_width, tile_height)
+    box = span[:, 0] * span[:, 1]  # [C * N]
+    box_end = torch.cumsum(box, 0)
+    box_start = box_end - box
+    n_box = int(box_end[-1]) if box.numel() else 0
+    exact = None
+    if conics is not None and n_box:
+        mean = means2d.detach().to(torch.float64).reshape(-1, 2)
+        exact = (mean[:, 0], mean[:, 1], *exact_conics(conics.reshape(-1, 3), opacities.reshape(-1)))
+
+    def chunks():
+        # The box intersections, in Gaussian order and row-major inside each
+        # box, ISECT_CHUNK at a time: (Gaussian, tile x, tile y, kept).
+        for s in range(0, n_box, ISECT_CHUNK):
+            idx = torch.arange(s, min(s + ISECT_CHUNK, n_box), device=dev)
+            gid = torch.searchsorted(box_end, idx, right=True)
+            j = idx - box_start[gid]  # rank of the tile inside its box
+            w = span[gid, 0].clamp(min=1)
+            tx, ty = lo[gid, 0] + j % w, lo[gid, 1] + j // w
+            if exact is None:
+                yield gid, tx, ty, None
+            else:
+                yield gid, tx, ty, tile_touched(*(t[gid] for t in exact), tx, ty, tile_size)
+
+    if exact is None:
+        count = box
+    else:  # counted first: nothing of size M exists before the checks
+        count = torch.zeros_like(box)
+        for gid, _, _, keep in chunks():
+            count.index_add_(0, gid, keep.to(torch.int64))
+    n_isects = int(count.sum())
+    check_isect_count(n_isects, max_intersections, dev)
+    keys = torch.empty(n_isects, dtype=torch.int64, device=dev)
+    ids = torch.empty(n_isects, dtype=torch.int32, device=dev)
+    depth_bits = _depth_bits(depths).reshape(-1)
+    pos = 0
+    for gid, tx, ty, keep in chunks():
+        if keep is not None:
+            gid, tx, ty = gid[keep], tx[keep], ty[keep]
+        k = gid.numel()
+        keys[pos : pos + k] = (
+            (gid // N << (32 + tile_bits)) | ((ty * tile_width + tx) << 32) | depth_bits[gid]
+        )
+        ids[pos : pos + k] = gid
+        pos += k
     keys, order = torch.sort(keys, stable=True)
-    return count.to(torch.int32), keys, gid[order].to(torch.int32)
+    return count.reshape(C, N).to(torch.int32), keys, ids[order]
 
 
 def isect_offset_encode(isect_ids: Tensor, n_images: int, tile_width: int, tile_height: int) -> Tensor:
@@ -647,6 +810,7 @@ def rasterization(
     rasterize_mode: str = "classic",
     radius_clip: float = 0.0,
     tile_size: int = 16,
+    max_intersections: int | None = None,
 ):
     """Render N Gaussians into C cameras; see :func:`frontiers_fast.ops.splat.rasterization`.
 
@@ -663,7 +827,7 @@ def rasterization(
     colors, backgrounds = with_depth_channel(colors, depths, backgrounds, render_mode)
     tile_width, tile_height = tile_grid(width, height, tile_size)
     tiles_per_gauss, isect_ids, flatten_ids = isect_tiles(
-        means2d, radii, depths, tile_size, tile_width, tile_height
+        means2d, radii, depths, tile_size, tile_width, tile_height, conics, opac, max_intersections
     )
     offsets = isect_offset_encode(isect_ids, C, tile_width, tile_height)
     render_colors, render_alphas = rasterize_to_pixels(

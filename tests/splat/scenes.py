@@ -1,4 +1,4 @@
-"""Random small scenes and an independent, obviously sequential blender."""
+"""Random small scenes, direct tile-intersection inputs and an independent, obviously sequential blender."""
 
 import math
 
@@ -52,6 +52,43 @@ def projected(C, N, width, height, tile_size, dtype=torch.float64, **kw):
     _, ids, fids = ref.isect_tiles(means2d, radii, depths, tile_size, tw, th)
     offsets = ref.isect_offset_encode(ids, C, tw, th)
     return means2d, conics, opacities[None].expand(C, N).contiguous(), offsets, fids, radii, depths
+
+
+def isect_inputs(C, N, width, height, gen, dtype=torch.float64):
+    """Direct isect_tiles inputs with every case the tests need: means on and off the image, small and
+    huge, round and thin ellipses, non-positive-definite conics, opacities at and below 1/255, culled
+    Gaussians (radius 0, negative depth), and repeated depths (ties keep the Gaussian order)."""
+    f64 = dict(generator=gen, dtype=torch.float64)
+    means2d = torch.rand(C, N, 2, **f64) * torch.tensor([width * 1.3, height * 1.3]) - 0.15 * torch.tensor(
+        [width, height]
+    )
+    # Covariance R diag(s1, s2) R^T + 0.3 I, as after the projection's blur.
+    theta = torch.rand(C, N, **f64) * math.pi
+    s1 = torch.exp(torch.rand(C, N, **f64) * 7 - 2)  # 0.14 .. 150 px^2
+    s2 = s1 * torch.exp(-torch.rand(C, N, **f64) * 6)  # aspect up to 1:400
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    sxx = s1 * cos**2 + s2 * sin**2 + 0.3
+    syy = s1 * sin**2 + s2 * cos**2 + 0.3
+    sxy = (s1 - s2) * cos * sin
+    det = sxx * syy - sxy**2
+    conics = torch.stack([syy / det, -sxy / det, sxx / det], -1)
+    opac = torch.rand(C, N, **f64)
+    opac.view(-1)[::7] = 1.0
+    opac.view(-1)[3::11] = 1 / 255 + torch.rand(opac.view(-1)[3::11].shape, **f64) * 1e-3
+    opac.view(-1)[5::13] *= 1 / 255  # below the cut: no pixel uses them
+    extend = torch.sqrt(2 * torch.log(255 * opac.clamp(min=1 / 255))).clamp(max=3.33)
+    radii = torch.stack([torch.ceil(extend * sxx.sqrt()), torch.ceil(extend * syy.sqrt())], -1).to(
+        torch.int32
+    )
+    radii.view(C * N, 2)[2::9] = 0  # culled
+    depths = torch.rand(C, N, **f64) * 10 + 0.1
+    depths.view(-1)[1::4] = depths.view(-1)[0]  # ties
+    depths.view(-1)[2::9] = -1.0  # culled Gaussians may have any depth
+    conics.view(C * N, 3)[4::17, 1] = (
+        2 * (conics.view(C * N, 3)[4::17, 0] * conics.view(C * N, 3)[4::17, 2]).sqrt()
+    )
+    conics.view(C * N, 3)[6::23] *= -1  # not positive definite: they keep their whole box
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in (means2d, radii, depths, conics, opac))
 
 
 def blend_pixel_loop(

@@ -23,8 +23,15 @@ outputs and every gradient against float64; fp64 gradcheck, opcheck,
 compile, and every value the reference entry refuses, with its message.
 Outputs are NaN-poisoned (FRONTIERS_FAST_DEBUG_POISON=1, set by conftest),
 so an entry left unwritten fails the comparison.
+
+Tile intersection and offsets (C++): all three outputs of isect_tiles and
+the offsets equal the reference's bit for bit (one and three cameras, odd
+image sizes, tiles of 8 and 16, bounding-box and exact culling, float32 and
+float64), for 1 and 2 threads; every bad value the reference entries refuse
+is refused with the same ValueError; opcheck and compile.
 """
 
+import math
 import re
 
 import pytest
@@ -34,7 +41,7 @@ import frontiers_fast as ff
 from frontiers_fast.reference import splat as ref
 
 from ..helpers import assert_close, backend_cases, check_compiled, grads, opcheck
-from .scenes import cameras, gaussians, projected
+from .scenes import cameras, gaussians, isect_inputs, projected
 
 ops = torch.ops.frontiers_fast
 SH_CASES = backend_cases("spherical_harmonics")
@@ -277,6 +284,7 @@ def test_rasterize_to_pixels_refuses_bad_values(device, backend):
         ff.rasterize_to_pixels(*args[:7], args[7].flip(-1).contiguous(), *args[8:], backend=backend)
 
 
+# ---------------------------------------------------------------------------
 # projection
 # ---------------------------------------------------------------------------
 PROJ_CASES = backend_cases("project_gaussians")
@@ -496,3 +504,168 @@ def test_project_gaussians_refuses_what_the_reference_refuses(dtype, device, bac
             assert str(got.value).removeprefix("project_gaussians: ") == str(want.value), what
             with pytest.raises(ValueError, match=f"^(project_gaussians: )?{re.escape(str(want.value))}$"):
                 ff.project_gaussians(*inputs, 16, 12, antialiased=aa, backend=backend)
+
+
+# ---------------------------------------------------------------------------
+# tile intersection (C++): exact equality with the reference, both modes
+# ---------------------------------------------------------------------------
+ISECT_CASES = backend_cases("isect_tiles", grad=False)
+ENCODE_CASES = backend_cases("isect_offset_encode", grad=False)
+
+
+def _assert_isect_equal(got, want):
+    for name, a, b in zip(("tiles_per_gauss", "isect_ids", "flatten_ids"), got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(a, b), f"{name} differs"
+
+
+@pytest.mark.parametrize("device,backend", ISECT_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("C,width,height", [(1, 37, 29), (3, 61, 45), (3, 128, 64)])
+@pytest.mark.parametrize("tile_size", [8, 16])
+@pytest.mark.parametrize("exact", [False, True])
+def test_isect_tiles_equals_reference(C, width, height, tile_size, exact, dtype, device, backend):
+    gen = torch.Generator().manual_seed(C * 1000 + width + tile_size + exact)
+    means2d, radii, depths, conics, opac = isect_inputs(C, 300, width, height, gen, dtype)
+    tw, th = ref.tile_grid(width, height, tile_size)
+    extra = (conics, opac) if exact else ()
+    want = ref.isect_tiles(means2d, radii, depths, tile_size, tw, th, *extra)
+    dev = [t.to(device) for t in (means2d, radii, depths, *extra)]
+    got = ff.isect_tiles(*dev[:3], tile_size, tw, th, *dev[3:], backend=backend)
+    _assert_isect_equal([t.cpu() for t in got], want)
+    assert want[1].numel() > 200
+    offsets = ff.isect_offset_encode(got[1], C, tw, th, backend=backend)
+    assert torch.equal(offsets.cpu(), ref.isect_offset_encode(want[1], C, tw, th))
+    box = ref.box_intersections(means2d, radii, tile_size, tw, th)
+    assert (want[1].numel() < box) if exact else (want[1].numel() == box)
+
+
+@pytest.mark.parametrize("device,backend", ENCODE_CASES)
+def test_isect_offset_encode_equals_reference(device, backend):
+    # Empty lists, empty leading and trailing tiles and cameras, one key, runs of repeated keys.
+    for ids, C, tw, th in [
+        (torch.zeros(0, dtype=torch.int64), 2, 3, 2),
+        (torch.tensor([5 << 32]), 1, 4, 2),
+        (torch.tensor([(1 << 35) | (2 << 32) | 7] * 4 + [(1 << 35) | (5 << 32)]), 3, 3, 2),
+        (torch.tensor([0, 0, 1 << 32, 3 << 32, 3 << 32, 9 << 32]), 1, 5, 2),
+    ]:
+        got = ff.isect_offset_encode(ids.to(device), C, tw, th, backend=backend)
+        assert torch.equal(got.cpu(), ref.isect_offset_encode(ids, C, tw, th))
+
+
+@pytest.mark.parametrize("device,backend", ISECT_CASES)
+def test_isect_tiles_thread_counts(device, backend):
+    # Large enough for the C++ sort to split its passes across threads (M > 2^17).
+    gen = torch.Generator().manual_seed(5)
+    means2d, radii, depths, conics, opac = isect_inputs(3, 10000, 240, 160, gen, torch.float32)
+    tw, th = ref.tile_grid(240, 160, 8)
+    args = [t.to(device) for t in (means2d, radii, depths)]
+    runs = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 1, 2):
+            torch.set_num_threads(threads)
+            for extra in ((), (conics.to(device), opac.to(device))):
+                out = ff.isect_tiles(*args, 8, tw, th, *extra, backend=backend)
+                runs.append([*out, ff.isect_offset_encode(out[1], 3, tw, th, backend=backend)])
+    finally:
+        torch.set_num_threads(before)
+    assert runs[0][1].numel() > 1 << 17
+    for i, run in enumerate(runs[2:]):
+        for a, b in zip(runs[i % 2], run):
+            assert torch.equal(a, b), "an output differs between runs or thread counts"
+
+
+def _bad_isect_values():
+    """(name, op arguments) the reference entry refuses, each with one thing wrong."""
+    gen = torch.Generator().manual_seed(11)
+    means2d, radii, depths, conics, opac = isect_inputs(2, 40, 37, 29, gen, torch.float32)
+    tw, th = ref.tile_grid(37, 29, 8)
+    base = dict(
+        means2d=means2d, radii=radii, depths=depths, conics=conics, opacities=opac, max_intersections=None
+    )
+
+    def poke(name, value, idx=5):
+        t = base[name].clone()
+        t.view(-1)[idx] = value
+        return {name: t}
+
+    visible = (radii > 0).all(-1)
+    cases = [
+        ("means2d-nan", poke("means2d", math.nan)),
+        ("depths-inf", poke("depths", math.inf)),
+        ("depths-negative", {"depths": depths.masked_fill(visible, -2.0)}),
+        ("conics-nan", poke("conics", math.nan)),
+        ("opacities-inf", poke("opacities", -math.inf)),
+        ("opacities-above", {"opacities": opac * 1.5}),
+        ("opacities-below", {"opacities": opac - 0.25}),
+        ("conics-alone", {"opacities": None}),
+        ("opacities-alone", {"conics": None}),
+        ("opacities-alone-bad-conics", {"conics": None, **poke("opacities", 2.0)}),
+        ("cap-negative", {"max_intersections": -1}),
+        ("cap", {"max_intersections": 10}),
+        ("nan-and-cap", {**poke("means2d", math.nan), "max_intersections": 10}),
+    ]
+    for name, change in cases:
+        a = {**base, **change}
+        yield name, (a["means2d"], a["radii"], a["depths"], 8, tw, th, a["conics"], a["opacities"],
+                     a["max_intersections"])  # fmt: skip
+    # The key fields: 12 camera bits + 20 tile bits.
+    yield "key-bits", (means2d[:1].expand(2049, 40, 2), radii[:1].expand(2049, 40, 2), depths[:1].expand(2049, 40),
+                       8, 1024, 1024, None, None, None)  # fmt: skip
+
+
+def _error(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 -- the type is what the test compares
+        return type(e), str(e)
+    return None
+
+
+@pytest.mark.parametrize("device,backend", ISECT_CASES)
+def test_isect_tiles_refuses_what_the_reference_refuses(device, backend):
+    for name, args in _bad_isect_values():
+        args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+        want = _error(lambda: ops.isect_tiles(*args, "reference"))
+        assert want is not None and want[0] is ValueError, name
+        assert _error(lambda: ops.isect_tiles(*args, backend)) == want, name
+
+
+@pytest.mark.parametrize("device,backend", ENCODE_CASES)
+def test_isect_offset_encode_refuses_what_the_reference_refuses(device, backend):
+    ids = torch.tensor([(0 << 35) | (1 << 32), (1 << 35) | (2 << 32) | 5, (2 << 35) | (7 << 32)])
+    for name, args in [
+        ("unsorted", (ids.flip(0), 3, 4, 2)),
+        ("camera-past", (ids, 2, 4, 2)),
+        ("camera-negative", (torch.cat([torch.tensor([-(1 << 40)]), ids]), 3, 4, 2)),
+        ("tile-past", (ids, 3, 3, 2)),  # 6 tiles in 3 bits: tile 7 is past them
+        ("tile-past-one-camera", (torch.tensor([1 << 32, 3 << 32]), 1, 3, 1)),
+    ]:
+        args = (args[0].to(device), *args[1:])
+        want = _error(lambda: ops.isect_offset_encode(*args, "reference"))
+        assert want is not None and want[0] is ValueError, name
+        assert _error(lambda: ops.isect_offset_encode(*args, backend)) == want, name
+
+
+@pytest.mark.parametrize("device,backend", ISECT_CASES)
+def test_isect_opcheck_and_compile(device, backend):
+    gen = torch.Generator().manual_seed(3)
+    means2d, radii, depths, conics, opac = (t.to(device) for t in isect_inputs(2, 30, 37, 29, gen))
+    tw, th = ref.tile_grid(37, 29, 8)
+    for extra in ((None, None, None), (conics, opac, None), (conics, opac, 10_000)):
+        opcheck(ops.isect_tiles, (means2d, radii, depths, 8, tw, th, *extra, backend), full=False)
+    _, ids, _ = ops.isect_tiles(means2d, radii, depths, 8, tw, th, conics, opac, None, backend)
+    opcheck(ops.isect_offset_encode, (ids, 2, tw, th, backend), full=False)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        fn = torch.compile(
+            lambda m, z: ff.isect_tiles(m, radii, z, 8, tw, th, conics, opac, backend=backend),
+            backend="aot_eager",
+        )
+        _assert_isect_equal(
+            fn(means2d, depths), ref.isect_tiles(means2d, radii, depths, 8, tw, th, conics, opac)
+        )
+    enc = torch.compile(lambda i: ff.isect_offset_encode(i, 2, tw, th, backend=backend), fullgraph=True,
+                        backend="aot_eager")  # fmt: skip
+    assert torch.equal(enc(ids), ref.isect_offset_encode(ids, 2, tw, th))

@@ -5,9 +5,11 @@ import unittest.mock
 import pytest
 import torch
 
+from frontiers_fast import _checks
 from frontiers_fast.ops import splat as ops
 from frontiers_fast.reference import splat as ref
 
+from ..helpers import backends_for
 from .scenes import cameras, gaussians, projected
 
 W, H = 16, 12
@@ -145,17 +147,18 @@ def test_rasterization_bad_inputs(scene, change, exc, match):
         _with(scene, **change(scene))
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_unimplemented_backends(scene, backend):
+    # Every stage has its C++ kernel; the GPU backends of this family are not written yet.
     with pytest.raises(NotImplementedError, match="not implemented"):
         _with(scene, backend=backend)
-    if backend != "cpp":  # spherical_harmonics and project_gaussians have their C++ kernels
-        with pytest.raises(NotImplementedError, match="not implemented"):
-            ops.spherical_harmonics(0, torch.randn(3, 3), torch.randn(3, 1, 3), backend=backend)
-        with pytest.raises(NotImplementedError, match="not implemented"):
-            s = scene
-            ops.project_gaussians(s["means"], s["quats"], s["scales"], s["opacities"], s["viewmats"], s["Ks"], W, H,
-                                  backend=backend)  # fmt: skip
+    with pytest.raises(NotImplementedError, match="not implemented"):
+        ops.spherical_harmonics(0, torch.randn(3, 3), torch.randn(3, 1, 3), backend=backend)
+    with pytest.raises(NotImplementedError, match="not implemented"):
+        ops.isect_tiles(torch.zeros(1, 1, 2), torch.ones(1, 1, 2, dtype=torch.int32), torch.ones(1, 1), 16, 1, 1,
+                        backend=backend)  # fmt: skip
+    with pytest.raises(NotImplementedError, match="not implemented"):
+        ops.isect_offset_encode(torch.zeros(0, dtype=torch.int64), 1, 1, 1, backend=backend)
 
 
 def test_stage_bad_inputs(scene):
@@ -299,19 +302,82 @@ def test_isect_int32_limits():
         radii = torch.tensor([[[1 << 15, 1 << 14], [1 << 15, 1]]], dtype=torch.int32)
         return means2d, radii, torch.ones(1, 2), 1, 1 << 16, 1 << 15
 
-    with pytest.raises(ValueError, match=r"radii cover M = 2147483648 \(Gaussian, tile\) pairs"):
-        ops.isect_tiles(*overlaps(0))
-    # Just at the limit the keys would take 16 GiB: stop at the allocation
-    # that follows the check, and read the M it was given.
+    for backend in backends_for("isect_tiles", "cpu", grad=False):
+        with pytest.raises(ValueError, match=r"the Gaussians cover M = 2147483648 \(Gaussian, tile\) pairs"):
+            ops.isect_tiles(*overlaps(0), backend=backend)
+    # Just at the limit the keys would take 24 GiB: stop at the allocation
+    # that follows the checks (the memory check told to pass), and read the M
+    # it was given.
     calls = []
 
     def stop(*a, **k):
-        calls.append(k["output_size"])
+        calls.append(a[0])
         raise RuntimeError("past the check")
 
     with (
-        unittest.mock.patch.object(torch, "repeat_interleave", stop),
+        unittest.mock.patch.object(_checks, "memory_bytes", lambda device: None),
+        unittest.mock.patch.object(torch, "empty", stop),
         pytest.raises(RuntimeError, match="past"),
     ):
         ref.isect_tiles(*overlaps(1))
     assert calls == [L - 1]
+    # Without the patch, on a machine with less than 24 GiB: refused, by every backend alike.
+    if 12 * (L - 1) > _checks.memory_bytes("cpu"):
+        msgs = set()
+        for backend in backends_for("isect_tiles", "cpu", grad=False):
+            with pytest.raises(
+                ValueError, match=r"the tile intersection list \(M = 2147483647 .* is too large"
+            ) as e:
+                ops.isect_tiles(*overlaps(1), backend=backend)
+            msgs.add(str(e.value))
+        assert len(msgs) == 1
+
+
+def test_isect_max_intersections():
+    means2d, conics, opac, _, _, radii, depths = projected(2, 20, W, H, 8, dtype=torch.float32)
+    tw, th = ref.tile_grid(W, H, 8)
+    for backend in backends_for("isect_tiles", "cpu", grad=False):
+        for extra in ((), (conics, opac)):
+            _, ids, _ = ops.isect_tiles(means2d, radii, depths, 8, tw, th, *extra, backend=backend)
+            M = ids.numel()
+            assert M > 5
+            got = ops.isect_tiles(
+                means2d, radii, depths, 8, tw, th, *extra, max_intersections=M, backend=backend
+            )
+            assert torch.equal(got[1], ids)
+            with pytest.raises(
+                ValueError,
+                match=rf"the Gaussians cover M = {M} \(Gaussian, tile\) pairs, more than max_intersections = {M - 1};",
+            ):
+                ops.isect_tiles(
+                    means2d, radii, depths, 8, tw, th, *extra, max_intersections=M - 1, backend=backend
+                )
+    # The reference's memory bound: M's 12 bytes per intersection against the device's memory.
+    with (
+        unittest.mock.patch.object(_checks, "memory_bytes", lambda device: 12 * M - 1),
+        pytest.raises(
+            ValueError, match=rf"the tile intersection list \(M = {M} .*is too large: it needs 0.0 GiB"
+        ),
+    ):
+        ref.isect_tiles(means2d, radii, depths, 8, tw, th, conics, opac)
+    with pytest.raises(ValueError, match="max_intersections must be >= 0"):
+        ops.isect_tiles(means2d, radii, depths, 8, tw, th, max_intersections=-1)
+    with pytest.raises(TypeError, match="max_intersections must be an int"):
+        ops.isect_tiles(means2d, radii, depths, 8, tw, th, max_intersections=10.0)
+    with pytest.raises(ValueError, match="isect_tiles got conics but not opacities"):
+        ops.isect_tiles(means2d, radii, depths, 8, tw, th, conics)
+    with pytest.raises(ValueError, match=r"opacities must have shape \[2, 20\]"):
+        ops.isect_tiles(means2d, radii, depths, 8, tw, th, conics, opac[:1])
+    with pytest.raises(TypeError, match="conics has dtype torch.float64 but means2d"):
+        ops.isect_tiles(means2d, radii, depths, 8, tw, th, conics.double(), opac)
+    with pytest.raises(ValueError, match="opacities must lie in"):
+        ops.isect_tiles(means2d, radii, depths, 8, tw, th, conics, opac * 2)
+    # rasterization passes its cap on.
+    viewmats, Ks = cameras(2, W, H, torch.float32)
+    means, quats, scales, opacities = gaussians(10, torch.float32)
+    args = (means, quats, scales, opacities, torch.rand(10, 3), viewmats, Ks, W, H)
+    _, _, meta = ops.rasterization(*args, tile_size=8)
+    M = meta["isect_ids"].numel()
+    ops.rasterization(*args, tile_size=8, max_intersections=M)
+    with pytest.raises(ValueError, match=rf"more than max_intersections = {M - 1}"):
+        ops.rasterization(*args, tile_size=8, max_intersections=M - 1)

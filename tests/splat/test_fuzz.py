@@ -177,6 +177,17 @@ CASES = [
     ("isect-means2d-nan", lambda: isect(means2d=_poke(_s("means2d"), NAN)), ValueError, "means2d must be finite"),
     ("isect-depths-inf", lambda: isect(depths=_poke(_s("depths"), INF)), ValueError, "depths must be finite"),
     ("isect-depths-negative", lambda: isect(depths=-_s("depths").abs() - 1), ValueError, "depths must be >= 0 where radii > 0"),
+    ("isect-conics-alone", lambda: isect(conics=_s("conics")), ValueError, "isect_tiles got conics but not opacities"),
+    ("isect-opac-alone", lambda: isect(opacities=_s("opac2d")), ValueError, "isect_tiles got opacities but not conics"),
+    ("isect-conics-size", lambda: isect(conics=_s("conics")[..., :2], opacities=_s("opac2d")), ValueError, r"conics must have shape \[2, 10, 3\]"),
+    ("isect-opac-dtype", lambda: isect(conics=_s("conics"), opacities=_s("opac2d").double()), TypeError, "opacities has dtype torch.float64 but means2d"),
+    ("isect-conics-meta", lambda: isect(conics=_m("conics"), opacities=_s("opac2d")), ValueError, "conics is on meta but means2d is on cpu"),
+    ("isect-conics-nan", lambda: isect(conics=_poke(_s("conics"), NAN), opacities=_s("opac2d")), ValueError, "conics must be finite"),
+    ("isect-opac-inf", lambda: isect(conics=_s("conics"), opacities=_poke(_s("opac2d"), INF)), ValueError, "opacities must be finite"),
+    ("isect-opac-above", lambda: isect(conics=_s("conics"), opacities=_s("opac2d") + 1), ValueError, r"opacities must lie in \[0, 1\]"),
+    ("isect-max-negative", lambda: isect(max_intersections=-1), ValueError, "max_intersections must be >= 0"),
+    ("isect-max-float", lambda: isect(max_intersections=1e9), TypeError, "max_intersections must be an int"),
+    ("isect-max-exceeded", lambda: isect(conics=_s("conics"), opacities=_s("opac2d"), max_intersections=0), ValueError, r"more than max_intersections = 0"),
     # -- isect_offset_encode -------------------------------------------------
     ("enc-ids-list", lambda: encode(isect_ids=[0, 1]), TypeError, "isect_ids must be a torch.Tensor"),
     ("enc-ids-int32", lambda: encode(isect_ids=_s("ids").int()), TypeError, "isect_ids must be int64"),
@@ -256,6 +267,8 @@ CASES = [
     ("render-scales-nan", lambda: render(scales=_poke(_s("scales"), NAN)), ValueError, "scales must be finite"),
     ("render-opac-range", lambda: render(opacities=_s("opacities") - 2), ValueError, r"opacities must lie in \[0, 1\]"),
     ("render-far-below-near", lambda: render(near_plane=1.0, far_plane=0.5), ValueError, "far_plane must be > near_plane"),
+    ("render-max-intersections", lambda: render(max_intersections=0), ValueError, r"more than max_intersections = 0"),
+    ("render-max-intersections-str", lambda: render(max_intersections="9"), TypeError, "max_intersections must be an int"),
     ("render-backend", lambda: render(backend=1), ValueError, "backend must be one of"),
 ]
 # fmt: on

@@ -9,7 +9,7 @@ from frontiers_fast.ops import splat as ops
 from frontiers_fast.reference import splat as ref
 
 from ..helpers import assert_close
-from .scenes import blend_depth_order, blend_pixel_loop, cameras, gaussians, projected
+from .scenes import blend_depth_order, blend_pixel_loop, cameras, gaussians, isect_inputs, projected
 
 W, H = 37, 29
 
@@ -443,3 +443,108 @@ def test_garden_small_resolution():
     keep = (meta["radii"] > 0).all(-1)
     assert_close(meta["means2d"][keep], g_m2d[keep])
     assert_close(meta["conics"][keep], g_con[keep])
+
+
+def _pairs(ids, fids):
+    return set(zip(ids.tolist(), fids.tolist()))
+
+
+def _dropped_pixels_pass(means2d, conics, opac, pairs, tile_bits, tile_width, ts):
+    """Per dropped (key, Gaussian) pair: whether any pixel centre of its tile has alpha >= 1/255,
+    in float64 and in the dtype of the inputs with the reference blender's operation order."""
+    keys = torch.tensor([k for k, _ in pairs], dtype=torch.int64)
+    g = torch.tensor([f for _, f in pairs], dtype=torch.int64)
+    tile = (keys >> 32) & ((1 << tile_bits) - 1)
+    r = torch.arange(ts, dtype=torch.float64) + 0.5
+    out = []
+    for dt in {torch.float64, means2d.dtype}:
+        m = means2d.reshape(-1, 2)[g].to(dt)
+        q = conics.reshape(-1, 3)[g].to(dt)
+        o = opac.reshape(-1)[g].to(dt)
+        px = ((tile % tile_width) * ts).to(dt)[:, None] + r.to(dt)  # [P, ts]
+        py = ((tile // tile_width) * ts).to(dt)[:, None] + r.to(dt)
+        dx, dy = px - m[:, :1], py - m[:, 1:]
+        sx, sy, bdy = 0.5 * q[:, :1] * dx * dx, 0.5 * q[:, 2:] * dy * dy, q[:, 1:2] * dy
+        sigma = (sy[:, :, None] + sx[:, None, :]) + bdy[:, :, None] * dx[:, None, :]  # [P, ts(y), ts(x)]
+        alpha = (o[:, None, None] * torch.exp(-sigma)).clamp(max=ref.MAX_ALPHA)
+        out.append(((sigma >= 0) & (alpha >= ref.ALPHA_THRESHOLD)).flatten(1).any(1))
+    return torch.stack(out).any(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["projected", "direct"])
+@pytest.mark.parametrize("ts", [8, 16])
+def test_isect_exact_culling_drops_only_unused_tiles(kind, ts, dtype):
+    # A subset of the box lists, in the same order, and brute force over every
+    # pixel centre of every dropped tile: none sees alpha >= 1/255.
+    w, h = 61, 45
+    if kind == "projected":
+        means2d, conics, opac, _, _, radii, depths = projected(2, 150, w, h, ts, dtype, scale=(0.02, 0.4))
+    else:
+        means2d, radii, depths, conics, opac = isect_inputs(
+            2, 300, w, h, torch.Generator().manual_seed(ts), dtype
+        )
+    tw, th = ref.tile_grid(w, h, ts)
+    box = ref.isect_tiles(means2d, radii, depths, ts, tw, th)
+    exact = ref.isect_tiles(means2d, radii, depths, ts, tw, th, conics, opac)
+    kept, every = _pairs(*exact[1:]), _pairs(*box[1:])
+    assert kept <= every
+    assert (exact[0] <= box[0]).all() and exact[0].sum() == exact[1].numel()
+    # Same order: the exact lists are the box lists with entries removed.
+    in_exact = torch.tensor([p in kept for p in zip(box[1].tolist(), box[2].tolist())])
+    assert torch.equal(box[1][in_exact], exact[1]) and torch.equal(box[2][in_exact], exact[2])
+    dropped = every - kept
+    assert len(dropped) > 0.1 * len(every)
+    used = _dropped_pixels_pass(means2d, conics, opac, sorted(dropped), ref.bits_for_count(tw * th), tw, ts)
+    assert not used.any(), f"{int(used.sum())} dropped tiles have a pixel with alpha >= 1/255"
+
+
+def test_isect_exact_culling_thin_ellipses_and_edge_cases():
+    # A long thin ellipse along the diagonal: its box holds many tiles its
+    # ellipse misses.  A non-positive-definite conic keeps its whole box; an
+    # opacity under 1/255 lists no tile; the mean inside a tile keeps it.
+    ts, tw, th = 8, 8, 8
+    means2d = torch.tensor([[[32.0, 32.0], [32.0, 32.0], [20.0, 20.0], [3.0, 3.0]]], dtype=torch.float64)
+    cov = torch.tensor([[400.0, 399.0], [399.0, 400.0]], dtype=torch.float64)
+    ic = torch.linalg.inv(cov)
+    thin = torch.stack([ic[0, 0], ic[0, 1], ic[1, 1]])
+    conics = torch.stack(
+        [thin, torch.tensor([1.0, 2.0, 1.0]).double(), thin, torch.tensor([0.5, 0.0, 0.5]).double()]
+    )
+    conics = conics[None]
+    opac = torch.tensor([[1.0, 1.0, 0.9 / 255, 1.0]], dtype=torch.float64)
+    radii = torch.tensor([[[20, 20], [9, 9], [20, 20], [2, 2]]], dtype=torch.int32)
+    depths = torch.ones(1, 4, dtype=torch.float64)
+    box = ref.isect_tiles(means2d, radii, depths, ts, tw, th)[0]
+    exact = ref.isect_tiles(means2d, radii, depths, ts, tw, th, conics, opac)[0]
+    assert exact[0, 0] < box[0, 0] // 2  # the thin one: diagonal tiles only
+    assert exact[0, 1] == box[0, 1]  # not positive definite
+    assert exact[0, 2] == 0 and box[0, 2] > 0  # o < 1/255: no pixel uses it
+    assert exact[0, 3] == 1  # mean (3, 3) in tile 0, radius 2: tile 0 alone
+
+
+@pytest.mark.parametrize("ts", [8, 16])
+def test_isect_exact_lists_render_the_same_images(ts):
+    # The reference blender with the exact lists and with the box lists: the
+    # same images and gradients.
+    C, N, w, h = 2, 120, 45, 37
+    means2d, conics, opac, _, _, radii, depths = projected(
+        C, N, w, h, ts, scale=(0.05, 0.4), opacity=(0.05, 1.0)
+    )
+    colors = torch.rand(C, N, 3, dtype=torch.float64)
+    bg = torch.rand(C, 3, dtype=torch.float64)
+    tw, th = ref.tile_grid(w, h, ts)
+    renders = []
+    for extra in ((), (conics, opac)):
+        _, ids, fids = ops.isect_tiles(means2d, radii, depths, ts, tw, th, *extra)
+        offsets = ops.isect_offset_encode(ids, C, tw, th)
+        leaves = [t.clone().requires_grad_(True) for t in (means2d, conics, colors, opac)]
+        img, alpha = ops.rasterize_to_pixels(*leaves, w, h, ts, offsets, fids, bg)
+        g = torch.autograd.grad(
+            (img * torch.linspace(0, 1, 3, dtype=torch.float64)).sum() + alpha.sum(), leaves
+        )
+        renders.append((ids.numel(), img, alpha, *g))
+    (n_box, *box), (n_exact, *exact) = renders
+    assert n_exact < 0.9 * n_box
+    for name, a, b in zip(("image", "alpha", "means2d", "conics", "colors", "opacities"), box, exact):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=name)

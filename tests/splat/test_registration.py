@@ -50,10 +50,11 @@ def test_opcheck_spherical_harmonics():
 
 
 def test_opcheck_isect():
-    means2d, _, _, _, _, radii, depths = projected(2, 20, W, H, 8)
+    means2d, conics, opac, _, _, radii, depths = projected(2, 20, W, H, 8)
     tw, th = ref.tile_grid(W, H, 8)
-    opcheck(ops.isect_tiles, (means2d, radii, depths, 8, tw, th, B), full=False)
-    _, ids, _ = ops.isect_tiles(means2d, radii, depths, 8, tw, th, B)
+    opcheck(ops.isect_tiles, (means2d, radii, depths, 8, tw, th, None, None, None, B), full=False)
+    opcheck(ops.isect_tiles, (means2d, radii, depths, 8, tw, th, conics, opac, 1000, B), full=False)
+    _, ids, _ = ops.isect_tiles(means2d, radii, depths, 8, tw, th, conics, opac, None, B)
     opcheck(ops.isect_offset_encode, (ids, 2, tw, th, B), full=False)
 
 
@@ -267,19 +268,20 @@ def test_reference_runs_every_op_forward_and_backward(index):
         assert ran & set(spec.grad_ops)
 
 
-# The stages with a fast backend so far (issue: the splatting kernels); the rest run the reference.
+# Every stage has its C++ kernel (issue: the splatting kernels), and so rasterization, which composes them.
 FAST = {
-    "spherical_harmonics": ["cpp", "reference"],
-    "project_gaussians": ["cpp", "reference"],
-    "rasterize_to_pixels": ["cpp", "reference"],
-}
+    name: ["cpp", "reference"]
+    for name in ("spherical_harmonics", "project_gaussians", "rasterize_to_pixels", "isect_tiles",
+                 "isect_offset_encode", "rasterization")
+}  # fmt: skip
 
 
-def test_default_backend_is_the_reference_and_reported():
-    assert B == "reference"  # rasterization: its other stages have only the reference yet
+def test_default_backend_is_cpp_and_reported():
+    assert B == "cpp"
     for name in FUNCTIONS:
         report = _backend.backends(op=name)
         assert [b for b, r in report.items() if r["implemented"]] == FAST.get(name, ["reference"])
         assert report["reference"]["available"]
     for name in FAST:
-        assert _backend.resolve(None, torch.device("cpu"), name, True) == "cpp"
+        for grad in (False, True):
+            assert _backend.resolve(None, torch.device("cpu"), name, grad) == "cpp"
