@@ -591,6 +591,14 @@ def _check_float(name, t, shape, like=None, like_name="means", hint=""):
     check_shape(name, t, shape, hint)
 
 
+def _check_tile_size(tile_size):
+    """A positive power of two, as gsplat's rasterizer requires of its tiles."""
+    tile_size = check_int("tile_size", tile_size, 1)
+    if tile_size & (tile_size - 1):
+        raise ValueError(f"tile_size must be a positive power of two, got {tile_size}")
+    return tile_size
+
+
 def _check_int32(name, t, shape, like, like_name):
     check_tensor(name, t, (torch.int32,), "int32")
     check_shape(name, t, shape)
@@ -774,7 +782,7 @@ def isect_tiles(
     C, N = means2d.shape[:2]
     _check_int32("radii", radii, (C, N, 2), means2d, "means2d")
     _check_float("depths", depths, (C, N), means2d, "means2d")
-    tile_size = check_int("tile_size", tile_size, 1)
+    tile_size = _check_tile_size(tile_size)
     tile_width = check_int("tile_width", tile_width, 1)
     tile_height = check_int("tile_height", tile_height, 1)
     _check_exact_culling(conics, opacities, means2d)
@@ -848,7 +856,7 @@ def rasterize_to_pixels(
         _check_float("backgrounds", backgrounds, (C, D), means2d, "means2d")
     width = check_int("width", width, 1)
     height = check_int("height", height, 1)
-    tile_size = check_int("tile_size", tile_size, 1)
+    tile_size = _check_tile_size(tile_size)
     tw, th = ref.tile_grid(width, height, tile_size)
     _check_int32("isect_offsets", isect_offsets, (C, th, tw), means2d, "means2d")
     _check_int32("flatten_ids", flatten_ids, (None,), means2d, "means2d")
@@ -920,7 +928,7 @@ def rasterization(
     N = _check_gaussians(means, quats, scales, opacities)
     C, width, height = _check_camera(means, viewmats, Ks, width, height)
     near_plane, far_plane, eps2d, radius_clip = _check_planes(near_plane, far_plane, eps2d, radius_clip)
-    tile_size = check_int("tile_size", tile_size, 1)
+    tile_size = _check_tile_size(tile_size)
     if max_intersections is not None:
         max_intersections = check_int("max_intersections", max_intersections, 0)
     check_choice("render_mode", render_mode, ref.RENDER_MODES)

@@ -129,6 +129,7 @@ def _nan(t, idx=0):
         (lambda s: dict(eps2d=float("nan")), ValueError, "eps2d must be finite"),
         (lambda s: dict(radius_clip=-1.0), ValueError, "radius_clip must be >= 0"),
         (lambda s: dict(tile_size=0), ValueError, "tile_size must be >= 1"),
+        (lambda s: dict(tile_size=12), ValueError, "tile_size must be a positive power of two, got 12"),
         (lambda s: dict(render_mode="RGBD"), ValueError, "render_mode must be one of"),
         (lambda s: dict(rasterize_mode="mip"), ValueError, "rasterize_mode must be one of"),
         (lambda s: dict(backgrounds=torch.rand(2, 4)), ValueError, r"backgrounds must have shape \[2, 3\]"),
@@ -191,6 +192,8 @@ def test_stage_bad_inputs(scene):
         ops.isect_tiles(means2d, radii, depths[:, :5], 8, 2, 2)
     with pytest.raises(ValueError, match="tile_size must be >= 1"):
         ops.isect_tiles(means2d, radii, depths, 0, 2, 2)
+    with pytest.raises(ValueError, match="tile_size must be a positive power of two, got 6"):
+        ops.isect_tiles(means2d, radii, depths, 6, 2, 2)
     with pytest.raises(TypeError, match="isect_ids must be int64"):
         ops.isect_offset_encode(torch.zeros(3, dtype=torch.int32), 2, 2, 2)
     args = (means2d, conics, colors, opac, W, H, 8, offsets, fids)
