@@ -16,6 +16,7 @@ import torch
 
 import frontiers_fast as ff
 from frontiers_fast import _backend, _reduce
+from frontiers_fast.ops import deq as deq_ops
 from frontiers_fast.reference import gnn as ref
 
 from .gnn.graphs import random_graph
@@ -115,10 +116,9 @@ def test_cuda_on_a_function_without_a_cuda_kernel_raises():
     # spmm has a CUDA forward but no CUDA backward: refused when a graph is recorded
     with pytest.raises(NotImplementedError, match=r"frontiers_fast\.spmm: backend 'cuda'.*for its backward"):
         ff.spmm(g, x, w, backend="cuda")
-    with pytest.raises(
-        NotImplementedError, match=r"isect_offset_encode.*'cpp' is not implemented.*reference"
-    ):
-        ff.isect_offset_encode(torch.zeros(0, dtype=torch.int64), 1, 2, 2, backend="cpp")
+    # a function with no C++ kernel yet (the fixed-point updates)
+    with pytest.raises(NotImplementedError, match=r"residual_norms.*'cpp' is not implemented.*reference"):
+        deq_ops.residual_norms(torch.zeros(2, 3), torch.zeros(2, 3), backend="cpp")
     # the scan's CUDA kernel is a forward only
     u = torch.randn(1, 2, 3, requires_grad=True)
     with pytest.raises(NotImplementedError, match=r"selective_scan: backend 'cuda'.*for its backward"):
@@ -129,8 +129,8 @@ def test_cuda_on_a_function_without_a_cuda_kernel_raises():
 
 def test_a_process_wide_force_is_a_force(monkeypatch):
     monkeypatch.setenv("FRONTIERS_FAST_BACKEND", "cpp")
-    with pytest.raises(NotImplementedError, match="isect_offset_encode"):
-        ff.isect_offset_encode(torch.zeros(0, dtype=torch.int64), 1, 2, 2)
+    with pytest.raises(NotImplementedError, match="residual_norms"):
+        deq_ops.residual_norms(torch.zeros(2, 3), torch.zeros(2, 3))
 
 
 def test_direct_op_calls_are_checked():
