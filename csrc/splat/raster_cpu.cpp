@@ -47,6 +47,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "common/alloc.h"
@@ -367,7 +368,7 @@ void forward_impl(const Args& a, Tensor& out, Tensor& final_t, Tensor& alphas, T
 std::tuple<Tensor, Tensor, Tensor, Tensor> rasterize_to_pixels_cpu(
     const Tensor& means2d, const Tensor& conics, const Tensor& colors, const Tensor& opacities,
     const std::optional<Tensor>& backgrounds, int64_t width, int64_t height, int64_t tile_size,
-    const Tensor& isect_offsets, const Tensor& flatten_ids) {
+    const Tensor& isect_offsets, const Tensor& flatten_ids, bool /*absgrad: the backward's*/) {
   const char* op = "rasterize_to_pixels";
   const Args a = check_args(op, means2d, conics, colors, opacities, backgrounds, width, height, tile_size,
                             isect_offsets, flatten_ids);
@@ -394,14 +395,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rasterize_to_pixels_cpu(
 // backward
 // ---------------------------------------------------------------------------
 // Per-tile state of each pixel vector, and the per-intersection records
-// [M, R]: mean (2), conic (3), opacity, colour (D).
+// [M, R]: mean (2), conic (3), opacity, colour (D), and with absgrad the
+// sums of |d/dmean| over the pixels (2), the densification signal.
 template <typename T>
 struct BwdState {
   std::vector<VecT<T>> t, tf, gt, g, buf;  // [nv], [nv], [nv], [nv * D], [nv * D]
   std::vector<IdxT<T>> last;               // [nv]
 };
 
-template <typename T, int DC>
+template <typename T, int DC, bool ABS>
 void backward_tile(const Args& a, const TileList<T>& L, const TilePixels<T>& P, BwdState<T>& S, int64_t s,
                    const T* bg, const T* g_out, const T* g_alpha, const T* final_t, const int32_t* last_ids,
                    T* rec, T* bg_acc) {
@@ -409,7 +411,7 @@ void backward_tile(const Args& a, const TileList<T>& L, const TilePixels<T>& P, 
   using I = IdxT<T>;
   using Lane = typename Simd<T>::Lane;
   constexpr int W = Simd<T>::W;
-  const int64_t D = DC > 0 ? DC : a.D, R = 6 + D, nv = P.nv;
+  const int64_t D = DC > 0 ? DC : a.D, R = 6 + D + (ABS ? 2 : 0), nv = P.nv;
   S.t.resize(nv), S.tf.resize(nv), S.gt.resize(nv), S.last.resize(nv);
   S.g.resize(nv * D), S.buf.resize(nv * D);
   int64_t kmax = -1;
@@ -446,7 +448,7 @@ void backward_tile(const Args& a, const TileList<T>& L, const TilePixels<T>& P, 
   V* gcol = DC > 0 ? gcol_reg : gcol_mem.data();
   for (int64_t k = kmax - s; k >= 0; --k) {
     const Lane kg = Lane(s + k);
-    V gmx{}, gmy{}, ga{}, gb{}, gc{}, go{};
+    V gmx{}, gmy{}, ga{}, gb{}, gc{}, go{}, amx{}, amy{};
     for (int64_t d = 0; d < D; ++d) gcol[d] = V{};
     bool any = false;
     const T* ck = &L.col[k * D];
@@ -478,8 +480,14 @@ void backward_tile(const Args& a, const TileList<T>& L, const TilePixels<T>& P, 
       ga += d_sig * (bcast(T(0.5)) * r.dx * r.dx);
       gb += d_sig * (r.dx * r.dy);
       gc += d_sig * (bcast(T(0.5)) * r.dy * r.dy);
-      gmx -= d_sig * (bcast(L.a[k]) * r.dx + bcast(L.b[k]) * r.dy);
-      gmy -= d_sig * (bcast(L.c[k]) * r.dy + bcast(L.b[k]) * r.dx);
+      const V pmx = -(d_sig * (bcast(L.a[k]) * r.dx + bcast(L.b[k]) * r.dy));
+      const V pmy = -(d_sig * (bcast(L.c[k]) * r.dy + bcast(L.b[k]) * r.dx));
+      gmx += pmx;
+      gmy += pmy;
+      if constexpr (ABS) {
+        amx += pmx < V{} ? -pmx : pmx;
+        amy += pmy < V{} ? -pmy : pmy;
+      }
     }
     if (!any) continue;
     auto hsum = [](V x) {
@@ -490,12 +498,14 @@ void backward_tile(const Args& a, const TileList<T>& L, const TilePixels<T>& P, 
     T* rk = rec + k * R;
     rk[0] = hsum(gmx), rk[1] = hsum(gmy), rk[2] = hsum(ga), rk[3] = hsum(gb), rk[4] = hsum(gc), rk[5] = hsum(go);
     for (int64_t d = 0; d < D; ++d) rk[6 + d] = hsum(gcol[d]);
+    if constexpr (ABS) rk[6 + D] = hsum(amx), rk[7 + D] = hsum(amy);
   }
 }
 
-template <typename T, int DC>
+template <typename T, int DC, bool ABS>
 void backward_impl(const Args& a, const Tensor& final_t_, const Tensor& last_, const Tensor& g_out_,
-                   const Tensor& g_alpha_, Tensor& gm, Tensor& gcon, Tensor& gcol, Tensor& gop, Tensor& gbg) {
+                   const Tensor& g_alpha_, Tensor& gm, Tensor& gcon, Tensor& gcol, Tensor& gop, Tensor& gbg,
+                   Tensor& gabs) {
   const T* m2d = a.means2d.data_ptr<T>();
   const T* con = a.conics.data_ptr<T>();
   const T* opa = a.opacities.data_ptr<T>();
@@ -507,8 +517,8 @@ void backward_impl(const Args& a, const Tensor& final_t_, const Tensor& last_, c
   const int32_t* li = last_.data_ptr<int32_t>();
   const T* go = g_out_.data_ptr<T>();
   const T* ga = g_alpha_.data_ptr<T>();
-  const int64_t per_cam = a.tw * a.th, n_tiles = a.C * per_cam, HW = a.H * a.W, D = a.D, R = 6 + D;
-  const int64_t CN = a.C * a.N;
+  const int64_t per_cam = a.tw * a.th, n_tiles = a.C * per_cam, HW = a.H * a.W, D = a.D;
+  const int64_t R = 6 + D + (ABS ? 2 : 0), CN = a.C * a.N;
   std::vector<T> rec(std::max<int64_t>(a.M, 1) * R);
   std::vector<T> tile_bg(std::max<int64_t>(n_tiles, 1) * D);
   for_each_chunk(n_tiles, [&](int64_t tile) {
@@ -527,7 +537,7 @@ void backward_impl(const Args& a, const Tensor& final_t_, const Tensor& last_, c
                         " for a tile whose run is [", s, ", ", e, ")");
     }
     L.gather(a, m2d, con, opa, col, ids, s, e);
-    backward_tile<T, DC>(a, L, P, S, s, bgs ? bgs + cam * D : nullptr, go + cam * HW * D, ga + cam * HW,
+    backward_tile<T, DC, ABS>(a, L, P, S, s, bgs ? bgs + cam * D : nullptr, go + cam * HW * D, ga + cam * HW,
                          ft + cam * HW, li + cam * HW, rec.data() + s * R, tile_bg.data() + tile * D);
   });
   // Each Gaussian's records, in intersection order.
@@ -537,6 +547,7 @@ void backward_impl(const Args& a, const Tensor& final_t_, const Tensor& last_, c
   T* pc = gcon.data_ptr<T>();
   T* pcol = gcol.data_ptr<T>();
   T* po = gop.data_ptr<T>();
+  T* pa = ABS ? gabs.data_ptr<T>() : nullptr;
   at::parallel_for(0, CN, 4096, [&](int64_t g0, int64_t g1) {
     std::vector<T> sum(R);
     for (int64_t g = g0; g < g1; ++g) {
@@ -549,6 +560,7 @@ void backward_impl(const Args& a, const Tensor& final_t_, const Tensor& last_, c
       pc[g * 3] = sum[2], pc[g * 3 + 1] = sum[3], pc[g * 3 + 2] = sum[4];
       po[g] = sum[5];
       for (int64_t d = 0; d < D; ++d) pcol[g * D + d] = sum[6 + d];
+      if (ABS) pa[g * 2] = sum[6 + D], pa[g * 2 + 1] = sum[7 + D];
     }
   });
   if (bgs) {
@@ -562,11 +574,11 @@ void backward_impl(const Args& a, const Tensor& final_t_, const Tensor& last_, c
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rasterize_to_pixels_bwd_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rasterize_to_pixels_bwd_cpu(
     const Tensor& means2d, const Tensor& conics, const Tensor& colors, const Tensor& opacities,
     const std::optional<Tensor>& backgrounds, int64_t width, int64_t height, int64_t tile_size,
-    const Tensor& isect_offsets, const Tensor& flatten_ids, const Tensor& final_ts, const Tensor& last_ids,
-    const Tensor& grad_colors, const Tensor& grad_alphas) {
+    const Tensor& isect_offsets, const Tensor& flatten_ids, bool absgrad, const Tensor& final_ts,
+    const Tensor& last_ids, const Tensor& grad_colors, const Tensor& grad_alphas) {
   const char* op = "rasterize_to_pixels_bwd";
   const Args a = check_args(op, means2d, conics, colors, opacities, backgrounds, width, height, tile_size,
                             isect_offsets, flatten_ids);
@@ -593,19 +605,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rasterize_to_pixels_bwd_cpu(
   Tensor gm = new_output({a.C, a.N, 2}, opts), gcon = new_output({a.C, a.N, 3}, opts);
   Tensor gcol = new_output({a.C, a.N, a.D}, opts), gop = new_output({a.C, a.N}, opts);
   Tensor gbg = a.backgrounds.defined() ? new_output({a.C, a.D}, opts) : at::empty({0}, opts);
+  Tensor gabs = absgrad ? new_output({a.C, a.N, 2}, opts) : at::empty({0}, opts);
   const Tensor ft = final_ts.contiguous(), li = last_ids.contiguous(), g_out = grad_colors.contiguous(),
                g_al = grad_alphas.contiguous();
   AT_DISPATCH_FLOATING_TYPES(a.means2d.scalar_type(), "rasterize_to_pixels_bwd", [&] {
     using T = scalar_t;
-    switch (a.D) {
-      case 1: backward_impl<T, 1>(a, ft, li, g_out, g_al, gm, gcon, gcol, gop, gbg); break;
-      case 2: backward_impl<T, 2>(a, ft, li, g_out, g_al, gm, gcon, gcol, gop, gbg); break;
-      case 3: backward_impl<T, 3>(a, ft, li, g_out, g_al, gm, gcon, gcol, gop, gbg); break;
-      case 4: backward_impl<T, 4>(a, ft, li, g_out, g_al, gm, gcon, gcol, gop, gbg); break;
-      default: backward_impl<T, 0>(a, ft, li, g_out, g_al, gm, gcon, gcol, gop, gbg);
-    }
+    auto run = [&](auto abs) {
+      constexpr bool ABS = decltype(abs)::value;
+      switch (a.D) {
+        case 1: backward_impl<T, 1, ABS>(a, ft, li, g_out, g_al, gm, gcon, gcol, gop, gbg, gabs); break;
+        case 2: backward_impl<T, 2, ABS>(a, ft, li, g_out, g_al, gm, gcon, gcol, gop, gbg, gabs); break;
+        case 3: backward_impl<T, 3, ABS>(a, ft, li, g_out, g_al, gm, gcon, gcol, gop, gbg, gabs); break;
+        case 4: backward_impl<T, 4, ABS>(a, ft, li, g_out, g_al, gm, gcon, gcol, gop, gbg, gabs); break;
+        default: backward_impl<T, 0, ABS>(a, ft, li, g_out, g_al, gm, gcon, gcol, gop, gbg, gabs);
+      }
+    };
+    if (absgrad)
+      run(std::true_type{});
+    else
+      run(std::false_type{});
   });
-  return {gm, gcon, gcol, gop, gbg};
+  return {gm, gcon, gcol, gop, gbg, gabs};
 }
 
 }  // namespace

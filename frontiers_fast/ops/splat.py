@@ -16,9 +16,9 @@ backends of the ops that have them.
               max_intersections?) -> (tiles_per_gauss, isect_ids, flatten_ids)   [no autograd]
   isect_offset_encode(isect_ids, n_images, tile_width, tile_height) -> isect_offsets   [no autograd]
   rasterize_to_pixels(means2d, conics, colors, opacities, backgrounds?, width, height, tile_size,
-                      isect_offsets, flatten_ids) -> (render_colors, render_alphas, final_ts, last_ids)
+                      isect_offsets, flatten_ids, absgrad) -> (render_colors, render_alphas, final_ts, last_ids)
   rasterize_to_pixels_bwd(<the same inputs>, final_ts, last_ids, grad_colors, grad_alphas)
-      -> (grad_means2d, grad_conics, grad_colors, grad_opacities, grad_backgrounds)
+      -> (grad_means2d, grad_conics, grad_colors, grad_opacities, grad_backgrounds, grad_means2d_abs)
 
 Shapes are those of :mod:`frontiers_fast.reference.splat`.  A ``_bwd`` op
 is a kernel op without autograd of its own, run with the forward's backend.
@@ -434,12 +434,22 @@ define_op(
 # ---------------------------------------------------------------------------
 _RASTER_ARGS = (
     "Tensor means2d, Tensor conics, Tensor colors, Tensor opacities, Tensor? backgrounds, SymInt width, "
-    "SymInt height, SymInt tile_size, Tensor isect_offsets, Tensor flatten_ids"
+    "SymInt height, SymInt tile_size, Tensor isect_offsets, Tensor flatten_ids, bool absgrad"
 )
 
 
 def _ref_raster(
-    means2d, conics, colors, opacities, backgrounds, width, height, tile_size, isect_offsets, flatten_ids
+    means2d,
+    conics,
+    colors,
+    opacities,
+    backgrounds,
+    width,
+    height,
+    tile_size,
+    isect_offsets,
+    flatten_ids,
+    absgrad,
 ):
     _check_blend_values(means2d, conics, colors, opacities, backgrounds, isect_offsets, flatten_ids)
     outs = ref.rasterize_to_pixels(
@@ -462,7 +472,7 @@ def _fake_raster(means2d, conics, colors, opacities, backgrounds, width, height,
 
 def _ref_raster_bwd(
     means2d, conics, colors, opacities, backgrounds, width, height, tile_size, isect_offsets, flatten_ids,
-    final_ts, last_ids, grad_colors, grad_alphas,
+    absgrad, final_ts, last_ids, grad_colors, grad_alphas,
 ):  # fmt: skip
     # final_ts and last_ids (the forward's state for a back-to-front pass) are
     # not needed here: each chunk's forward is recomputed under autograd.
@@ -482,39 +492,55 @@ def _ref_raster_bwd(
     ]
     acc = [torch.zeros_like(t) for t in leaves]
     g_bg = colors.new_zeros((C, D)) if backgrounds is not None else absent(colors)
+    g_abs = means2d.new_zeros((C * N, 2)) if absgrad else None
     # One chunk at a time: recompute its forward with autograd, pull the
     # gradient back, free it.  Peak memory stays that of one forward chunk.
     for b, e, K in chunks:
         blocks = order[b:e]
+        stash = {} if absgrad else None
         with _autograd_inside_op():
-            out, T = ref.blend_blocks(blocks, K, plan, *leaves)
+            out, T = ref.blend_blocks(blocks, K, plan, *leaves, stash=stash)
             # With no intersection at all the blend is constant (out 0, T 1):
             # no graph to walk, but the background still gets sum(g_out * T).
             grads = ()
             if out.requires_grad:
                 loss = (out * g_out[blocks]).sum() + (T * g_T[blocks]).sum()
-                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+                extra = [stash["sigma"]] if absgrad else []
+                grads = torch.autograd.grad(loss, leaves + extra, allow_unused=True)
         for a, g in zip(acc, grads):
             if g is not None:
                 a += g
+        if absgrad and grads and grads[4] is not None:
+            # Each pixel's own d/dmean = -dL/dsigma (a dx + b dy, c dy + b dx); |.| summed over the pixels.
+            gs, dx, dy, con = grads[4], stash["dx"], stash["dy"], stash["con"].detach()
+            a, bb, c = (con[:, None, :, i] for i in range(3))
+            per = torch.stack(
+                [(gs * (a * dx + bb * dy)).abs().sum(1), (gs * (c * dy + bb * dx)).abs().sum(1)], -1
+            )
+            valid = stash["valid"]
+            g_abs.index_add_(0, stash["g"][valid], per[valid])
         if backgrounds is not None:
             g_bg.index_add_(0, blocks // per_cam, torch.einsum("tp,tpd->td", T.detach(), g_out[blocks]))
     gm, gc, gcol, go = (a.reshape(t.shape) for a, t in zip(acc, (means2d, conics, colors, opacities)))
-    return gm, gc, gcol, go, g_bg
+    return gm, gc, gcol, go, g_bg, g_abs.reshape(C, N, 2) if absgrad else absent(colors)
 
 
-def _fake_raster_bwd(means2d, conics, colors, opacities, backgrounds, *rest):
+def _fake_raster_bwd(
+    means2d, conics, colors, opacities, backgrounds, w, h, ts, offsets, fids, absgrad, *rest
+):
     return (
         torch.empty_like(means2d),
         torch.empty_like(conics),
         torch.empty_like(colors),
         torch.empty_like(opacities),
         torch.empty_like(backgrounds) if backgrounds is not None else absent(colors),
+        torch.empty_like(means2d) if absgrad else absent(colors),
     )
 
 
 def _raster_setup(ctx, a, output):
     ctx.args = (a.width, a.height, a.tile_size)
+    ctx.absgrad = a.absgrad
     _, _, final_ts, last_ids = output
     ctx.save_for_backward(
         a.means2d, a.conics, a.colors, a.opacities, a.backgrounds, a.isect_offsets, a.flatten_ids, final_ts,
@@ -532,10 +558,14 @@ def _raster_backward(ctx, g_colors, g_alphas, _g_final_ts, _g_last_ids):
     W, H = ctx.args[0], ctx.args[1]
     g_colors = colors.new_zeros((C, H, W, D)) if g_colors is None else g_colors.contiguous()
     g_alphas = colors.new_zeros((C, H, W, 1)) if g_alphas is None else g_alphas.contiguous()
-    gm, gc, gcol, go, gbg = _ops.rasterize_to_pixels_bwd(
-        means2d, conics, colors, opacities, backgrounds, *ctx.args, offsets, flatten_ids, final_ts, last_ids,
-        g_colors, g_alphas, ctx.backend,
+    gm, gc, gcol, go, gbg, gabs = _ops.rasterize_to_pixels_bwd(
+        means2d, conics, colors, opacities, backgrounds, *ctx.args, offsets, flatten_ids, ctx.absgrad, final_ts,
+        last_ids, g_colors, g_alphas, ctx.backend,
     )  # fmt: skip
+    if ctx.absgrad:
+        # gsplat's densification signal, where gsplat puts it: an attribute of
+        # the means2d tensor the caller holds (meta["means2d"]).
+        means2d.absgrad = gabs
     return {"means2d": gm, "conics": gc, "colors": gcol, "opacities": go, "backgrounds": gbg}
 
 
@@ -549,7 +579,7 @@ define_op(
 )
 define_op(
     f"rasterize_to_pixels_bwd({_RASTER_ARGS}, Tensor final_ts, Tensor last_ids, Tensor grad_colors, "
-    f"Tensor grad_alphas) -> {_FIVE}",
+    f"Tensor grad_alphas) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     fake=_fake_raster_bwd,
     reference=_ref_raster_bwd,
     native=("cpp",),
@@ -826,7 +856,7 @@ def isect_offset_encode(isect_ids, n_images, tile_width, tile_height, *, backend
 
 def rasterize_to_pixels(
     means2d, conics, colors, opacities, width, height, tile_size, isect_offsets, flatten_ids, backgrounds=None,
-    *, backend=None,
+    *, absgrad=False, backend=None,
 ):  # fmt: skip
     """Front-to-back alpha blending of projected Gaussians, tile by tile.
 
@@ -835,7 +865,9 @@ def rasterize_to_pixels(
     (non-decreasing, in [0, M]), flatten_ids [M] int32 (in [0, C * N)),
     backgrounds [C, D] or None.  Returns render_colors [C, H, W, D] and
     render_alphas [C, H, W, 1], differentiable with respect to means2d,
-    conics, colors, opacities and backgrounds.
+    conics, colors, opacities and backgrounds.  ``absgrad=True``: the
+    backward also sets ``means2d.absgrad`` [C, N, 2], the sum over pixels of
+    each pixel's |d loss / d means2d| (gsplat's densification signal).
 
     NaN or inf in any float input is refused (ValueError naming it), in
     eager and compiled calls alike: a skipped Gaussian's colour meets a zero
@@ -865,9 +897,10 @@ def rasterize_to_pixels(
     backend = _backend.resolve(backend, means2d.device, "rasterize_to_pixels", grad)
     # Value checks (finite inputs, opacities in [0, 1], flatten_ids and
     # isect_offsets ranges) run in the op body.
+    absgrad = check_bool("absgrad", absgrad)
     render_colors, render_alphas, _, _ = _ops.rasterize_to_pixels(
         means2d, conics, colors, opacities, backgrounds, width, height, tile_size, isect_offsets, flatten_ids,
-        backend,
+        absgrad, backend,
     )  # fmt: skip
     return render_colors, render_alphas
 
@@ -893,6 +926,7 @@ def rasterization(
     tile_size: int = 16,
     *,
     max_intersections: int | None = None,
+    absgrad: bool = False,
     backend: str | None = None,
 ):
     """Render N 3D Gaussians into C pinhole cameras (3D Gaussian Splatting, Kerbl et al. 2023).
@@ -914,7 +948,9 @@ def rasterization(
     only the tiles of each bounding box that the alpha >= 1/255 ellipse
     reaches (the images and gradients are those of the box lists, which are
     longer).  ``max_intersections`` caps the number of (Gaussian, tile)
-    pairs (ValueError past it; None: bounded by memory).
+    pairs (ValueError past it; None: bounded by memory).  ``absgrad=True``:
+    the backward sets ``meta["means2d"].absgrad`` [C, N, 2], the summed
+    per-pixel |d loss / d means2d| that gsplat's densification reads.
 
     NaN or inf in any input tensor is refused (ValueError naming it; inside a
     compiled graph the stage op that meets it names its own argument, e.g.
@@ -932,6 +968,7 @@ def rasterization(
     if max_intersections is not None:
         max_intersections = check_int("max_intersections", max_intersections, 0)
     check_choice("render_mode", render_mode, ref.RENDER_MODES)
+    absgrad = check_bool("absgrad", absgrad)
     check_choice("rasterize_mode", rasterize_mode, ref.RASTERIZE_MODES)
     check_tensor("colors", colors, FP32_64, FP32_64_WHAT)
     if sh_degree is None:
@@ -993,7 +1030,7 @@ def rasterization(
     offsets = _ops.isect_offset_encode(isect_ids, C, tile_width, tile_height, backend)
     render_colors, render_alphas, _, _ = _ops.rasterize_to_pixels(
         means2d, conics, colors.contiguous(), opac.contiguous(), backgrounds, width, height, tile_size, offsets,
-        flatten_ids, backend,
+        flatten_ids, absgrad, backend,
     )  # fmt: skip
     render_colors = ref.expected_depth(render_colors, render_alphas, render_mode)
     meta = dict(

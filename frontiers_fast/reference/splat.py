@@ -640,12 +640,15 @@ def block_chunks(count: Tensor, pixels: int, chunk_elements: int = CHUNK_ELEMENT
 
 
 def blend_blocks(
-    blocks: Tensor, K: int, plan: BlendPlan, means2d, conics, colors, opacities, with_last=False
+    blocks: Tensor, K: int, plan: BlendPlan, means2d, conics, colors, opacities, with_last=False, stash=None
 ):
     """Blend a chunk of blocks: returns (colour [nb, P, D], final transmittance [nb, P]).
 
     With ``with_last``, also each pixel's last blended Gaussian [nb, P] int64:
     its intersection (index into flatten_ids), -1 where none is blended.
+    A ``stash`` dict receives the intermediates a per-pixel gradient needs:
+    sigma [nb, P, K] (in the graph), dx and dy [nb, P, K], the conics
+    [nb, K, 3], the Gaussian ids g [nb, K] and the valid mask [nb, K].
 
     ``blocks`` [nb] are flat (camera, block row, block column) indices into
     ``plan``; K >= their longest list.  means2d [C * N, 2], conics [C * N, 3],
@@ -683,6 +686,12 @@ def blend_blocks(
     bdy = con[:, None, :, 1] * dy
     sigma = (sy[:, :, None] + sx[:, None]) + bdy[:, :, None] * dx[:, None]  # [nb, b(y), b(x), K]
     sigma = sigma.reshape(-1, b * b, K)
+    if stash is not None:
+        P = b * b
+        stash.update(
+            sigma=sigma, con=con, g=g, valid=valid,
+            dx=dx[:, None].expand(-1, b, b, K).reshape(-1, P, K), dy=dy[:, :, None].expand(-1, b, b, K).reshape(-1, P, K),
+        )  # fmt: skip
     with torch.no_grad():
         sig_ok = sigma >= 0  # a non-positive-definite conic: skipped where sigma < 0
     # exp(-sigma) of a skipped sigma << 0 would overflow: its zero gradient

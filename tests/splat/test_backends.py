@@ -180,7 +180,7 @@ def _raster_scene(C, N, W, H, ts, D, gen_seed, dtype=torch.float64):
 def test_rasterize_to_pixels(C, N, W, H, ts, D, with_bg, dtype, device, backend):
     (m2d, con, col, opac, bg), offsets, fids = _raster_scene(C, N, W, H, ts, D, 1000 * C + W)
     bg = bg if with_bg else None
-    state = ops.rasterize_to_pixels(m2d, con, col, opac, bg, W, H, ts, offsets, fids, "reference")
+    state = ops.rasterize_to_pixels(m2d, con, col, opac, bg, W, H, ts, offsets, fids, False, "reference")
     _, _, final_t, last = state
     assert (last >= 0).any(), "the scene should cover some pixels"
     assert bool(((final_t < 2e-4) & (last >= 0)).any()), "some pixel should stop at T = 1e-4"
@@ -200,7 +200,7 @@ def test_rasterize_to_pixels(C, N, W, H, ts, D, with_bg, dtype, device, backend)
         assert_close(g.cpu(), w, dtype, msg=name)
     # The state the backward starts from: T_final, and the last Gaussian of every pixel exactly.
     fast = ops.rasterize_to_pixels(*[t.detach() for t in ours[:4]], ours[4].detach() if with_bg else None, W, H,
-                                   ts, offsets.to(device), fids.to(device), backend)  # fmt: skip
+                                   ts, offsets.to(device), fids.to(device), False, backend)  # fmt: skip
     assert_close(fast[2].cpu(), final_t, dtype, msg="final_ts")
     assert torch.equal(fast[3].cpu(), last), "last_ids"
     seeds = [torch.randn_like(w) for w in want]
@@ -244,15 +244,49 @@ def test_rasterize_to_pixels_gradcheck_and_registration(device, backend):
     # fast_mode checks random projections of the Jacobian (the full one takes a backward per pixel).
     assert torch.autograd.gradcheck(fn, leaves, fast_mode=True)
     for b in (leaves[4], None):
-        args = (*leaves[:4], b, w, h, ts, offsets, fids, backend)
+        args = (*leaves[:4], b, w, h, ts, offsets, fids, b is None, backend)
         opcheck(ops.rasterize_to_pixels, args)
         _, _, final_t, last = ops.rasterize_to_pixels(*args)
         gc = torch.randn(2, h, w, 2, dtype=torch.float64, device=device)
         ga = torch.randn(2, h, w, 1, dtype=torch.float64, device=device)
         bwd_args = (*[t.detach() for t in leaves[:4]], None if b is None else b.detach(), w, h, ts, offsets, fids,
-                    final_t, last, gc, ga, backend)  # fmt: skip
+                    b is None, final_t, last, gc, ga, backend)  # fmt: skip
         opcheck(ops.rasterize_to_pixels_bwd, bwd_args, full=False)
     check_compiled(lambda *xs: fn(*xs)[0].square().sum(), leaves)
+
+
+@pytest.mark.parametrize("device,backend", RASTER_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rasterize_to_pixels_absgrad(dtype, device, backend):
+    # absgrad: sum over pixels of |d loss / d means2d| per pixel (gsplat's densification signal), set on
+    # means2d by the backward.  Against a brute force: one backward per pixel, float64.
+    W, H, ts = 14, 11, 4
+    (m2d, con, col, opac, bg), offsets, fids = _raster_scene(1, 12, W, H, ts, 3, 21)
+    seed = torch.randn(1, H, W, 3, dtype=torch.float64)
+    want = torch.zeros_like(m2d)
+    for i in range(H):
+        for j in range(W):
+            m = m2d.clone().requires_grad_(True)
+            img, _ = ff.rasterize_to_pixels(
+                m, con, col, opac, W, H, ts, offsets, fids, bg, backend="reference"
+            )
+            (g,) = torch.autograd.grad((img[0, i, j] * seed[0, i, j]).sum(), m)
+            want += g.abs()
+    m = m2d.to(device=device, dtype=dtype).requires_grad_(True)
+    xs = [t.to(device=device, dtype=dtype) for t in (con, col, opac, bg)]
+    img, _ = ff.rasterize_to_pixels(m, *xs[:3], W, H, ts, offsets.to(device), fids.to(device), xs[3], absgrad=True,
+                                    backend=backend)  # fmt: skip
+    (g,) = torch.autograd.grad(img, m, seed.to(device=device, dtype=dtype))
+    assert_close(m.absgrad.cpu(), want, dtype, msg="absgrad")
+    assert bool((m.absgrad >= g.abs() * (1 - 1e-5)).all())  # |sum| <= sum of |.|
+    assert bool((want > 0).any())
+    # without absgrad nothing is set
+    m2 = m.detach().clone().requires_grad_(True)
+    img, _ = ff.rasterize_to_pixels(
+        m2, *xs[:3], W, H, ts, offsets.to(device), fids.to(device), xs[3], backend=backend
+    )
+    img.sum().backward()
+    assert not hasattr(m2, "absgrad")
 
 
 @pytest.mark.parametrize("device,backend", RASTER_CASES)
@@ -669,3 +703,21 @@ def test_isect_opcheck_and_compile(device, backend):
     enc = torch.compile(lambda i: ff.isect_offset_encode(i, 2, tw, th, backend=backend), fullgraph=True,
                         backend="aot_eager")  # fmt: skip
     assert torch.equal(enc(ids), ref.isect_offset_encode(ids, 2, tw, th))
+
+
+@pytest.mark.parametrize("device,backend", backend_cases("rasterization"))
+def test_rasterization_absgrad_on_meta_means2d(device, backend):
+    # rasterization(absgrad=True): the backward leaves the signal on meta["means2d"], as gsplat does.
+    W, H = 30, 22
+    means, quats, scales, opacities = (t.to(device) for t in gaussians(40))
+    viewmats, Ks = (t.to(device) for t in cameras(2, W, H))
+    colors = torch.rand(40, 3, dtype=torch.float64, device=device)
+    got = {}
+    for b in (backend, "reference"):
+        img, _, meta = ff.rasterization(means, quats, scales, opacities, colors.clone().requires_grad_(True), viewmats,
+                                        Ks, W, H, tile_size=8, absgrad=True, backend=b)  # fmt: skip
+        img.square().sum().backward()
+        got[b] = meta["means2d"].absgrad
+        assert got[b].shape == (2, 40, 2)
+    assert bool((got[backend] > 0).any())
+    assert_close(got[backend].cpu(), got["reference"].cpu(), torch.float64)

@@ -62,13 +62,13 @@ def test_opcheck_rasterize_to_pixels():
     means2d, conics, opac, offsets, fids, _, _ = projected(2, 20, W, H, 8, opacity=(0.3, 0.8))
     colors = torch.rand(2, 20, 3, dtype=torch.float64)
     bg = torch.rand(2, 3, dtype=torch.float64)
-    for b in (bg, None):
+    for b, absgrad in ((bg, False), (None, True)):
         args = (*_grad(means2d, conics, colors, opac), None if b is None else b.clone().requires_grad_(True), W, H, 8,
-                offsets, fids, B)  # fmt: skip
+                offsets, fids, absgrad, B)  # fmt: skip
         opcheck(ops.rasterize_to_pixels, args)
         _, _, final_t, last = ops.rasterize_to_pixels(*args)
         gc, ga = torch.randn(2, H, W, 3, dtype=torch.float64), torch.randn(2, H, W, 1, dtype=torch.float64)
-        args = (means2d, conics, colors, opac, b, W, H, 8, offsets, fids, final_t, last, gc, ga, B)
+        args = (means2d, conics, colors, opac, b, W, H, 8, offsets, fids, absgrad, final_t, last, gc, ga, B)
         opcheck(ops.rasterize_to_pixels_bwd, args, full=False)
 
 
