@@ -367,6 +367,7 @@ define_op(
     "spherical_harmonics(SymInt degree, Tensor dirs, Tensor coeffs, Tensor? masks) -> Tensor",
     fake=_fake_sh,
     reference=_ref_sh,
+    triton="frontiers_fast.kernels.splat:spherical_harmonics",
     native=("cpp",),
     backward=_sh_backward,
     setup_context=_sh_setup,
@@ -379,6 +380,7 @@ define_op(
         torch.empty_like(coeffs),
     ),
     reference=_ref_sh_bwd,
+    triton="frontiers_fast.kernels.splat:spherical_harmonics_bwd",
     native=("cpp",),
 )
 

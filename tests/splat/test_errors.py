@@ -150,11 +150,15 @@ def test_rasterization_bad_inputs(scene, change, exc, match):
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_unimplemented_backends(scene, backend):
-    # Every stage has its C++ kernel; the GPU backends of this family are not written yet.
+    # Every stage has its C++ kernel; of the GPU backends only spherical harmonics' Triton one exists yet.
     with pytest.raises(NotImplementedError, match="not implemented"):
         _with(scene, backend=backend)
-    with pytest.raises(NotImplementedError, match="not implemented"):
-        ops.spherical_harmonics(0, torch.randn(3, 3), torch.randn(3, 1, 3), backend=backend)
+    if backend == "triton":  # spherical_harmonics has its Triton kernel: it runs on CUDA tensors only
+        with pytest.raises(ValueError, match="backend 'triton' runs on CUDA tensors, got tensors on cpu"):
+            ops.spherical_harmonics(0, torch.randn(3, 3), torch.randn(3, 1, 3), backend=backend)
+    else:
+        with pytest.raises(NotImplementedError, match="not implemented"):
+            ops.spherical_harmonics(0, torch.randn(3, 3), torch.randn(3, 1, 3), backend=backend)
     with pytest.raises(NotImplementedError, match="not implemented"):
         ops.isect_tiles(torch.zeros(1, 1, 2), torch.ones(1, 1, 2, dtype=torch.int32), torch.ones(1, 1), 16, 1, 1,
                         backend=backend)  # fmt: skip
