@@ -215,3 +215,52 @@ def spherical_harmonics_bwd(degree, dirs, coeffs, masks, grad_colors):
             dirs, coeffs, m, g, gd, gc, n, K, NB=(degree + 1) ** 2, HAS_MASK=masks is not None, BLOCK=SH_BLOCK
         )
     return gd, gc
+
+
+# ---------------------------------------------------------------------------
+# isect_offset_encode: the start of each (camera, tile) run in the sorted keys
+# ---------------------------------------------------------------------------
+# Each program binary-searches BLOCK targets at once: target t's offset is the
+# number of keys whose linear (camera, tile) index is below t, the
+# reference's searchsorted (left).  A fixed number of halvings, STEPS =
+# bit_length(M) + 1, reaches it for every target.
+ENCODE_BLOCK = 256
+
+
+@triton.jit
+def _offset_encode_kernel(ids_ptr, out_ptr, M, n_targets, n_tiles, TILE_BITS: tl.constexpr, STEPS: tl.constexpr,
+                          BLOCK: tl.constexpr):  # fmt: skip
+    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = t < n_targets
+    target = t.to(tl.int64)
+    lo = tl.zeros((BLOCK,), dtype=tl.int64)
+    hi = tl.zeros((BLOCK,), dtype=tl.int64) + M
+    for _ in tl.static_range(STEPS):
+        mid = (lo + hi) // 2
+        live = lo < hi
+        key = tl.load(ids_ptr + mid, mask=live & ok & (mid < M), other=0)
+        top = key >> 32
+        linear = (top >> TILE_BITS) * n_tiles + (top & ((1 << TILE_BITS) - 1))
+        below = linear < target
+        lo = tl.where(live & below, mid + 1, lo)
+        hi = tl.where(live & ~below, mid, hi)
+    tl.store(out_ptr + t, lo.to(tl.int32), mask=ok)
+
+
+@on_device
+def isect_offset_encode(isect_ids, n_images, tile_width, tile_height):
+    from frontiers_fast.ops.splat import _check_isect_ids
+    from frontiers_fast.reference.splat import bits_for_count
+
+    _check_isect_ids(isect_ids, n_images, tile_width, tile_height)
+    ids = isect_ids.contiguous()
+    n_tiles = tile_width * tile_height
+    n_targets = n_images * n_tiles
+    out = torch.empty((n_images, tile_height, tile_width), dtype=torch.int32, device=ids.device)
+    M = ids.numel()
+    if n_targets:
+        _offset_encode_kernel[(triton.cdiv(n_targets, ENCODE_BLOCK),)](
+            ids, out, M, n_targets, n_tiles, TILE_BITS=bits_for_count(n_tiles), STEPS=max(M, 1).bit_length() + 1,
+            BLOCK=ENCODE_BLOCK,
+        )  # fmt: skip
+    return out

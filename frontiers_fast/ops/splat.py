@@ -427,6 +427,7 @@ define_op(
         (n_images, tile_height, tile_width), dtype=torch.int32
     ),
     reference=_ref_isect_offset_encode,
+    triton="frontiers_fast.kernels.splat:isect_offset_encode",
     native=("cpp",),
 )
 

@@ -150,7 +150,7 @@ def test_rasterization_bad_inputs(scene, change, exc, match):
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_unimplemented_backends(scene, backend):
-    # Every stage has its C++ kernel; of the GPU backends only spherical harmonics' Triton one exists yet.
+    # Every stage has its C++ kernel; of the GPU backends only the Triton spherical harmonics and offsets exist yet.
     with pytest.raises(NotImplementedError, match="not implemented"):
         _with(scene, backend=backend)
     if backend == "triton":  # spherical_harmonics has its Triton kernel: it runs on CUDA tensors only
@@ -162,8 +162,12 @@ def test_unimplemented_backends(scene, backend):
     with pytest.raises(NotImplementedError, match="not implemented"):
         ops.isect_tiles(torch.zeros(1, 1, 2), torch.ones(1, 1, 2, dtype=torch.int32), torch.ones(1, 1), 16, 1, 1,
                         backend=backend)  # fmt: skip
-    with pytest.raises(NotImplementedError, match="not implemented"):
-        ops.isect_offset_encode(torch.zeros(0, dtype=torch.int64), 1, 1, 1, backend=backend)
+    if backend == "triton":
+        with pytest.raises(ValueError, match="backend 'triton' runs on CUDA tensors, got tensors on cpu"):
+            ops.isect_offset_encode(torch.zeros(0, dtype=torch.int64), 1, 1, 1, backend=backend)
+    else:
+        with pytest.raises(NotImplementedError, match="not implemented"):
+            ops.isect_offset_encode(torch.zeros(0, dtype=torch.int64), 1, 1, 1, backend=backend)
 
 
 def test_stage_bad_inputs(scene):

@@ -276,7 +276,7 @@ FAST = {
 }  # fmt: skip
 
 
-TRITON = {"spherical_harmonics"}  # the stages with a Triton kernel so far
+TRITON = {"spherical_harmonics", "isect_offset_encode"}  # the stages with a Triton kernel so far
 
 
 def test_default_backend_is_cpp_and_reported():

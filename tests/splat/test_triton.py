@@ -2,7 +2,7 @@
 
 Called directly: on CPU tensors through the Triton interpreter (conftest sets
 TRITON_INTERPRET=1 when there is no GPU), on CUDA tensors natively.
-Spherical harmonics: every degree, masks, more bases than the degree needs,
+Offsets: equal to the reference's searchsorted.  Spherical harmonics: every degree, masks, more bases than the degree needs,
 zero and tiny directions (F.normalize's eps), float32 and float64; the
 outputs and both gradients, and the non-finite refusals.
 """
@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from frontiers_fast.reference import splat as ref
-from tests.helpers import assert_close, triton_params
+from tests.helpers import assert_close, triton_devices, triton_params
 
 pytest.importorskip("triton")
 from frontiers_fast.kernels import splat as K  # noqa: E402
 
+from .scenes import projected  # noqa: E402
 from .test_backends import _sh_inputs  # noqa: E402
 
 # float32 and float64 only, on CUDA too: the splatting ops take no half types.
@@ -62,3 +63,20 @@ def test_spherical_harmonics_refuses_non_finite(device, dtype):
     bad[3, 3, 0] = float("inf")
     with pytest.raises(ValueError, match="coeffs must be finite"):
         K.spherical_harmonics(1, dirs, bad, None)
+
+
+@pytest.mark.parametrize("device", triton_devices())
+@pytest.mark.parametrize("C,W,H,ts", [(1, 37, 29, 16), (3, 61, 45, 8), (2, 16, 16, 16)])
+def test_isect_offset_encode(C, W, H, ts, device):
+    # Equal to the reference's searchsorted, empty tiles and cameras included; and on no keys at all.
+    torch.manual_seed(C * W)
+    m2d, conics, opac, offsets, fids, radii, depths = projected(C, 40, W, H, ts)
+    tw, th = ref.tile_grid(W, H, ts)
+    _, ids, _ = ref.isect_tiles(m2d, radii, depths, ts, tw, th)
+    for keys in (ids, ids[: ids.numel() // 3], ids[:0]):
+        want = ref.isect_offset_encode(keys, C, tw, th)
+        got = K.isect_offset_encode(keys.to(device), C, tw, th)
+        assert got.dtype == torch.int32
+        assert torch.equal(got.cpu(), want)
+    with pytest.raises(ValueError, match="isect_ids must be sorted"):
+        K.isect_offset_encode(ids.flip(0).to(device), C, tw, th)
