@@ -123,6 +123,20 @@ Args check_args(const char* op, const Tensor& means2d, const Tensor& conics, con
           offsets.contiguous(), fids.contiguous(), C, N, D, width, height, tile_size, tw, th, fids.numel()};
 }
 
+// flatten_ids index the C * N Gaussians (the forward's and the backward's check).
+void check_ids(const char* op, const Args& a) {
+  const int64_t CN = a.C * a.N;
+  TORCH_CHECK_VALUE(a.M == 0 || CN > 0, op,
+                    ": flatten_ids must be empty when there are no Gaussians (C * N = 0), got ", a.M, " entries");
+  if (a.M > 0) {
+    const int32_t* f = a.fids.data_ptr<int32_t>();
+    const auto mm = std::minmax_element(f, f + a.M);
+    TORCH_CHECK_VALUE(*mm.first >= 0 && int64_t(*mm.second) < CN, op, ": flatten_ids must lie in [0, ", CN - 1,
+                      "] (indices into the C * N = ", CN, " Gaussians), got values in [", *mm.first, ", ",
+                      *mm.second, "]");
+  }
+}
+
 // The value checks of the reference entry (ops/splat.py, _check_blend_values),
 // with its messages.
 template <typename T>
@@ -154,15 +168,7 @@ void check_values(const char* op, const Args& a) {
       TORCH_CHECK_VALUE(false, op, ": ", buf);
     }
   }
-  TORCH_CHECK_VALUE(a.M == 0 || CN > 0, op,
-                    ": flatten_ids must be empty when there are no Gaussians (C * N = 0), got ", a.M, " entries");
-  if (a.M > 0) {
-    const int32_t* f = a.fids.data_ptr<int32_t>();
-    const auto mm = std::minmax_element(f, f + a.M);
-    TORCH_CHECK_VALUE(*mm.first >= 0 && int64_t(*mm.second) < CN, op, ": flatten_ids must lie in [0, ", CN - 1,
-                      "] (indices into the C * N = ", CN, " Gaussians), got values in [", *mm.first, ", ",
-                      *mm.second, "]");
-  }
+  check_ids(op, a);
   const int64_t nt = a.C * a.tw * a.th;
   const int32_t* s = a.offsets.data_ptr<int32_t>();
   bool ok = nt == 0 || (s[0] >= 0 && int64_t(s[nt - 1]) <= a.M);
@@ -173,6 +179,21 @@ void check_values(const char* op, const Args& a) {
                     a.M, "] (M = flatten_ids.numel()), as isect_offset_encode returns them");
 }
 
+// The inputs' data, as the forward and the backward read them.
+template <typename T>
+struct Data {
+  const T *m2d, *con, *opa, *col, *bgs;  // bgs null without backgrounds
+  const int32_t *off, *ids;
+  explicit Data(const Args& a)
+      : m2d(a.means2d.data_ptr<T>()),
+        con(a.conics.data_ptr<T>()),
+        opa(a.opacities.data_ptr<T>()),
+        col(a.colors.data_ptr<T>()),
+        bgs(a.backgrounds.defined() ? a.backgrounds.data_ptr<T>() : nullptr),
+        off(a.offsets.data_ptr<int32_t>()),
+        ids(a.fids.data_ptr<int32_t>()) {}
+};
+
 // ---------------------------------------------------------------------------
 // one tile's Gaussians, gathered
 // ---------------------------------------------------------------------------
@@ -181,8 +202,9 @@ struct TileList {
   int64_t n = 0;
   std::vector<T> mx, my, ha, b, hc, a, c, o, x0, x1, y0, y1, col;  // col: [n, D]
 
-  void gather(const Args& a_, const T* m2d, const T* con, const T* opa, const T* colr, const int32_t* ids,
-              int64_t s, int64_t e) {
+  void gather(const Args& a_, const Data<T>& in, int64_t s, int64_t e) {
+    const T *m2d = in.m2d, *con = in.con, *opa = in.opa, *colr = in.col;
+    const int32_t* ids = in.ids;
     const int64_t D = a_.D;
     n = e - s;
     for (auto* v : {&mx, &my, &ha, &b, &hc, &a, &c, &o, &x0, &x1, &y0, &y1})
@@ -339,13 +361,9 @@ void blend_tile(const Args& a, const TileList<T>& L, const TilePixels<T>& P, int
 
 template <typename T, int DC>
 void forward_impl(const Args& a, Tensor& out, Tensor& final_t, Tensor& alphas, Tensor& last_ids) {
-  const T* m2d = a.means2d.data_ptr<T>();
-  const T* con = a.conics.data_ptr<T>();
-  const T* opa = a.opacities.data_ptr<T>();
-  const T* col = a.colors.data_ptr<T>();
-  const T* bgs = a.backgrounds.defined() ? a.backgrounds.data_ptr<T>() : nullptr;
-  const int32_t* off = a.offsets.data_ptr<int32_t>();
-  const int32_t* ids = a.fids.data_ptr<int32_t>();
+  const Data<T> in(a);
+  const T* bgs = in.bgs;
+  const int32_t* off = in.off;
   const int64_t per_cam = a.tw * a.th, n_tiles = a.C * per_cam, HW = a.H * a.W;
   T* o = out.data_ptr<T>();
   T* ft = final_t.data_ptr<T>();
@@ -358,7 +376,7 @@ void forward_impl(const Args& a, Tensor& out, Tensor& final_t, Tensor& alphas, T
     thread_local std::vector<VecT<T>> acc;
     const int64_t cam = tile / per_cam, local = tile % per_cam;
     const int64_t s = off[tile], e = tile + 1 < n_tiles ? off[tile + 1] : a.M;
-    L.gather(a, m2d, con, opa, col, ids, s, e);
+    L.gather(a, in, s, e);
     P.setup(a.ts, local % a.tw, local / a.tw, a.W, a.H);
     blend_tile<T, DC>(a, L, P, s, bgs ? bgs + cam * a.D : nullptr, o + cam * HW * a.D, ft + cam * HW,
                       al + cam * HW, li + cam * HW, acc);
@@ -506,13 +524,9 @@ template <typename T, int DC, bool ABS>
 void backward_impl(const Args& a, const Tensor& final_t_, const Tensor& last_, const Tensor& g_out_,
                    const Tensor& g_alpha_, Tensor& gm, Tensor& gcon, Tensor& gcol, Tensor& gop, Tensor& gbg,
                    Tensor& gabs) {
-  const T* m2d = a.means2d.data_ptr<T>();
-  const T* con = a.conics.data_ptr<T>();
-  const T* opa = a.opacities.data_ptr<T>();
-  const T* col = a.colors.data_ptr<T>();
-  const T* bgs = a.backgrounds.defined() ? a.backgrounds.data_ptr<T>() : nullptr;
-  const int32_t* off = a.offsets.data_ptr<int32_t>();
-  const int32_t* ids = a.fids.data_ptr<int32_t>();
+  const Data<T> in(a);
+  const T* bgs = in.bgs;
+  const int32_t *off = in.off, *ids = in.ids;
   const T* ft = final_t_.data_ptr<T>();
   const int32_t* li = last_.data_ptr<int32_t>();
   const T* go = g_out_.data_ptr<T>();
@@ -536,7 +550,7 @@ void backward_impl(const Args& a, const Tensor& final_t_, const Tensor& last_, c
                         "into its tile's run of flatten_ids, as the forward returns them; got ", l,
                         " for a tile whose run is [", s, ", ", e, ")");
     }
-    L.gather(a, m2d, con, opa, col, ids, s, e);
+    L.gather(a, in, s, e);
     backward_tile<T, DC, ABS>(a, L, P, S, s, bgs ? bgs + cam * D : nullptr, go + cam * HW * D, ga + cam * HW,
                          ft + cam * HW, li + cam * HW, rec.data() + s * R, tile_bg.data() + tile * D);
   });
@@ -595,12 +609,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rasterize_to_pixels_b
   TORCH_CHECK(last_ids.scalar_type() == at::kInt && last_ids.sizes() == at::IntArrayRef(img), op,
               ": last_ids must be int32 ", at::IntArrayRef(img), ", got ", last_ids.scalar_type(), " ",
               last_ids.sizes());
-  TORCH_CHECK_VALUE(a.M == 0 || a.C * a.N > 0, op, ": flatten_ids must be empty when C * N = 0");
-  if (a.M > 0) {
-    const int32_t* f = a.fids.data_ptr<int32_t>();
-    const auto mm = std::minmax_element(f, f + a.M);
-    TORCH_CHECK_VALUE(*mm.first >= 0 && int64_t(*mm.second) < a.C * a.N, op, ": flatten_ids must lie in [0, C * N)");
-  }
+  check_ids(op, a);
   const auto opts = a.means2d.options();
   Tensor gm = new_output({a.C, a.N, 2}, opts), gcon = new_output({a.C, a.N, 3}, opts);
   Tensor gcol = new_output({a.C, a.N, a.D}, opts), gop = new_output({a.C, a.N}, opts);

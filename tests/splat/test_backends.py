@@ -159,7 +159,6 @@ def _raster_scene(C, N, W, H, ts, D, gen_seed, dtype=torch.float64):
     opac = extra(opac, [1.0, 1.0, 1.0])
     opac[:, ::7] = 1.0  # o e^-sigma > 0.99 near the centre: the clamp
     opac[:, 3::11] = 0.002  # never reaches 1/255
-    conics = conics.clone()
     conics[:, 5::13, 1] = 2.0 * (conics[:, 5::13, 0] * conics[:, 5::13, 2]).sqrt()  # b^2 > a c
     tw, th = ref.tile_grid(W, H, ts)
     _, ids, fids = ref.isect_tiles(means2d, radii, depths, ts, tw, th)
