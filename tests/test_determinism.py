@@ -130,7 +130,8 @@ def test_deq():
     _grads_four_ways(layer, [W, x])
 
 
-def test_splat():
+@pytest.mark.parametrize("packed", [False, True])
+def test_splat(packed):
     from .splat.scenes import cameras, gaussians
 
     W, H = 40, 30
@@ -140,7 +141,9 @@ def test_splat():
     leaves = [t.clone().requires_grad_(True) for t in (means, quats, scales, opacities, colors)]
 
     def render(means, quats, scales, opacities, colors):
-        img, _, _ = ff.rasterization(means, quats, scales, opacities, colors, viewmats, Ks, W, H, tile_size=8)
+        img, _, _ = ff.rasterization(
+            means, quats, scales, opacities, colors, viewmats, Ks, W, H, tile_size=8, packed=packed
+        )
         return img
 
     _grads_four_ways(render, leaves)

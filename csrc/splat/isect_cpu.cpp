@@ -177,15 +177,21 @@ std::string fmt_gib(double v) {  // Python's f"{v:,.1f}"
 }
 
 // reference check_isect_sizes
-void check_sizes(int64_t C, int64_t N, int64_t n_tiles) {
+// (packed: N is the number of rows, which the int32 flatten_ids index)
+void check_sizes(int64_t C, int64_t N, int64_t n_tiles, bool packed) {
   const int cam_bits = bits_for_count(C), tile_bits = bits_for_count(n_tiles);
   TORCH_CHECK_VALUE(cam_bits + tile_bits <= 31, "means2d has ", C, " cameras and tile_width x tile_height is ",
                     n_tiles, " tiles: ", cam_bits, " + ", tile_bits,
                     " bits do not fit in the 31 bits of the intersection keys above the depth; render fewer "
                     "cameras per call or use a larger tile_size");
-  TORCH_CHECK_VALUE(C * N <= kInt32Limit, "means2d has C * N = ", C, " x ", N, " = ", C * N,
-                    " (camera, Gaussian) pairs, more than the int32 flatten_ids can index (2^31); render fewer "
-                    "cameras per call");
+  if (packed) {
+    TORCH_CHECK_VALUE(N <= kInt32Limit, "means2d has ", N,
+                      " packed rows, more than the int32 flatten_ids can index (2^31); render fewer cameras per call");
+  } else {
+    TORCH_CHECK_VALUE(C * N <= kInt32Limit, "means2d has C * N = ", C, " x ", N, " = ", C * N,
+                      " (camera, Gaussian) pairs, more than the int32 flatten_ids can index (2^31); render fewer "
+                      "cameras per call");
+  }
 }
 
 // reference check_isect_count (check_memory: the CPU's physical memory, as _checks.memory_bytes reads it)
@@ -334,8 +340,13 @@ void check_values(const Tensor& means2d, const Tensor& radii, const Tensor& dept
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor> isect_impl(const Tensor& means2d, const Tensor& radii, const Tensor& depths,
                                               int64_t ts, int64_t tw, int64_t th, const Tensor& conics,
-                                              const Tensor& opacities, std::optional<int64_t> max_isects) {
-  const int64_t C = depths.size(0), N = depths.size(1), G = C * N;
+                                              const Tensor& opacities, std::optional<int64_t> max_isects,
+                                              const Tensor& image_ids, int64_t n_images) {
+  // Rows: C * N Gaussians, camera g / N; packed: nnz rows, camera image_ids[g].
+  const bool packed = image_ids.defined();
+  const int64_t C = packed ? n_images : depths.size(0), N = packed ? depths.size(0) : depths.size(1);
+  const int64_t G = packed ? N : C * N;
+  const int32_t* cam_of = packed ? image_ids.data_ptr<int32_t>() : nullptr;
   const int64_t n_tiles = tw * th;
   const int tile_bits = bits_for_count(n_tiles), cam_bits = bits_for_count(C);
   const bool exact = conics.defined();
@@ -372,7 +383,7 @@ std::tuple<Tensor, Tensor, Tensor> isect_impl(const Tensor& means2d, const Tenso
   const int64_t M = start[G];
   check_count(M, max_isects);
 
-  Tensor tpg = new_output({C, N}, depths.options().dtype(at::kInt));
+  Tensor tpg = new_output(depths.sizes(), depths.options().dtype(at::kInt));
   Tensor keys_t = new_output({M}, depths.options().dtype(at::kLong));
   Tensor ids_t = new_output({M}, depths.options().dtype(at::kInt));
   int32_t* tpgp = tpg.data_ptr<int32_t>();
@@ -393,7 +404,8 @@ std::tuple<Tensor, Tensor, Tensor> isect_impl(const Tensor& means2d, const Tenso
       const float zf = float(dep[g]);
       uint32_t zbits;
       std::memcpy(&zbits, &zf, sizeof(zbits));
-      const uint64_t head = (uint64_t(g / N) << (32 + tile_bits)) | uint64_t(zbits);
+      const uint64_t cam = packed ? uint64_t(cam_of[g]) : uint64_t(g / N);
+      const uint64_t head = (cam << (32 + tile_bits)) | uint64_t(zbits);
       uint64_t* k = keys + b;
       int32_t* ip = ids + b;
       if (!exact) {
@@ -429,42 +441,69 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles_cpu(const Tensor& means2d_, const
                                                    const Tensor& depths_, int64_t tile_size, int64_t tile_width,
                                                    int64_t tile_height, const std::optional<Tensor>& conics_,
                                                    const std::optional<Tensor>& opacities_,
-                                                   std::optional<int64_t> max_intersections) {
+                                                   std::optional<int64_t> max_intersections,
+                                                   const std::optional<Tensor>& image_ids_, int64_t n_images) {
   const char* op = "isect_tiles";
-  float_input(depths_, depths_, "depths", 2);
-  const int64_t C = depths_.size(0), N = depths_.size(1);
-  float_input(means2d_, depths_, "means2d", 3);
-  shape_arg(means2d_, {C, N, 2}, op, "means2d", "[C, N, 2]");
+  const Tensor* image_ids_p = present(image_ids_);
+  const bool packed = image_ids_p != nullptr;
+  float_input(depths_, depths_, "depths", packed ? 1 : 2);
+  // Row shape prefix: {C, N} or packed {nnz}.
+  const std::vector<int64_t> rows = packed ? std::vector<int64_t>{depths_.size(0)}
+                                           : std::vector<int64_t>{depths_.size(0), depths_.size(1)};
+  const int64_t C = packed ? n_images : rows[0], N = packed ? rows[0] : rows[1];
+  auto with = [&](int64_t tail) {
+    std::vector<int64_t> v = rows;
+    v.push_back(tail);
+    return v;
+  };
+  const char* lead = packed ? "[nnz, " : "[C, N, ";
+  float_input(means2d_, depths_, "means2d", packed ? 2 : 3);
+  shape_arg(means2d_, with(2), op, "means2d", (std::string(lead) + "2]").c_str());
   check_cpu(radii_, op, "radii");
   TORCH_CHECK(radii_.scalar_type() == at::kInt, op, ": radii must be int32, got ", radii_.scalar_type());
-  shape_arg(radii_, {C, N, 2}, op, "radii", "[C, N, 2]");
+  shape_arg(radii_, with(2), op, "radii", (std::string(lead) + "2]").c_str());
   TORCH_CHECK(tile_size >= 1 && tile_width >= 1 && tile_height >= 1, op,
               ": tile_size, tile_width and tile_height must be >= 1");
   const Tensor* conics_p = present(conics_);
   const Tensor* opacities_p = present(opacities_);
   if (conics_p) {
-    float_input(*conics_p, depths_, "conics", 3);
-    shape_arg(*conics_p, {C, N, 3}, op, "conics", "[C, N, 3]");
+    float_input(*conics_p, depths_, "conics", packed ? 2 : 3);
+    shape_arg(*conics_p, with(3), op, "conics", (std::string(lead) + "3]").c_str());
   }
   if (opacities_p) {
-    float_input(*opacities_p, depths_, "opacities", 2);
-    shape_arg(*opacities_p, {C, N}, op, "opacities", "[C, N]");
+    float_input(*opacities_p, depths_, "opacities", packed ? 1 : 2);
+    shape_arg(*opacities_p, rows, op, "opacities", packed ? "[nnz]" : "[C, N]");
+  }
+  if (packed) {
+    check_cpu(*image_ids_p, op, "image_ids");
+    TORCH_CHECK(image_ids_p->scalar_type() == at::kInt, op, ": image_ids must be int32, got ",
+                image_ids_p->scalar_type());
+    shape_arg(*image_ids_p, rows, op, "image_ids", "[nnz]");
+    TORCH_CHECK_VALUE(n_images >= 1, op, ": n_images must be >= 1 with image_ids, got ", n_images);
   }
   // The reference entry's order: sizes (before any O(C N) work, contiguous
   // copies included), values, then the arguments, then M.
-  check_sizes(C, N, tile_width * tile_height);
+  check_sizes(C, N, tile_width * tile_height, packed);
   const Tensor depths = depths_.contiguous(), means2d = means2d_.contiguous(), radii = radii_.contiguous();
+  const Tensor image_ids = packed ? image_ids_p->contiguous() : Tensor();
   const Tensor conics = conics_p ? conics_p->contiguous() : Tensor();
   const Tensor opacities = opacities_p ? opacities_p->contiguous() : Tensor();
   std::tuple<Tensor, Tensor, Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(depths.scalar_type(), "isect_tiles", [&] {
     check_values<scalar_t>(means2d, radii, depths, conics, opacities);
+    if (packed && N > 0) {  // reference _check_image_ids
+      const int32_t* c = image_ids.data_ptr<int32_t>();
+      const auto mm = std::minmax_element(c, c + N);
+      TORCH_CHECK_VALUE(*mm.first >= 0 && int64_t(*mm.second) < n_images,
+                        "image_ids must lie in [0, n_images) = [0, ", n_images,
+                        ") (each packed row's camera), got values in [", *mm.first, ", ", *mm.second, "]");
+    }
     TORCH_CHECK_VALUE(conics.defined() == opacities.defined(),
                       "conics and opacities must be given together (exact tile culling needs both) or not at all");
     TORCH_CHECK_VALUE(!max_intersections.has_value() || *max_intersections >= 0,
                       "max_intersections must be >= 0 or None, got ", max_intersections.value_or(0));
     out = isect_impl<scalar_t>(means2d, radii, depths, tile_size, tile_width, tile_height, conics, opacities,
-                               max_intersections);
+                               max_intersections, image_ids, n_images);
   });
   return out;
 }

@@ -78,7 +78,9 @@ constexpr double kTStop = kTMin * (1 + 1e-9);
 // ---------------------------------------------------------------------------
 struct Args {
   Tensor means2d, conics, colors, opacities, backgrounds, offsets, fids;  // contiguous; backgrounds may be undefined
-  int64_t C, N, D, W, H, ts, tw, th, M;
+  // R rows of Gaussians: C * N ([C, N, ...] tables) or nnz (packed [nnz, ...] tables); C images (the offsets').
+  int64_t C, R, D, W, H, ts, tw, th, M;
+  bool packed;
 };
 
 Args check_args(const char* op, const Tensor& means2d, const Tensor& conics, const Tensor& colors,
@@ -87,20 +89,34 @@ Args check_args(const char* op, const Tensor& means2d, const Tensor& conics, con
   check_cpu(means2d, op, "means2d");
   TORCH_CHECK(means2d.scalar_type() == at::kFloat || means2d.scalar_type() == at::kDouble, op,
               ": means2d must be float32 or float64, got ", means2d.scalar_type());
-  TORCH_CHECK(means2d.dim() == 3 && means2d.size(2) == 2, op, ": means2d must be [C, N, 2], got shape ",
-              means2d.sizes());
-  const int64_t C = means2d.size(0), N = means2d.size(1);
+  TORCH_CHECK((means2d.dim() == 3 || means2d.dim() == 2) && means2d.size(-1) == 2, op,
+              ": means2d must be [C, N, 2] (or packed [nnz, 2]), got shape ", means2d.sizes());
+  const bool packed = means2d.dim() == 2;
+  TORCH_CHECK(offsets.dim() == 3, op, ": isect_offsets must be [C, tile_height, tile_width], got shape ",
+              offsets.sizes());
+  const int64_t C = packed ? offsets.size(0) : means2d.size(0);
+  // Row shape prefix: {C, N} or {nnz}.
+  const std::vector<int64_t> rows = packed ? std::vector<int64_t>{means2d.size(0)}
+                                           : std::vector<int64_t>{means2d.size(0), means2d.size(1)};
+  const char* lead = packed ? "[nnz" : "[C, N";
+  auto with = [&](std::initializer_list<int64_t> tail) {
+    std::vector<int64_t> v = rows;
+    v.insert(v.end(), tail);
+    return v;
+  };
   for (auto [t, name] : {std::pair{&conics, "conics"}, {&colors, "colors"}, {&opacities, "opacities"}}) {
     check_cpu(*t, op, name);
     same_dtype(*t, means2d, op, name, "means2d");
   }
-  TORCH_CHECK(conics.sizes() == at::IntArrayRef({C, N, 3}), op, ": conics must be [C, N, 3] = [", C, ", ", N,
-              ", 3], got shape ", conics.sizes());
-  TORCH_CHECK(colors.dim() == 3 && colors.size(0) == C && colors.size(1) == N, op, ": colors must be [C, N, D] = [",
-              C, ", ", N, ", D], got shape ", colors.sizes());
-  TORCH_CHECK(opacities.sizes() == at::IntArrayRef({C, N}), op, ": opacities must be [C, N] = [", C, ", ", N,
-              "], got shape ", opacities.sizes());
-  const int64_t D = colors.size(2);
+  TORCH_CHECK(conics.sizes() == at::IntArrayRef(with({3})), op, ": conics must be ", lead, ", 3] = ",
+              at::IntArrayRef(with({3})), ", got shape ", conics.sizes());
+  TORCH_CHECK(colors.dim() == int64_t(rows.size()) + 1 && colors.sizes().slice(0, rows.size()) == at::IntArrayRef(rows),
+              op, ": colors must be ", lead, ", D] = ", at::IntArrayRef(with({-1})), " (D any), got shape ",
+              colors.sizes());
+  TORCH_CHECK(opacities.sizes() == at::IntArrayRef(rows), op, ": opacities must be ", lead, "] = ",
+              at::IntArrayRef(rows), ", got shape ", opacities.sizes());
+  const int64_t D = colors.size(-1);
+  const int64_t R = packed ? rows[0] : rows[0] * rows[1];
   Tensor bg;
   if (const Tensor* b = present(backgrounds)) {
     check_cpu(*b, op, "backgrounds");
@@ -120,19 +136,21 @@ Args check_args(const char* op, const Tensor& means2d, const Tensor& conics, con
   TORCH_CHECK(fids.scalar_type() == at::kInt && fids.dim() == 1, op, ": flatten_ids must be int32 [M], got ",
               fids.scalar_type(), " ", fids.sizes());
   return {means2d.contiguous(), conics.contiguous(), colors.contiguous(), opacities.contiguous(), bg,
-          offsets.contiguous(), fids.contiguous(), C, N, D, width, height, tile_size, tw, th, fids.numel()};
+          offsets.contiguous(), fids.contiguous(), C, R, D, width, height, tile_size, tw, th, fids.numel(), packed};
 }
 
-// flatten_ids index the C * N Gaussians (the forward's and the backward's check).
+// flatten_ids index the R rows (the forward's and the backward's check).
 void check_ids(const char* op, const Args& a) {
-  const int64_t CN = a.C * a.N;
-  TORCH_CHECK_VALUE(a.M == 0 || CN > 0, op,
-                    ": flatten_ids must be empty when there are no Gaussians (C * N = 0), got ", a.M, " entries");
+  const int64_t CN = a.R;
+  const char* what = a.packed ? "nnz" : "C * N";
+  const char* rows = a.packed ? "packed rows" : "Gaussians";
+  TORCH_CHECK_VALUE(a.M == 0 || CN > 0, op, ": flatten_ids must be empty when there are no Gaussians (", what,
+                    " = 0), got ", a.M, " entries");
   if (a.M > 0) {
     const int32_t* f = a.fids.data_ptr<int32_t>();
     const auto mm = std::minmax_element(f, f + a.M);
     TORCH_CHECK_VALUE(*mm.first >= 0 && int64_t(*mm.second) < CN, op, ": flatten_ids must lie in [0, ", CN - 1,
-                      "] (indices into the C * N = ", CN, " Gaussians), got values in [", *mm.first, ", ",
+                      "] (indices into the ", what, " = ", CN, " ", rows, "), got values in [", *mm.first, ", ",
                       *mm.second, "]");
   }
 }
@@ -157,7 +175,7 @@ void check_values(const char* op, const Args& a) {
   finite(a.colors, "colors");
   finite(a.opacities, "opacities");
   finite(a.backgrounds, "backgrounds");
-  const int64_t CN = a.C * a.N;
+  const int64_t CN = a.R;
   if (CN > 0) {
     const T* o = a.opacities.data_ptr<T>();
     const auto mm = std::minmax_element(o, o + CN);
@@ -532,7 +550,7 @@ void backward_impl(const Args& a, const Tensor& final_t_, const Tensor& last_, c
   const T* go = g_out_.data_ptr<T>();
   const T* ga = g_alpha_.data_ptr<T>();
   const int64_t per_cam = a.tw * a.th, n_tiles = a.C * per_cam, HW = a.H * a.W, D = a.D;
-  const int64_t R = 6 + D + (ABS ? 2 : 0), CN = a.C * a.N;
+  const int64_t R = 6 + D + (ABS ? 2 : 0), CN = a.R;
   std::vector<T> rec(std::max<int64_t>(a.M, 1) * R);
   std::vector<T> tile_bg(std::max<int64_t>(n_tiles, 1) * D);
   for_each_chunk(n_tiles, [&](int64_t tile) {
@@ -611,10 +629,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rasterize_to_pixels_b
               last_ids.sizes());
   check_ids(op, a);
   const auto opts = a.means2d.options();
-  Tensor gm = new_output({a.C, a.N, 2}, opts), gcon = new_output({a.C, a.N, 3}, opts);
-  Tensor gcol = new_output({a.C, a.N, a.D}, opts), gop = new_output({a.C, a.N}, opts);
+  // Gradients in the inputs' own shapes ([C, N, ...] or packed [nnz, ...]).
+  Tensor gm = new_output(means2d.sizes(), opts), gcon = new_output(conics.sizes(), opts);
+  Tensor gcol = new_output(colors.sizes(), opts), gop = new_output(opacities.sizes(), opts);
   Tensor gbg = a.backgrounds.defined() ? new_output({a.C, a.D}, opts) : at::empty({0}, opts);
-  Tensor gabs = absgrad ? new_output({a.C, a.N, 2}, opts) : at::empty({0}, opts);
+  Tensor gabs = absgrad ? new_output(means2d.sizes(), opts) : at::empty({0}, opts);
   const Tensor ft = final_ts.contiguous(), li = last_ids.contiguous(), g_out = grad_colors.contiguous(),
                g_al = grad_alphas.contiguous();
   AT_DISPATCH_FLOATING_TYPES(a.means2d.scalar_type(), "rasterize_to_pixels_bwd", [&] {

@@ -13,14 +13,19 @@ backends of the ops that have them.
   spherical_harmonics(degree, dirs, coeffs, masks?) -> colors
   spherical_harmonics_bwd(degree, dirs, coeffs, masks?, grad_colors) -> (grad_dirs, grad_coeffs)
   isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height, conics?, opacities?,
-              max_intersections?) -> (tiles_per_gauss, isect_ids, flatten_ids)   [no autograd]
+              max_intersections?, image_ids?, n_images) -> (tiles_per_gauss, isect_ids, flatten_ids)   [no autograd]
   isect_offset_encode(isect_ids, n_images, tile_width, tile_height) -> isect_offsets   [no autograd]
   rasterize_to_pixels(means2d, conics, colors, opacities, backgrounds?, width, height, tile_size,
                       isect_offsets, flatten_ids, absgrad) -> (render_colors, render_alphas, final_ts, last_ids)
   rasterize_to_pixels_bwd(<the same inputs>, final_ts, last_ids, grad_colors, grad_alphas)
       -> (grad_means2d, grad_conics, grad_colors, grad_opacities, grad_backgrounds, grad_means2d_abs)
 
-Shapes are those of :mod:`frontiers_fast.reference.splat`.  A ``_bwd`` op
+Shapes are those of :mod:`frontiers_fast.reference.splat`.  Packed mode
+(gsplat's ``packed=True``) needs no op of its own: ``isect_tiles`` takes
+``image_ids`` [nnz] (the camera of each row; None: the [C, N] layout, and
+n_images is ignored), and the blender's tables are flat rows, so its
+means2d, conics, colors and opacities may be [C, N, ...] or packed
+[nnz, ...] (the image count is isect_offsets.shape[0]).  A ``_bwd`` op
 is a kernel op without autograd of its own, run with the forward's backend.
 Its reference recomputes the reference forward under autograd inside the
 op; the blender's does so one chunk of pixel blocks at a time, so its memory
@@ -145,6 +150,17 @@ def _check_isect_values(means2d, radii, depths, conics, opacities):
         check_in_range("opacities", opacities.detach(), 0, 1)
 
 
+def _check_image_ids(image_ids, n_images):
+    """Packed rows' cameras: each must address one of the n_images images."""
+    if has_values(image_ids) and image_ids.numel():
+        lo, hi = int(image_ids.min()), int(image_ids.max())
+        if lo < 0 or hi >= n_images:
+            raise ValueError(
+                f"image_ids must lie in [0, n_images) = [0, {n_images}) (each packed row's camera), "
+                f"got values in [{lo}, {hi}]"
+            )
+
+
 def _check_isect_ids(isect_ids, n_images, tile_width, tile_height):
     """The keys are sorted and their camera and tile fields address the [n_images, tiles] grid.
 
@@ -192,13 +208,14 @@ def _check_blend_values(means2d, conics, colors, opacities, backgrounds, isect_o
     # Opacities above 1 would reach the 0.99 clamp where a real splat does
     # not, and negative ones would only ever be skipped: neither is a splat.
     check_in_range("opacities", opacities, 0, 1)
-    C, N = opacities.shape
+    R = opacities.numel()  # rows: C * N, or nnz when packed
+    what, rows = ("nnz", "packed rows") if opacities.dim() == 1 else ("C * N", "Gaussians")
     M = flatten_ids.numel()
-    if M and C * N == 0:
+    if M and R == 0:
         raise ValueError(
-            f"flatten_ids must be empty when there are no Gaussians (C * N = 0), got {M} entries"
+            f"flatten_ids must be empty when there are no Gaussians ({what} = 0), got {M} entries"
         )
-    check_in_range("flatten_ids", flatten_ids, 0, C * N - 1, f" (indices into the C * N = {C * N} Gaussians)")
+    check_in_range("flatten_ids", flatten_ids, 0, R - 1, f" (indices into the {what} = {R} {rows})")
     # Tile t's run is offsets[t] : offsets[t + 1] (M for the last tile).
     starts = isect_offsets.reshape(-1)
     if has_values(starts) and (
@@ -389,15 +406,24 @@ define_op(
 # tile intersection (integer outputs, no autograd)
 # ---------------------------------------------------------------------------
 def _ref_isect_tiles(
-    means2d, radii, depths, tile_size, tile_width, tile_height, conics, opacities, max_intersections
-):
+    means2d, radii, depths, tile_size, tile_width, tile_height, conics, opacities, max_intersections, image_ids,
+    n_images,
+):  # fmt: skip
     # Sizes first (with concrete sizes: under torch.compile the public
     # function sees symbolic ones): they are refused before any O(C N) work.
-    ref.check_isect_sizes(depths.shape[0], depths.shape[1], tile_width * tile_height)
+    if image_ids is None:
+        ref.check_isect_sizes(depths.shape[0], depths.shape[1], tile_width * tile_height)
+    else:
+        ref.check_isect_sizes(
+            n_images, depths.shape[0], tile_width * tile_height, packed_rows=depths.shape[0]
+        )
     _check_isect_values(means2d, radii, depths, conics, opacities)
+    if image_ids is not None:
+        _check_image_ids(image_ids, n_images)
     return ref.isect_tiles(
-        means2d, radii, depths, tile_size, tile_width, tile_height, conics, opacities, max_intersections
-    )
+        means2d, radii, depths, tile_size, tile_width, tile_height, conics, opacities, max_intersections,
+        image_ids, n_images,
+    )  # fmt: skip
 
 
 def _fake_isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height, *rest):
@@ -416,7 +442,8 @@ def _ref_isect_offset_encode(isect_ids, n_images, tile_width, tile_height):
 
 define_op(
     "isect_tiles(Tensor means2d, Tensor radii, Tensor depths, SymInt tile_size, SymInt tile_width, "
-    "SymInt tile_height, Tensor? conics, Tensor? opacities, int? max_intersections) -> (Tensor, Tensor, Tensor)",
+    "SymInt tile_height, Tensor? conics, Tensor? opacities, int? max_intersections, Tensor? image_ids, "
+    "SymInt n_images) -> (Tensor, Tensor, Tensor)",
     fake=_fake_isect_tiles,
     reference=_ref_isect_tiles,
     native=("cpp",),
@@ -462,9 +489,11 @@ def _ref_raster(
     return tuple(t.contiguous() for t in outs)
 
 
-def _fake_raster(means2d, conics, colors, opacities, backgrounds, width, height, *rest):
-    torch._check(colors.dim() == 3, lambda: "colors must be [C, N, D]")
-    C, D = colors.shape[0], colors.shape[2]
+def _fake_raster(
+    means2d, conics, colors, opacities, backgrounds, width, height, tile_size, isect_offsets, *rest
+):
+    torch._check(colors.dim() in (2, 3), lambda: "colors must be [C, N, D] or packed [nnz, D]")
+    C, D = isect_offsets.shape[0], colors.shape[-1]
     return (
         colors.new_empty((C, height, width, D)),
         colors.new_empty((C, height, width, 1)),
@@ -479,7 +508,7 @@ def _ref_raster_bwd(
 ):  # fmt: skip
     # final_ts and last_ids (the forward's state for a back-to-front pass) are
     # not needed here: each chunk's forward is recomputed under autograd.
-    C, N, D = colors.shape
+    C, D, R = isect_offsets.shape[0], colors.shape[-1], opacities.numel()  # R rows: C * N, or nnz packed
     plan = ref.BlendPlan(means2d, conics, opacities, isect_offsets, flatten_ids, width, height, tile_size)
     order, chunks = ref.block_chunks(plan.count, plan.block**2)
     g_out = ref.image_to_blocks(grad_colors, plan)  # [B, P, D]; padding pixels carry no gradient
@@ -488,14 +517,14 @@ def _ref_raster_bwd(
     per_cam = plan.blocks_w * plan.blocks_h
     if backgrounds is not None:
         g_T = g_T + (g_out * backgrounds.repeat_interleave(per_cam, 0)[:, None, :]).sum(-1)
-    flat_shapes = ((C * N, 2), (C * N, 3), (C * N, D), (C * N,))
+    flat_shapes = ((R, 2), (R, 3), (R, D), (R,))
     leaves = [
         t.detach().reshape(shape).requires_grad_(True)
         for t, shape in zip((means2d, conics, colors, opacities), flat_shapes)
     ]
     acc = [torch.zeros_like(t) for t in leaves]
     g_bg = colors.new_zeros((C, D)) if backgrounds is not None else absent(colors)
-    g_abs = means2d.new_zeros((C * N, 2)) if absgrad else None
+    g_abs = means2d.new_zeros((R, 2)) if absgrad else None
     # One chunk at a time: recompute its forward with autograd, pull the
     # gradient back, free it.  Peak memory stays that of one forward chunk.
     for b, e, K in chunks:
@@ -525,7 +554,7 @@ def _ref_raster_bwd(
         if backgrounds is not None:
             g_bg.index_add_(0, blocks // per_cam, torch.einsum("tp,tpd->td", T.detach(), g_out[blocks]))
     gm, gc, gcol, go = (a.reshape(t.shape) for a, t in zip(acc, (means2d, conics, colors, opacities)))
-    return gm, gc, gcol, go, g_bg, g_abs.reshape(C, N, 2) if absgrad else absent(colors)
+    return gm, gc, gcol, go, g_bg, g_abs.reshape(means2d.shape) if absgrad else absent(colors)
 
 
 def _fake_raster_bwd(
@@ -557,7 +586,7 @@ def _raster_backward(ctx, g_colors, g_alphas, _g_final_ts, _g_last_ids):
     means2d, conics, colors, opacities, backgrounds, offsets, flatten_ids, final_ts, last_ids = (
         ctx.saved_tensors
     )
-    C, D = colors.shape[0], colors.shape[2]
+    C, D = offsets.shape[0], colors.shape[-1]
     W, H = ctx.args[0], ctx.args[1]
     g_colors = colors.new_zeros((C, H, W, D)) if g_colors is None else g_colors.contiguous()
     g_alphas = colors.new_zeros((C, H, W, 1)) if g_alphas is None else g_alphas.contiguous()
@@ -639,7 +668,8 @@ def _check_int32(name, t, shape, like, like_name):
 
 
 def _check_exact_culling(conics, opacities, means2d):
-    """The optional conics [C, N, 3] and opacities [C, N] of isect_tiles' exact culling: both or neither."""
+    """The optional conics [C, N, 3] and opacities [C, N] (packed: [nnz, 3] and [nnz]) of isect_tiles'
+    exact culling: both or neither."""
     if (conics is None) != (opacities is None):
         given, missing = ("conics", "opacities") if opacities is None else ("opacities", "conics")
         raise ValueError(
@@ -648,9 +678,9 @@ def _check_exact_culling(conics, opacities, means2d):
         )
     if conics is None:
         return
-    C, N = means2d.shape[:2]
-    _check_float("conics", conics, (C, N, 3), means2d, "means2d")
-    _check_float("opacities", opacities, (C, N), means2d, "means2d")
+    rows = tuple(means2d.shape[:-1])
+    _check_float("conics", conics, rows + (3,), means2d, "means2d")
+    _check_float("opacities", opacities, rows, means2d, "means2d")
 
 
 def _check_gaussians(means, quats, scales, opacities):
@@ -712,6 +742,7 @@ def project_gaussians(
     radius_clip: float = 0.0,
     antialiased: bool = False,
     *,
+    packed: bool = False,
     backend: str | None = None,
 ):
     """Project N 3D Gaussians into C pinhole cameras (EWA splatting).
@@ -724,6 +755,12 @@ def project_gaussians(
     Returns radii [C, N, 2] int32 (0 = culled), means2d [C, N, 2], depths [C, N],
     conics [C, N, 3] and compensations [C, N] (ones unless ``antialiased``).
     Differentiable with respect to means, quats, scales, viewmats and Ks.
+
+    ``packed=True`` (gsplat's packed layout) keeps only the nnz visible
+    (camera, Gaussian) pairs, camera-major: returns camera_ids [nnz] int32,
+    gaussian_ids [nnz] int32, radii [nnz, 2], means2d [nnz, 2], depths [nnz],
+    conics [nnz, 3] and compensations [nnz] (:func:`pack`).  The [C, N]
+    projection is a transient: only the nnz rows outlive the call.
 
     NaN or inf in any input tensor is refused (ValueError naming it), in
     eager and compiled calls alike; so is every out-of-range value above.
@@ -745,7 +782,26 @@ def project_gaussians(
         means, quats, scales, opacities, viewmats, Ks, width, height, eps2d, near_plane, far_plane, radius_clip,
         antialiased, backend,
     )  # fmt: skip
+    if check_bool("packed", packed):
+        cam, gid = pack_ids(radii)
+        return (cam, gid, *pack(cam, gid, radii, means2d, depths, conics, compensations))
     return radii, means2d, depths, conics, compensations
+
+
+def pack_ids(radii):
+    """The visible (camera, Gaussian) pairs of radii [C, N, 2], camera-major (gsplat's packed order):
+    camera_ids [nnz] int32 and gaussian_ids [nnz] int32."""
+    cam, gid = (radii > 0).all(-1).nonzero(as_tuple=True)
+    return cam.to(torch.int32), gid.to(torch.int32)
+
+
+def pack(camera_ids, gaussian_ids, *tensors):
+    """Per-(camera, Gaussian) tensors [C, N, ...] gathered to the packed rows [nnz, ...].
+
+    Differentiable: the gradient of each row goes back to its own (camera,
+    Gaussian) entry (the pairs are distinct, so nothing is summed)."""
+    c, g = camera_ids.long(), gaussian_ids.long()
+    return tuple(t[c, g] for t in tensors)
 
 
 def spherical_harmonics(
@@ -784,7 +840,7 @@ def spherical_harmonics(
 
 def isect_tiles(
     means2d, radii, depths, tile_size, tile_width, tile_height, conics=None, opacities=None, *,
-    max_intersections=None, backend=None,
+    max_intersections=None, packed=False, n_images=None, image_ids=None, backend=None,
 ):  # fmt: skip
     """Tile overlaps as sorted 64-bit keys (camera | tile | depth bits).
 
@@ -798,7 +854,14 @@ def isect_tiles(
     :func:`frontiers_fast.reference.splat.isect_tiles`.
 
     Returns tiles_per_gauss [C, N] int32, isect_ids [M] int64 (sorted),
-    flatten_ids [M] int32.  The intersections are counted before the outputs
+    flatten_ids [M] int32.
+
+    ``packed=True`` (gsplat's signature): the rows are nnz (camera,
+    Gaussian) pairs, means2d [nnz, 2], radii [nnz, 2], depths [nnz], conics
+    [nnz, 3], opacities [nnz], with ``image_ids`` [nnz] int32 their cameras
+    in [0, ``n_images``); tiles_per_gauss is [nnz] and flatten_ids index the
+    rows.  Rows in camera-major order (as :func:`project_gaussians` with
+    ``packed=True`` gives them) list the same keys as the unpacked call.  The intersections are counted before the outputs
     are allocated: ValueError when M exceeds ``max_intersections`` (None:
     when the 12 M bytes of isect_ids and flatten_ids exceed the device's
     memory), when the camera and tile fields need more than 31 bits,
@@ -811,10 +874,23 @@ def isect_tiles(
 
     Example: ``tpg, isect_ids, flatten_ids = isect_tiles(means2d, radii, depths, 16, 40, 30, conics, opac)``
     """
-    _check_float("means2d", means2d, (None, None, 2))
-    C, N = means2d.shape[:2]
-    _check_int32("radii", radii, (C, N, 2), means2d, "means2d")
-    _check_float("depths", depths, (C, N), means2d, "means2d")
+    packed = check_bool("packed", packed)
+    if packed:
+        _check_float("means2d", means2d, (None, 2), hint=" (packed rows)")
+        rows = tuple(means2d.shape[:1])
+        if n_images is None or image_ids is None:
+            raise ValueError(
+                "isect_tiles with packed=True needs n_images and image_ids (the camera of each row)"
+            )
+        n_images = check_int("n_images", n_images, 1)
+        _check_int32("image_ids", image_ids, rows, means2d, "means2d")
+    else:
+        if n_images is not None or image_ids is not None:
+            raise ValueError("isect_tiles takes n_images and image_ids only with packed=True")
+        _check_float("means2d", means2d, (None, None, 2))
+        rows = tuple(means2d.shape[:2])
+    _check_int32("radii", radii, rows + (2,), means2d, "means2d")
+    _check_float("depths", depths, rows, means2d, "means2d")
     tile_size = _check_tile_size(tile_size)
     tile_width = check_int("tile_width", tile_width, 1)
     tile_height = check_int("tile_height", tile_height, 1)
@@ -824,12 +900,16 @@ def isect_tiles(
     check_has_values("means2d", means2d)
     # The op body repeats this size check with concrete sizes (under
     # torch.compile C and N may be symbolic) and runs the value checks
-    # (finite means2d and depths, depths >= 0).
+    # (finite means2d and depths, depths >= 0, image_ids in range).
     if not torch.compiler.is_compiling():
-        ref.check_isect_sizes(C, N, tile_width * tile_height)
+        if packed:
+            ref.check_isect_sizes(n_images, rows[0], tile_width * tile_height, packed_rows=rows[0])
+        else:
+            ref.check_isect_sizes(*rows, tile_width * tile_height)
     backend = _backend.resolve(backend, means2d.device, "isect_tiles", False)
     return _ops.isect_tiles(
-        means2d, radii, depths, tile_size, tile_width, tile_height, conics, opacities, max_intersections, backend
+        means2d, radii, depths, tile_size, tile_width, tile_height, conics, opacities, max_intersections,
+        image_ids if packed else None, n_images if packed else 0, backend,
     )  # fmt: skip
 
 
@@ -859,7 +939,7 @@ def isect_offset_encode(isect_ids, n_images, tile_width, tile_height, *, backend
 
 def rasterize_to_pixels(
     means2d, conics, colors, opacities, width, height, tile_size, isect_offsets, flatten_ids, backgrounds=None,
-    *, absgrad=False, backend=None,
+    *, packed=False, absgrad=False, backend=None,
 ):  # fmt: skip
     """Front-to-back alpha blending of projected Gaussians, tile by tile.
 
@@ -871,6 +951,9 @@ def rasterize_to_pixels(
     conics, colors, opacities and backgrounds.  ``absgrad=True``: the
     backward also sets ``means2d.absgrad`` [C, N, 2], the sum over pixels of
     each pixel's |d loss / d means2d| (gsplat's densification signal).
+    ``packed=True``: means2d [nnz, 2], conics [nnz, 3], colors [nnz, D] and
+    opacities [nnz] are packed rows (:func:`project_gaussians` with
+    ``packed=True``), flatten_ids index them, and C is isect_offsets.shape[0].
 
     NaN or inf in any float input is refused (ValueError naming it), in
     eager and compiled calls alike: a skipped Gaussian's colour meets a zero
@@ -879,14 +962,26 @@ def rasterize_to_pixels(
 
     Example: ``img, alpha = rasterize_to_pixels(means2d, conics, rgb, opac, 640, 480, 16, offsets, flatten_ids)``
     """
-    _check_float("means2d", means2d, (None, None, 2))
-    C, N = means2d.shape[:2]
-    if C == 0:
-        raise ValueError(f"means2d must hold at least one camera, got shape {list(means2d.shape)}")
-    _check_float("conics", conics, (C, N, 3), means2d, "means2d")
-    _check_float("colors", colors, (C, N, None), means2d, "means2d")
-    _check_float("opacities", opacities, (C, N), means2d, "means2d")
-    D = colors.shape[2]
+    if check_bool("packed", packed):
+        _check_float("means2d", means2d, (None, 2), hint=" (packed rows)")
+        rows = tuple(means2d.shape[:1])
+        check_tensor("isect_offsets", isect_offsets, (torch.int32,), "int32")
+        check_shape("isect_offsets", isect_offsets, (None, None, None))
+        C = isect_offsets.shape[0]
+        if C == 0:
+            raise ValueError(
+                f"isect_offsets must hold at least one camera, got shape {list(isect_offsets.shape)}"
+            )
+    else:
+        _check_float("means2d", means2d, (None, None, 2))
+        rows = tuple(means2d.shape[:2])
+        C = rows[0]
+        if C == 0:
+            raise ValueError(f"means2d must hold at least one camera, got shape {list(means2d.shape)}")
+    _check_float("conics", conics, rows + (3,), means2d, "means2d")
+    _check_float("colors", colors, rows + (None,), means2d, "means2d")
+    _check_float("opacities", opacities, rows, means2d, "means2d")
+    D = colors.shape[-1]
     if backgrounds is not None:
         _check_float("backgrounds", backgrounds, (C, D), means2d, "means2d")
     width = check_int("width", width, 1)
@@ -929,6 +1024,7 @@ def rasterization(
     tile_size: int = 16,
     *,
     max_intersections: int | None = None,
+    packed: bool = False,
     absgrad: bool = False,
     backend: str | None = None,
 ):
@@ -955,6 +1051,12 @@ def rasterization(
     the backward sets ``meta["means2d"].absgrad`` [C, N, 2], the summed
     per-pixel |d loss / d means2d| that gsplat's densification reads.
 
+    ``packed=True`` (gsplat's packed mode): after the projection only the
+    nnz visible (camera, Gaussian) pairs go on, as packed rows; meta gains
+    camera_ids and gaussian_ids [nnz] and its per-pair tensors (radii,
+    means2d, depths, conics, opacities, tiles_per_gauss) are [nnz, ...].
+    The images and the gradients are those of the unpacked call.
+
     NaN or inf in any input tensor is refused (ValueError naming it; inside a
     compiled graph the stage op that meets it names its own argument, e.g.
     ``coeffs`` for SH colours), so no NaN reaches the images.  The tile
@@ -972,6 +1074,7 @@ def rasterization(
         max_intersections = check_int("max_intersections", max_intersections, 0)
     check_choice("render_mode", render_mode, ref.RENDER_MODES)
     absgrad = check_bool("absgrad", absgrad)
+    packed = check_bool("packed", packed)
     check_choice("rasterize_mode", rasterize_mode, ref.RASTERIZE_MODES)
     check_tensor("colors", colors, FP32_64, FP32_64_WHAT)
     if sh_degree is None:
@@ -1015,21 +1118,40 @@ def rasterization(
         means, quats, scales, opacities, viewmats, Ks, width, height, eps2d, near_plane, far_plane, radius_clip,
         antialiased, backend,
     )  # fmt: skip
-    opac = opacities[None, :] * comp if antialiased else opacities[None, :].expand(C, N)
-    if sh_degree is None:
-        colors = colors.expand(C, N, D) if colors.dim() == 2 else colors
+    packed_ids = {}
+    if packed:
+        # The visible pairs as rows; the [C, N] projection is not kept.
+        cam, gid = pack_ids(radii)
+        radii, means2d, depths, conics, comp = pack(cam, gid, radii, means2d, depths, conics, comp)
+        cam_l, gid_l = cam.long(), gid.long()
+        packed_ids = dict(camera_ids=cam, gaussian_ids=gid)
+        opac = opacities[gid_l] * comp if antialiased else opacities[gid_l]
+        if sh_degree is None:
+            colors = colors[gid_l] if colors.dim() == 2 else colors[cam_l, gid_l]
+        else:
+            campos = torch.linalg.inv(viewmats)[:, :3, 3]
+            dirs = means[gid_l] - campos[cam_l]
+            coeffs = colors[gid_l] if colors.dim() == 3 else colors[cam_l, gid_l]
+            rgb = _ops.spherical_harmonics(sh_degree, dirs, coeffs.contiguous(), None, backend)
+            colors = (rgb + 0.5).clamp(min=0.0)
     else:
-        campos = torch.linalg.inv(viewmats)[:, :3, 3]
-        dirs = means[None, :, :] - campos[:, None, :]
-        coeffs = colors.expand(C, *colors.shape) if colors.dim() == 3 else colors
-        rgb = _ops.spherical_harmonics(sh_degree, dirs, coeffs.contiguous(), (radii > 0).all(-1), backend)
-        colors = (rgb + 0.5).clamp(min=0.0)
+        cam = None
+        opac = opacities[None, :] * comp if antialiased else opacities[None, :].expand(C, N)
+        if sh_degree is None:
+            colors = colors.expand(C, N, D) if colors.dim() == 2 else colors
+        else:
+            campos = torch.linalg.inv(viewmats)[:, :3, 3]
+            dirs = means[None, :, :] - campos[:, None, :]
+            coeffs = colors.expand(C, *colors.shape) if colors.dim() == 3 else colors
+            rgb = _ops.spherical_harmonics(sh_degree, dirs, coeffs.contiguous(), (radii > 0).all(-1), backend)
+            colors = (rgb + 0.5).clamp(min=0.0)
     colors, backgrounds = ref.with_depth_channel(colors, depths, backgrounds, render_mode)
     tile_width, tile_height = ref.tile_grid(width, height, tile_size)
     # Exact culling: conics and the opacities the blender sees (antialiased: times the compensation).
     tiles_per_gauss, isect_ids, flatten_ids = _ops.isect_tiles(
-        means2d, radii, depths, tile_size, tile_width, tile_height, conics, opac, max_intersections, backend
-    )
+        means2d, radii, depths, tile_size, tile_width, tile_height, conics, opac, max_intersections, cam, C,
+        backend,
+    )  # fmt: skip
     offsets = _ops.isect_offset_encode(isect_ids, C, tile_width, tile_height, backend)
     render_colors, render_alphas, _, _ = _ops.rasterize_to_pixels(
         means2d, conics, colors.contiguous(), opac.contiguous(), backgrounds, width, height, tile_size, offsets,
@@ -1039,7 +1161,7 @@ def rasterization(
     meta = dict(
         radii=radii, means2d=means2d, depths=depths, conics=conics, opacities=opac, tiles_per_gauss=tiles_per_gauss,
         isect_ids=isect_ids, flatten_ids=flatten_ids, isect_offsets=offsets, tile_width=tile_width,
-        tile_height=tile_height, tile_size=tile_size, width=width, height=height, n_cameras=C,
+        tile_height=tile_height, tile_size=tile_size, width=width, height=height, n_cameras=C, **packed_ids,
     )  # fmt: skip
     return render_colors, render_alphas, meta
 
@@ -1047,6 +1169,8 @@ def rasterization(
 __all__ = [
     "isect_offset_encode",
     "isect_tiles",
+    "pack",
+    "pack_ids",
     "project_gaussians",
     "rasterization",
     "rasterize_to_pixels",

@@ -264,12 +264,13 @@ def bits_for_count(count: int) -> int:
     return (count - 1).bit_length() if count > 1 else 0
 
 
-def check_isect_sizes(n_images: int, n_gaussians: int, n_tiles: int) -> None:
+def check_isect_sizes(n_images: int, n_gaussians: int, n_tiles: int, packed_rows: int | None = None) -> None:
     """ValueError unless the keys and the int32 indices of :func:`isect_tiles` can hold this problem.
 
     Shapes only, so it costs nothing.  The camera and tile fields share the
     31 bits above the depth (bit 63 is the int64 sign: a key using it would
-    sort first), and flatten_ids index the flattened [C * N] with int32.
+    sort first), and flatten_ids index the flattened [C * N] (packed: the
+    ``packed_rows`` rows) with int32.
     """
     cam_bits, tile_bits = bits_for_count(n_images), bits_for_count(n_tiles)
     if cam_bits + tile_bits > 31:
@@ -278,7 +279,13 @@ def check_isect_sizes(n_images: int, n_gaussians: int, n_tiles: int) -> None:
             f"{cam_bits} + {tile_bits} bits do not fit in the 31 bits of the intersection keys above the depth; "
             "render fewer cameras per call or use a larger tile_size"
         )
-    if n_images * n_gaussians > INT32_LIMIT:
+    if packed_rows is not None:
+        if packed_rows > INT32_LIMIT:
+            raise ValueError(
+                f"means2d has {packed_rows} packed rows, more than the int32 flatten_ids can index (2^31); "
+                "render fewer cameras per call"
+            )
+    elif n_images * n_gaussians > INT32_LIMIT:
         raise ValueError(
             f"means2d has C * N = {n_images} x {n_gaussians} = {n_images * n_gaussians} (camera, Gaussian) "
             f"pairs, more than the int32 flatten_ids can index (2^31); render fewer cameras per call"
@@ -418,6 +425,8 @@ def isect_tiles(
     conics: Tensor | None = None,
     opacities: Tensor | None = None,
     max_intersections: int | None = None,
+    image_ids: Tensor | None = None,
+    n_images: int | None = None,
 ):
     """Sorted (camera, tile, depth) keys of every Gaussian-tile overlap.
 
@@ -451,12 +460,24 @@ def isect_tiles(
     ``max_intersections``, or when the outputs would not fit in memory
     (:func:`check_isect_count`).
 
+    Packed (gsplat's ``packed=True``): with ``image_ids`` [nnz] int32, the
+    rows are nnz (camera, Gaussian) pairs: means2d [nnz, 2], radii [nnz, 2],
+    depths [nnz], conics [nnz, 3], opacities [nnz], and row i's camera is
+    ``image_ids[i]`` in [0, n_images).  tiles_per_gauss is [nnz] and
+    flatten_ids index the rows.  With the rows in camera-major order (as
+    :func:`pack` gives them) the keys are those of the unpacked call and the
+    flatten_ids map through the rows to its flatten_ids.
+
     Example: ``tpg, ids, fid = isect_tiles(m2d, radii, z, 16, *tile_grid(W, H, 16), conics, opac)``
     """
-    C, N = depths.shape
     dev = means2d.device
     n_tiles = tile_width * tile_height
-    check_isect_sizes(C, N, n_tiles)
+    if image_ids is None:
+        C, N = depths.shape
+        check_isect_sizes(C, N, n_tiles)
+    else:
+        C, N = n_images, depths.shape[0]
+        check_isect_sizes(C, N, n_tiles, packed_rows=N)
     if (conics is None) != (opacities is None):
         raise ValueError(
             "conics and opacities must be given together (exact tile culling needs both) or not at all"
@@ -504,13 +525,12 @@ def isect_tiles(
         if keep is not None:
             gid, tx, ty = gid[keep], tx[keep], ty[keep]
         k = gid.numel()
-        keys[pos : pos + k] = (
-            (gid // N << (32 + tile_bits)) | ((ty * tile_width + tx) << 32) | depth_bits[gid]
-        )
+        cam = gid // N if image_ids is None else image_ids[gid].to(torch.int64)
+        keys[pos : pos + k] = (cam << (32 + tile_bits)) | ((ty * tile_width + tx) << 32) | depth_bits[gid]
         ids[pos : pos + k] = gid
         pos += k
     keys, order = torch.sort(keys, stable=True)
-    return count.reshape(C, N).to(torch.int32), keys, ids[order]
+    return count.reshape(depths.shape).to(torch.int32), keys, ids[order]
 
 
 def isect_offset_encode(isect_ids: Tensor, n_images: int, tile_width: int, tile_height: int) -> Tensor:
@@ -752,6 +772,9 @@ def rasterize_to_pixels(
     means2d [C, N, 2], conics [C, N, 3], colors [C, N, D], opacities [C, N],
     isect_offsets [C, tile_height, tile_width] int32, flatten_ids [M] int32
     (from :func:`isect_tiles` / :func:`isect_offset_encode`), backgrounds [C, D].
+    The four Gaussian tensors are read as tables of rows (flatten_ids index
+    the rows; C is isect_offsets.shape[0]), so packed [nnz, ...] tables work
+    as they are.
 
     Pixel (i, j) has centre (j + 0.5, i + 0.5) and walks its tile's list in
     order.  Per Gaussian: sigma = a dx^2 / 2 + c dy^2 / 2 + b dx dy (skipped
@@ -771,15 +794,10 @@ def rasterize_to_pixels(
 
     Example: ``img, alpha = rasterize_to_pixels(m2d, conics, rgb, opac, W, H, 16, offsets, fids)``
     """
-    C, N, D = colors.shape
+    C, D = isect_offsets.shape[0], colors.shape[-1]
     plan = BlendPlan(means2d, conics, opacities, isect_offsets, flatten_ids, width, height, tile_size)
     order, chunks = block_chunks(plan.count, plan.block**2, chunk_elements)
-    flat = (
-        means2d.reshape(C * N, 2),
-        conics.reshape(C * N, 3),
-        colors.reshape(C * N, D),
-        opacities.reshape(C * N),
-    )
+    flat = (means2d.reshape(-1, 2), conics.reshape(-1, 3), colors.reshape(-1, D), opacities.reshape(-1))
     outs, trans, lasts = [], [], []
     for b, e, K in chunks:
         o, t, *last = blend_blocks(order[b:e], K, plan, *flat, with_last=with_state)

@@ -571,6 +571,16 @@ def test_isect_tiles_equals_reference(C, width, height, tile_size, exact, dtype,
     assert torch.equal(offsets.cpu(), ref.isect_offset_encode(want[1], C, tw, th))
     box = ref.box_intersections(means2d, radii, tile_size, tw, th)
     assert (want[1].numel() < box) if exact else (want[1].numel() == box)
+    # Packed rows (the visible pairs, camera-major): the same keys, and ids that map to the unpacked ones.
+    cam, gid = (radii > 0).all(-1).nonzero(as_tuple=True)
+    rows = [t[cam, gid].to(device) for t in (means2d, radii, depths, *extra)]
+    image_ids = cam.to(torch.int32).to(device)
+    tpg, keys, fids = ff.isect_tiles(
+        *rows[:3], tile_size, tw, th, *rows[3:], packed=True, n_images=C, image_ids=image_ids, backend=backend
+    )
+    assert torch.equal(keys.cpu(), want[1])
+    assert torch.equal((cam * means2d.shape[1] + gid)[fids.cpu().long()].to(torch.int32), want[2])
+    assert torch.equal(tpg.cpu(), want[0][cam, gid])
 
 
 @pytest.mark.parametrize("device,backend", ENCODE_CASES)
@@ -642,10 +652,27 @@ def _bad_isect_values():
     for name, change in cases:
         a = {**base, **change}
         yield name, (a["means2d"], a["radii"], a["depths"], 8, tw, th, a["conics"], a["opacities"],
-                     a["max_intersections"])  # fmt: skip
+                     a["max_intersections"], None, 0)  # fmt: skip
     # The key fields: 12 camera bits + 20 tile bits.
     yield "key-bits", (means2d[:1].expand(2049, 40, 2), radii[:1].expand(2049, 40, 2), depths[:1].expand(2049, 40),
-                       8, 1024, 1024, None, None, None)  # fmt: skip
+                       8, 1024, 1024, None, None, None, None, 0)  # fmt: skip
+    # Packed rows: the visible pairs, with their cameras.
+    cam, gid = visible.nonzero(as_tuple=True)
+    rows = [t[cam, gid] for t in (means2d, radii, depths, conics, opac)]
+    ids = cam.to(torch.int32)
+    for name, image_ids, n_images, k in [
+        ("packed-image-id-past", ids.index_fill(0, torch.tensor([3]), 2), 2, None),
+        ("packed-image-id-negative", ids.index_fill(0, torch.tensor([0]), -1), 2, None),
+        ("packed-one-camera", ids, 1, None),
+        ("packed-depth-nan", ids, 2, 2),
+        ("packed-cap", ids, 2, -10),
+    ]:
+        r = list(rows)
+        if k == 2:
+            r[2] = r[2].clone()
+            r[2][4] = math.nan
+        cap = 10 if k == -10 else None
+        yield name, (*r[:3], 8, tw, th, *r[3:], cap, image_ids, n_images)
 
 
 def _error(fn):
@@ -687,8 +714,12 @@ def test_isect_opcheck_and_compile(device, backend):
     means2d, radii, depths, conics, opac = (t.to(device) for t in isect_inputs(2, 30, 37, 29, gen))
     tw, th = ref.tile_grid(37, 29, 8)
     for extra in ((None, None, None), (conics, opac, None), (conics, opac, 10_000)):
-        opcheck(ops.isect_tiles, (means2d, radii, depths, 8, tw, th, *extra, backend), full=False)
-    _, ids, _ = ops.isect_tiles(means2d, radii, depths, 8, tw, th, conics, opac, None, backend)
+        opcheck(ops.isect_tiles, (means2d, radii, depths, 8, tw, th, *extra, None, 0, backend), full=False)
+    cam, gid = (radii > 0).all(-1).nonzero(as_tuple=True)
+    rows = [t[cam, gid] for t in (means2d, radii, depths, conics, opac)]
+    packed = (*rows[:3], 8, tw, th, *rows[3:], None, cam.to(torch.int32), 2, backend)
+    opcheck(ops.isect_tiles, packed, full=False)
+    _, ids, _ = ops.isect_tiles(means2d, radii, depths, 8, tw, th, conics, opac, None, None, 0, backend)
     opcheck(ops.isect_offset_encode, (ids, 2, tw, th, backend), full=False)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):

@@ -52,9 +52,9 @@ def test_opcheck_spherical_harmonics():
 def test_opcheck_isect():
     means2d, conics, opac, _, _, radii, depths = projected(2, 20, W, H, 8)
     tw, th = ref.tile_grid(W, H, 8)
-    opcheck(ops.isect_tiles, (means2d, radii, depths, 8, tw, th, None, None, None, B), full=False)
-    opcheck(ops.isect_tiles, (means2d, radii, depths, 8, tw, th, conics, opac, 1000, B), full=False)
-    _, ids, _ = ops.isect_tiles(means2d, radii, depths, 8, tw, th, conics, opac, None, B)
+    opcheck(ops.isect_tiles, (means2d, radii, depths, 8, tw, th, None, None, None, None, 0, B), full=False)
+    opcheck(ops.isect_tiles, (means2d, radii, depths, 8, tw, th, conics, opac, 1000, None, 0, B), full=False)
+    _, ids, _ = ops.isect_tiles(means2d, radii, depths, 8, tw, th, conics, opac, None, None, 0, B)
     opcheck(ops.isect_offset_encode, (ids, 2, tw, th, B), full=False)
 
 
