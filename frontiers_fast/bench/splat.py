@@ -33,10 +33,11 @@ import torch
 QUICK_POINTS = 10_000
 REF = "reference (PyTorch)"
 GSPLAT = "gsplat (CUDA)"
-# gsplat compiles its CUDA extension on first use (minutes); the build is
-# tried in a child process with this limit, so that a slow one skips the
-# peer instead of eating the run.  Once built it is cached and loads at once.
-GSPLAT_BUILD_S = int(os.environ.get("FRONTIERS_FAST_BENCH_GSPLAT_BUILD_S", "150"))
+# gsplat compiles its CUDA extension on first use (minutes) and caches it.
+# The build is tried in a child process with this limit: a cached or
+# prebuilt extension loads well within it, and a fresh build skips the peer
+# (with the reason) instead of eating the bench's time.  Raise it to build.
+GSPLAT_BUILD_S = int(os.environ.get("FRONTIERS_FAST_BENCH_GSPLAT_BUILD_S", "45"))
 # What the report checks: (case prefix, our provider prefix, peer, min speed-up, min memory ratio, mode).
 TARGETS = [
     ("rasterization / garden 648x420", "frontiers_fast", REF, 11.0, None, "fwd"),
@@ -273,7 +274,10 @@ def _gsplat_status():
             [sys.executable, "-c", probe], capture_output=True, text=True, timeout=GSPLAT_BUILD_S
         )
     except subprocess.TimeoutExpired:
-        return None, f"gsplat's CUDA extension did not build within {GSPLAT_BUILD_S} s"
+        return None, (
+            f"gsplat's CUDA extension did not build within {GSPLAT_BUILD_S} s "
+            "(FRONTIERS_FAST_BENCH_GSPLAT_BUILD_S allows longer)"
+        )
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
         return None, f"gsplat's CUDA extension did not build or load ({tail})"
@@ -366,8 +370,11 @@ def _gsplat_timed(bench, gsplat, why, a32, want_fwd, seed, tag):
         for b in blend_ours:
             case.run(f"frontiers_fast[{b}]", lambda b=b: list(blend(tables, b)))
         case.run(GSPLAT, lambda: list(g_blend(tables)))
-    want = fwd_bwd(lambda xs: blend(xs, "reference"), t64)
+    # The truth of the backward: our float64 run where a fast backend has one (the tests hold it to the
+    # reference), else the reference's.
     with_bwd = _backend.FUNCTIONS["rasterize_to_pixels"].implemented(True)
+    truth = next((b for b in blend_ours if b in with_bwd), "reference")
+    want = fwd_bwd(lambda xs: blend(xs, truth), t64)
     with bench.case(name, "fwd+bwd", want, 1e-2) as case:
         for b in blend_ours:
             if b in with_bwd:
@@ -380,5 +387,6 @@ def _gsplat_timed(bench, gsplat, why, a32, want_fwd, seed, tag):
         f"`rasterization` against ours ({', '.join(full_ours) or 'no fast backend'}), and its "
         f"`rasterize_to_pixels` against our blending stage ({', '.join(blend_ours) or 'no fast backend'}) on "
         "the same projected Gaussians and exactly culled tile lists.  The cuda backend is a forward-only "
-        'kernel, so it has no forward + backward figure.  See the cases named "vs gsplat" above.'
+        "kernel, so it has no forward + backward figure; its time includes the one host read of its value "
+        'checks.  See the cases named "vs gsplat" above.'
     )
