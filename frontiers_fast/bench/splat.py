@@ -13,16 +13,31 @@ forward); forward + backward on a 10k subset against the reference; the
 tile intersections with exact culling against the bounding-box count; the
 fitting run of :mod:`frontiers_fast.bench.splat_fit` (seconds per step and
 the PSNR curve); and the spherical-harmonics stage alone.
+
+On a GPU, gsplat is the peer (:func:`_gsplat_cases`): its CUDA
+``rasterization`` against ours, and its ``rasterize_to_pixels`` against our
+blending stage on the triton and cuda backends (same projected inputs, same
+tile lists), forward and forward + backward, in the same run.  The cases are
+skipped, with the reason in the report, on CPU or when gsplat or its CUDA
+extension is not there.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import torch
 
 QUICK_POINTS = 10_000
 REF = "reference (PyTorch)"
+GSPLAT = "gsplat (CUDA)"
+# gsplat compiles its CUDA extension on first use (minutes) and caches it.
+# The build is tried in a child process with this limit: a cached or
+# prebuilt extension loads well within it, and a fresh build skips the peer
+# (with the reason) instead of eating the bench's time.  Raise it to build.
+GSPLAT_BUILD_S = int(os.environ.get("FRONTIERS_FAST_BENCH_GSPLAT_BUILD_S", "45"))
 # What the report checks: (case prefix, our provider prefix, peer, min speed-up, min memory ratio, mode).
 TARGETS = [
     ("rasterization / garden 648x420", "frontiers_fast", REF, 11.0, None, "fwd"),
@@ -112,9 +127,11 @@ def run(bench, out_dir=None):
 
     counts = _intersections(ops, ref, a32, tile_sizes=(8, 16, 32))
     _sh_cases(bench, s, a32)
+    peer_text = _gsplat_cases(bench, a32, [img64, alpha64], seed, tag)
     fit = _fit(quick)
 
     sections = [("Splatting targets", _targets_table(timed, ours, counts, fit, tag, f"{sub // 1000}k"))]
+    sections.append(("GPU peer: gsplat", peer_text))
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
         first = fwd(ours[0] if ours else "reference")
@@ -240,3 +257,136 @@ def _subset(a, n):
     gen = torch.Generator().manual_seed(2)
     keep = torch.randperm(a[0].shape[0], generator=gen)[:n].to(a[0].device)
     return [t[keep] for t in a[:5]] + list(a[5:])
+
+
+# ---------------------------------------------------------------------------
+# the GPU peer
+# ---------------------------------------------------------------------------
+def _gsplat_status():
+    """(module or None, why not): gsplat, once its CUDA extension has built and loaded."""
+    try:
+        import gsplat
+    except Exception as exc:
+        return None, f"gsplat is not importable ({type(exc).__name__}: {exc})"
+    probe = "from gsplat.cuda._backend import _C; assert _C is not None, 'gsplat built no CUDA extension'"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=GSPLAT_BUILD_S
+        )
+    except subprocess.TimeoutExpired:
+        return None, (
+            f"gsplat's CUDA extension did not build within {GSPLAT_BUILD_S} s "
+            "(FRONTIERS_FAST_BENCH_GSPLAT_BUILD_S allows longer)"
+        )
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        return None, f"gsplat's CUDA extension did not build or load ({tail})"
+    try:
+        from gsplat.cuda._backend import _C
+
+        if _C is None:
+            return None, "gsplat's CUDA extension did not load in this process"
+    except Exception as exc:
+        return None, f"gsplat's CUDA extension did not load ({type(exc).__name__}: {exc})"
+    return gsplat, f"gsplat {getattr(gsplat, '__version__', '?')}"
+
+
+def _gsplat_cases(bench, a32, want_fwd, seed, tag):
+    """gsplat's CUDA renderer and blender against ours (GPU only); returns the report's text."""
+    if bench.device != "cuda":
+        why = "the device is cpu (gsplat's rasterizer runs on CUDA only)"
+        print(f"[splat] GPU peer skipped: {why}", flush=True)
+        return f"Skipped: {why}."
+    gsplat, why = _gsplat_status()
+    if gsplat is None:
+        print(f"[splat] GPU peer skipped: {why}", flush=True)
+        return f"Skipped: {why}."
+    return _gsplat_timed(bench, gsplat, why, a32, want_fwd, seed, tag)
+
+
+def _gsplat_timed(bench, gsplat, why, a32, want_fwd, seed, tag):
+    from .. import _backend
+    from ..ops import splat as ops
+    from ..reference import splat as ref
+
+    means, quats, scales, opac, colors, viewmats, Ks, W, H = a32
+    ts = 16
+
+    def g_render(xs):
+        img, alpha, _ = gsplat.rasterization(
+            *xs, viewmats, Ks, W, H, near_plane=0.01, far_plane=1e10, eps2d=0.3, sh_degree=None, tile_size=ts,
+            rasterize_mode="classic",
+        )  # fmt: skip
+        return img, alpha
+
+    def ours_render(xs, b):
+        img, alpha, _ = ops.rasterization(*xs, viewmats, Ks, W, H, tile_size=ts, backend=b)
+        return img, alpha
+
+    def fwd_bwd(render, leaves):
+        leaves = [t.clone().requires_grad_(True) for t in leaves]
+        img, _ = render(leaves)
+        return [img.detach(), *torch.autograd.grad(img, leaves, seed.to(img.dtype))]
+
+    full_ours = bench.ours("rasterization")
+    no_cuda = "rasterization has no cuda backend (only its blending stage has a CUDA kernel: see rasterize_to_pixels)"
+    with bench.case(f"rasterization vs gsplat / {tag}", "fwd", want_fwd, 1e-2) as case:
+        for b in full_ours:
+            case.run(f"frontiers_fast[{b}]", lambda b=b: list(ours_render(a32[:5], b)))
+        if "cuda" not in full_ours:
+            case.skip("frontiers_fast[cuda]", no_cuda)
+        case.run(GSPLAT, lambda: list(g_render(a32[:5])))
+    # As in run(): the full scene's truth is our float64 run (the reference's backward would take minutes).
+    grad_ours = [b for b in full_ours if b in _backend.FUNCTIONS["rasterization"].implemented(True)]
+    if grad_ours:
+        a64 = [t.double() if isinstance(t, torch.Tensor) else t for t in a32]
+        want = _fwd_bwd(ops, a64, seed, grad_ours[0])
+        with bench.case(f"rasterization vs gsplat / {tag}", "fwd+bwd", want, 1e-2) as case:
+            for b in grad_ours:
+                case.run(f"frontiers_fast[{b}]", lambda b=b: fwd_bwd(lambda xs: ours_render(xs, b), a32[:5]))
+            case.run(GSPLAT, lambda: fwd_bwd(g_render, a32[:5]))
+
+    # The blending stage alone, on the same projected Gaussians and tile lists (exact culling).
+    radii, means2d, depths, conics, _ = ops.project_gaussians(means, quats, scales, opac, viewmats, Ks, W, H)
+    C, N = means2d.shape[:2]
+    o = opac[None].expand(C, N).contiguous()
+    rgb = colors[None].expand(C, N, colors.shape[-1]).contiguous()
+    tw, th = ref.tile_grid(W, H, ts)
+    _, isect_ids, fids = ops.isect_tiles(means2d, radii, depths, ts, tw, th, conics, o)
+    offsets = ops.isect_offset_encode(isect_ids, C, tw, th)
+    tables = [means2d.detach(), conics.detach(), rgb, o]
+
+    def blend(xs, b):
+        return ops.rasterize_to_pixels(*xs, W, H, ts, offsets, fids, backend=b)
+
+    def g_blend(xs):
+        return gsplat.rasterize_to_pixels(*xs, W, H, ts, offsets, fids)
+
+    t64 = [t.double() for t in tables]
+    want = list(blend(t64, "reference"))
+    blend_ours = bench.ours("rasterize_to_pixels")
+    name = f"rasterize_to_pixels vs gsplat / {tag}, {fids.numel():,} intersections"
+    with bench.case(name, "fwd", want, 1e-2) as case:
+        for b in blend_ours:
+            case.run(f"frontiers_fast[{b}]", lambda b=b: list(blend(tables, b)))
+        case.run(GSPLAT, lambda: list(g_blend(tables)))
+    # The truth of the backward: our float64 run where a fast backend has one (the tests hold it to the
+    # reference), else the reference's.
+    with_bwd = _backend.FUNCTIONS["rasterize_to_pixels"].implemented(True)
+    truth = next((b for b in blend_ours if b in with_bwd), "reference")
+    want = fwd_bwd(lambda xs: blend(xs, truth), t64)
+    with bench.case(name, "fwd+bwd", want, 1e-2) as case:
+        for b in blend_ours:
+            if b in with_bwd:
+                case.run(f"frontiers_fast[{b}]", lambda b=b: fwd_bwd(lambda xs: blend(xs, b), tables))
+            else:
+                case.skip(f"frontiers_fast[{b}]", f"the {b} kernel is a forward only")
+        case.run(GSPLAT, lambda: fwd_bwd(g_blend, tables))
+    return (
+        f"Peer: {why}, timed in the same run on the same inputs (float32, tile 16, classic mode): its "
+        f"`rasterization` against ours ({', '.join(full_ours) or 'no fast backend'}), and its "
+        f"`rasterize_to_pixels` against our blending stage ({', '.join(blend_ours) or 'no fast backend'}) on "
+        "the same projected Gaussians and exactly culled tile lists.  The cuda backend is a forward-only "
+        "kernel, so it has no forward + backward figure; its time includes the one host read of its value "
+        'checks.  See the cases named "vs gsplat" above.'
+    )

@@ -605,7 +605,9 @@ define_op(
     f"rasterize_to_pixels({_RASTER_ARGS}) -> (Tensor, Tensor, Tensor, Tensor)",
     fake=_fake_raster,
     reference=_ref_raster,
-    native=("cpp",),
+    # cuda: csrc/splat/raster.cu, forward only: the _bwd op has none, so backend="cuda" is refused where the
+    # inputs require grad (as for selective_scan); its binding makes _ref_raster's value checks.
+    native=("cpp", "cuda"),
     backward=_raster_backward,
     setup_context=_raster_setup,
 )
