@@ -84,15 +84,17 @@ def _rsrt(r00, r01, r02, r10, r11, r12, r20, r21, r22, s00, s01, s02, s11, s12, 
 
 
 @triton.jit
-def _gaussian(quats_ptr, scales_ptr, n, ok):
-    """q^ = q / max(|q|, 1e-12) (F.normalize), |q|, R(q^), the scales and Sigma = (R S)(R S)^T's upper triangle."""
-    q0 = tl.load(quats_ptr + n * 4, mask=ok, other=1.0)
-    q1 = tl.load(quats_ptr + n * 4 + 1, mask=ok, other=0.0)
-    q2 = tl.load(quats_ptr + n * 4 + 2, mask=ok, other=0.0)
-    q3 = tl.load(quats_ptr + n * 4 + 3, mask=ok, other=0.0)
-    s0 = tl.load(scales_ptr + n * 3, mask=ok, other=1.0)
-    s1 = tl.load(scales_ptr + n * 3 + 1, mask=ok, other=1.0)
-    s2 = tl.load(scales_ptr + n * 3 + 2, mask=ok, other=1.0)
+def _gaussian(quats_ptr, scales_ptr, n, ok, DT: tl.constexpr):
+    """q^ = q / max(|q|, 1e-12) (F.normalize), |q|, R(q^), the scales and Sigma = (R S)(R S)^T's upper triangle.
+
+    Computed in DT: the inputs' dtype for the projection, float64 for the backward's arithmetic."""
+    q0 = tl.load(quats_ptr + n * 4, mask=ok, other=1.0).to(DT)
+    q1 = tl.load(quats_ptr + n * 4 + 1, mask=ok, other=0.0).to(DT)
+    q2 = tl.load(quats_ptr + n * 4 + 2, mask=ok, other=0.0).to(DT)
+    q3 = tl.load(quats_ptr + n * 4 + 3, mask=ok, other=0.0).to(DT)
+    s0 = tl.load(scales_ptr + n * 3, mask=ok, other=1.0).to(DT)
+    s1 = tl.load(scales_ptr + n * 3 + 1, mask=ok, other=1.0).to(DT)
+    s2 = tl.load(scales_ptr + n * 3 + 2, mask=ok, other=1.0).to(DT)
     qn = _sqrt(q0 * q0 + q1 * q1 + q2 * q2 + q3 * q3)
     den = tl.maximum(qn, tl.full((), 1e-12, qn.dtype))
     w, x, y, z = q0 / den, q1 / den, q2 / den, q3 / den
@@ -120,20 +122,20 @@ def _gaussian(quats_ptr, scales_ptr, n, ok):
 
 
 @triton.jit
-def _camera(viewmats_ptr, Ks_ptr, params_ptr, c):
-    """Camera c's R, t, fx, fy, cx, cy, the FOV clamp bounds of x/z and y/z, and the scalar parameters.
+def _camera(viewmats_ptr, Ks_ptr, params_ptr, c, DT: tl.constexpr):
+    """Camera c's R, t, fx, fy, cx, cy, the FOV clamp bounds of x/z and y/z, and the scalar parameters, in DT.
 
     The parameters come from a tensor of the inputs' dtype, as the reference
     meets Python floats in the tensors' dtype (a float kernel argument would be float32)."""
     v = viewmats_ptr + c * 16
     k = Ks_ptr + c * 9
-    eps2d = tl.load(params_ptr)
-    near = tl.load(params_ptr + 1)
-    far = tl.load(params_ptr + 2)
-    clip = tl.load(params_ptr + 3)
-    W = tl.load(params_ptr + 4)
-    H = tl.load(params_ptr + 5)
-    fx, fy, cx, cy = tl.load(k), tl.load(k + 4), tl.load(k + 2), tl.load(k + 5)
+    eps2d = tl.load(params_ptr).to(DT)
+    near = tl.load(params_ptr + 1).to(DT)
+    far = tl.load(params_ptr + 2).to(DT)
+    clip = tl.load(params_ptr + 3).to(DT)
+    W = tl.load(params_ptr + 4).to(DT)
+    H = tl.load(params_ptr + 5).to(DT)
+    fx, fy, cx, cy = tl.load(k).to(DT), tl.load(k + 4).to(DT), tl.load(k + 2).to(DT), tl.load(k + 5).to(DT)
     f = tl.full((), 0.3, fx.dtype)  # FOV_CLAMP
     # 0.5 * W / fx as torch evaluates a Python float over a tensor: reciprocal(fx) * (0.5 W)
     tan_x = (1.0 / fx) * (0.5 * W)
@@ -142,8 +144,11 @@ def _camera(viewmats_ptr, Ks_ptr, params_ptr, c):
     hix = (W - cx) / fx + f * tan_x
     loy = -(cy / fy + f * tan_y)
     hiy = (H - cy) / fy + f * tan_y
-    return (tl.load(v), tl.load(v + 1), tl.load(v + 2), tl.load(v + 4), tl.load(v + 5), tl.load(v + 6),
-            tl.load(v + 8), tl.load(v + 9), tl.load(v + 10), tl.load(v + 3), tl.load(v + 7), tl.load(v + 11),
+    R00, R01, R02 = tl.load(v).to(DT), tl.load(v + 1).to(DT), tl.load(v + 2).to(DT)
+    R10, R11, R12 = tl.load(v + 4).to(DT), tl.load(v + 5).to(DT), tl.load(v + 6).to(DT)
+    R20, R21, R22 = tl.load(v + 8).to(DT), tl.load(v + 9).to(DT), tl.load(v + 10).to(DT)
+    t0, t1, t2 = tl.load(v + 3).to(DT), tl.load(v + 7).to(DT), tl.load(v + 11).to(DT)
+    return (R00, R01, R02, R10, R11, R12, R20, R21, R22, t0, t1, t2,
             fx, fy, cx, cy, lox, hix, loy, hiy, eps2d, near, far, clip, W, H)  # fmt: skip
 
 
@@ -211,6 +216,7 @@ def _pair(m0, m1, m2, opac, c00, c01, c02, c11, c12, c22,
 def _project_fwd_kernel(means_ptr, quats_ptr, scales_ptr, opac_ptr, viewmats_ptr, Ks_ptr, params_ptr,
                         means2d_ptr, depths_ptr, conics_ptr, comps_ptr, radii_ptr, N,
                         ANTIALIASED: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    T: tl.constexpr = means_ptr.dtype.element_ty
     cam = tl.program_id(1)
     n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = n < N
@@ -219,9 +225,9 @@ def _project_fwd_kernel(means_ptr, quats_ptr, scales_ptr, opac_ptr, viewmats_ptr
     m2 = tl.load(means_ptr + n * 3 + 2, mask=ok, other=0.0)
     opac = tl.load(opac_ptr + n, mask=ok, other=0.0)
     (_, _, _, _, _, _, _, _, _, _, _, _, _, _, _, _, _,
-     c00, c01, c02, c11, c12, c22) = _gaussian(quats_ptr, scales_ptr, n, ok)  # fmt: skip
+     c00, c01, c02, c11, c12, c22) = _gaussian(quats_ptr, scales_ptr, n, ok, T)  # fmt: skip
     (R00, R01, R02, R10, R11, R12, R20, R21, R22, t0, t1, t2,
-     fx, fy, cx, cy, lox, hix, loy, hiy, eps2d, near, far, clip, W, H) = _camera(viewmats_ptr, Ks_ptr, params_ptr, cam)  # fmt: skip
+     fx, fy, cx, cy, lox, hix, loy, hiy, eps2d, near, far, clip, W, H) = _camera(viewmats_ptr, Ks_ptr, params_ptr, cam, T)  # fmt: skip
     (_, _, z, _, _, _, _, _, _, _, _, _, _, _, _, _, _,
      _, b, _, ab, cb, dets, _, comp, mx, my, rx, ry, keep) = _pair(
         m0, m1, m2, opac, c00, c01, c02, c11, c12, c22, R00, R01, R02, R10, R11, R12, R20, R21, R22, t0, t1, t2,
@@ -248,6 +254,12 @@ def _project_bwd_kernel(means_ptr, quats_ptr, scales_ptr, opac_ptr, viewmats_ptr
                         g_means2d_ptr, g_depths_ptr, g_conics_ptr, g_comps_ptr,
                         g_means_ptr, g_quats_ptr, g_scales_ptr, cam_part_ptr, N, C, n_blocks,
                         ANTIALIASED: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    # Each pair is projected twice: in the inputs' dtype T, for the forward's branches (culling,
+    # the FOV clamp, the compensation floor), and in float64, A, for the values the gradient is
+    # pulled back through, in A too.  So a float32 call gets float64's gradient of the same
+    # branches: in float32 the conic's derivatives cancel to a few digits for thin Gaussians.
+    T: tl.constexpr = means_ptr.dtype.element_ty
+    A: tl.constexpr = tl.float64
     pid = tl.program_id(0)
     n = pid * BLOCK + tl.arange(0, BLOCK)
     ok = n < N
@@ -255,37 +267,49 @@ def _project_bwd_kernel(means_ptr, quats_ptr, scales_ptr, opac_ptr, viewmats_ptr
     m1 = tl.load(means_ptr + n * 3 + 1, mask=ok, other=0.0)
     m2 = tl.load(means_ptr + n * 3 + 2, mask=ok, other=0.0)
     opac = tl.load(opac_ptr + n, mask=ok, other=0.0)
+    (_, _, _, _, _, _, _, _, _, _, _, _, _, _, _, _, _,
+     c00, c01, c02, c11, c12, c22) = _gaussian(quats_ptr, scales_ptr, n, ok, T)  # fmt: skip
     (qw, qx, qy, qz, qn, q00, q01, q02, q10, q11, q12, q20, q21, q22, s0, s1, s2,
-     c00, c01, c02, c11, c12, c22) = _gaussian(quats_ptr, scales_ptr, n, ok)  # fmt: skip
-    zero = m0 * 0.0
+     w00, w01, w02, w11, w12, w22) = _gaussian(quats_ptr, scales_ptr, n, ok, A)  # fmt: skip
+    wm0, wm1, wm2, wopac = m0.to(A), m1.to(A), m2.to(A), opac.to(A)
+    zero = wm0 * 0.0
     # d mean and the upper triangle of d Sigma, summed over the cameras in order
     dm0, dm1, dm2 = zero, zero, zero
     d00, d01, d02, d11, d12, d22 = zero, zero, zero, zero, zero, zero
     for cam in range(C):
-        (R00, R01, R02, R10, R11, R12, R20, R21, R22, t0, t1, t2,
-         fx, fy, cx, cy, lox, hix, loy, hiy, eps2d, near, far, clip, W, H) = _camera(viewmats_ptr, Ks_ptr, params_ptr, cam)  # fmt: skip
-        (x, y, z, tx, ty, u, v, k00, k01, k02, k11, k12, k22, J00, J02, J11, J12,
-         a, b, c, ab, cb, dets, r, comp, _, _, _, _, keep) = _pair(
-            m0, m1, m2, opac, c00, c01, c02, c11, c12, c22, R00, R01, R02, R10, R11, R12, R20, R21, R22, t0, t1, t2,
-            fx, fy, cx, cy, lox, hix, loy, hiy, eps2d, near, far, clip, W, H, ANTIALIASED)  # fmt: skip
+        (V00, V01, V02, V10, V11, V12, V20, V21, V22, t0, t1, t2,
+         vfx, vfy, vcx, vcy, lox, hix, loy, hiy, eps2d, near, far, clip, vW, vH) = _camera(
+            viewmats_ptr, Ks_ptr, params_ptr, cam, T)  # fmt: skip
+        (_, _, _, tx, ty, _, _, _, _, _, _, _, _, _, _, _, _,
+         _, _, _, _, _, _, r, _, _, _, _, _, keep) = _pair(
+            m0, m1, m2, opac, c00, c01, c02, c11, c12, c22, V00, V01, V02, V10, V11, V12, V20, V21, V22, t0, t1, t2,
+            vfx, vfy, vcx, vcy, lox, hix, loy, hiy, eps2d, near, far, clip, vW, vH, ANTIALIASED)  # fmt: skip
         keep = keep & ok
+        below_floor = r < tl.full((), 0.005 * 0.005, T)  # torch.clamp passes no gradient there
+        x_lo, x_hi, y_lo, y_hi = tx < lox, tx > hix, ty < loy, ty > hiy
+        (R00, R01, R02, R10, R11, R12, R20, R21, R22, t0, t1, t2,
+         fx, fy, cx, cy, lox, hix, loy, hiy, eps2d, near, far, clip, W, H) = _camera(
+            viewmats_ptr, Ks_ptr, params_ptr, cam, A)  # fmt: skip
+        (x, y, z, _, _, u, v, k00, k01, k02, k11, k12, k22, J00, J02, J11, J12,
+         a, b, c, ab, cb, dets, r, comp, _, _, _, _, _) = _pair(
+            wm0, wm1, wm2, wopac, w00, w01, w02, w11, w12, w22, R00, R01, R02, R10, R11, R12, R20, R21, R22,
+            t0, t1, t2, fx, fy, cx, cy, lox, hix, loy, hiy, eps2d, near, far, clip, W, H, ANTIALIASED)  # fmt: skip
         # Culled pairs contribute nothing and their incoming gradients are not read.
         i = cam * N + n
-        gmx = tl.load(g_means2d_ptr + i * 2, mask=keep, other=0.0)
-        gmy = tl.load(g_means2d_ptr + i * 2 + 1, mask=keep, other=0.0)
-        gz = tl.load(g_depths_ptr + i, mask=keep, other=0.0)
-        gA = tl.load(g_conics_ptr + i * 3, mask=keep, other=0.0)
-        gB = tl.load(g_conics_ptr + i * 3 + 1, mask=keep, other=0.0)
-        gC = tl.load(g_conics_ptr + i * 3 + 2, mask=keep, other=0.0)
+        gmx = tl.load(g_means2d_ptr + i * 2, mask=keep, other=0.0).to(A)
+        gmy = tl.load(g_means2d_ptr + i * 2 + 1, mask=keep, other=0.0).to(A)
+        gz = tl.load(g_depths_ptr + i, mask=keep, other=0.0).to(A)
+        gA = tl.load(g_conics_ptr + i * 3, mask=keep, other=0.0).to(A)
+        gB = tl.load(g_conics_ptr + i * 3 + 1, mask=keep, other=0.0).to(A)
+        gC = tl.load(g_conics_ptr + i * 3 + 2, mask=keep, other=0.0).to(A)
         # conic = (c', -b, a') / det'
         inv = 1.0 / dets
         ddet = -(gA * cb - gB * b + gC * ab) * inv * inv
         ddo = zero  # d det before the blur
         if ANTIALIASED:
-            # comp = sqrt(det / det'), above its floor only (torch.clamp passes nothing below)
-            gk = tl.load(g_comps_ptr + i, mask=keep, other=0.0)
-            floor2 = tl.full((), 0.005 * 0.005, r.dtype)
-            gr = tl.where(r < floor2, 0.0, gk * 0.5 / comp)
+            # comp = sqrt(det / det'), above its floor
+            gk = tl.load(g_comps_ptr + i, mask=keep, other=0.0).to(A)
+            gr = tl.where(below_floor, 0.0, gk * 0.5 / comp)
             ddo = gr * inv
             ddet -= gr * r * inv
         ga = gC * inv + ddet * cb + ddo * c
@@ -325,14 +349,14 @@ def _project_bwd_kernel(means_ptr, quats_ptr, scales_ptr, opac_ptr, viewmats_ptr
         # reached does, and through it fx and cx (lo = -(cx + 0.15 W) / fx, hi = (W - cx + 0.15 W) / fx)
         fW = tl.full((), 0.15, W.dtype) * W
         fH = tl.full((), 0.15, H.dtype) * H
-        out_x = (tx < lox) | (tx > hix)
-        out_y = (ty < loy) | (ty > hiy)
+        out_x = x_lo | x_hi
+        out_y = y_lo | y_hi
         dcx = tl.where(out_x, dcx - du / fx, dcx)
-        dfx = tl.where(tx < lox, dfx + du * (cx + fW) / (fx * fx), dfx)
-        dfx = tl.where(tx > hix, dfx - du * (W - cx + fW) / (fx * fx), dfx)
+        dfx = tl.where(x_lo, dfx + du * (cx + fW) / (fx * fx), dfx)
+        dfx = tl.where(x_hi, dfx - du * (W - cx + fW) / (fx * fx), dfx)
         dcy = tl.where(out_y, dcy - dv / fy, dcy)
-        dfy = tl.where(ty < loy, dfy + dv * (cy + fH) / (fy * fy), dfy)
-        dfy = tl.where(ty > hiy, dfy - dv * (H - cy + fH) / (fy * fy), dfy)
+        dfy = tl.where(y_lo, dfy + dv * (cy + fH) / (fy * fy), dfy)
+        dfy = tl.where(y_hi, dfy - dv * (H - cy + fH) / (fy * fy), dfy)
         dp0 = tl.where(out_x, dp0, dp0 + du * iz)
         dp1 = tl.where(out_y, dp1, dp1 + dv * iz)
         dp2 = tl.where(out_x, dp2, dp2 - du * x * iz2)
@@ -351,15 +375,15 @@ def _project_bwd_kernel(means_ptr, quats_ptr, scales_ptr, opac_ptr, viewmats_ptr
         D21 = e02 * R01 + e12 * R11 + e22 * R21
         D22 = e02 * R02 + e12 * R12 + e22 * R22
         row = cam_part_ptr + (cam * n_blocks + pid) * 16
-        tl.store(row, tl.sum(2.0 * (D00 * c00 + D01 * c01 + D02 * c02) + dp0 * m0, axis=0))
-        tl.store(row + 1, tl.sum(2.0 * (D00 * c01 + D01 * c11 + D02 * c12) + dp0 * m1, axis=0))
-        tl.store(row + 2, tl.sum(2.0 * (D00 * c02 + D01 * c12 + D02 * c22) + dp0 * m2, axis=0))
-        tl.store(row + 3, tl.sum(2.0 * (D10 * c00 + D11 * c01 + D12 * c02) + dp1 * m0, axis=0))
-        tl.store(row + 4, tl.sum(2.0 * (D10 * c01 + D11 * c11 + D12 * c12) + dp1 * m1, axis=0))
-        tl.store(row + 5, tl.sum(2.0 * (D10 * c02 + D11 * c12 + D12 * c22) + dp1 * m2, axis=0))
-        tl.store(row + 6, tl.sum(2.0 * (D20 * c00 + D21 * c01 + D22 * c02) + dp2 * m0, axis=0))
-        tl.store(row + 7, tl.sum(2.0 * (D20 * c01 + D21 * c11 + D22 * c12) + dp2 * m1, axis=0))
-        tl.store(row + 8, tl.sum(2.0 * (D20 * c02 + D21 * c12 + D22 * c22) + dp2 * m2, axis=0))
+        tl.store(row, tl.sum(2.0 * (D00 * w00 + D01 * w01 + D02 * w02) + dp0 * wm0, axis=0))
+        tl.store(row + 1, tl.sum(2.0 * (D00 * w01 + D01 * w11 + D02 * w12) + dp0 * wm1, axis=0))
+        tl.store(row + 2, tl.sum(2.0 * (D00 * w02 + D01 * w12 + D02 * w22) + dp0 * wm2, axis=0))
+        tl.store(row + 3, tl.sum(2.0 * (D10 * w00 + D11 * w01 + D12 * w02) + dp1 * wm0, axis=0))
+        tl.store(row + 4, tl.sum(2.0 * (D10 * w01 + D11 * w11 + D12 * w12) + dp1 * wm1, axis=0))
+        tl.store(row + 5, tl.sum(2.0 * (D10 * w02 + D11 * w12 + D12 * w22) + dp1 * wm2, axis=0))
+        tl.store(row + 6, tl.sum(2.0 * (D20 * w00 + D21 * w01 + D22 * w02) + dp2 * wm0, axis=0))
+        tl.store(row + 7, tl.sum(2.0 * (D20 * w01 + D21 * w11 + D22 * w12) + dp2 * wm1, axis=0))
+        tl.store(row + 8, tl.sum(2.0 * (D20 * w02 + D21 * w12 + D22 * w22) + dp2 * wm2, axis=0))
         tl.store(row + 9, tl.sum(dp0, axis=0))
         tl.store(row + 10, tl.sum(dp1, axis=0))
         tl.store(row + 11, tl.sum(dp2, axis=0))
@@ -477,14 +501,14 @@ def project_gaussians_bwd(means, quats, scales, opacities, viewmats, Ks, width, 
     new = lambda *shape: torch.empty(shape, dtype=means.dtype, device=means.device)  # noqa: E731
     g_means, g_quats, g_scales = new(N, 3), new(N, 4), new(N, 3)
     n_blocks = triton.cdiv(N, PROJECT_BLOCK)
-    part = torch.zeros((C, n_blocks, _CAM_GRADS), dtype=means.dtype, device=means.device)
+    part = torch.zeros((C, n_blocks, _CAM_GRADS), dtype=torch.float64, device=means.device)  # A of the kernel
     if N:
         params = _project_params(means, width, height, eps2d, near_plane, far_plane, radius_clip)
         _project_bwd_kernel[(n_blocks,)](
             means, quats, scales, opacities, viewmats, Ks, params, gm, gz, gc, gk, g_means, g_quats, g_scales, part,
             N, C, n_blocks, ANTIALIASED=bool(antialiased), BLOCK=PROJECT_BLOCK,
         )  # fmt: skip
-    cam = part.sum(1)  # [C, 16], over a fixed number of blocks
+    cam = part.sum(1).to(means.dtype)  # [C, 16], over a fixed number of blocks
     g_viewmats = torch.zeros((C, 4, 4), dtype=means.dtype, device=means.device)
     g_viewmats[:, :3, :3] = cam[:, :9].reshape(C, 3, 3)
     g_viewmats[:, :3, 3] = cam[:, 9:12]
