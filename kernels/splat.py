@@ -8,8 +8,10 @@ and y/z clamped to 1.3x the half field of view, the eps2d blur, conic,
 block of Gaussians and camera, in the inputs' dtype and the reference's
 order of operations.  The backward is analytic: a program per block of
 Gaussians walks the cameras in order and recomputes each pair with the
-forward's function; the camera gradients are per-block sums, added over a
-fixed shape afterwards, so it is deterministic without atomics.  Culled
+forward's function (in the inputs' dtype for the branches, in float64 for
+the values the gradient, also float64, goes through); the camera gradients
+are per-block sums, added over a fixed shape afterwards, so it is
+deterministic without atomics.  Culled
 pairs contribute nothing.  The forward refuses what ``_ref_project`` refuses.
 
 Spherical harmonics: one program per ``BLOCK`` entries, each entry
@@ -45,10 +47,13 @@ SH_BLOCK = 128
 # Forward: grid (cdiv(N, PROJECT_BLOCK), C), one program per block of
 # Gaussians seen by one camera.  Backward: grid (cdiv(N, PROJECT_BLOCK),),
 # each program walks the cameras in order, recomputing each pair with the
-# forward's own function (so the culling and clamp branches agree), keeps the
-# Gaussian's gradients in registers across the cameras and writes, per
-# camera, the block's sum of the 16 camera gradients into its own row of
-# [C, nblocks, 16]; the rows are added after the launch over a fixed shape.
+# forward's own function: in the inputs' dtype for the branches (so culling,
+# the FOV clamp and the compensation floor agree with the forward), and in
+# float64 for the values the gradient is pulled back through, in float64 (as
+# the C++ kernel does).  It keeps the Gaussian's gradients in registers
+# across the cameras and writes, per camera, the block's sum of the 16
+# camera gradients into its own row of [C, nblocks, 16]; the rows are added
+# after the launch over a fixed shape.
 PROJECT_BLOCK = 128
 _CAM_GRADS = 16  # per camera: d R (9), d t (3), d fx, d fy, d cx, d cy
 
@@ -156,7 +161,7 @@ def _camera(viewmats_ptr, Ks_ptr, params_ptr, c, DT: tl.constexpr):
 def _pair(m0, m1, m2, opac, c00, c01, c02, c11, c12, c22,
           R00, R01, R02, R10, R11, R12, R20, R21, R22, t0, t1, t2,
           fx, fy, cx, cy, lox, hix, loy, hiy, eps2d, near, far, clip, W, H, ANTIALIASED: tl.constexpr):  # fmt: skip
-    """One (camera, Gaussian) pair's projection, in the reference's order of operations and dtype.
+    """One (camera, Gaussian) pair's projection in the reference's order of operations, in its arguments' dtype.
 
     Returns the camera-space mean, x/z and y/z before and after the clamp,
     Sigma_c, the Jacobian's non-zero entries, cov2d before (a, b, c) and
@@ -277,16 +282,19 @@ def _project_bwd_kernel(means_ptr, quats_ptr, scales_ptr, opac_ptr, viewmats_ptr
     dm0, dm1, dm2 = zero, zero, zero
     d00, d01, d02, d11, d12, d22 = zero, zero, zero, zero, zero, zero
     for cam in range(C):
-        (V00, V01, V02, V10, V11, V12, V20, V21, V22, t0, t1, t2,
-         vfx, vfy, vcx, vcy, lox, hix, loy, hiy, eps2d, near, far, clip, vW, vH) = _camera(
+        # the pass in T (names with a v): which branches the forward took
+        (V00, V01, V02, V10, V11, V12, V20, V21, V22, vt0, vt1, vt2, vfx, vfy, vcx, vcy,
+         vlox, vhix, vloy, vhiy, veps2d, vnear, vfar, vclip, vW, vH) = _camera(
             viewmats_ptr, Ks_ptr, params_ptr, cam, T)  # fmt: skip
-        (_, _, _, tx, ty, _, _, _, _, _, _, _, _, _, _, _, _,
-         _, _, _, _, _, _, r, _, _, _, _, _, keep) = _pair(
-            m0, m1, m2, opac, c00, c01, c02, c11, c12, c22, V00, V01, V02, V10, V11, V12, V20, V21, V22, t0, t1, t2,
-            vfx, vfy, vcx, vcy, lox, hix, loy, hiy, eps2d, near, far, clip, vW, vH, ANTIALIASED)  # fmt: skip
+        (_, _, _, vtx, vty, _, _, _, _, _, _, _, _, _, _, _, _,
+         _, _, _, _, _, _, vr, _, _, _, _, _, keep) = _pair(
+            m0, m1, m2, opac, c00, c01, c02, c11, c12, c22, V00, V01, V02, V10, V11, V12, V20, V21, V22,
+            vt0, vt1, vt2, vfx, vfy, vcx, vcy, vlox, vhix, vloy, vhiy, veps2d, vnear, vfar, vclip, vW, vH,
+            ANTIALIASED)  # fmt: skip
         keep = keep & ok
-        below_floor = r < tl.full((), 0.005 * 0.005, T)  # torch.clamp passes no gradient there
-        x_lo, x_hi, y_lo, y_hi = tx < lox, tx > hix, ty < loy, ty > hiy
+        below_floor = vr < tl.full((), 0.005 * 0.005, T)  # torch.clamp passes no gradient there
+        x_lo, x_hi, y_lo, y_hi = vtx < vlox, vtx > vhix, vty < vloy, vty > vhiy
+        # the pass in A: the values
         (R00, R01, R02, R10, R11, R12, R20, R21, R22, t0, t1, t2,
          fx, fy, cx, cy, lox, hix, loy, hiy, eps2d, near, far, clip, W, H) = _camera(
             viewmats_ptr, Ks_ptr, params_ptr, cam, A)  # fmt: skip
