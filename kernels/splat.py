@@ -1,5 +1,19 @@
 """Triton kernels of the splatting family (launchers named after their ops).
 
+Projection (``project_gaussians``, ``project_gaussians_bwd``): the EWA
+projection of frontiers_fast/reference/splat.py and csrc/splat/project_cpu.cpp
+(covariance from quaternion and scales, world to camera, the Jacobian at x/z
+and y/z clamped to 1.3x the half field of view, the eps2d blur, conic,
+3-sigma radius and culling, the antialiased compensation), one program per
+block of Gaussians and camera, in the inputs' dtype and the reference's
+order of operations.  The backward is analytic: a program per block of
+Gaussians walks the cameras in order and recomputes each pair with the
+forward's function (in the inputs' dtype for the branches, in float64 for
+the values the gradient, also float64, goes through); the camera gradients
+are per-block sums, added over a fixed shape afterwards, so it is
+deterministic without atomics.  Culled
+pairs contribute nothing.  The forward refuses what ``_ref_project`` refuses.
+
 Spherical harmonics: one program per ``BLOCK`` entries, each entry
 independent (the basis and, backward, its gradient in registers), so the
 backward is deterministic.  Semantics: frontiers_fast/reference/splat.py
@@ -25,6 +39,491 @@ from frontiers_fast._checks import check_finite
 from ._utils import on_device
 
 SH_BLOCK = 128
+
+
+# ---------------------------------------------------------------------------
+# project_gaussians: EWA projection, forward and analytic backward
+# ---------------------------------------------------------------------------
+# Forward: grid (cdiv(N, PROJECT_BLOCK), C), one program per block of
+# Gaussians seen by one camera.  Backward: grid (cdiv(N, PROJECT_BLOCK),),
+# each program walks the cameras in order, recomputing each pair with the
+# forward's own function: in the inputs' dtype for the branches (so culling,
+# the FOV clamp and the compensation floor agree with the forward), and in
+# float64 for the values the gradient is pulled back through, in float64 (as
+# the C++ kernel does).  It keeps the Gaussian's gradients in registers
+# across the cameras and writes, per camera, the block's sum of the 16
+# camera gradients into its own row of [C, nblocks, 16]; the rows are added
+# after the launch over a fixed shape.
+PROJECT_BLOCK = 128
+_CAM_GRADS = 16  # per camera: d R (9), d t (3), d fx, d fy, d cx, d cy
+
+
+@triton.jit
+def _sqrt(x):
+    """IEEE square root in x's dtype (tl.sqrt may be an approximation in float32; the radii's ceil needs it exact)."""
+    if x.dtype == tl.float32:
+        return tl.sqrt_rn(x)
+    else:
+        return tl.sqrt(x)
+
+
+@triton.jit
+def _rsrt(r00, r01, r02, r10, r11, r12, r20, r21, r22, s00, s01, s02, s11, s12, s22):
+    """The upper triangle of R S R^T for a symmetric S (given by its upper triangle), as (R S) R^T."""
+    a00 = r00 * s00 + r01 * s01 + r02 * s02
+    a01 = r00 * s01 + r01 * s11 + r02 * s12
+    a02 = r00 * s02 + r01 * s12 + r02 * s22
+    a10 = r10 * s00 + r11 * s01 + r12 * s02
+    a11 = r10 * s01 + r11 * s11 + r12 * s12
+    a12 = r10 * s02 + r11 * s12 + r12 * s22
+    a20 = r20 * s00 + r21 * s01 + r22 * s02
+    a21 = r20 * s01 + r21 * s11 + r22 * s12
+    a22 = r20 * s02 + r21 * s12 + r22 * s22
+    o00 = a00 * r00 + a01 * r01 + a02 * r02
+    o01 = a00 * r10 + a01 * r11 + a02 * r12
+    o02 = a00 * r20 + a01 * r21 + a02 * r22
+    o11 = a10 * r10 + a11 * r11 + a12 * r12
+    o12 = a10 * r20 + a11 * r21 + a12 * r22
+    o22 = a20 * r20 + a21 * r21 + a22 * r22
+    return o00, o01, o02, o11, o12, o22
+
+
+@triton.jit
+def _gaussian(quats_ptr, scales_ptr, n, ok, DT: tl.constexpr):
+    """q^ = q / max(|q|, 1e-12) (F.normalize), |q|, R(q^), the scales and Sigma = (R S)(R S)^T's upper triangle.
+
+    Computed in DT: the inputs' dtype for the projection, float64 for the backward's arithmetic."""
+    q0 = tl.load(quats_ptr + n * 4, mask=ok, other=1.0).to(DT)
+    q1 = tl.load(quats_ptr + n * 4 + 1, mask=ok, other=0.0).to(DT)
+    q2 = tl.load(quats_ptr + n * 4 + 2, mask=ok, other=0.0).to(DT)
+    q3 = tl.load(quats_ptr + n * 4 + 3, mask=ok, other=0.0).to(DT)
+    s0 = tl.load(scales_ptr + n * 3, mask=ok, other=1.0).to(DT)
+    s1 = tl.load(scales_ptr + n * 3 + 1, mask=ok, other=1.0).to(DT)
+    s2 = tl.load(scales_ptr + n * 3 + 2, mask=ok, other=1.0).to(DT)
+    qn = _sqrt(q0 * q0 + q1 * q1 + q2 * q2 + q3 * q3)
+    den = tl.maximum(qn, tl.full((), 1e-12, qn.dtype))
+    w, x, y, z = q0 / den, q1 / den, q2 / den, q3 / den
+    r00 = 1.0 - 2.0 * (y * y + z * z)
+    r01 = 2.0 * (x * y - w * z)
+    r02 = 2.0 * (x * z + w * y)
+    r10 = 2.0 * (x * y + w * z)
+    r11 = 1.0 - 2.0 * (x * x + z * z)
+    r12 = 2.0 * (y * z - w * x)
+    r20 = 2.0 * (x * z - w * y)
+    r21 = 2.0 * (y * z + w * x)
+    r22 = 1.0 - 2.0 * (x * x + y * y)
+    # M = R diag(s): column j scaled by s_j; Sigma = M M^T
+    m00, m01, m02 = r00 * s0, r01 * s1, r02 * s2
+    m10, m11, m12 = r10 * s0, r11 * s1, r12 * s2
+    m20, m21, m22 = r20 * s0, r21 * s1, r22 * s2
+    c00 = m00 * m00 + m01 * m01 + m02 * m02
+    c01 = m00 * m10 + m01 * m11 + m02 * m12
+    c02 = m00 * m20 + m01 * m21 + m02 * m22
+    c11 = m10 * m10 + m11 * m11 + m12 * m12
+    c12 = m10 * m20 + m11 * m21 + m12 * m22
+    c22 = m20 * m20 + m21 * m21 + m22 * m22
+    return (w, x, y, z, qn, r00, r01, r02, r10, r11, r12, r20, r21, r22, s0, s1, s2,
+            c00, c01, c02, c11, c12, c22)  # fmt: skip
+
+
+@triton.jit
+def _camera(viewmats_ptr, Ks_ptr, params_ptr, c, DT: tl.constexpr):
+    """Camera c's R, t, fx, fy, cx, cy, the FOV clamp bounds of x/z and y/z, and the scalar parameters, in DT.
+
+    The parameters come from a tensor of the inputs' dtype, as the reference
+    meets Python floats in the tensors' dtype (a float kernel argument would be float32)."""
+    v = viewmats_ptr + c * 16
+    k = Ks_ptr + c * 9
+    eps2d = tl.load(params_ptr).to(DT)
+    near = tl.load(params_ptr + 1).to(DT)
+    far = tl.load(params_ptr + 2).to(DT)
+    clip = tl.load(params_ptr + 3).to(DT)
+    W = tl.load(params_ptr + 4).to(DT)
+    H = tl.load(params_ptr + 5).to(DT)
+    fx, fy, cx, cy = tl.load(k).to(DT), tl.load(k + 4).to(DT), tl.load(k + 2).to(DT), tl.load(k + 5).to(DT)
+    f = tl.full((), 0.3, fx.dtype)  # FOV_CLAMP
+    # 0.5 * W / fx as torch evaluates a Python float over a tensor: reciprocal(fx) * (0.5 W)
+    tan_x = (1.0 / fx) * (0.5 * W)
+    tan_y = (1.0 / fy) * (0.5 * H)
+    lox = -(cx / fx + f * tan_x)
+    hix = (W - cx) / fx + f * tan_x
+    loy = -(cy / fy + f * tan_y)
+    hiy = (H - cy) / fy + f * tan_y
+    R00, R01, R02 = tl.load(v).to(DT), tl.load(v + 1).to(DT), tl.load(v + 2).to(DT)
+    R10, R11, R12 = tl.load(v + 4).to(DT), tl.load(v + 5).to(DT), tl.load(v + 6).to(DT)
+    R20, R21, R22 = tl.load(v + 8).to(DT), tl.load(v + 9).to(DT), tl.load(v + 10).to(DT)
+    t0, t1, t2 = tl.load(v + 3).to(DT), tl.load(v + 7).to(DT), tl.load(v + 11).to(DT)
+    return (R00, R01, R02, R10, R11, R12, R20, R21, R22, t0, t1, t2,
+            fx, fy, cx, cy, lox, hix, loy, hiy, eps2d, near, far, clip, W, H)  # fmt: skip
+
+
+@triton.jit
+def _pair(m0, m1, m2, opac, c00, c01, c02, c11, c12, c22,
+          R00, R01, R02, R10, R11, R12, R20, R21, R22, t0, t1, t2,
+          fx, fy, cx, cy, lox, hix, loy, hiy, eps2d, near, far, clip, W, H, ANTIALIASED: tl.constexpr):  # fmt: skip
+    """One (camera, Gaussian) pair's projection in the reference's order of operations, in its arguments' dtype.
+
+    Returns the camera-space mean, x/z and y/z before and after the clamp,
+    Sigma_c, the Jacobian's non-zero entries, cov2d before (a, b, c) and
+    after (ab, cb) the blur, the safe det, det / det', the compensation,
+    means2d, the radii and whether the pair is kept."""
+    x = R00 * m0 + R01 * m1 + R02 * m2 + t0
+    y = R10 * m0 + R11 * m1 + R12 * m2 + t1
+    z = R20 * m0 + R21 * m1 + R22 * m2 + t2
+    k00, k01, k02, k11, k12, k22 = _rsrt(
+        R00, R01, R02, R10, R11, R12, R20, R21, R22, c00, c01, c02, c11, c12, c22
+    )
+    depth_ok = (z >= near) & (z <= far)
+    zs = tl.where(depth_ok, z, 1.0)  # culled pairs keep finite values, as in the reference
+    tx = x / zs
+    ty = y / zs
+    u = tl.minimum(tl.maximum(tx, lox), hix)
+    v = tl.minimum(tl.maximum(ty, loy), hiy)
+    J00 = fx / zs
+    J02 = -fx * u / zs
+    J11 = fy / zs
+    J12 = -fy * v / zs
+    # rows of J Sigma_c, then cov2d = (J Sigma_c) J^T
+    a0, a1, a2 = J00 * k00 + J02 * k02, J00 * k01 + J02 * k12, J00 * k02 + J02 * k22
+    b0, b1, b2 = J11 * k01 + J12 * k02, J11 * k11 + J12 * k12, J11 * k12 + J12 * k22
+    a = a0 * J00 + a2 * J02
+    b = 0.5 * ((a1 * J11 + a2 * J12) + (b0 * J00 + b2 * J02))
+    c = b1 * J11 + b2 * J12
+    mx = fx * x / zs + cx
+    my = fy * y / zs + cy
+    det_orig = a * c - b * b
+    ab = a + eps2d  # the low-pass blur
+    cb = c + eps2d
+    det = ab * cb - b * b
+    det_ok = det > 0.0
+    dets = tl.where(det_ok, det, 1.0)
+    r = det_orig / dets
+    floor2 = tl.full((), 0.005 * 0.005, r.dtype)  # MIN_COMPENSATION ** 2
+    comp = _sqrt(tl.where(r < floor2, floor2, r))  # a NaN r stays NaN, as torch.clamp leaves it
+    if ANTIALIASED:
+        o = opac * comp
+    else:
+        o = opac
+    thr = tl.full((), 1.0 / 255.0, r.dtype)  # ALPHA_THRESHOLD
+    top = tl.full((), 3.33, r.dtype)  # MAX_EXTEND
+    extend = _sqrt(2.0 * tl.log(tl.where(o < thr, thr, o) / thr))
+    extend = tl.where(extend > top, top, extend)
+    rx = tl.ceil(extend * _sqrt(tl.where(ab < 0.0, 0.0, ab)))
+    ry = tl.ceil(extend * _sqrt(tl.where(cb < 0.0, 0.0, cb)))
+    big_enough = (rx > clip) | (ry > clip)
+    on_image = (mx + rx > 0.0) & (mx - rx < W) & (my + ry > 0.0) & (my - ry < H)
+    keep = depth_ok & det_ok & (o >= thr) & big_enough & on_image
+    return (x, y, zs, tx, ty, u, v, k00, k01, k02, k11, k12, k22, J00, J02, J11, J12,
+            a, b, c, ab, cb, dets, r, comp, mx, my, rx, ry, keep)  # fmt: skip
+
+
+@triton.jit
+def _project_fwd_kernel(means_ptr, quats_ptr, scales_ptr, opac_ptr, viewmats_ptr, Ks_ptr, params_ptr,
+                        means2d_ptr, depths_ptr, conics_ptr, comps_ptr, radii_ptr, N,
+                        ANTIALIASED: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    T: tl.constexpr = means_ptr.dtype.element_ty
+    cam = tl.program_id(1)
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = n < N
+    m0 = tl.load(means_ptr + n * 3, mask=ok, other=0.0)
+    m1 = tl.load(means_ptr + n * 3 + 1, mask=ok, other=0.0)
+    m2 = tl.load(means_ptr + n * 3 + 2, mask=ok, other=0.0)
+    opac = tl.load(opac_ptr + n, mask=ok, other=0.0)
+    (_, _, _, _, _, _, _, _, _, _, _, _, _, _, _, _, _,
+     c00, c01, c02, c11, c12, c22) = _gaussian(quats_ptr, scales_ptr, n, ok, T)  # fmt: skip
+    (R00, R01, R02, R10, R11, R12, R20, R21, R22, t0, t1, t2,
+     fx, fy, cx, cy, lox, hix, loy, hiy, eps2d, near, far, clip, W, H) = _camera(viewmats_ptr, Ks_ptr, params_ptr, cam, T)  # fmt: skip
+    (_, _, z, _, _, _, _, _, _, _, _, _, _, _, _, _, _,
+     _, b, _, ab, cb, dets, _, comp, mx, my, rx, ry, keep) = _pair(
+        m0, m1, m2, opac, c00, c01, c02, c11, c12, c22, R00, R01, R02, R10, R11, R12, R20, R21, R22, t0, t1, t2,
+        fx, fy, cx, cy, lox, hix, loy, hiy, eps2d, near, far, clip, W, H, ANTIALIASED)  # fmt: skip
+    # Culled pairs are the values times 0, as in the reference: an overflowed value comes out NaN and is refused.
+    kf = keep.to(z.dtype)
+    i = cam * N + n
+    tl.store(means2d_ptr + i * 2, mx * kf, mask=ok)
+    tl.store(means2d_ptr + i * 2 + 1, my * kf, mask=ok)
+    tl.store(depths_ptr + i, z * kf, mask=ok)
+    tl.store(conics_ptr + i * 3, cb / dets * kf, mask=ok)
+    tl.store(conics_ptr + i * 3 + 1, -b / dets * kf, mask=ok)
+    tl.store(conics_ptr + i * 3 + 2, ab / dets * kf, mask=ok)
+    if ANTIALIASED:
+        tl.store(comps_ptr + i, comp * kf, mask=ok)
+    else:
+        tl.store(comps_ptr + i, kf, mask=ok)
+    tl.store(radii_ptr + i * 2, tl.where(keep, rx, 0.0).to(tl.int32), mask=ok)
+    tl.store(radii_ptr + i * 2 + 1, tl.where(keep, ry, 0.0).to(tl.int32), mask=ok)
+
+
+@triton.jit
+def _project_bwd_kernel(means_ptr, quats_ptr, scales_ptr, opac_ptr, viewmats_ptr, Ks_ptr, params_ptr,
+                        g_means2d_ptr, g_depths_ptr, g_conics_ptr, g_comps_ptr,
+                        g_means_ptr, g_quats_ptr, g_scales_ptr, cam_part_ptr, N, C, n_blocks,
+                        ANTIALIASED: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    # Each pair is projected twice: in the inputs' dtype T, for the forward's branches (culling,
+    # the FOV clamp, the compensation floor), and in float64, A, for the values the gradient is
+    # pulled back through, in A too.  So a float32 call gets float64's gradient of the same
+    # branches: in float32 the conic's derivatives cancel to a few digits for thin Gaussians.
+    T: tl.constexpr = means_ptr.dtype.element_ty
+    A: tl.constexpr = tl.float64
+    pid = tl.program_id(0)
+    n = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = n < N
+    m0 = tl.load(means_ptr + n * 3, mask=ok, other=0.0)
+    m1 = tl.load(means_ptr + n * 3 + 1, mask=ok, other=0.0)
+    m2 = tl.load(means_ptr + n * 3 + 2, mask=ok, other=0.0)
+    opac = tl.load(opac_ptr + n, mask=ok, other=0.0)
+    (_, _, _, _, _, _, _, _, _, _, _, _, _, _, _, _, _,
+     c00, c01, c02, c11, c12, c22) = _gaussian(quats_ptr, scales_ptr, n, ok, T)  # fmt: skip
+    (qw, qx, qy, qz, qn, q00, q01, q02, q10, q11, q12, q20, q21, q22, s0, s1, s2,
+     w00, w01, w02, w11, w12, w22) = _gaussian(quats_ptr, scales_ptr, n, ok, A)  # fmt: skip
+    wm0, wm1, wm2, wopac = m0.to(A), m1.to(A), m2.to(A), opac.to(A)
+    zero = wm0 * 0.0
+    # d mean and the upper triangle of d Sigma, summed over the cameras in order
+    dm0, dm1, dm2 = zero, zero, zero
+    d00, d01, d02, d11, d12, d22 = zero, zero, zero, zero, zero, zero
+    for cam in range(C):
+        # the pass in T (names with a v): which branches the forward took
+        (V00, V01, V02, V10, V11, V12, V20, V21, V22, vt0, vt1, vt2, vfx, vfy, vcx, vcy,
+         vlox, vhix, vloy, vhiy, veps2d, vnear, vfar, vclip, vW, vH) = _camera(
+            viewmats_ptr, Ks_ptr, params_ptr, cam, T)  # fmt: skip
+        (_, _, _, vtx, vty, _, _, _, _, _, _, _, _, _, _, _, _,
+         _, _, _, _, _, _, vr, _, _, _, _, _, keep) = _pair(
+            m0, m1, m2, opac, c00, c01, c02, c11, c12, c22, V00, V01, V02, V10, V11, V12, V20, V21, V22,
+            vt0, vt1, vt2, vfx, vfy, vcx, vcy, vlox, vhix, vloy, vhiy, veps2d, vnear, vfar, vclip, vW, vH,
+            ANTIALIASED)  # fmt: skip
+        keep = keep & ok
+        below_floor = vr < tl.full((), 0.005 * 0.005, T)  # torch.clamp passes no gradient there
+        x_lo, x_hi, y_lo, y_hi = vtx < vlox, vtx > vhix, vty < vloy, vty > vhiy
+        # the pass in A: the values
+        (R00, R01, R02, R10, R11, R12, R20, R21, R22, t0, t1, t2,
+         fx, fy, cx, cy, lox, hix, loy, hiy, eps2d, near, far, clip, W, H) = _camera(
+            viewmats_ptr, Ks_ptr, params_ptr, cam, A)  # fmt: skip
+        (x, y, z, _, _, u, v, k00, k01, k02, k11, k12, k22, J00, J02, J11, J12,
+         a, b, c, ab, cb, dets, r, comp, _, _, _, _, _) = _pair(
+            wm0, wm1, wm2, wopac, w00, w01, w02, w11, w12, w22, R00, R01, R02, R10, R11, R12, R20, R21, R22,
+            t0, t1, t2, fx, fy, cx, cy, lox, hix, loy, hiy, eps2d, near, far, clip, W, H, ANTIALIASED)  # fmt: skip
+        # Culled pairs contribute nothing and their incoming gradients are not read.
+        i = cam * N + n
+        gmx = tl.load(g_means2d_ptr + i * 2, mask=keep, other=0.0).to(A)
+        gmy = tl.load(g_means2d_ptr + i * 2 + 1, mask=keep, other=0.0).to(A)
+        gz = tl.load(g_depths_ptr + i, mask=keep, other=0.0).to(A)
+        gA = tl.load(g_conics_ptr + i * 3, mask=keep, other=0.0).to(A)
+        gB = tl.load(g_conics_ptr + i * 3 + 1, mask=keep, other=0.0).to(A)
+        gC = tl.load(g_conics_ptr + i * 3 + 2, mask=keep, other=0.0).to(A)
+        # conic = (c', -b, a') / det'
+        inv = 1.0 / dets
+        ddet = -(gA * cb - gB * b + gC * ab) * inv * inv
+        ddo = zero  # d det before the blur
+        if ANTIALIASED:
+            # comp = sqrt(det / det'), above its floor
+            gk = tl.load(g_comps_ptr + i, mask=keep, other=0.0).to(A)
+            gr = tl.where(below_floor, 0.0, gk * 0.5 / comp)
+            ddo = gr * inv
+            ddet -= gr * r * inv
+        ga = gC * inv + ddet * cb + ddo * c
+        gc = gA * inv + ddet * ab + ddo * a
+        h = 0.5 * (-gB * inv - 2.0 * b * (ddet + ddo))  # d cov2d_01 = d cov2d_10
+        # cov2d = J Sigma_c J^T with G = [[ga, h], [h, gc]]: d J = 2 G J Sigma_c, d Sigma_c = J^T G J
+        a0, a2 = J00 * k00 + J02 * k02, J00 * k02 + J02 * k22
+        b1, b2 = J11 * k11 + J12 * k12, J11 * k12 + J12 * k22
+        a1, b0 = J00 * k01 + J02 * k12, J11 * k01 + J12 * k02
+        dJ00 = 2.0 * (ga * a0 + h * b0)
+        dJ02 = 2.0 * (ga * a2 + h * b2)
+        dJ11 = 2.0 * (h * a1 + gc * b1)
+        dJ12 = 2.0 * (h * a2 + gc * b2)
+        e2 = ga * J02 + h * J12
+        f2 = h * J02 + gc * J12
+        e00 = tl.where(keep, J00 * ga * J00, 0.0)
+        e01 = tl.where(keep, J00 * h * J11, 0.0)
+        e02 = tl.where(keep, J00 * e2, 0.0)
+        e11 = tl.where(keep, J11 * gc * J11, 0.0)
+        e12 = tl.where(keep, J11 * f2, 0.0)
+        e22 = tl.where(keep, J02 * e2 + J12 * f2, 0.0)
+        # J's entries and means2d = (fx x / z + cx, fy y / z + cy)
+        iz = 1.0 / z
+        iz2 = iz * iz
+        dfx = dJ00 * iz - dJ02 * u * iz + gmx * x * iz
+        dfy = dJ11 * iz - dJ12 * v * iz + gmy * y * iz
+        dcx = gmx
+        dcy = gmy
+        du = -dJ02 * fx * iz
+        dv = -dJ12 * fy * iz
+        dp0 = gmx * fx * iz
+        dp1 = gmy * fy * iz
+        dp2 = (
+            -dJ00 * fx + dJ02 * fx * u - dJ11 * fy + dJ12 * fy * v - gmx * fx * x - gmy * fy * y
+        ) * iz2 + gz
+        # torch.clamp with tensor bounds: inside them x/z takes the gradient, outside the bound
+        # reached does, and through it fx and cx (lo = -(cx + 0.15 W) / fx, hi = (W - cx + 0.15 W) / fx)
+        fW = tl.full((), 0.15, W.dtype) * W
+        fH = tl.full((), 0.15, H.dtype) * H
+        out_x = x_lo | x_hi
+        out_y = y_lo | y_hi
+        dcx = tl.where(out_x, dcx - du / fx, dcx)
+        dfx = tl.where(x_lo, dfx + du * (cx + fW) / (fx * fx), dfx)
+        dfx = tl.where(x_hi, dfx - du * (W - cx + fW) / (fx * fx), dfx)
+        dcy = tl.where(out_y, dcy - dv / fy, dcy)
+        dfy = tl.where(y_lo, dfy + dv * (cy + fH) / (fy * fy), dfy)
+        dfy = tl.where(y_hi, dfy - dv * (H - cy + fH) / (fy * fy), dfy)
+        dp0 = tl.where(out_x, dp0, dp0 + du * iz)
+        dp1 = tl.where(out_y, dp1, dp1 + dv * iz)
+        dp2 = tl.where(out_x, dp2, dp2 - du * x * iz2)
+        dp2 = tl.where(out_y, dp2, dp2 - dv * y * iz2)
+        dp0 = tl.where(keep, dp0, 0.0)
+        dp1 = tl.where(keep, dp1, 0.0)
+        dp2 = tl.where(keep, dp2, 0.0)
+        # p = R mu + t, Sigma_c = R Sigma R^T: d R = 2 (d Sigma_c R) Sigma + d p mu^T, d Sigma = R^T d Sigma_c R
+        D00 = e00 * R00 + e01 * R10 + e02 * R20
+        D01 = e00 * R01 + e01 * R11 + e02 * R21
+        D02 = e00 * R02 + e01 * R12 + e02 * R22
+        D10 = e01 * R00 + e11 * R10 + e12 * R20
+        D11 = e01 * R01 + e11 * R11 + e12 * R21
+        D12 = e01 * R02 + e11 * R12 + e12 * R22
+        D20 = e02 * R00 + e12 * R10 + e22 * R20
+        D21 = e02 * R01 + e12 * R11 + e22 * R21
+        D22 = e02 * R02 + e12 * R12 + e22 * R22
+        row = cam_part_ptr + (cam * n_blocks + pid) * 16
+        tl.store(row, tl.sum(2.0 * (D00 * w00 + D01 * w01 + D02 * w02) + dp0 * wm0, axis=0))
+        tl.store(row + 1, tl.sum(2.0 * (D00 * w01 + D01 * w11 + D02 * w12) + dp0 * wm1, axis=0))
+        tl.store(row + 2, tl.sum(2.0 * (D00 * w02 + D01 * w12 + D02 * w22) + dp0 * wm2, axis=0))
+        tl.store(row + 3, tl.sum(2.0 * (D10 * w00 + D11 * w01 + D12 * w02) + dp1 * wm0, axis=0))
+        tl.store(row + 4, tl.sum(2.0 * (D10 * w01 + D11 * w11 + D12 * w12) + dp1 * wm1, axis=0))
+        tl.store(row + 5, tl.sum(2.0 * (D10 * w02 + D11 * w12 + D12 * w22) + dp1 * wm2, axis=0))
+        tl.store(row + 6, tl.sum(2.0 * (D20 * w00 + D21 * w01 + D22 * w02) + dp2 * wm0, axis=0))
+        tl.store(row + 7, tl.sum(2.0 * (D20 * w01 + D21 * w11 + D22 * w12) + dp2 * wm1, axis=0))
+        tl.store(row + 8, tl.sum(2.0 * (D20 * w02 + D21 * w12 + D22 * w22) + dp2 * wm2, axis=0))
+        tl.store(row + 9, tl.sum(dp0, axis=0))
+        tl.store(row + 10, tl.sum(dp1, axis=0))
+        tl.store(row + 11, tl.sum(dp2, axis=0))
+        tl.store(row + 12, tl.sum(tl.where(keep, dfx, 0.0), axis=0))
+        tl.store(row + 13, tl.sum(tl.where(keep, dfy, 0.0), axis=0))
+        tl.store(row + 14, tl.sum(tl.where(keep, dcx, 0.0), axis=0))
+        tl.store(row + 15, tl.sum(tl.where(keep, dcy, 0.0), axis=0))
+        dm0 += R00 * dp0 + R10 * dp1 + R20 * dp2
+        dm1 += R01 * dp0 + R11 * dp1 + R21 * dp2
+        dm2 += R02 * dp0 + R12 * dp1 + R22 * dp2
+        d00 += R00 * D00 + R10 * D10 + R20 * D20
+        d01 += R00 * D01 + R10 * D11 + R20 * D21
+        d02 += R00 * D02 + R10 * D12 + R20 * D22
+        d11 += R01 * D01 + R11 * D11 + R21 * D21
+        d12 += R01 * D02 + R11 * D12 + R21 * D22
+        d22 += R02 * D02 + R12 * D12 + R22 * D22
+    # Sigma = M M^T, M = R(q^) diag(s): d M = 2 d Sigma M, then d R(q^) = d M diag(s), d s_j = sum_i d M_ij R_ij
+    M00, M01, M02 = q00 * s0, q01 * s1, q02 * s2
+    M10, M11, M12 = q10 * s0, q11 * s1, q12 * s2
+    M20, M21, M22 = q20 * s0, q21 * s1, q22 * s2
+    G00 = 2.0 * (d00 * M00 + d01 * M10 + d02 * M20)
+    G01 = 2.0 * (d00 * M01 + d01 * M11 + d02 * M21)
+    G02 = 2.0 * (d00 * M02 + d01 * M12 + d02 * M22)
+    G10 = 2.0 * (d01 * M00 + d11 * M10 + d12 * M20)
+    G11 = 2.0 * (d01 * M01 + d11 * M11 + d12 * M21)
+    G12 = 2.0 * (d01 * M02 + d11 * M12 + d12 * M22)
+    G20 = 2.0 * (d02 * M00 + d12 * M10 + d22 * M20)
+    G21 = 2.0 * (d02 * M01 + d12 * M11 + d22 * M21)
+    G22 = 2.0 * (d02 * M02 + d12 * M12 + d22 * M22)
+    ds0 = G00 * q00 + G10 * q10 + G20 * q20
+    ds1 = G01 * q01 + G11 * q11 + G21 * q21
+    ds2 = G02 * q02 + G12 * q12 + G22 * q22
+    G00, G01, G02 = G00 * s0, G01 * s1, G02 * s2
+    G10, G11, G12 = G10 * s0, G11 * s1, G12 * s2
+    G20, G21, G22 = G20 * s0, G21 * s1, G22 * s2
+    # d q^ through the rotation matrix's entries (each is linear in two components of q^)
+    dw = 2.0 * (-qz * G01 + qy * G02 + qz * G10 - qx * G12 - qy * G20 + qx * G21)
+    dx = 2.0 * (
+        qy * G01 + qz * G02 + qy * G10 - 2.0 * qx * G11 - qw * G12 + qz * G20 + qw * G21 - 2.0 * qx * G22
+    )
+    dy = 2.0 * (
+        -2.0 * qy * G00 + qx * G01 + qw * G02 + qx * G10 + qz * G12 - qw * G20 + qz * G21 - 2.0 * qy * G22
+    )
+    dz = 2.0 * (
+        -2.0 * qz * G00 - qw * G01 + qx * G02 + qw * G10 - 2.0 * qz * G11 + qy * G12 + qx * G20 + qy * G21
+    )
+    # F.normalize, q / max(|q|, eps): project out q^ above the eps, a plain division by it below
+    eps = tl.full((), 1e-12, qn.dtype)
+    above = qn >= eps
+    dot = tl.where(above, qw * dw + qx * dx + qy * dy + qz * dz, 0.0)
+    den = tl.where(above, qn, eps)
+    tl.store(g_quats_ptr + n * 4, (dw - qw * dot) / den, mask=ok)
+    tl.store(g_quats_ptr + n * 4 + 1, (dx - qx * dot) / den, mask=ok)
+    tl.store(g_quats_ptr + n * 4 + 2, (dy - qy * dot) / den, mask=ok)
+    tl.store(g_quats_ptr + n * 4 + 3, (dz - qz * dot) / den, mask=ok)
+    tl.store(g_means_ptr + n * 3, dm0, mask=ok)
+    tl.store(g_means_ptr + n * 3 + 1, dm1, mask=ok)
+    tl.store(g_means_ptr + n * 3 + 2, dm2, mask=ok)
+    tl.store(g_scales_ptr + n * 3, ds0, mask=ok)
+    tl.store(g_scales_ptr + n * 3 + 1, ds1, mask=ok)
+    tl.store(g_scales_ptr + n * 3 + 2, ds2, mask=ok)
+
+
+def _project_params(means, width, height, eps2d, near_plane, far_plane, radius_clip):
+    """The scalar parameters in the inputs' dtype, on their device (see _camera)."""
+    values = (eps2d, near_plane, far_plane, radius_clip, width, height)
+    return torch.tensor(values, dtype=means.dtype).to(means.device)
+
+
+@on_device
+def project_gaussians(means, quats, scales, opacities, viewmats, Ks, width, height, eps2d, near_plane, far_plane,
+                      radius_clip, antialiased):  # fmt: skip
+    """EWA projection of N Gaussians [N, 3] into C cameras; see frontiers_fast.reference.splat.project_gaussians.
+
+    Returns (means2d [C, N, 2], depths [C, N], conics [C, N, 3], compensations
+    [C, N], radii [C, N, 2] int32), the op's order; refuses what _ref_project refuses.
+    """
+    from frontiers_fast.ops.splat import _check_camera_values, _check_gaussian_values, _check_projected
+
+    _check_gaussian_values(means, quats, scales, opacities)
+    _check_camera_values(viewmats, Ks)
+    means, quats, scales, opacities, viewmats, Ks = (
+        t.contiguous() for t in (means, quats, scales, opacities, viewmats, Ks)
+    )
+    C, N = viewmats.shape[0], means.shape[0]
+    new = lambda *shape, dtype=means.dtype: torch.empty(shape, dtype=dtype, device=means.device)  # noqa: E731
+    means2d, depths, conics, comps = new(C, N, 2), new(C, N), new(C, N, 3), new(C, N)
+    radii = new(C, N, 2, dtype=torch.int32)
+    if C and N:
+        params = _project_params(means, width, height, eps2d, near_plane, far_plane, radius_clip)
+        _project_fwd_kernel[(triton.cdiv(N, PROJECT_BLOCK), C)](
+            means, quats, scales, opacities, viewmats, Ks, params, means2d, depths, conics, comps, radii, N,
+            ANTIALIASED=bool(antialiased), BLOCK=PROJECT_BLOCK,
+        )  # fmt: skip
+    _check_projected(means.dtype, (means2d, depths, conics, comps))
+    return means2d, depths, conics, comps, radii
+
+
+@on_device
+def project_gaussians_bwd(means, quats, scales, opacities, viewmats, Ks, width, height, eps2d, near_plane,
+                          far_plane, radius_clip, antialiased, grad_means2d, grad_depths, grad_conics,
+                          grad_compensations):  # fmt: skip
+    """The analytic gradients (means [N, 3], quats [N, 4], scales [N, 3], viewmats [C, 4, 4], Ks [C, 3, 3]).
+
+    Deterministic: each Gaussian sums its cameras in order inside one
+    program, and each camera's gradients are per-block sums added over a
+    fixed [C, nblocks, 16] shape.  Culled pairs contribute nothing.
+    """
+    means, quats, scales, opacities, viewmats, Ks, gm, gz, gc, gk = (
+        t.contiguous()
+        for t in (means, quats, scales, opacities, viewmats, Ks, grad_means2d, grad_depths, grad_conics,
+                  grad_compensations)
+    )  # fmt: skip
+    C, N = viewmats.shape[0], means.shape[0]
+    new = lambda *shape: torch.empty(shape, dtype=means.dtype, device=means.device)  # noqa: E731
+    g_means, g_quats, g_scales = new(N, 3), new(N, 4), new(N, 3)
+    n_blocks = triton.cdiv(N, PROJECT_BLOCK)
+    part = torch.zeros((C, n_blocks, _CAM_GRADS), dtype=torch.float64, device=means.device)  # A of the kernel
+    if N:
+        params = _project_params(means, width, height, eps2d, near_plane, far_plane, radius_clip)
+        _project_bwd_kernel[(n_blocks,)](
+            means, quats, scales, opacities, viewmats, Ks, params, gm, gz, gc, gk, g_means, g_quats, g_scales, part,
+            N, C, n_blocks, ANTIALIASED=bool(antialiased), BLOCK=PROJECT_BLOCK,
+        )  # fmt: skip
+    cam = part.sum(1).to(means.dtype)  # [C, 16], over a fixed number of blocks
+    g_viewmats = torch.zeros((C, 4, 4), dtype=means.dtype, device=means.device)
+    g_viewmats[:, :3, :3] = cam[:, :9].reshape(C, 3, 3)
+    g_viewmats[:, :3, 3] = cam[:, 9:12]
+    g_Ks = torch.zeros((C, 3, 3), dtype=means.dtype, device=means.device)
+    for j, (r, s) in enumerate(((0, 0), (1, 1), (0, 2), (1, 2))):  # fx, fy, cx, cy
+        g_Ks[:, r, s] = cam[:, 12 + j]
+    return g_means, g_quats, g_scales, g_viewmats, g_Ks
 
 
 @triton.jit

@@ -331,6 +331,7 @@ define_op(
     f"project_gaussians({_PROJECT_ARGS}) -> {_FIVE}",
     fake=_fake_project,
     reference=_ref_project,
+    triton="frontiers_fast.kernels.splat:project_gaussians",
     native=("cpp",),  # csrc/splat/project_cpu.cpp: the same value checks and messages as _ref_project
     backward=_project_backward,
     setup_context=_project_setup,
@@ -342,6 +343,7 @@ define_op(
         torch.empty_like(t) for t in (means, quats, scales, viewmats, Ks)
     ),
     reference=_ref_project_bwd,
+    triton="frontiers_fast.kernels.splat:project_gaussians_bwd",
     native=("cpp",),  # analytic; deterministic per-camera sums (fixed chunks of Gaussians)
 )
 
