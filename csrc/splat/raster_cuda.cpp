@@ -124,12 +124,16 @@ void raise_bad_values(unsigned long long flags, const Inputs& in) {
     TORCH_CHECK_VALUE(false, buf);
   }
   const int64_t R = in.opacities.numel(), M = in.ids.numel();
+  // Rows: C * N Gaussians, or nnz packed rows (1-D opacities).
+  const bool packed = in.opacities.dim() == 1;
+  const char* what = packed ? "nnz" : "C * N";
+  const char* rows = packed ? "packed rows" : "Gaussians";
   if (flags & kRasterIdRange) {
-    TORCH_CHECK_VALUE(R > 0, "flatten_ids must be empty when there are no Gaussians (C * N = 0), got ", M,
+    TORCH_CHECK_VALUE(R > 0, "flatten_ids must be empty when there are no Gaussians (", what, " = 0), got ", M,
                       " entries");
     const auto mm = at::aminmax(in.ids);
-    TORCH_CHECK_VALUE(false, "flatten_ids must lie in [0, ", R - 1, "] (indices into the C * N = ", R,
-                      " Gaussians), got values in [", std::get<0>(mm).item<int64_t>(), ", ",
+    TORCH_CHECK_VALUE(false, "flatten_ids must lie in [0, ", R - 1, "] (indices into the ", what, " = ", R, " ",
+                      rows, "), got values in [", std::get<0>(mm).item<int64_t>(), ", ",
                       std::get<1>(mm).item<int64_t>(), "]");
   }
   TORCH_CHECK_VALUE(!(flags & kRasterOffsets),

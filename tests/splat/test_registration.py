@@ -276,14 +276,17 @@ FAST = {
 }  # fmt: skip
 
 
-TRITON = {"spherical_harmonics", "isect_offset_encode"}  # the stages with a Triton kernel so far
+# The stages with a Triton kernel so far, and the one with a CUDA-extension kernel (forward only).
+TRITON = {"spherical_harmonics", "isect_offset_encode", "project_gaussians"}
+CUDA = {"rasterize_to_pixels"}
 
 
 def test_default_backend_is_cpp_and_reported():
     assert B == "cpp"
     for name in FUNCTIONS:
         report = _backend.backends(op=name)
-        want = (["triton"] if name in TRITON else []) + FAST.get(name, ["reference"])
+        want = (["triton"] if name in TRITON else []) + (["cuda"] if name in CUDA else [])
+        want += FAST.get(name, ["reference"])
         assert [b for b, r in report.items() if r["implemented"]] == want
         assert report["reference"]["available"]
     for name in FAST:
