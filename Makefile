@@ -15,7 +15,7 @@ DEPS := numpy triton pytest torch_geometric matplotlib pytest-benchmark ruff nin
 PEERS := mambapy torchdeq gsplat transformers
 NATIVE_SRC := $(shell find csrc -type f 2>/dev/null) setup.py
 
-.PHONY: test bench setup lint clean
+.PHONY: test bench setup lint clean gpu-wheels
 
 setup: $(VENV)/.installed
 
@@ -46,3 +46,9 @@ lint: setup
 
 clean:
 	rm -rf build *.egg-info frontiers_fast/_C*.so $(VENV)
+
+# The GPU peers' wheels for an offline GPU machine (benchmarks/gpu_check.sh
+# installs the ones it lacks): gsplat and the pure-Python packages it imports.
+GPU_WHEELS := gsplat==1.5.3 jaxtyping==0.3.11 wadler-lindig rich==15.0.0 markdown-it-py mdurl pygments ninja
+gpu-wheels: setup
+	$(PY) -m pip download -q --no-deps -d .wheels $(GPU_WHEELS)

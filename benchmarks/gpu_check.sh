@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one run: build, import, CUDA-extension
+# Everything that needs a GPU, in one run: peers (gsplat, from .wheels/), build, import, CUDA-extension
 # smoke tests (spmm, selective_scan, MoE routing and permutation), the MoE
 # GPU tests (CUDA extension and Triton, CUDA-graph captures included), the
 # rest of the test suite, benchmark report.
@@ -109,6 +109,42 @@ gc_build() {
   # in-place build is enough for running from the repository root.
   echo "pip install -e . failed; trying python3 setup.py build_ext --inplace"
   python3 setup.py build_ext --inplace
+}
+
+gc_peers() {
+  # gsplat, the splatting family's GPU peer, is not on the GPU machine: its
+  # wheel and the pure-Python ones it needs come in .wheels/ (`make
+  # gpu-wheels` fills it; the device tool carries it).  Only what python3
+  # cannot import yet is installed (into the user site, offline).  gsplat
+  # compiles its CUDA extension on first use, for minutes: that build starts
+  # here, in the background, so it runs beside our build and tests and the
+  # bench finds it cached (the bench waits at most
+  # FRONTIERS_FAST_BENCH_GSPLAT_BUILD_S for it, then reports gsplat skipped).
+  local wheels="$ROOT/.wheels"
+  if [[ ! -d "$wheels" ]]; then
+    echo "no $wheels: gsplat is a peer only if this machine has it"
+  else
+    local whl mod
+    for whl in "$wheels"/*.whl; do
+      mod="$(basename "$whl" | cut -d- -f1 | tr 'A-Z' 'a-z')"
+      case "$mod" in markdown_it_py) mod=markdown_it ;; wadler_lindig) mod=wadler_lindig ;; esac
+      if python3 -c "import $mod" 2>/dev/null; then
+        echo "have $mod"
+      else
+        echo "installing $(basename "$whl")"
+        python3 -m pip install -q --user --no-index --no-deps "$whl" || echo "could not install $whl"
+      fi
+    done
+  fi
+  if python3 -c "import gsplat" 2>/dev/null; then
+    echo "gsplat $(python3 -c 'import gsplat; print(gsplat.__version__)'): building its CUDA extension in the background"
+    MAX_JOBS=6 TORCH_CUDA_ARCH_LIST=9.0 setsid nohup timeout 420 python3 -c \
+      "from gsplat.cuda._backend import _C; print('gsplat extension:', _C)" \
+      >"$OUTDIR/gsplat_build.log" 2>&1 </dev/null &
+  else
+    echo "gsplat is not importable: the report will say so"
+  fi
+  return 0
 }
 
 gc_backends() {
@@ -439,14 +475,15 @@ gc_copy_report() {
   fi
 }
 
-export -f gc_versions gc_build gc_backends gc_cuda_ext gc_moe_tests gc_tests gc_bench gc_copy_report
+export -f gc_versions gc_peers gc_build gc_backends gc_cuda_ext gc_moe_tests gc_tests gc_bench gc_copy_report
 
 # --- the run -----------------------------------------------------------------
 echo "gpu_check: $(date -u +%FT%TZ), budget ${BUDGET_S}s, logs in $OUTDIR"
 # name, nominal timeout, own minimum, time kept for the later steps (the sum
 # of their minimums)
-step nvidia_smi 20 10 420 nvidia-smi
-step versions 60 20 400 bash -c gc_versions
+step nvidia_smi 20 10 430 nvidia-smi
+step versions 60 20 410 bash -c gc_versions
+step peers 30 10 400 bash -c gc_peers
 step build 300 110 290 bash -c gc_build
 step backends 60 20 270 bash -c gc_backends
 step cuda_ext 100 40 230 bash -c gc_cuda_ext
