@@ -835,7 +835,11 @@ def _tile_run(off_ptr, tile, n_tiles, M):
 @triton.jit
 def _splat_at(m2d_ptr, con_ptr, opa_ptr, g, px, py):
     """Row g at the pixel centres: dx, dy, the conic, sigma, e = exp(-max(sigma, 0)), o e, clamped alpha
-    and where it blends (sigma >= 0, alpha >= 1/255), in the reference's order of operations."""
+    and where it blends (sigma >= 0, alpha >= 1/255), in the reference's order of operations.
+
+    sigma's two additions are fused multiply-adds.  For a thin ellipse its terms are large and cancel,
+    so each rounding matters in float32; fused, the error is that of compiled code (a GPU compiler
+    contracts them anyway, the interpreter would not), and the forward and the backward share it."""
     mx = tl.load(m2d_ptr + 2 * g)
     my = tl.load(m2d_ptr + 2 * g + 1)
     ca = tl.load(con_ptr + 3 * g)
@@ -846,7 +850,7 @@ def _splat_at(m2d_ptr, con_ptr, opa_ptr, g, px, py):
     half = tl.full((), 0.5, DT)
     dx = px - mx
     dy = py - my
-    sigma = (half * cc * dy * dy + half * ca * dx * dx) + cb * dy * dx
+    sigma = tl.fma(cb * dy, dx, tl.fma(half * cc * dy, dy, half * ca * dx * dx))
     pos = sigma >= 0
     e = tl.exp(-tl.where(pos, sigma, 0.0))
     raw = o * e
