@@ -12,6 +12,8 @@ several cameras, float32 and float64:
 - packed row tables give the [C, N] call's outputs and gradients, bit for bit;
 - two backward runs are bitwise equal;
 - no intersection and no Gaussian at all;
+- the registration: ff.rasterize_to_pixels(backend="triton") runs both
+  launchers through the ops and autograd (absgrad lands on means2d);
 - the refusals: the reference entry's value checks with its messages, and a
   backward state (last_ids) that does not come from the forward.
 """
@@ -19,8 +21,10 @@ several cameras, float32 and float64:
 import pytest
 import torch
 
+import frontiers_fast as ff
+from frontiers_fast import _backend
 from frontiers_fast.ops import splat as splat_ops
-from tests.helpers import assert_close, triton_devices, triton_params
+from tests.helpers import assert_close, grads, spy_backends, triton_devices, triton_params
 
 pytest.importorskip("triton")
 from frontiers_fast.kernels import splat as K  # noqa: E402
@@ -124,6 +128,35 @@ def test_rasterize_to_pixels_bwd_is_deterministic(device, dtype):
     second = _run(device, dtype, (m2d, con, col, opac), bg, W, H, ts, offsets, fids, g_colors, g_alphas)[1]
     for a, b in zip(first, second):
         assert torch.equal(a, b), "a gradient differs between runs"
+
+
+@pytest.mark.parametrize("device", triton_devices())
+def test_rasterize_to_pixels_registered(device, monkeypatch):
+    # Through the public function, the ops and autograd: the forward op runs the Triton forward, the
+    # backward the Triton backward.  On the CPU the ops refuse the Triton backend (it is a CUDA one):
+    # here it is let through, so the interpreter runs the launchers the ops name.
+    if device == "cpu":
+        monkeypatch.setitem(_backend._DEVICE, "triton", "cpu")
+    W, H, ts = 19, 13, 8
+    (m2d, con, col, opac, bg), offsets, fids = _raster_scene(2, 12, W, H, ts, 3, 5)
+    on = _on(device, torch.float64)
+    ours = [on(t).requires_grad_(True) for t in (m2d, con, col, opac, bg)]
+    theirs = [t.clone().requires_grad_(True) for t in (m2d, con, col, opac, bg)]
+
+    def run(xs, backend, o, f):
+        return ff.rasterize_to_pixels(*xs[:4], W, H, ts, o, f, xs[4], absgrad=True, backend=backend)
+
+    want = run(theirs, "reference", offsets, fids)
+    seeds = [torch.randn_like(w) for w in want]
+    with spy_backends() as calls:
+        got = run(ours, "triton", on(offsets), on(fids))
+        g_got = grads(list(got), ours, [on(s) for s in seeds])
+    assert calls[("rasterize_to_pixels", "triton")] == 1 and calls[("rasterize_to_pixels_bwd", "triton")] == 1
+    for g, w in zip(got, want):
+        assert_close(g.cpu(), w, torch.float64)
+    for g, w in zip(g_got, grads(list(want), theirs, seeds)):
+        assert_close(g.cpu(), w, torch.float64)
+    assert_close(ours[0].absgrad.cpu(), theirs[0].absgrad, torch.float64, msg="absgrad")
 
 
 @pytest.mark.parametrize("device", triton_devices())
