@@ -1023,15 +1023,14 @@ def rasterize_to_pixels(means2d, conics, colors, opacities, backgrounds, width, 
     return out, alphas, final_ts, last_ids
 
 
-def _check_raster_state(flatten_ids, n_rows, last_ids, isect_offsets, tile_size):
+def _check_raster_state(opacities, flatten_ids, last_ids, isect_offsets, tile_size):
     """The backward reads flatten_ids at each pixel's last_ids and rows at flatten_ids: refuse values
-    that would read out of bounds, with the C++ backward's messages."""
+    that would read out of bounds, with the forward's and the C++ backward's messages."""
     from frontiers_fast._checks import check_in_range
 
-    what, rows = ("nnz", "packed rows") if n_rows[1] else ("C * N", "Gaussians")
-    check_in_range(
-        "flatten_ids", flatten_ids, 0, n_rows[0] - 1, f" (indices into the {what} = {n_rows[0]} {rows})"
-    )
+    R = opacities.numel()
+    what, rows = ("nnz", "packed rows") if opacities.dim() == 1 else ("C * N", "Gaussians")
+    check_in_range("flatten_ids", flatten_ids, 0, R - 1, f" (indices into the {what} = {R} {rows})")
     C, H, W = last_ids.shape
     if last_ids.numel() == 0:
         return
@@ -1061,12 +1060,11 @@ def rasterize_to_pixels_bwd(means2d, conics, colors, opacities, backgrounds, wid
                             grad_alphas):  # fmt: skip
     from frontiers_fast._library import absent
 
-    R = opacities.numel()
-    _check_raster_state(flatten_ids, (R, opacities.dim() == 1), last_ids, isect_offsets, tile_size)
+    _check_raster_state(opacities, flatten_ids, last_ids, isect_offsets, tile_size)
     (m2d, con, col, opa), bg, off, ids, D = _raster_tables(
         means2d, conics, colors, opacities, backgrounds, isect_offsets, flatten_ids
     )
-    C = isect_offsets.shape[0]
+    C, R = isect_offsets.shape[0], opa.numel()
     tw, th, meta = _raster_launch(width, height, tile_size, D)
     n_tiles, M, RC = C * tw * th, ids.numel(), _REC_GEO + D
     new = dict(dtype=m2d.dtype, device=m2d.device)
@@ -1090,7 +1088,7 @@ def rasterize_to_pixels_bwd(means2d, conics, colors, opacities, backgrounds, wid
     grad_means2d = sums[:, 0:2].reshape(means2d.shape).contiguous()
     grad_conics = sums[:, 2:5].reshape(conics.shape).contiguous()
     grad_opacities = sums[:, 5].reshape(opacities.shape).contiguous()
-    grad_colors_in = sums[:, _REC_GEO:].reshape(colors.shape).contiguous()
+    grad_cols = sums[:, _REC_GEO:].reshape(colors.shape).contiguous()
     grad_bg = bg_part.reshape(C, tw * th, D).sum(1) if backgrounds is not None else absent(colors)
     grad_abs = sums[:, 6:8].reshape(means2d.shape).contiguous() if absgrad else absent(colors)
-    return grad_means2d, grad_conics, grad_colors_in, grad_opacities, grad_bg, grad_abs
+    return grad_means2d, grad_conics, grad_cols, grad_opacities, grad_bg, grad_abs
