@@ -763,3 +763,332 @@ def isect_offset_encode(isect_ids, n_images, tile_width, tile_height):
             BLOCK=ENCODE_BLOCK,
         )  # fmt: skip
     return out
+
+
+# ---------------------------------------------------------------------------
+# rasterize_to_pixels: front-to-back tile blending, forward and backward
+# ---------------------------------------------------------------------------
+# The rules of frontiers_fast/reference/splat.py (rasterize_to_pixels,
+# blend_blocks) with the C++ kernel's structure (csrc/splat/raster_cpu.cpp).
+# Per pixel, centre (x + 0.5, y + 0.5), walking its tile's depth-sorted run:
+#   sigma = (c dy^2 / 2 + a dx^2 / 2) + b dy dx      (skipped if < 0)
+#   alpha = min(0.99, o exp(-sigma))                  (skipped if < 1/255)
+#   stop before the Gaussian that would make T (1 - alpha) <= 1e-4 (1 + 1e-9)
+#   out += colour alpha T;  T *= 1 - alpha;   render = out + T background
+# The 1e-9 of the stop is the C++ kTStop's slack: two opaque Gaussians
+# clamped at 0.99 leave T = 1e-4 exactly in real arithmetic, a stop, while
+# float64 rounds the bare product just above it.
+#
+# The Gaussian tensors are row tables: R = opacities.numel() rows, row r's
+# mean is means2d.reshape(-1, 2)[r] and so on, and flatten_ids index rows.
+# [C, N, ...] and gsplat's packed [nnz, ...] layouts are then the same
+# kernel; C (the image count) is isect_offsets.shape[0].
+#
+# Forward: one program per (camera, tile), the tile's pixels as one vector
+# (padded to RASTER_MIN_PIXELS), the colour channels as a second axis padded
+# to a power of two.  The program leaves its run as soon as every pixel has
+# stopped.  It writes each pixel's final T and its last blended intersection
+# (the index into flatten_ids, -1 if none), where the backward starts.
+#
+# Backward: one program per (camera, tile) walks back from the tile's
+# largest last_ids, recovering the T before each Gaussian as T / (1 - alpha):
+#   dL/dcolour_k = alpha_k T_k g
+#   dL/dalpha_k  = T_k g.(colour_k - S_k) - T_final gT / (1 - alpha_k)
+#   S_{k-1} = alpha_k colour_k + (1 - alpha_k) S_k     (S = 0 behind the last)
+# with g = dL/drender and gT = g.background - dL/dalpha_render; then through
+# o exp(-sigma) (nothing where the 0.99 clamp holds) to the opacity, the conic
+# and the mean.  Deterministic without atomics: each intersection's
+# gradient, summed over its tile's pixels by tl.sum (a fixed tree for a fixed
+# block), is one record row [M, 8 + D] (mean 2, conic 3, opacity, the |d/dmean|
+# sums 2, colour D); a second kernel sums each Gaussian row's records in
+# intersection order (a stable sort of flatten_ids), one lane per row.  The
+# background gradient is a per-tile partial [C * tiles, D] summed over the
+# tiles afterwards (a fixed shape).
+RASTER_MIN_PIXELS = 16  # pixel vectors never shorter than this (tile_size 1, 2)
+_REC_GEO = 8  # record columns before the colour: d mean (2), d conic (3), d opacity, |d mean| sums (2)
+SEGSUM_ROWS = 64
+
+
+@triton.jit
+def _tile_pixels(cam, local, tw, width, height, TS: tl.constexpr, P: tl.constexpr, DT: tl.constexpr):
+    """The pixels of tile ``local`` of camera ``cam``: centres (px, py) in DT, their flat index into
+    the [C, H, W] image (int64) and whether each lies inside the image."""
+    p = tl.arange(0, P)
+    x = (local % tw) * TS + p % TS
+    y = (local // tw) * TS + p // TS
+    inside = (p < TS * TS) & (x < width) & (y < height)
+    half = tl.full((), 0.5, DT)
+    px = x.to(DT) + half
+    py = y.to(DT) + half
+    pix = (cam.to(tl.int64) * height + y) * width + x
+    return px, py, pix, inside
+
+
+@triton.jit
+def _tile_run(off_ptr, tile, n_tiles, M):
+    """[start, end) of the tile's run in flatten_ids."""
+    start = tl.load(off_ptr + tile)
+    end = tl.load(off_ptr + tile + 1, mask=tile + 1 < n_tiles, other=M)
+    return start, end
+
+
+@triton.jit
+def _splat_at(m2d_ptr, con_ptr, opa_ptr, g, px, py):
+    """Row g at the pixel centres: dx, dy, the conic, sigma, e = exp(-max(sigma, 0)), o e, clamped alpha
+    and where it blends (sigma >= 0, alpha >= 1/255), in the reference's order of operations.
+
+    sigma's two additions are fused multiply-adds.  For a thin ellipse its terms are large and cancel,
+    so each rounding matters in float32; fused, the error is that of compiled code (a GPU compiler
+    contracts them anyway, the interpreter would not), and the forward and the backward share it."""
+    mx = tl.load(m2d_ptr + 2 * g)
+    my = tl.load(m2d_ptr + 2 * g + 1)
+    ca = tl.load(con_ptr + 3 * g)
+    cb = tl.load(con_ptr + 3 * g + 1)
+    cc = tl.load(con_ptr + 3 * g + 2)
+    o = tl.load(opa_ptr + g)
+    DT = mx.dtype
+    half = tl.full((), 0.5, DT)
+    dx = px - mx
+    dy = py - my
+    sigma = tl.fma(cb * dy, dx, tl.fma(half * cc * dy, dy, half * ca * dx * dx))
+    pos = sigma >= 0
+    e = tl.exp(-tl.where(pos, sigma, 0.0))
+    raw = o * e
+    alpha = tl.minimum(raw, tl.full((), 0.99, DT))
+    used = pos & (alpha >= tl.full((), 1.0 / 255.0, DT))
+    return dx, dy, ca, cb, cc, sigma, e, raw, alpha, used
+
+
+@triton.jit
+def _raster_fwd_kernel(m2d_ptr, con_ptr, col_ptr, opa_ptr, bg_ptr, off_ptr, ids_ptr, out_ptr, alpha_ptr, ft_ptr,
+                       last_ptr, width, height, tw, per_cam, n_tiles, M, D, TS: tl.constexpr, P: tl.constexpr,
+                       DB: tl.constexpr, HAS_BG: tl.constexpr):  # fmt: skip
+    tile = tl.program_id(0)
+    cam = tile // per_cam
+    DT = m2d_ptr.dtype.element_ty
+    px, py, pix, inside = _tile_pixels(cam, tile % per_cam, tw, width, height, TS, P, DT)
+    d = tl.arange(0, DB)
+    dm = d < D
+    start, end = _tile_run(off_ptr, tile, n_tiles, M)
+    one = tl.full((), 1.0, DT)
+    t_stop = tl.full((), 1e-4 * (1 + 1e-9), DT)
+    T = tl.zeros((P,), DT) + one
+    acc = tl.zeros((P, DB), DT)
+    last = tl.zeros((P,), tl.int32) - 1
+    live = inside.to(tl.int32)
+    n_live = tl.sum(live, axis=0)
+    k = start
+    while (k < end) & (n_live > 0):
+        g = tl.load(ids_ptr + k).to(tl.int64)
+        _, _, _, _, _, _, _, _, alpha, used = _splat_at(m2d_ptr, con_ptr, opa_ptr, g, px, py)
+        use = used & (live != 0)
+        tn = T * (one - alpha)
+        stop = use & (tn <= t_stop)
+        take = use & ~stop
+        w = tl.where(take, alpha * T, 0.0)
+        c = tl.load(col_ptr + g * D + d, mask=dm, other=0.0)
+        acc += w[:, None] * c[None, :]
+        T = tl.where(take, tn, T)
+        last = tl.where(take, k, last)
+        live = tl.where(stop, 0, live)
+        n_live = tl.sum(live, axis=0)
+        k += 1
+    if HAS_BG:
+        bg = tl.load(bg_ptr + cam * D + d, mask=dm, other=0.0)
+        acc += T[:, None] * bg[None, :]
+    on = inside[:, None] & dm[None, :]
+    tl.store(out_ptr + pix[:, None] * D + d[None, :], acc, mask=on)
+    tl.store(alpha_ptr + pix, one - T, mask=inside)
+    tl.store(ft_ptr + pix, T, mask=inside)
+    tl.store(last_ptr + pix, last, mask=inside)
+
+
+@triton.jit
+def _raster_bwd_kernel(m2d_ptr, con_ptr, col_ptr, opa_ptr, bg_ptr, off_ptr, ids_ptr, ft_ptr, last_ptr, gout_ptr,
+                       galpha_ptr, rec_ptr, bgp_ptr, width, height, tw, per_cam, n_tiles, M, D, RC,
+                       TS: tl.constexpr, P: tl.constexpr, DB: tl.constexpr, HAS_BG: tl.constexpr):  # fmt: skip
+    tile = tl.program_id(0)
+    cam = tile // per_cam
+    DT = m2d_ptr.dtype.element_ty
+    px, py, pix, inside = _tile_pixels(cam, tile % per_cam, tw, width, height, TS, P, DT)
+    d = tl.arange(0, DB)
+    dm = d < D
+    on = inside[:, None] & dm[None, :]
+    start, end = _tile_run(off_ptr, tile, n_tiles, M)
+    one = tl.full((), 1.0, DT)
+    half = tl.full((), 0.5, DT)
+    clamp = tl.full((), 0.99, DT)
+    T = tl.load(ft_ptr + pix, mask=inside, other=0.0)  # padding pixels: T = 0, no last Gaussian
+    t_final = T
+    last = tl.load(last_ptr + pix, mask=inside, other=-1)
+    g = tl.load(gout_ptr + pix[:, None] * D + d[None, :], mask=on, other=0.0)
+    gT = -tl.load(galpha_ptr + pix, mask=inside, other=0.0)
+    if HAS_BG:
+        bg = tl.load(bg_ptr + cam * D + d, mask=dm, other=0.0)
+        gT += tl.sum(g * bg[None, :], axis=1)
+        tl.store(bgp_ptr + tile * D + d, tl.sum(T[:, None] * g, axis=0), mask=dm)
+    S = tl.zeros((P, DB), DT)  # colour behind the current Gaussian, per pixel
+    k = tl.max(last, axis=0)
+    while k >= start:
+        gid = tl.load(ids_ptr + k).to(tl.int64)
+        dx, dy, ca, cb, cc, _, e, raw, alpha, used = _splat_at(m2d_ptr, con_ptr, opa_ptr, gid, px, py)
+        use = used & (last >= k)
+        one_m = one - alpha
+        t_before = tl.where(use, T / one_m, 0.0)
+        w = alpha * t_before
+        c = tl.load(col_ptr + gid * D + d, mask=dm, other=0.0)
+        dot = tl.sum(g * (c[None, :] - S), axis=1)
+        S = tl.where(use[:, None], alpha[:, None] * c[None, :] + one_m[:, None] * S, S)
+        T = tl.where(use, t_before, T)
+        d_alpha = t_before * dot - t_final * gT / one_m
+        d_raw = tl.where(use & (raw <= clamp), d_alpha, 0.0)  # the 0.99 clamp passes no gradient
+        d_sig = -(d_raw * raw)
+        pmx = -(d_sig * (ca * dx + cb * dy))
+        pmy = -(d_sig * (cc * dy + cb * dx))
+        r = rec_ptr + k.to(tl.int64) * RC
+        tl.store(r, tl.sum(pmx, axis=0))
+        tl.store(r + 1, tl.sum(pmy, axis=0))
+        tl.store(r + 2, tl.sum(d_sig * (half * dx * dx), axis=0))
+        tl.store(r + 3, tl.sum(d_sig * (dx * dy), axis=0))
+        tl.store(r + 4, tl.sum(d_sig * (half * dy * dy), axis=0))
+        tl.store(r + 5, tl.sum(d_raw * e, axis=0))
+        tl.store(r + 6, tl.sum(tl.abs(pmx), axis=0))
+        tl.store(r + 7, tl.sum(tl.abs(pmy), axis=0))
+        tl.store(r + 8 + d, tl.sum(w[:, None] * g, axis=0), mask=dm)
+        k -= 1
+
+
+@triton.jit
+def _segment_sum_kernel(rec_ptr, perm_ptr, ptr_ptr, out_ptr, R, RC, ROWS: tl.constexpr, CB: tl.constexpr):
+    """out[r] = sum of rec[perm[j]] over j in [ptr[r], ptr[r + 1]), added in j order (one lane per row)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    ok = rows < R
+    cols = tl.arange(0, CB)
+    cm = cols < RC
+    s = tl.load(ptr_ptr + rows, mask=ok, other=0)
+    n = tl.load(ptr_ptr + rows + 1, mask=ok, other=0) - s
+    acc = tl.zeros((ROWS, CB), rec_ptr.dtype.element_ty)
+    for j in range(0, tl.max(n, axis=0)):
+        live = ok & (j < n)
+        src = tl.load(perm_ptr + s + j, mask=live, other=0)
+        acc += tl.load(
+            rec_ptr + src[:, None] * RC + cols[None, :], mask=live[:, None] & cm[None, :], other=0.0
+        )
+    dst = rows.to(tl.int64)[:, None] * RC + cols[None, :]
+    tl.store(out_ptr + dst, acc, mask=ok[:, None] & cm[None, :])
+
+
+def _raster_tables(means2d, conics, colors, opacities, backgrounds, isect_offsets, flatten_ids):
+    """The row tables, the launch geometry and the constexprs both kernels share."""
+    D = colors.shape[-1]
+    tables = (
+        means2d.reshape(-1, 2).contiguous(),
+        conics.reshape(-1, 3).contiguous(),
+        colors.reshape(-1, D).contiguous(),
+        opacities.reshape(-1).contiguous(),
+    )
+    bg = backgrounds.contiguous() if backgrounds is not None else tables[0]  # a placeholder pointer
+    return tables, bg, isect_offsets.contiguous(), flatten_ids.contiguous(), D
+
+
+def _raster_launch(width, height, tile_size, D):
+    tw, th = -(-width // tile_size), -(-height // tile_size)
+    P = max(tile_size * tile_size, RASTER_MIN_PIXELS)
+    meta = dict(TS=tile_size, P=P, DB=triton.next_power_of_2(D), num_warps=8 if P >= 1024 else 4)
+    return tw, th, meta
+
+
+@on_device
+def rasterize_to_pixels(means2d, conics, colors, opacities, backgrounds, width, height, tile_size, isect_offsets,
+                        flatten_ids, absgrad):  # fmt: skip
+    from frontiers_fast.ops.splat import _check_blend_values
+
+    _check_blend_values(means2d, conics, colors, opacities, backgrounds, isect_offsets, flatten_ids)
+    (m2d, con, col, opa), bg, off, ids, D = _raster_tables(
+        means2d, conics, colors, opacities, backgrounds, isect_offsets, flatten_ids
+    )
+    C = isect_offsets.shape[0]
+    tw, th, meta = _raster_launch(width, height, tile_size, D)
+    new = dict(dtype=m2d.dtype, device=m2d.device)
+    out = torch.empty((C, height, width, D), **new)
+    alphas = torch.empty((C, height, width, 1), **new)
+    final_ts = torch.empty((C, height, width), **new)
+    last_ids = torch.empty((C, height, width), dtype=torch.int32, device=m2d.device)
+    n_tiles = C * tw * th
+    if n_tiles:
+        _raster_fwd_kernel[(n_tiles,)](
+            m2d, con, col, opa, bg, off, ids, out, alphas, final_ts, last_ids, width, height, tw, tw * th,
+            n_tiles, ids.numel(), D, HAS_BG=backgrounds is not None, **meta,
+        )  # fmt: skip
+    return out, alphas, final_ts, last_ids
+
+
+def _check_raster_state(opacities, flatten_ids, last_ids, isect_offsets, tile_size):
+    """The backward reads flatten_ids at each pixel's last_ids and rows at flatten_ids: refuse values
+    that would read out of bounds, with the forward's and the C++ backward's messages."""
+    from frontiers_fast._checks import check_in_range
+
+    R = opacities.numel()
+    what, rows = ("nnz", "packed rows") if opacities.dim() == 1 else ("C * N", "Gaussians")
+    check_in_range("flatten_ids", flatten_ids, 0, R - 1, f" (indices into the {what} = {R} {rows})")
+    C, H, W = last_ids.shape
+    if last_ids.numel() == 0:
+        return
+    M = flatten_ids.numel()
+    starts = isect_offsets.reshape(-1).long()
+    ends = torch.cat([starts[1:], starts.new_full((1,), M)])
+    th, tw = isect_offsets.shape[1:]
+    dev = last_ids.device
+    ty = torch.arange(H, device=dev) // tile_size
+    tx = torch.arange(W, device=dev) // tile_size
+    tile = (torch.arange(C, device=dev)[:, None, None] * th + ty[None, :, None]) * tw + tx[None, None, :]
+    lid = last_ids.long()
+    bad = (lid != -1) & ((lid < starts[tile]) | (lid >= ends[tile]))
+    if bool(bad.any()):
+        c, y, x = (int(i) for i in bad.nonzero()[0])
+        t = int(tile[c, y, x])
+        raise ValueError(
+            f"rasterize_to_pixels_bwd: last_ids must be -1 or an index into its tile's run of flatten_ids, as "
+            f"the forward returns them; got {int(lid[c, y, x])} for a tile whose run is "
+            f"[{int(starts[t])}, {int(ends[t])})"
+        )
+
+
+@on_device
+def rasterize_to_pixels_bwd(means2d, conics, colors, opacities, backgrounds, width, height, tile_size,
+                            isect_offsets, flatten_ids, absgrad, final_ts, last_ids, grad_colors,
+                            grad_alphas):  # fmt: skip
+    from frontiers_fast._library import absent
+
+    _check_raster_state(opacities, flatten_ids, last_ids, isect_offsets, tile_size)
+    (m2d, con, col, opa), bg, off, ids, D = _raster_tables(
+        means2d, conics, colors, opacities, backgrounds, isect_offsets, flatten_ids
+    )
+    C, R = isect_offsets.shape[0], opa.numel()
+    tw, th, meta = _raster_launch(width, height, tile_size, D)
+    n_tiles, M, RC = C * tw * th, ids.numel(), _REC_GEO + D
+    new = dict(dtype=m2d.dtype, device=m2d.device)
+    # Intersections behind every pixel's last one get no record written: zeros.
+    rec = torch.zeros((M, RC), **new)
+    bg_part = torch.empty((n_tiles, D), **new)
+    if n_tiles:
+        _raster_bwd_kernel[(n_tiles,)](
+            m2d, con, col, opa, bg, off, ids, final_ts.contiguous(), last_ids.contiguous(),
+            grad_colors.contiguous(), grad_alphas.contiguous(), rec, bg_part, width, height, tw, tw * th, n_tiles,
+            M, D, RC, HAS_BG=backgrounds is not None, **meta,
+        )  # fmt: skip
+    # Each row's records in intersection order: a stable sort of flatten_ids, then its run.
+    sorted_ids, perm = torch.sort(ids.long(), stable=True)
+    ptr = torch.searchsorted(sorted_ids, torch.arange(R + 1, device=ids.device))
+    sums = torch.empty((R, RC), **new)
+    if R:
+        _segment_sum_kernel[(triton.cdiv(R, SEGSUM_ROWS),)](
+            rec, perm, ptr, sums, R, RC, ROWS=SEGSUM_ROWS, CB=triton.next_power_of_2(RC)
+        )
+    grad_means2d = sums[:, 0:2].reshape(means2d.shape).contiguous()
+    grad_conics = sums[:, 2:5].reshape(conics.shape).contiguous()
+    grad_opacities = sums[:, 5].reshape(opacities.shape).contiguous()
+    grad_cols = sums[:, _REC_GEO:].reshape(colors.shape).contiguous()
+    grad_bg = bg_part.reshape(C, tw * th, D).sum(1) if backgrounds is not None else absent(colors)
+    grad_abs = sums[:, 6:8].reshape(means2d.shape).contiguous() if absgrad else absent(colors)
+    return grad_means2d, grad_conics, grad_cols, grad_opacities, grad_bg, grad_abs

@@ -607,6 +607,7 @@ define_op(
     f"rasterize_to_pixels({_RASTER_ARGS}) -> (Tensor, Tensor, Tensor, Tensor)",
     fake=_fake_raster,
     reference=_ref_raster,
+    triton="frontiers_fast.kernels.splat:rasterize_to_pixels",
     # cuda: csrc/splat/raster.cu, forward only: the _bwd op has none, so backend="cuda" is refused where the
     # inputs require grad (as for selective_scan); its binding makes _ref_raster's value checks.
     native=("cpp", "cuda"),
@@ -618,6 +619,7 @@ define_op(
     f"Tensor grad_alphas) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     fake=_fake_raster_bwd,
     reference=_ref_raster_bwd,
+    triton="frontiers_fast.kernels.splat:rasterize_to_pixels_bwd",
     native=("cpp",),
 )
 
