@@ -717,6 +717,280 @@ def spherical_harmonics_bwd(degree, dirs, coeffs, masks, grad_colors):
 
 
 # ---------------------------------------------------------------------------
+# isect_tiles: the sorted (camera, tile, depth) keys of every Gaussian-tile overlap
+# ---------------------------------------------------------------------------
+# One row per Gaussian: [C * N] of them unpacked (camera = row // N), or the
+# nnz packed rows with their camera in image_ids.  Four steps, as the C++
+# kernel (csrc/splat/isect_cpu.cpp):
+# 1. _isect_count_kernel: each row's bounding box of tiles and, with conics and
+#    opacities, how many of its tiles the exact test keeps (one program per
+#    ISECT_BLOCK rows, each walking its box row-major);
+# 2. a cumsum of the counts gives each row its place, and M is checked
+#    (ref.check_isect_count) before anything of size M is allocated;
+# 3. _isect_fill_kernel walks the same boxes again and writes the kept tiles'
+#    keys and row ids at the row's place, in the reference's order;
+# 4. a stable sort of the keys, which has one result: the reference's.
+# The exact test is a discrete decision that must match the reference tile
+# for tile, so it runs in float64 whatever the input dtype (the reference
+# casts to float64 too), in the reference's operation order, with every
+# constant made in float64 and FMA contraction off (a fused a * b + c rounds
+# once, where the reference rounds twice).  No floats are summed: the counts
+# are integers.
+ISECT_BLOCK = 64
+
+
+@triton.jit
+def _f64(v: tl.constexpr):
+    """The float64 constant v (constexpr: passed as a value, a bare literal would be rounded to float32)."""
+    return tl.full((), v, tl.float64)
+
+
+@triton.jit
+def _ln_upper(x):
+    """ref.ln_upper: an upper bound of ln(max(x, 2^-20)) from frexp and the atanh series cut after s^15.
+
+    frexp is read off the bits: above 2^-20 x is a normal float64, so x = m 2^e with m the mantissa
+    under the exponent of 0.5 (m in [0.5, 1)) and e the biased exponent - 1022.  inf and NaN give NaN,
+    as torch.frexp's (inf, 0) and (NaN, 0) do through (m - 1) / (m + 1)."""
+    x = tl.where(x < _f64(2.0**-20), _f64(2.0**-20), x)
+    bits = x.to(tl.int64, bitcast=True)
+    e = ((bits >> 52) & 0x7FF) - 1022
+    m = ((bits & 0xFFFFFFFFFFFFF) | (1022 << 52)).to(tl.float64, bitcast=True)
+    one = _f64(1.0)
+    s = (m - one) / (m + one)
+    s2 = s * s
+    p = x * 0.0 + _f64(1.0 / 15)
+    p = p * s2 + _f64(1.0 / 13)
+    p = p * s2 + _f64(1.0 / 11)
+    p = p * s2 + _f64(1.0 / 9)
+    p = p * s2 + _f64(1.0 / 7)
+    p = p * s2 + _f64(1.0 / 5)
+    p = p * s2 + _f64(1.0 / 3)
+    p = p * s2 + one
+    out = e.to(tl.float64) * _f64(0.6931471805599453) + _f64(2.0) * s * p
+    return tl.where(x - x == 0, out, x - x)
+
+
+@triton.jit
+def _isect_box(m_ptr, r_ptr, row, ok, ts, tw, th):
+    """ref._tile_boxes for a block of rows: the box's first tile (x0, y0) and extent (w, h), int64,
+    clamped to the grid in float64; 0 x 0 where a radius is not positive."""
+    zero = tl.zeros(row.shape, dtype=tl.float64)
+    tsf = zero + ts
+    mx = tl.load(m_ptr + row * 2, mask=ok, other=0.0).to(tl.float64) / tsf
+    my = tl.load(m_ptr + row * 2 + 1, mask=ok, other=0.0).to(tl.float64) / tsf
+    ri = tl.load(r_ptr + row * 2, mask=ok, other=0)
+    rj = tl.load(r_ptr + row * 2 + 1, mask=ok, other=0)
+    rx = ri.to(tl.float64) / tsf
+    ry = rj.to(tl.float64) / tsf
+    gx = zero + tw
+    gy = zero + th
+    x0 = tl.minimum(tl.maximum(tl.floor(mx - rx), zero), gx).to(tl.int64)
+    x1 = tl.minimum(tl.maximum(tl.ceil(mx + rx), zero), gx).to(tl.int64)
+    y0 = tl.minimum(tl.maximum(tl.floor(my - ry), zero), gy).to(tl.int64)
+    y1 = tl.minimum(tl.maximum(tl.ceil(my + ry), zero), gy).to(tl.int64)
+    visible = (ri > 0) & (rj > 0)
+    return x0, y0, tl.where(visible, x1 - x0, 0), tl.where(visible, y1 - y0, 0)
+
+
+@triton.jit
+def _exact_conic(m_ptr, c_ptr, o_ptr, row, ok):
+    """ref.exact_conics for a block of rows: the mean, the shrunk conic (a', b, c'), whether it is
+    positive definite and the threshold ln_upper(255 o) + EXACT_ABS_MARGIN, all float64."""
+    mx = tl.load(m_ptr + row * 2, mask=ok, other=0.0).to(tl.float64)
+    my = tl.load(m_ptr + row * 2 + 1, mask=ok, other=0.0).to(tl.float64)
+    a = tl.load(c_ptr + row * 3, mask=ok, other=1.0).to(tl.float64)
+    b = tl.load(c_ptr + row * 3 + 1, mask=ok, other=0.0).to(tl.float64)
+    c = tl.load(c_ptr + row * 3 + 2, mask=ok, other=1.0).to(tl.float64)
+    o = tl.load(o_ptr + row, mask=ok, other=1.0).to(tl.float64)
+    rel = _f64(1e-5)  # ref.EXACT_REL_MARGIN
+    ab = tl.abs(b)
+    ap = a - rel * (tl.abs(a) + ab)
+    cp = c - rel * (tl.abs(c) + ab)
+    pd = (ap > 0) & (ap * cp - b * b > 0)
+    thr = _ln_upper(_f64(255.0) * o) + _f64(1e-3)  # ref.EXACT_ABS_MARGIN
+    return mx, my, ap, b, cp, pd, thr
+
+
+@triton.jit
+def _quad(ap, b, cp, dx, dy):
+    return _f64(0.5) * (ap * dx * dx + cp * dy * dy) + b * dx * dy
+
+
+@triton.jit
+def _clamp(v, lo, hi):
+    # torch.clamp's order, a NaN kept (tl.minimum / tl.maximum need not propagate it)
+    return tl.where(v < lo, lo, tl.where(v > hi, hi, v))
+
+
+@triton.jit
+def _tile_touched(mx, my, ap, b, cp, pd, thr, tx, ty, ts):
+    """ref.tile_touched: whether the shrunk ellipse q(d) <= thr reaches tile (tx, ty)'s pixel centres."""
+    zero = mx * 0.0
+    x0 = (zero + tx * ts) + _f64(0.5)
+    y0 = (zero + ty * ts) + _f64(0.5)
+    ext = zero + (ts - 1)
+    dx0 = x0 - mx
+    dy0 = y0 - my
+    dx1 = (x0 + ext) - mx
+    dy1 = (y0 + ext) - my
+    inside = (dx0 <= 0) & (dx1 >= 0) & (dy0 <= 0) & (dy1 >= 0)
+    far = (inside == 0) | (thr < 0)
+    far = far & (_quad(ap, b, cp, dx0, _clamp(-(b * dx0) / cp, dy0, dy1)) > thr)
+    far = far & (_quad(ap, b, cp, dx1, _clamp(-(b * dx1) / cp, dy0, dy1)) > thr)
+    far = far & (_quad(ap, b, cp, _clamp(-(b * dy0) / ap, dx0, dx1), dy0) > thr)
+    far = far & (_quad(ap, b, cp, _clamp(-(b * dy1) / ap, dx0, dx1), dy1) > thr)
+    return (pd == 0) | (far == 0)
+
+
+@triton.jit
+def _isect_count_kernel(m_ptr, r_ptr, c_ptr, o_ptr, count_ptr, n_rows, ts, tw, th, EXACT: tl.constexpr,
+                        BLOCK: tl.constexpr):  # fmt: skip
+    # EXACT is constexpr: without conics the count is the box, and the loop is not compiled at all.
+    row = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = row < n_rows
+    x0, y0, w, h = _isect_box(m_ptr, r_ptr, row, ok, ts, tw, th)
+    box = w * h
+    if EXACT:
+        mx, my, ap, b, cp, pd, thr = _exact_conic(m_ptr, c_ptr, o_ptr, row, ok)
+        wj = tl.maximum(w, 1)
+        n = tl.zeros((BLOCK,), dtype=tl.int64)
+        for j in range(0, tl.max(box, axis=0)):
+            keep = (j < box) & _tile_touched(mx, my, ap, b, cp, pd, thr, x0 + j % wj, y0 + j // wj, ts)
+            n += keep.to(tl.int64)
+        box = n
+    tl.store(count_ptr + row, box, mask=ok)
+
+
+@triton.jit
+def _isect_fill_kernel(m_ptr, r_ptr, c_ptr, o_ptr, d_ptr, img_ptr, start_ptr, keys_ptr, ids_ptr, n_rows, N, ts,
+                       tw, th, EXACT: tl.constexpr, PACKED: tl.constexpr, TILE_BITS: tl.constexpr,
+                       BLOCK: tl.constexpr):  # fmt: skip
+    # PACKED is constexpr: the camera is image_ids[row] there and row // N unpacked.
+    row = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = row < n_rows
+    x0, y0, w, h = _isect_box(m_ptr, r_ptr, row, ok, ts, tw, th)
+    box = w * h
+    if PACKED:
+        cam = tl.load(img_ptr + row, mask=ok, other=0).to(tl.int64)
+    else:
+        cam = row // N
+    # positive float32 depths sort like their bit patterns read as integers (ref._depth_bits)
+    depth = tl.load(d_ptr + row, mask=ok, other=0.0).to(tl.float32)
+    high = (cam << (32 + TILE_BITS)) | (depth.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
+    pos = tl.load(start_ptr + row, mask=ok, other=0)
+    if EXACT:
+        mx, my, ap, b, cp, pd, thr = _exact_conic(m_ptr, c_ptr, o_ptr, row, ok)
+    wj = tl.maximum(w, 1)
+    for j in range(0, tl.max(box, axis=0)):
+        tx = x0 + j % wj
+        ty = y0 + j // wj
+        keep = j < box
+        if EXACT:
+            keep = keep & _tile_touched(mx, my, ap, b, cp, pd, thr, tx, ty, ts)
+        tl.store(keys_ptr + pos, high | ((ty * tw + tx) << 32), mask=keep)
+        tl.store(ids_ptr + pos, row.to(tl.int32), mask=keep)
+        pos += keep.to(tl.int64)
+
+
+def _check_isect_options(conics, opacities, max_intersections):
+    # ref.isect_tiles' own refusals, with its messages, in its order (after the value checks)
+    if (conics is None) != (opacities is None):
+        raise ValueError(
+            "conics and opacities must be given together (exact tile culling needs both) or not at all"
+        )
+    if max_intersections is not None and max_intersections < 0:
+        raise ValueError(f"max_intersections must be >= 0 or None, got {max_intersections}")
+
+
+def _check_packed_rows(image_ids, n_images, nnz, n_tiles, device):
+    """Packed isect_tiles: image_ids [nnz] int32 names each row's camera, in [0, n_images) and
+    non-decreasing (rows in camera-major order); the keys' camera field has bits_for_count(n_images)
+    bits, and flatten_ids index the nnz rows with int32."""
+    from frontiers_fast._checks import check_in_range, check_int, has_values
+    from frontiers_fast.reference.splat import INT32_LIMIT, check_isect_sizes
+
+    n_images = check_int("n_images", n_images, 0)
+    if not isinstance(image_ids, torch.Tensor) or image_ids.dtype != torch.int32:
+        got = image_ids.dtype if isinstance(image_ids, torch.Tensor) else type(image_ids).__name__
+        raise ValueError(f"image_ids must be an int32 tensor (the camera of each packed row), got {got}")
+    if tuple(image_ids.shape) != (nnz,):
+        raise ValueError(
+            f"image_ids must have shape [nnz] = [{nnz}] (one camera per row of means2d), "
+            f"got {list(image_ids.shape)}"
+        )
+    if image_ids.device != device:
+        raise ValueError(f"image_ids must be on means2d's device ({device}), got {image_ids.device}")
+    check_isect_sizes(n_images, 1, n_tiles)  # the bits of the camera and tile fields (1: no pair count here)
+    if nnz > INT32_LIMIT:
+        raise ValueError(
+            f"means2d has nnz = {nnz} packed rows, more than the int32 flatten_ids can index (2^31); "
+            "render fewer cameras per call"
+        )
+    check_in_range("image_ids", image_ids, 0, n_images - 1, f" (the cameras of n_images = {n_images})")
+    if has_values(image_ids) and nnz > 1:
+        down = image_ids[1:] < image_ids[:-1]
+        if bool(down.any()):
+            k = int(torch.argmax(down.to(torch.int8)))
+            raise ValueError(
+                f"image_ids must be non-decreasing (packed rows in camera-major order); "
+                f"image_ids[{k}] > image_ids[{k + 1}]"
+            )
+    return n_images
+
+
+@on_device
+def isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height, conics, opacities, max_intersections,
+                image_ids, n_images):  # fmt: skip
+    """Unpacked (image_ids None): means2d [C, N, 2], radii [C, N, 2] int32, depths [C, N], conics
+    [C, N, 3] and opacities [C, N] or None; n_images is ignored.  Packed: the same per row of [nnz]
+    with image_ids [nnz] int32 (non-decreasing) and n_images cameras.  Returns tiles_per_gauss
+    (depths' shape) int32, isect_ids [M] int64 sorted and flatten_ids [M] int32 (row indices), equal
+    to ref.isect_tiles (unpacked) bit for bit."""
+    from frontiers_fast.ops.splat import _check_isect_values
+    from frontiers_fast.reference.splat import bits_for_count, check_isect_count, check_isect_sizes
+
+    n_tiles = tile_width * tile_height
+    packed = image_ids is not None
+    if packed:
+        n_rows = means2d.shape[0]
+        n_images = _check_packed_rows(image_ids, n_images, n_rows, n_tiles, means2d.device)
+        N = 1
+    else:
+        C, N = depths.shape
+        check_isect_sizes(C, N, n_tiles)
+        n_rows, n_images = C * N, C
+    _check_isect_values(means2d, radii, depths, conics, opacities)
+    _check_isect_options(conics, opacities, max_intersections)
+    dev = means2d.device
+    m2d, rad, dep = means2d.detach().contiguous(), radii.contiguous(), depths.detach().contiguous()
+    exact = conics is not None
+    con = conics.detach().contiguous() if exact else m2d  # placeholder pointers without the exact test
+    opa = opacities.detach().contiguous() if exact else m2d
+    img = image_ids.contiguous() if packed else rad
+    count = torch.zeros(n_rows, dtype=torch.int64, device=dev)
+    grid = (triton.cdiv(n_rows, ISECT_BLOCK),)
+    if n_rows:
+        _isect_count_kernel[grid](
+            m2d, rad, con, opa, count, n_rows, tile_size, tile_width, tile_height, EXACT=exact, BLOCK=ISECT_BLOCK,
+            enable_fp_fusion=False,
+        )  # fmt: skip
+    end = torch.cumsum(count, 0)
+    n_isects = int(end[-1]) if n_rows else 0
+    check_isect_count(n_isects, max_intersections, dev)
+    keys = torch.empty(n_isects, dtype=torch.int64, device=dev)
+    ids = torch.empty(n_isects, dtype=torch.int32, device=dev)
+    if n_isects:
+        _isect_fill_kernel[grid](
+            m2d, rad, con, opa, dep, img, end - count, keys, ids, n_rows, N, tile_size, tile_width, tile_height,
+            EXACT=exact, PACKED=packed, TILE_BITS=bits_for_count(n_tiles), BLOCK=ISECT_BLOCK,
+            enable_fp_fusion=False,
+        )  # fmt: skip
+    keys, order = torch.sort(keys, stable=True)
+    return count.to(torch.int32).reshape(depths.shape), keys, ids[order]
+
+
+# ---------------------------------------------------------------------------
 # isect_offset_encode: the start of each (camera, tile) run in the sorted keys
 # ---------------------------------------------------------------------------
 # Each program binary-searches BLOCK targets at once: target t's offset is the
