@@ -18,10 +18,16 @@
 // the reference's values times 0, so a value that overflowed comes out NaN
 // and is refused as the reference's _check_projected refuses it.
 //
-// The backward is analytic.  It recomputes the forward of each pair with the
-// same function (noinline, noclone: one body, so the forward's culling and
-// clamp branches are the backward's to the bit) and pulls the gradient back
-// in float64:
+// The backward is analytic and projects each pair twice.  First in the input
+// dtype, with the forward's own function (noinline, noclone: one body, so the
+// culling, the FOV clamp and the compensation floor are decided as the
+// forward decided them, to the bit).  Then, for a kept pair, in float64 from
+// the inputs widened to float64 (pair_values), on those branches: the values
+// the gradient is pulled back through.  A float32 call thus gets the float64
+// gradient of the branches its forward took; pulling back through float32
+// intermediates instead loses most digits on a thin Gaussian, whose cov2d
+// entries cancel in its det and whose Sigma = M M^T hides its thin widths.
+// The pull-back, in float64:
 //   conic:  d det' = -(g . conic) / det',  d a' = g_C / det' + d det' c', d c' = g_A / det' + d det' a',
 //           d b = -g_B / det' - 2 b d det'
 //   comp:   r = det / det' >= 0.005^2 only (torch.clamp passes no gradient below), d r = g / (2 comp)
@@ -49,6 +55,7 @@
 #include <cstdio>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common/alloc.h"
@@ -194,6 +201,54 @@ __attribute__((noinline, noclone)) void project_pair(const Gaussian<T>& g, const
   const bool on_image =
       o.mx + o.rx > T(0) && o.mx - o.rx < P.width && o.my + o.ry > T(0) && o.my - o.ry < P.height;
   o.keep = depth_ok && det_ok && opac_ok && big_enough && on_image;
+}
+
+// The values of a pair that project_pair kept, in float64 (A), on the branches o, its projection in the
+// input dtype, took: the depth is in range, x/z and y/z take the bound o passed, det' > 0.  Only what the
+// backward reads: p, Sigma_c, zs, u, v, J, cov2d before and after the blur, det', r and comp.  In the
+// reference's order of operations, as project_pair.
+template <typename A, typename T>
+void pair_values(const Gaussian<A>& g, const Camera<A>& k, const Params<A>& P, const Camera<T>& kt,
+                 const Pair<T>& o, Pair<A>& w) {
+  for (int i = 0; i < 3; ++i)
+    w.p[i] = k.R[i][0] * g.mean[0] + k.R[i][1] * g.mean[1] + k.R[i][2] * g.mean[2] + k.t[i];
+  A RS[3][3];
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 3; ++j) RS[i][j] = k.R[i][0] * g.cov[0][j] + k.R[i][1] * g.cov[1][j] + k.R[i][2] * g.cov[2][j];
+  for (int i = 0; i < 3; ++i)
+    for (int j = i; j < 3; ++j)
+      w.covc[i][j] = w.covc[j][i] = RS[i][0] * k.R[j][0] + RS[i][1] * k.R[j][1] + RS[i][2] * k.R[j][2];
+  const A z = w.p[2];
+  w.zs = z;
+  w.tx = w.p[0] / z, w.ty = w.p[1] / z;
+  w.u = o.tx < kt.lox ? k.lox : (o.tx > kt.hix ? k.hix : w.tx);
+  w.v = o.ty < kt.loy ? k.loy : (o.ty > kt.hiy ? k.hiy : w.ty);
+  w.J00 = k.fx / z, w.J02 = -k.fx * w.u / z;
+  w.J11 = k.fy / z, w.J12 = -k.fy * w.v / z;
+  A A0[3], A1[3];  // the rows of J Sigma_c
+  for (int j = 0; j < 3; ++j) {
+    A0[j] = w.J00 * w.covc[0][j] + w.J02 * w.covc[2][j];
+    A1[j] = w.J11 * w.covc[1][j] + w.J12 * w.covc[2][j];
+  }
+  w.a = A0[0] * w.J00 + A0[2] * w.J02;
+  w.b = A(0.5) * ((A0[1] * w.J11 + A0[2] * w.J12) + (A1[0] * w.J00 + A1[2] * w.J02));
+  w.c = A1[1] * w.J11 + A1[2] * w.J12;
+  w.det_orig = w.a * w.c - w.b * w.b;
+  w.ab = w.a + P.eps2d, w.cb = w.c + P.eps2d;
+  w.dets = w.ab * w.cb - w.b * w.b;
+  w.r = w.det_orig / w.dets;
+  // Where o is above the floor, float64's r may still sit under it (o's r is a rounded cancellation):
+  // the floor keeps 1 / comp, the gradient's factor, as bounded as the forward's.
+  w.comp = std::sqrt(w.r < P.min_comp2 ? P.min_comp2 : w.r);
+}
+
+// narrow itself where it already is the float64 one (a float64 call), else wide.
+template <typename Wide, typename Narrow>
+const Wide& wide_or(const Narrow& narrow, const Wide& wide) {
+  if constexpr (std::is_same_v<Wide, Narrow>)
+    return narrow;
+  else
+    return wide;
 }
 
 // torch's float -> int32 on x86: the integer indefinite (INT32_MIN) out of range.
@@ -422,6 +477,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> project_gaussians_bwd_cpu(
     const Params<T> P = make_params<T>(width, height, eps2d, near_plane, far_plane, radius_clip, antialiased);
     bool unused[10] = {};
     const std::vector<Camera<T>> cams = cameras<T>(a, P, unused);
+    // The float64 pass meets the forward's constants (the Python floats rounded to T, as it used them).
+    Params<A> PA;
+    PA.eps2d = P.eps2d, PA.near_plane = P.near_plane, PA.far_plane = P.far_plane, PA.radius_clip = P.radius_clip;
+    PA.width = P.width, PA.height = P.height, PA.thr = P.thr, PA.min_comp2 = P.min_comp2;
+    PA.max_extend = P.max_extend, PA.antialiased = P.antialiased;
+    // A float64 call's first pass has the float64 values already: its second is skipped.
+    constexpr bool widened = !std::is_same_v<T, A>;
+    std::vector<Camera<A>> camsA(C);
+    for (int64_t c = 0; c < C; ++c) {
+      A V[16], K[9];
+      for (int j = 0; j < 16; ++j) V[j] = a.viewmats.data_ptr<T>()[c * 16 + j];
+      for (int j = 0; j < 9; ++j) K[j] = a.Ks.data_ptr<T>()[c * 9 + j];
+      camsA[c] = make_camera(V, K, PA.width, PA.height);
+    }
     const T* mu = a.means.data_ptr<T>();
     const T* qu = a.quats.data_ptr<T>();
     const T* sc = a.scales.data_ptr<T>();
@@ -435,46 +504,53 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> project_gaussians_bwd_cpu(
     T* out_s = g_scales.data_ptr<T>();
     const int64_t nchunks = (N + kChunk - 1) / kChunk;
     std::vector<A> partial(size_t(nchunks * C * kCamGrads), A(0));
-    const A W = A(P.width), H = A(P.height), f = kFovClamp * 0.5, m2 = A(P.min_comp2);
+    const A W = PA.width, H = PA.height, f = kFovClamp * 0.5;
     for_each_chunk(nchunks, [&](int64_t chunk) {
       A* part = partial.data() + chunk * C * kCamGrads;
-      Gaussian<T> g;
+      Gaussian<T> g;   // in T: the forward's branches
+      Gaussian<A> gw;  // in float64: the values
       Pair<T> o;
+      Pair<A> pv;
       const int64_t n1 = std::min(N, (chunk + 1) * kChunk);
       for (int64_t n = chunk * kChunk; n < n1; ++n) {
         make_gaussian(mu + n * 3, qu + n * 4, sc + n * 3, op_[n], g);
-        A dmean[3] = {0, 0, 0}, dcov[3][3] = {};
-        A cov[3][3], mean[3];
-        for (int i = 0; i < 3; ++i) {
-          mean[i] = g.mean[i];
-          for (int j = 0; j < 3; ++j) cov[i][j] = g.cov[i][j];
+        if (widened) {
+          A mean[3], quat[4], scale[3];
+          for (int j = 0; j < 3; ++j) mean[j] = mu[n * 3 + j], scale[j] = sc[n * 3 + j];
+          for (int j = 0; j < 4; ++j) quat[j] = qu[n * 4 + j];
+          make_gaussian(mean, quat, scale, A(op_[n]), gw);
         }
+        const Gaussian<A>& gv = wide_or(g, gw);
+        A dmean[3] = {0, 0, 0}, dcov[3][3] = {};
+        const auto& cov = gv.cov;
+        const auto& mean = gv.mean;
         for (int64_t c = 0; c < C; ++c) {
           const Camera<T>& k = cams[c];
           project_pair(g, k, P, o);
           if (!o.keep) continue;
+          const Camera<A>& kw = camsA[c];
+          if (widened) pair_values(gv, kw, PA, k, o, pv);
+          const Pair<A>& val = wide_or(o, pv);
           const int64_t i = c * N + n;
-          const A fx = k.fx, fy = k.fy, cx = k.cx, cy = k.cy;
-          const A x = o.p[0], y = o.p[1], z = o.zs, u = o.u, v = o.v;
-          const A a_ = o.a, b = o.b, c_ = o.c, ab = o.ab, cb = o.cb, det = o.dets;
-          const A J00 = o.J00, J02 = o.J02, J11 = o.J11, J12 = o.J12;
+          const A fx = kw.fx, fy = kw.fy, cx = kw.cx, cy = kw.cy;
+          const A x = val.p[0], y = val.p[1], z = val.zs, u = val.u, v = val.v;
+          const A a_ = val.a, b = val.b, c_ = val.c, ab = val.ab, cb = val.cb, det = val.dets;
+          const A J00 = val.J00, J02 = val.J02, J11 = val.J11, J12 = val.J12;
           // conic = (c', -b, a') / det'
           const A inv = A(1) / det;
           const A gA = gc[i * 3], gB = gc[i * 3 + 1], gC = gc[i * 3 + 2];
           A ddet = -(gA * cb - gB * b + gC * ab) * inv * inv;
           A ddo = 0;  // d det (before the blur)
-          if (antialiased && !(A(o.r) < m2)) {
-            const A gr = A(gk[i]) * 0.5 / A(o.comp);
+          if (antialiased && !(o.r < P.min_comp2)) {  // above the floor in the forward
+            const A gr = A(gk[i]) * 0.5 / val.comp;
             ddo = gr * inv;
-            ddet -= gr * A(o.r) * inv;
+            ddet -= gr * val.r * inv;
           }
           const A ga = gC * inv + ddet * cb + ddo * c_;
           const A gcc = gA * inv + ddet * ab + ddo * a_;
           const A h = 0.5 * (-gB * inv - 2 * b * (ddet + ddo));  // d cov2d_01 = d cov2d_10 = d b / 2
           // cov2d = J Sigma_c J^T
-          A covc[3][3];
-          for (int r = 0; r < 3; ++r)
-            for (int s = 0; s < 3; ++s) covc[r][s] = o.covc[r][s];
+          const auto& covc = val.covc;
           A JS0[3], JS1[3];
           for (int j = 0; j < 3; ++j) {
             JS0[j] = J00 * covc[0][j] + J02 * covc[2][j];
@@ -524,9 +600,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> project_gaussians_bwd_cpu(
             dp[2] -= dv * y * iz2;
           }
           // p = R mu + t, Sigma_c = R Sigma R^T
-          A R[3][3];
-          for (int r = 0; r < 3; ++r)
-            for (int s = 0; s < 3; ++s) R[r][s] = k.R[r][s];
+          const auto& R = kw.R;
           A DR[3][3];  // d Sigma_c R
           for (int r = 0; r < 3; ++r)
             for (int s = 0; s < 3; ++s) DR[r][s] = dcc[r][0] * R[0][s] + dcc[r][1] * R[1][s] + dcc[r][2] * R[2][s];
@@ -546,11 +620,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> project_gaussians_bwd_cpu(
         A dRq[3][3], ds[3] = {0, 0, 0};
         for (int r = 0; r < 3; ++r)
           for (int s = 0; s < 3; ++s) {
-            const A dM = 2 * (dcov[r][0] * A(g.M[0][s]) + dcov[r][1] * A(g.M[1][s]) + dcov[r][2] * A(g.M[2][s]));
-            dRq[r][s] = dM * A(g.s[s]);
-            ds[s] += dM * A(g.R[r][s]);
+            const A dM = 2 * (dcov[r][0] * gv.M[0][s] + dcov[r][1] * gv.M[1][s] + dcov[r][2] * gv.M[2][s]);
+            dRq[r][s] = dM * gv.s[s];
+            ds[s] += dM * gv.R[r][s];
           }
-        const A w = g.q[0], qx = g.q[1], qy = g.q[2], qz = g.q[3];
+        const A w = gv.q[0], qx = gv.q[1], qy = gv.q[2], qz = gv.q[3];
         A dq[4];
         dq[0] = 2 * (-qz * dRq[0][1] + qy * dRq[0][2] + qz * dRq[1][0] - qx * dRq[1][2] - qy * dRq[2][0] +
                      qx * dRq[2][1]);
@@ -563,8 +637,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> project_gaussians_bwd_cpu(
         // F.normalize: q / max(|q|, eps)
         T* oq = out_q + n * 4;
         if (!(g.qn < T(kQuatMinNorm))) {
-          const A qn = g.qn, dot = w * dq[0] + qx * dq[1] + qy * dq[2] + qz * dq[3];
-          for (int j = 0; j < 4; ++j) oq[j] = T((dq[j] - A(g.q[j]) * dot) / qn);
+          const A dot = w * dq[0] + qx * dq[1] + qy * dq[2] + qz * dq[3];
+          for (int j = 0; j < 4; ++j) oq[j] = T((dq[j] - gv.q[j] * dot) / gv.qn);
         } else {
           for (int j = 0; j < 4; ++j) oq[j] = T(dq[j] / kQuatMinNorm);
         }
