@@ -903,64 +903,31 @@ def _check_isect_options(conics, opacities, max_intersections):
         raise ValueError(f"max_intersections must be >= 0 or None, got {max_intersections}")
 
 
-def _check_packed_rows(image_ids, n_images, nnz, n_tiles, device):
-    """Packed isect_tiles: image_ids [nnz] int32 names each row's camera, in [0, n_images) and
-    non-decreasing (rows in camera-major order); the keys' camera field has bits_for_count(n_images)
-    bits, and flatten_ids index the nnz rows with int32."""
-    from frontiers_fast._checks import check_in_range, check_int, has_values
-    from frontiers_fast.reference.splat import INT32_LIMIT, check_isect_sizes
-
-    n_images = check_int("n_images", n_images, 0)
-    if not isinstance(image_ids, torch.Tensor) or image_ids.dtype != torch.int32:
-        got = image_ids.dtype if isinstance(image_ids, torch.Tensor) else type(image_ids).__name__
-        raise ValueError(f"image_ids must be an int32 tensor (the camera of each packed row), got {got}")
-    if tuple(image_ids.shape) != (nnz,):
-        raise ValueError(
-            f"image_ids must have shape [nnz] = [{nnz}] (one camera per row of means2d), "
-            f"got {list(image_ids.shape)}"
-        )
-    if image_ids.device != device:
-        raise ValueError(f"image_ids must be on means2d's device ({device}), got {image_ids.device}")
-    check_isect_sizes(n_images, 1, n_tiles)  # the bits of the camera and tile fields (1: no pair count here)
-    if nnz > INT32_LIMIT:
-        raise ValueError(
-            f"means2d has nnz = {nnz} packed rows, more than the int32 flatten_ids can index (2^31); "
-            "render fewer cameras per call"
-        )
-    check_in_range("image_ids", image_ids, 0, n_images - 1, f" (the cameras of n_images = {n_images})")
-    if has_values(image_ids) and nnz > 1:
-        down = image_ids[1:] < image_ids[:-1]
-        if bool(down.any()):
-            k = int(torch.argmax(down.to(torch.int8)))
-            raise ValueError(
-                f"image_ids must be non-decreasing (packed rows in camera-major order); "
-                f"image_ids[{k}] > image_ids[{k + 1}]"
-            )
-    return n_images
-
-
 @on_device
 def isect_tiles(means2d, radii, depths, tile_size, tile_width, tile_height, conics, opacities, max_intersections,
                 image_ids, n_images):  # fmt: skip
     """Unpacked (image_ids None): means2d [C, N, 2], radii [C, N, 2] int32, depths [C, N], conics
     [C, N, 3] and opacities [C, N] or None; n_images is ignored.  Packed: the same per row of [nnz]
-    with image_ids [nnz] int32 (non-decreasing) and n_images cameras.  Returns tiles_per_gauss
+    with image_ids [nnz] int32 (in [0, n_images), any order) and n_images cameras.  Returns tiles_per_gauss
     (depths' shape) int32, isect_ids [M] int64 sorted and flatten_ids [M] int32 (row indices), equal
     to ref.isect_tiles (unpacked) bit for bit."""
-    from frontiers_fast.ops.splat import _check_isect_values
+    from frontiers_fast.ops.splat import _check_image_ids, _check_isect_values, _check_packed_isect_sizes
     from frontiers_fast.reference.splat import bits_for_count, check_isect_count, check_isect_sizes
 
+    # The reference entry's checks, in its order.
     n_tiles = tile_width * tile_height
     packed = image_ids is not None
     if packed:
         n_rows = means2d.shape[0]
-        n_images = _check_packed_rows(image_ids, n_images, n_rows, n_tiles, means2d.device)
+        _check_packed_isect_sizes(n_images, n_rows, n_tiles)
         N = 1
     else:
         C, N = depths.shape
         check_isect_sizes(C, N, n_tiles)
         n_rows, n_images = C * N, C
     _check_isect_values(means2d, radii, depths, conics, opacities)
+    if packed:
+        _check_image_ids(image_ids, n_images)
     _check_isect_options(conics, opacities, max_intersections)
     dev = means2d.device
     m2d, rad, dep = means2d.detach().contiguous(), radii.contiguous(), depths.detach().contiguous()

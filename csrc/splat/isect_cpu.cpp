@@ -479,7 +479,7 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles_cpu(const Tensor& means2d_, const
     TORCH_CHECK(image_ids_p->scalar_type() == at::kInt, op, ": image_ids must be int32, got ",
                 image_ids_p->scalar_type());
     shape_arg(*image_ids_p, rows, op, "image_ids", "[nnz]");
-    TORCH_CHECK_VALUE(n_images >= 1, op, ": n_images must be >= 1 with image_ids, got ", n_images);
+    TORCH_CHECK_VALUE(n_images >= 1, "n_images must be >= 1 with image_ids, got ", n_images);
   }
   // The reference entry's order: sizes (before any O(C N) work, contiguous
   // copies included), values, then the arguments, then M.

@@ -150,6 +150,13 @@ def _check_isect_values(means2d, radii, depths, conics, opacities):
         check_in_range("opacities", opacities.detach(), 0, 1)
 
 
+def _check_packed_isect_sizes(n_images, nnz, n_tiles):
+    """Packed isect_tiles: at least one camera, and the key fields and int32 row ids hold the problem."""
+    if n_images < 1:
+        raise ValueError(f"n_images must be >= 1 with image_ids, got {n_images}")
+    ref.check_isect_sizes(n_images, nnz, n_tiles, packed_rows=nnz)
+
+
 def _check_image_ids(image_ids, n_images):
     """Packed rows' cameras: each must address one of the n_images images."""
     if has_values(image_ids) and image_ids.numel():
@@ -416,9 +423,7 @@ def _ref_isect_tiles(
     if image_ids is None:
         ref.check_isect_sizes(depths.shape[0], depths.shape[1], tile_width * tile_height)
     else:
-        ref.check_isect_sizes(
-            n_images, depths.shape[0], tile_width * tile_height, packed_rows=depths.shape[0]
-        )
+        _check_packed_isect_sizes(n_images, depths.shape[0], tile_width * tile_height)
     _check_isect_values(means2d, radii, depths, conics, opacities)
     if image_ids is not None:
         _check_image_ids(image_ids, n_images)
@@ -448,6 +453,7 @@ define_op(
     "SymInt n_images) -> (Tensor, Tensor, Tensor)",
     fake=_fake_isect_tiles,
     reference=_ref_isect_tiles,
+    triton="frontiers_fast.kernels.splat:isect_tiles",
     native=("cpp",),
 )
 define_op(

@@ -277,7 +277,14 @@ FAST = {
 
 
 # The stages with a Triton kernel so far, and the one with a CUDA-extension kernel (forward only).
-TRITON = {"spherical_harmonics", "isect_offset_encode", "project_gaussians", "rasterize_to_pixels"}
+TRITON = {
+    "spherical_harmonics",
+    "isect_offset_encode",
+    "project_gaussians",
+    "rasterize_to_pixels",
+    "isect_tiles",
+    "rasterization",
+}
 CUDA = {"rasterize_to_pixels"}
 
 

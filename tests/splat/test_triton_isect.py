@@ -47,14 +47,10 @@ def _packed(means2d, radii, depths, conics, opac):
 
 
 def _reference_entry(args):
-    """The reference entry's error on the unpacked op arguments (its schema with or without the packed
-    arguments image_ids and n_images)."""
+    """The reference entry's error on the unpacked op arguments (image_ids None)."""
     from frontiers_fast.ops import splat as ops_splat
 
-    op = torch.ops.frontiers_fast.isect_tiles
-    if len(op.default._schema.arguments) == 12:  # the packed schema: image_ids None, n_images = C
-        return _error(lambda: ops_splat._ref_isect_tiles(*args, None, args[2].shape[0]))
-    return _error(lambda: ops_splat._ref_isect_tiles(*args))
+    return _error(lambda: ops_splat._ref_isect_tiles(*args, None, args[2].shape[0]))
 
 
 @pytest.mark.parametrize("device,dtype", CASES)
@@ -131,11 +127,14 @@ def test_isect_tiles_empty(device, dtype):
 
 @pytest.mark.parametrize("device", triton_devices())
 def test_isect_tiles_refuses_what_the_reference_refuses(device):
+    from frontiers_fast.ops import splat as ops_splat
+
+    # The op arguments (packed cases among them), each with one thing wrong.
     for name, args in _bad_isect_values():
-        args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
-        want = _reference_entry(args)
+        want = _error(lambda: ops_splat._ref_isect_tiles(*args))
         assert want is not None and want[0] is ValueError, name
-        assert _error(lambda: K.isect_tiles(*args, None, None)) == want, name
+        args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+        assert _error(lambda: K.isect_tiles(*args)) == want, name
 
 
 @pytest.mark.parametrize("device", triton_devices())
@@ -154,34 +153,43 @@ def test_isect_tiles_max_intersections(device):
 
 @pytest.mark.parametrize("device", triton_devices())
 def test_isect_tiles_refuses_bad_image_ids(device):
+    # The reference entry's refusals of packed rows, with its messages; and rows in any camera order.
+    from frontiers_fast.ops import splat as ops_splat
+
     (means2d, radii, depths, conics, opac), tw, th = _scene(3, 40, 37, 29, 8, torch.float32, 2, device)
     (pm, pr, pd, pc, po, image_ids), _ = _packed(means2d, radii, depths, conics, opac)
-    call = lambda ids, n=3, m=pm: K.isect_tiles(m, pr, pd, 8, tw, th, pc, po, None, ids, n)  # noqa: E731
-    past, negative, down = image_ids.clone(), image_ids.clone(), image_ids.clone()
+    past, negative = image_ids.clone(), image_ids.clone()
     past[-1] = 3
     negative[0] = -1
-    down[[4, 5]] = torch.tensor([2, 0], dtype=torch.int32, device=device)
-    for ids, n, match in [
-        (past, 3, r"image_ids must lie in \[0, 2\] \(the cameras of n_images = 3\), got values in \[0, 3\]"),
-        (image_ids, 2, r"image_ids must lie in \[0, 1\]"),
-        (negative, 3, r"image_ids must lie in \[0, 2\].*got values in \[-1, 2\]"),
-        (down, 3, r"image_ids must be non-decreasing .*image_ids\[4\] > image_ids\[5\]"),
-        (image_ids.long(), 3, "image_ids must be an int32 tensor"),
-        (image_ids[:-1], 3, r"image_ids must have shape \[nnz\]"),
-        (image_ids[None], 3, r"image_ids must have shape \[nnz\]"),
-    ]:
-        with pytest.raises(ValueError, match=match):
-            call(ids, n)
-    with pytest.raises(ValueError, match="n_images must be >= 0"):
-        call(image_ids, -1)
-    # the camera field: 12 bits for 2049 cameras and 20 for 1024 x 1024 tiles do not fit in 31
-    with pytest.raises(ValueError, match="2049 cameras and tile_width x tile_height is 1048576 tiles"):
-        K.isect_tiles(pm, pr, pd, 8, 1024, 1024, None, None, None, image_ids, 2049)
-    # and the value checks of the unpacked entry, on the rows
-    with pytest.raises(ValueError, match="opacities must lie in"):
-        K.isect_tiles(pm, pr, pd, 8, tw, th, pc, po * 2, None, image_ids, 3)
-    with pytest.raises(ValueError, match="depths must be >= 0 where radii > 0"):
-        K.isect_tiles(pm, pr, -pd, 8, tw, th, pc, po, None, image_ids, 3)
+    cases = [
+        (pm, pr, pd, pc, po, past, 3),
+        (pm, pr, pd, pc, po, image_ids, 2),
+        (pm, pr, pd, pc, po, negative, 3),
+        (pm, pr, pd, pc, po, image_ids, 0),
+        (pm, pr, pd, None, None, image_ids, 2049),  # 12 camera bits + 20 tile bits do not fit in 31
+        (pm, pr, pd, pc, po * 2, image_ids, 3),
+        (pm, pr, -pd, pc, po, image_ids, 3),
+    ]
+    for m, r, d, c, o, ids, n in cases:
+        tiles = (1024, 1024) if n == 2049 else (tw, th)
+        args = (m, r, d, 8, *tiles, c, o, None, ids, n)
+        want = _error(
+            lambda: ops_splat._ref_isect_tiles(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
+        )
+        assert want is not None and want[0] is ValueError, (n, want)
+        assert _error(lambda: K.isect_tiles(*args)) == want
+    assert (
+        "image_ids must lie in [0, n_images) = [0, 3)"
+        in _error(lambda: K.isect_tiles(pm, pr, pd, 8, tw, th, pc, po, None, past, 3))[1]
+    )
+    # Rows need not be camera-major: the reference takes any order, and so does the kernel.
+    perm = torch.randperm(pm.shape[0], generator=torch.Generator().manual_seed(0)).to(device)
+    rows = [t[perm] for t in (pm, pr, pd, pc, po, image_ids)]
+    got = K.isect_tiles(*rows[:3], 8, tw, th, *rows[3:5], None, rows[5], 3)
+    want = ref.isect_tiles(*(t.cpu() for t in rows[:3]), 8, tw, th, *(t.cpu() for t in rows[3:5]), None,
+                           rows[5].cpu(), 3)  # fmt: skip
+    for g, w in zip(got, want):
+        assert torch.equal(g.cpu(), w)
 
 
 @triton.jit
