@@ -4,7 +4,10 @@ Ops in the ``frontiers_fast::`` namespace, all defined with
 :func:`frontiers_fast._library.define_op` (the last argument, ``backend``, is
 left out below).  Every op has its ``reference``; the C++ kernels
 (``csrc/splat/*_cpu.cpp``) register under the same schemas, as ``native``
-backends of the ops that have them.
+backends of every op, and so does the CUDA extension's blender forward
+(``csrc/splat/raster.cu``; forward only: ``backend="cuda"`` is refused where a
+gradient is needed).  Every op also has its Triton launcher
+(``kernels/splat.py``), the default on a GPU.
 
   project_gaussians(means, quats, scales, opacities, viewmats, Ks, width, height, eps2d, near_plane,
                     far_plane, radius_clip, antialiased) -> (means2d, depths, conics, compensations, radii)
