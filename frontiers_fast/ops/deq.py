@@ -53,6 +53,7 @@ from .._checks import (
     check_bool,
     check_choice,
     check_dims,
+    check_finite,
     check_has_values,
     check_int,
     check_like,
@@ -355,15 +356,26 @@ def _check_float_tensor(name, t, like=None, dims=None):
         check_like(name, t, *like)
 
 
-def _solver_options(prefix, solver, max_iter, tol, stop_mode, m, lam, tau):
+def _solver_options(prefix, solver, max_iter, tol, stop_mode, m, lam, tau, check_every=4, memory=None):
+    max_iter = check_int(f"{prefix}max_iter", max_iter, 1)
+    if memory is not None:
+        memory = check_int(
+            f"{prefix}memory",
+            memory,
+            1,
+            max_iter,
+            f" (Broyden's rank-one terms kept, at most {prefix}max_iter)",
+        )
     return dict(
         solver=check_choice(f"{prefix}solver", solver, SOLVERS),
-        max_iter=check_int(f"{prefix}max_iter", max_iter, 1),
+        max_iter=max_iter,
         tol=check_real(f"{prefix}tol", tol, 0.0),
         stop_mode=check_choice(f"{prefix}stop_mode", stop_mode, STOP_MODES),
         m=check_int(f"{prefix}m", m, 1),
         lam=check_real(f"{prefix}lam", lam, 0.0),
         tau=check_real(f"{prefix}tau", tau, 0.0, strict=True),
+        check_every=check_int(f"{prefix}check_every", check_every, 1),
+        memory=memory,
     )
 
 
@@ -373,7 +385,7 @@ def _check_buffers(prefix, opts, z0):
     n = opts["max_iter"]
     per_sample = 2 * n  # the abs and rel traces
     if opts["solver"] == "broyden":
-        per_sample += 2 * n * D  # U and V: one rank-one term per step
+        per_sample += 2 * min(opts["memory"] or n, n) * D  # U and V: one rank-one term per step kept
     elif opts["solver"] == "anderson":
         per_sample += 2 * min(opts["m"], n) * D  # the X and F ring buffers
     check_memory(f"{prefix}max_iter", z0.element_size() * B * per_sample, z0.device)
@@ -386,6 +398,8 @@ def _check_z0(z0):
     check_has_values("z0", z0)
     if z0.dim() < 1 or z0.numel() == 0:
         raise ValueError(f"z0 must be a non-empty [B, ...] tensor, got shape {tuple(z0.shape)}")
+    # A NaN start is the caller's bug, not a divergence of the solve (which f's NaN is).
+    check_finite("z0", z0)
 
 
 def _check_f(f):
@@ -526,6 +540,8 @@ def fixed_point_solve(
     m: int = 6,
     lam: float = 1e-4,
     tau: float = 1.0,
+    check_every: int = 4,
+    memory: int | None = None,
     backend=None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Solve ``z = f(z)`` per sample; returns ``(z*, info)`` with no gradient (use :func:`deq`).
@@ -539,6 +555,15 @@ def fixed_point_solve(
         m: Anderson memory (>= 1); lam: Anderson regularisation (>= 0);
         tau: damping (> 0) for Anderson mixing and Picard.  Options that do
             not apply to the chosen solver are ignored; unknown ones are an error.
+        check_every: >= 1.  Convergence stays on the device (per-sample masks,
+            best estimates, frozen samples); the host reads it only every
+            ``check_every`` steps to stop early.  The results equal reading it
+            every step: a sample that converged between two reads was frozen
+            at its own step.  Up to ``check_every - 1`` extra evaluations of
+            ``f`` may run on frozen estimates (their results are discarded).
+        memory: Broyden only, in [1, max_iter] or None (all): the rank-one
+            terms kept (limited-memory Broyden, the oldest dropped first);
+            U and V take ``memory`` rows instead of ``max_iter``.
         backend: only ``"reference"`` exists for this family today.
 
     Returns:
@@ -547,11 +572,11 @@ def fixed_point_solve(
         bool.  Semantics (and how they relate to torchdeq) are in
         :mod:`frontiers_fast.reference.deq`.
 
-    NaN and inf: a sample whose residual is not finite at some step (``f``
-    returned NaN or inf for it, its ``z0`` holds NaN, or its iterate
-    overflowed) is marked in ``info["diverged"]`` and stops there.  It keeps
-    its best finite estimate (``z0``, NaN included, with ``nstep`` 0 if it
-    had none), its traces hold the non-finite residual from that step on,
+    NaN and inf: NaN or inf in ``z0`` is refused (ValueError naming it).  A
+    sample whose residual is not finite at some step (``f`` returned NaN or
+    inf for it, or its iterate overflowed) is marked in ``info["diverged"]``
+    and stops there.  It keeps
+    its best finite estimate (``z0``, with ``nstep`` 0, if it had none), its traces hold the non-finite residual from that step on,
     and one RuntimeWarning per call says how many samples diverged.  The
     other samples are solved as they would be without them.
 
@@ -562,7 +587,7 @@ def fixed_point_solve(
     """
     _check_f(f)
     _check_z0(z0)
-    opts = _solver_options("", solver, max_iter, tol, stop_mode, m, lam, tau)
+    opts = _solver_options("", solver, max_iter, tol, stop_mode, m, lam, tau, check_every, memory)
     _check_buffers("", opts, z0)
     backend = _backend.resolve(backend, z0.device, "fixed_point_solve", False)
     return ref.solve_loop(f, z0, kernels=_loop_kernels(backend), **opts)
@@ -625,6 +650,8 @@ def _deq_options(
     m: int = 6,
     lam: float = 1e-4,
     tau: float = 1.0,
+    check_every: int = 4,
+    memory: int | None = None,
     backward: str = "implicit",
     b_solver: str = "anderson",
     b_max_iter: int = 40,
@@ -633,13 +660,17 @@ def _deq_options(
     b_m: int = 6,
     b_lam: float = 1e-4,
     b_tau: float = 1.0,
+    b_check_every: int = 4,
+    b_memory: int | None = None,
     pg_steps: int = 1,
     pg_tau: float = 1.0,
 ):
     """Check the layer's options; returns (forward options, backward options, backward, pg_steps, pg_tau)."""
-    opts = _solver_options("", solver, max_iter, tol, stop_mode, m, lam, tau)
+    opts = _solver_options("", solver, max_iter, tol, stop_mode, m, lam, tau, check_every, memory)
     backward = check_choice("backward", backward, BACKWARDS)
-    b_opts = _solver_options("b_", b_solver, b_max_iter, b_tol, b_stop_mode, b_m, b_lam, b_tau)
+    b_opts = _solver_options(
+        "b_", b_solver, b_max_iter, b_tol, b_stop_mode, b_m, b_lam, b_tau, b_check_every, b_memory
+    )
     pg_steps = check_int("pg_steps", pg_steps, 1)
     pg_tau = check_real("pg_tau", pg_tau, 0.0, strict=True)
     return opts, b_opts, backward, pg_steps, pg_tau
@@ -660,6 +691,8 @@ def deq(
     m: int = 6,
     lam: float = 1e-4,
     tau: float = 1.0,
+    check_every: int = 4,
+    memory: int | None = None,
     backward: str = "implicit",
     b_solver: str = "anderson",
     b_max_iter: int = 40,
@@ -668,6 +701,8 @@ def deq(
     b_m: int = 6,
     b_lam: float = 1e-4,
     b_tau: float = 1.0,
+    b_check_every: int = 4,
+    b_memory: int | None = None,
     pg_steps: int = 1,
     pg_tau: float = 1.0,
     backend=None,
@@ -691,11 +726,11 @@ def deq(
     ``f(z*)`` instead of ``z*``; the two differ by the forward residual.
 
     Args:
-        f, z0, solver, max_iter, tol, stop_mode, m, lam, tau: as in
-            :func:`fixed_point_solve` (forward).
+        f, z0, solver, max_iter, tol, stop_mode, m, lam, tau, check_every,
+            memory: as in :func:`fixed_point_solve` (forward).
         backward: ``"implicit"`` or ``"phantom"``.
-        b_solver, b_max_iter, b_tol, b_stop_mode, b_m, b_lam, b_tau: the
-            adjoint solve (implicit mode).
+        b_solver, b_max_iter, b_tol, b_stop_mode, b_m, b_lam, b_tau,
+            b_check_every, b_memory: the adjoint solve (implicit mode).
         pg_steps: >= 1; pg_tau: > 0 (phantom mode).
 
     Returns:
@@ -722,9 +757,10 @@ def deq(
     _check_f(f)
     _check_z0(z0)
     opts, b_opts, backward, pg_steps, pg_tau = _deq_options(
-        solver=solver, max_iter=max_iter, tol=tol, stop_mode=stop_mode, m=m, lam=lam, tau=tau, backward=backward,
-        b_solver=b_solver, b_max_iter=b_max_iter, b_tol=b_tol, b_stop_mode=b_stop_mode, b_m=b_m, b_lam=b_lam,
-        b_tau=b_tau, pg_steps=pg_steps, pg_tau=pg_tau,
+        solver=solver, max_iter=max_iter, tol=tol, stop_mode=stop_mode, m=m, lam=lam, tau=tau,
+        check_every=check_every, memory=memory, backward=backward, b_solver=b_solver, b_max_iter=b_max_iter,
+        b_tol=b_tol, b_stop_mode=b_stop_mode, b_m=b_m, b_lam=b_lam, b_tau=b_tau, b_check_every=b_check_every,
+        b_memory=b_memory, pg_steps=pg_steps, pg_tau=pg_tau,
     )  # fmt: skip
     _check_buffers("", opts, z0)
     grad = torch.is_grad_enabled()

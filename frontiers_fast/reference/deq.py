@@ -68,6 +68,19 @@ Broyden iterates and step counts we reproduce where both definitions agree):
   step from the newest slot, ``tau f(x) + (1 - tau) x``, instead (torchdeq
   carries the NaN on, and the sample's iterates stay NaN).  The ring buffer
   holds ``min(m, max_iter)`` slots (the rest would never be written).
+* Convergence stays on the device: the masks, best estimates and frozen
+  samples are tensors, and the host reads whether any sample is still running
+  only every ``check_every`` steps (and at ``max_iter``).  A sample that
+  converges between two checks is frozen at its own step, so every output is
+  the one checking at every step gives; only the number of evaluations of
+  ``f`` (on frozen estimates, whose results are discarded) can be up to
+  ``check_every - 1`` higher.  torchdeq reads the residuals on the host at
+  every step.
+* Broyden ``memory=k`` (limited-memory Broyden) keeps only the last ``k``
+  rank-one terms in a ring: from step ``k + 1`` on, the oldest term is
+  dropped before the new one is computed with the remaining ones.  With
+  ``k >= max_iter`` (or None) it is the full-memory solver, bit for bit.
+  torchdeq's U and V always hold ``max_iter`` terms.
 """
 
 from __future__ import annotations
@@ -218,9 +231,10 @@ KERNELS = SimpleNamespace(
 class _Tracker:
     """Per-sample best estimate, lowest residuals, step, traces and divergence."""
 
-    def __init__(self, z0: Tensor, max_iter: int, tol: float, stop_mode: str):
+    def __init__(self, z0: Tensor, max_iter: int, tol: float, stop_mode: str, check_every: int = 1):
         B = z0.shape[0]
         self.tol, self.stop_mode = tol, stop_mode
+        self.check_every = check_every
         self.best = z0.clone()
         inf = torch.full((B,), math.inf, dtype=z0.dtype, device=z0.device)
         self.lowest = {"abs": inf, "rel": inf.clone()}
@@ -259,9 +273,13 @@ class _Tracker:
     def freeze(self, mask: Tensor):
         self.active = self.active & ~mask
 
-    def done(self) -> bool:
-        # One host sync per step (the early exit needs it anyway); it also tells
-        # the loops when no sample is frozen, so they can skip the masking.
+    def done(self, step: int) -> bool:
+        # The host reads the masks every check_every steps only (the early exit
+        # needs a read); a read also tells the loops when no sample is frozen,
+        # so they can skip the masking until the next step.
+        if step % self.check_every:
+            self.all_active = False  # unknown until the next read: mask
+            return False
         n = int(self.active.sum())
         self.all_active = n == self.active.shape[0]
         return n == 0
@@ -326,7 +344,7 @@ def _anderson(f, z, t: _Tracker, k, max_iter, m, lam, tau):
         X[:, i % m], F[:, i % m] = x, fx
         a, r = k.residual_norms(fx, x)
         t.record(i + 1, fx, {"abs": a, "rel": r})
-        if t.done():
+        if t.done(i + 1):
             break
 
 
@@ -336,7 +354,7 @@ def _picard(f, z, t: _Tracker, k, max_iter, tau):
         fx = f(x)
         a, r = k.residual_norms(fx, x)
         t.record(i + 1, fx, {"abs": a, "rel": r})
-        if t.done():
+        if t.done(i + 1):
             break
         nxt = fx if tau == 1.0 else tau * fx + (1 - tau) * x
         x = t.keep_frozen(nxt, x)
@@ -347,10 +365,11 @@ def _picard(f, z, t: _Tracker, k, max_iter, tau):
 _STALL_STEPS, _STALL_TOL = 30, 3.0
 
 
-def _broyden(f, z, t: _Tracker, k, max_iter):
+def _broyden(f, z, t: _Tracker, k, max_iter, memory=None):
     B, D = z.shape
-    U = z.new_zeros((B, max_iter, D))
-    V = z.new_zeros((B, max_iter, D))
+    L = max_iter if memory is None else min(memory, max_iter)  # rank-one terms kept (a ring of L)
+    U = z.new_zeros((B, L, D))
+    V = z.new_zeros((B, L, D))
     x = z
     gx = f(x) - x
     update = gx  # -Jinv gx with Jinv = -I
@@ -364,11 +383,15 @@ def _broyden(f, z, t: _Tracker, k, max_iter):
         t.record(step, x, {"abs": a, "rel": r})
         if step > _STALL_STEPS:
             t.freeze(t.trace[t.stop_mode][:, step - 1] < _STALL_TOL * t.tol)
-        if t.done():
+        if t.done(step):
             break
-        u, v = k.broyden_update(U, V, dx, dg, step - 1)
-        U[:, step - 1], V[:, step - 1] = u, v
-        update = -k.broyden_matvec(U, V, gx, step, False)
+        slot = (step - 1) % L
+        if step - 1 >= L:
+            # The ring is full: the oldest term (in this slot) is dropped first; a zero row adds nothing.
+            U[:, slot], V[:, slot] = 0, 0
+        u, v = k.broyden_update(U, V, dx, dg, min(step - 1, L))
+        U[:, slot], V[:, slot] = u, v
+        update = -k.broyden_matvec(U, V, gx, min(step, L), False)
 
 
 def solve_loop(
@@ -382,6 +405,8 @@ def solve_loop(
     m,
     lam,
     tau,
+    check_every=1,
+    memory=None,
     kernels=KERNELS,
     caller="fixed_point_solve",
 ):
@@ -396,11 +421,11 @@ def solve_loop(
     with torch.no_grad():
         z = z0.detach().reshape(z0.shape[0], -1)
         fflat = _flat_f(f, z0.detach())
-        t = _Tracker(z, max_iter, tol, stop_mode)
+        t = _Tracker(z, max_iter, tol, stop_mode, check_every)
         if solver == "anderson":
             _anderson(fflat, z, t, kernels, max_iter, m, lam, tau)
         elif solver == "broyden":
-            _broyden(fflat, z, t, kernels, max_iter)
+            _broyden(fflat, z, t, kernels, max_iter, memory)
         elif solver == "picard":
             _picard(fflat, z, t, kernels, max_iter, tau)
         else:
@@ -419,7 +444,18 @@ def solve_loop(
 
 
 def fixed_point_solve(
-    f, z0, *, solver="anderson", max_iter=40, tol=1e-3, stop_mode="abs", m=6, lam=1e-4, tau=1.0
+    f,
+    z0,
+    *,
+    solver="anderson",
+    max_iter=40,
+    tol=1e-3,
+    stop_mode="abs",
+    m=6,
+    lam=1e-4,
+    tau=1.0,
+    check_every=4,
+    memory=None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Solve ``z = f(z)`` for every sample of a batch (no gradient; see ``ops.deq.deq``).
 
@@ -435,6 +471,9 @@ def fixed_point_solve(
         m: Anderson ring-buffer size (capped at ``max_iter``); lam: Anderson
             regularisation (``0`` is allowed: see the module docstring);
         tau: damping (Anderson mixing and Picard).
+        check_every: the host reads the convergence masks every this many
+            steps (>= 1); the results are those of reading them every step.
+        memory: Broyden's rank-one terms kept (limited memory; None: all).
 
     Returns:
         ``z*`` [B, ...] (each sample's best estimate) and a dict of per-sample
@@ -463,8 +502,9 @@ def fixed_point_solve(
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
         raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
     return solve_loop(
-        f, z0, solver=solver, max_iter=max_iter, tol=tol, stop_mode=stop_mode, m=m, lam=lam, tau=tau
-    )
+        f, z0, solver=solver, max_iter=max_iter, tol=tol, stop_mode=stop_mode, m=m, lam=lam, tau=tau,
+        check_every=check_every, memory=memory,
+    )  # fmt: skip
 
 
 def jacobian_regularizer(

@@ -240,11 +240,20 @@ def test_nan_or_diverging_f_is_never_the_best_iterate(solver):
     calls = []
     with pytest.warns(RuntimeWarning, match="2 of 2 samples diverged"):
         z, info = ops.fixed_point_solve(
-            lambda z: (calls.append(1), g(z))[1], z0, solver=solver, tol=1e-8, max_iter=8
+            lambda z: (calls.append(1), g(z))[1], z0, solver=solver, tol=1e-8, max_iter=8, check_every=1
         )
     assert info["diverged"].all()
-    # Every sample stopped at its first non-finite residual, so the solve ended there.
+    # Every sample stopped at its first non-finite residual, so the solve ended there (read every step).
     assert len(calls) == 2
+    # Read every 4 steps: the same results, after at most 4 evaluations (the frozen ones discarded).
+    calls4 = []
+    with pytest.warns(RuntimeWarning, match="2 of 2 samples diverged"):
+        z4, info4 = ops.fixed_point_solve(
+            lambda z: (calls4.append(1), g(z))[1], z0, solver=solver, tol=1e-8, max_iter=8, check_every=4
+        )
+    assert len(calls4) == 4 + (solver == "broyden") and torch.equal(z4, z)  # Broyden also evaluates z0
+    for key in info:
+        torch.testing.assert_close(info4[key], info[key], rtol=0, atol=0, equal_nan=True, msg=key)
     tr = info["abs_trace"]
     assert not torch.isfinite(tr[:, 1:]).any()  # it did blow up
     assert torch.isfinite(z).all()
@@ -278,15 +287,31 @@ def test_diverged_sample_stops_iterating(solver):
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
-def test_nan_in_z0_diverges_that_sample_only(solver):
+def test_nan_in_z0_is_refused_and_the_loop_isolates_it(solver):
     f, _ = contraction(3, 8)
     z0 = torch.randn(3, 8, dtype=torch.float64)
     clean_z, clean = ops.fixed_point_solve(f, z0, solver=solver, tol=1e-8)
     z0[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="z0 must be finite"):
+        ops.fixed_point_solve(f, z0, solver=solver, tol=1e-8)
+    with pytest.raises(ValueError, match="z0 must be finite"):
+        ops.deq(f, z0, solver=solver)
+    # The loop itself (which the adjoint solve also runs) still isolates a NaN start: that sample
+    # diverges at once and comes back as its z0, the others are solved as without it.
     with pytest.warns(RuntimeWarning, match="1 of 3 samples diverged"):
-        z, info = ops.fixed_point_solve(f, z0, solver=solver, tol=1e-8)
+        z, info = ref.solve_loop(
+            f,
+            z0,
+            solver=solver,
+            max_iter=40,
+            tol=1e-8,
+            stop_mode="abs",
+            m=6,
+            lam=1e-4,
+            tau=1.0,
+            check_every=4,
+        )
     assert info["diverged"].tolist() == [False, True, False]
-    # No finite step: the sample comes back as its z0, NaN included.
     assert int(info["nstep"][1]) == 0 and info["abs_lowest"][1] == float("inf")
     assert torch.equal(z[1].isnan(), z0[1].isnan()) and torch.equal(z[1].nan_to_num(), z0[1].nan_to_num())
     assert_close(z[[0, 2]], clean_z[[0, 2]])
