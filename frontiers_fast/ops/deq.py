@@ -322,9 +322,21 @@ define_op(
     double_backward=True,
 )
 
-# The solver loop runs these four; it needs no backward op (it runs without a graph).
-_LOOP_OPS = ("residual_norms", "anderson_mix", "broyden_matvec", "broyden_update")
+# The solver loop's bookkeeping: one fused update of every sample's state per step (no autograd: the
+# loop runs without a graph).
+define_op(
+    "solver_record(Tensor(a!) best, Tensor(b!) lowest, Tensor(c!) blown, Tensor(d!) nstep, Tensor(e!) trace, "
+    "Tensor(f!) active, Tensor(g!) diverged, Tensor est, Tensor res_abs, Tensor res_rel, int step, float tol, "
+    "int stop) -> ()",
+    fake=lambda *args: None,
+    reference=ref.solver_record,
+    native=("cpp",),  # csrc/deq/record_cpu.cpp
+)
 
+# The solver loop runs these; it needs no backward op (it runs without a graph).
+_LOOP_OPS = ("solver_record", "residual_norms", "anderson_mix", "broyden_matvec", "broyden_update")
+
+_backend.register_function("solver_record", ops=("solver_record",))
 _backend.register_function("residual_norms", ops=("residual_norms",), grad_ops=("residual_norms_bwd",))
 _backend.register_function("anderson_mix", ops=("anderson_mix",), grad_ops=("anderson_mix_bwd",))
 _backend.register_function("broyden_matvec", ops=("broyden_matvec",), grad_ops=("broyden_matvec_bwd",))

@@ -228,50 +228,85 @@ KERNELS = SimpleNamespace(
 # ---------------------------------------------------------------------------
 # the solver loop
 # ---------------------------------------------------------------------------
-class _Tracker:
-    """Per-sample best estimate, lowest residuals, step, traces and divergence."""
+def solver_record(
+    best: Tensor,
+    lowest: Tensor,
+    blown: Tensor,
+    nstep: Tensor,
+    trace: Tensor,
+    active: Tensor,
+    diverged: Tensor,
+    est: Tensor,
+    res_abs: Tensor,
+    res_rel: Tensor,
+    step: int,
+    tol: float,
+    stop: int,
+) -> None:
+    """Record one solver step in the per-sample state, in place (the solver loop's bookkeeping).
 
-    def __init__(self, z0: Tensor, max_iter: int, tol: float, stop_mode: str, check_every: int = 1):
+    State: best [B, D] (each sample's best estimate), lowest and blown [2, B]
+    (per mode, abs then rel: the lowest residual, and the non-finite one that
+    stopped a diverged sample), nstep [B] int64 (the best estimate's step),
+    trace [2, B, max_iter], active and diverged [B] bool.  ``est`` [B, D] is
+    the estimate this step proposes, ``res_abs`` and ``res_rel`` [B] its
+    residuals; ``stop`` is the stop mode's index (0 abs, 1 rel).
+
+    For a running sample: a residual below the lowest is the new lowest (in
+    the stop mode it also takes the estimate and the step); the trace gets
+    the residual; a non-finite abs residual marks the sample diverged and
+    stops it; a residual below ``tol`` stops it.  A stopped sample's trace
+    gets what it holds (its blown residual if diverged, else its lowest),
+    as torchdeq pads after it stops; nothing else of it changes.
+    """
+    live = active
+    res = (res_abs, res_rel)
+    blown_now = live & ~torch.isfinite(res_abs)
+    for mode in (0, 1):
+        better = live & (res[mode] < lowest[mode])
+        lowest[mode] = torch.where(better, res[mode], lowest[mode])
+        if mode == stop:
+            best.copy_(torch.where(better.unsqueeze(1), est, best))
+            nstep.copy_(torch.where(better, step, nstep))
+        held = torch.where(diverged, blown[mode], lowest[mode])
+        trace[mode, :, step - 1] = torch.where(live, res[mode], held)
+        blown[mode] = torch.where(blown_now, res[mode], blown[mode])
+    active.copy_(live & ~(res[stop] < tol) & ~blown_now)
+    diverged |= blown_now
+
+
+KERNELS.solver_record = solver_record
+
+
+class _Tracker:
+    """Per-sample best estimate, lowest residuals, step, traces and divergence (the state of
+    :func:`solver_record`, which ``kernels.solver_record`` updates each step)."""
+
+    def __init__(self, z0: Tensor, max_iter: int, tol: float, stop_mode: str, check_every: int, record):
         B = z0.shape[0]
         self.tol, self.stop_mode = tol, stop_mode
+        self.stop = STOP_MODES.index(stop_mode)
         self.check_every = check_every
+        self._record = record
         self.best = z0.clone()
-        inf = torch.full((B,), math.inf, dtype=z0.dtype, device=z0.device)
-        self.lowest = {"abs": inf, "rel": inf.clone()}
+        self.lowest = torch.full((2, B), math.inf, dtype=z0.dtype, device=z0.device)
         # What a diverged sample's trace holds from its last step on: the
         # non-finite residual that stopped it, so the trace shows the blow-up.
-        self.blown = {"abs": inf.clone(), "rel": inf.clone()}
+        self.blown = torch.full((2, B), math.inf, dtype=z0.dtype, device=z0.device)
         self.nstep = torch.zeros(B, dtype=torch.int64, device=z0.device)
-        self.trace = {k: z0.new_zeros((B, max_iter)) for k in STOP_MODES}
+        self.trace = z0.new_zeros((2, B, max_iter))
         self.active = torch.ones(B, dtype=torch.bool, device=z0.device)
         self.diverged = torch.zeros(B, dtype=torch.bool, device=z0.device)
         self.last = 0  # steps recorded so far
         self.all_active = True
 
-    def _held(self, mode: str) -> Tensor:
-        return torch.where(self.diverged, self.blown[mode], self.lowest[mode])
-
-    def record(self, step: int, est: Tensor, res: dict[str, Tensor]):
-        live = self.active
-        # A non-finite residual (f gave NaN or inf, or the iterate overflowed)
-        # is never a candidate; iterating on would only carry it, so the
-        # sample stops here, keeping its best finite estimate.
-        blown = live & ~torch.isfinite(res["abs"])
-        for mode in STOP_MODES:
-            better = live & (res[mode] < self.lowest[mode])
-            self.lowest[mode] = torch.where(better, res[mode], self.lowest[mode])
-            if mode == self.stop_mode:
-                self.best = torch.where(better.unsqueeze(1), est, self.best)
-                self.nstep = torch.where(better, step, self.nstep)
-            # A frozen sample's trace holds its lowest value, as torchdeq pads after it stops.
-            self.trace[mode][:, step - 1] = torch.where(live, res[mode], self._held(mode))
-            self.blown[mode] = torch.where(blown, res[mode], self.blown[mode])
-        self.diverged = self.diverged | blown
-        self.active = live & ~(res[self.stop_mode] < self.tol) & ~blown
+    def record(self, step: int, est: Tensor, res_abs: Tensor, res_rel: Tensor):
+        self._record(self.best, self.lowest, self.blown, self.nstep, self.trace, self.active, self.diverged,
+                     est.contiguous(), res_abs, res_rel, step, self.tol, self.stop)  # fmt: skip
         self.last = step
 
     def freeze(self, mask: Tensor):
-        self.active = self.active & ~mask
+        self.active &= ~mask
 
     def done(self, step: int) -> bool:
         # The host reads the masks every check_every steps only (the early exit
@@ -289,14 +324,14 @@ class _Tracker:
         return new if self.all_active else torch.where(self.active.unsqueeze(1), new, frozen)
 
     def info(self) -> dict[str, Tensor]:
-        for mode in STOP_MODES:
-            self.trace[mode][:, self.last :] = self._held(mode).unsqueeze(1)
+        held = torch.where(self.diverged, self.blown, self.lowest)  # [2, B]
+        self.trace[:, :, self.last :] = held.unsqueeze(2)
         return {
-            "abs_lowest": self.lowest["abs"],
-            "rel_lowest": self.lowest["rel"],
+            "abs_lowest": self.lowest[0],
+            "rel_lowest": self.lowest[1],
             "nstep": self.nstep,
-            "abs_trace": self.trace["abs"],
-            "rel_trace": self.trace["rel"],
+            "abs_trace": self.trace[0],
+            "rel_trace": self.trace[1],
             "diverged": self.diverged,
         }
 
@@ -343,7 +378,7 @@ def _anderson(f, z, t: _Tracker, k, max_iter, m, lam, tau):
         fx = f(x)
         X[:, i % m], F[:, i % m] = x, fx
         a, r = k.residual_norms(fx, x)
-        t.record(i + 1, fx, {"abs": a, "rel": r})
+        t.record(i + 1, fx, a, r)
         if t.done(i + 1):
             break
 
@@ -353,7 +388,7 @@ def _picard(f, z, t: _Tracker, k, max_iter, tau):
     for i in range(max_iter):
         fx = f(x)
         a, r = k.residual_norms(fx, x)
-        t.record(i + 1, fx, {"abs": a, "rel": r})
+        t.record(i + 1, fx, a, r)
         if t.done(i + 1):
             break
         nxt = fx if tau == 1.0 else tau * fx + (1 - tau) * x
@@ -380,9 +415,9 @@ def _broyden(f, z, t: _Tracker, k, max_iter, memory=None):
         dx, dg = x_new - x, gx_new - gx
         x, gx = x_new, gx_new
         a, r = k.residual_norms(fx, x)
-        t.record(step, x, {"abs": a, "rel": r})
+        t.record(step, x, a, r)
         if step > _STALL_STEPS:
-            t.freeze(t.trace[t.stop_mode][:, step - 1] < _STALL_TOL * t.tol)
+            t.freeze(t.trace[t.stop, :, step - 1] < _STALL_TOL * t.tol)
         if t.done(step):
             break
         slot = (step - 1) % L
@@ -421,7 +456,7 @@ def solve_loop(
     with torch.no_grad():
         z = z0.detach().reshape(z0.shape[0], -1)
         fflat = _flat_f(f, z0.detach())
-        t = _Tracker(z, max_iter, tol, stop_mode, check_every)
+        t = _Tracker(z, max_iter, tol, stop_mode, check_every, kernels.solver_record)
         if solver == "anderson":
             _anderson(fflat, z, t, kernels, max_iter, m, lam, tau)
         elif solver == "broyden":
