@@ -330,6 +330,7 @@ define_op(
     "int stop) -> ()",
     fake=lambda *args: None,
     reference=ref.solver_record,
+    triton="frontiers_fast.kernels.deq:solver_record",
     native=("cpp",),  # csrc/deq/record_cpu.cpp
 )
 

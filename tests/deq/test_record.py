@@ -14,7 +14,7 @@ import torch
 
 from frontiers_fast.reference import deq as ref
 
-from ..helpers import backend_cases, opcheck
+from ..helpers import assert_close, backend_cases, opcheck, triton_devices
 
 ops = torch.ops.frontiers_fast
 CASES = backend_cases("solver_record", grad=False)
@@ -91,3 +91,60 @@ def test_solver_record_cpp_refuses_bad_arguments():
         ops.solver_record(*state, est[:, :2], ra, rr, 1, 1e-6, 0, "cpp")
     with pytest.raises(RuntimeError, match="res_abs must be Float"):
         ops.solver_record(*state, est, ra.double(), rr, 1, 1e-6, 0, "cpp")
+
+
+# ---------------------------------------------------------------------------
+# the Triton launchers (kernels/deq.py), called directly: the interpreter on CPU tensors, compiled on CUDA
+# ---------------------------------------------------------------------------
+def _triton():
+    pytest.importorskip("triton")
+    from frontiers_fast.kernels import deq as K
+
+    return K
+
+
+@pytest.mark.parametrize("device", triton_devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("stop", [0, 1])
+def test_triton_solver_record(stop, dtype, device):
+    K = _triton()
+    B, D, T = 37, 70, 4
+    gen = torch.Generator().manual_seed(stop)
+    ours = [t.to(device) for t in _state(B, D, T, dtype, gen)]
+    theirs = [t.clone().cpu() for t in ours]
+    for step in range(1, T + 1):
+        est, ra, rr = _step(B, D, dtype, gen, theirs[1])
+        K.solver_record(*ours, est.to(device), ra.to(device), rr.to(device), step, 1e-6, stop)
+        ref.solver_record(*theirs, est, ra, rr, step, 1e-6, stop)
+        for a, b, name in zip(
+            ours, theirs, ("best", "lowest", "blown", "nstep", "trace", "active", "diverged")
+        ):
+            _equal(a.cpu(), b, f"{name} after step {step}")
+
+
+@pytest.mark.parametrize("device", triton_devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,D", [(3, 1), (5, 70), (2, 2500), (0, 4)])
+def test_triton_residual_norms(B, D, dtype, device):
+    K = _triton()
+    gen = torch.Generator().manual_seed(B + D)
+    fz = torch.randn(B, D, generator=gen, dtype=torch.float64)
+    z = torch.randn(B, D, generator=gen, dtype=torch.float64)
+    if B > 1:
+        z[1] = fz[1]  # r = 0: the subgradient 0
+    a, r = K.residual_norms(fz.to(device, dtype), z.to(device, dtype))
+    wa, wr = ref.residual_norms(fz, z)
+    assert_close(a.cpu(), wa, dtype)
+    assert_close(r.cpu(), wr, dtype)
+    ga, gr = (
+        torch.randn(B, generator=gen, dtype=torch.float64),
+        torch.randn(B, generator=gen, dtype=torch.float64),
+    )
+    from frontiers_fast.ops.deq import _ref_residual_norms_bwd
+
+    want = _ref_residual_norms_bwd(fz, z, ga, gr)
+    got = K.residual_norms_bwd(*(t.to(device, dtype) for t in (fz, z, ga, gr)))
+    for g, w in zip(got, want):
+        assert_close(g.cpu(), w, dtype)
+    again = K.residual_norms_bwd(*(t.to(device, dtype) for t in (fz, z, ga, gr)))
+    assert all(torch.equal(x, y) for x, y in zip(got, again))  # fixed-order sums: bitwise repeatable
