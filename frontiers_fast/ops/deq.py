@@ -7,8 +7,9 @@ the pieces a GPU kernel will fuse.  Every op is defined with
 :func:`frontiers_fast._library.define_op` (the last argument, ``backend``, is
 left out below); the forward ops carry autograd whose backward is itself a
 registered ``*_bwd`` op (explicit formulas: an op's implementation runs below
-the autograd dispatch key, so it cannot call autograd itself).  Only the
-``reference`` backend exists today.
+the autograd dispatch key, so it cannot call autograd itself).  The loop's
+bookkeeping, ``solver_record``, updates the per-sample state in place and
+has C++ and Triton kernels; the other ops have their reference so far.
 
   residual_norms(fz, z) -> (abs, rel)
   residual_norms_bwd(fz, z, grad_abs, grad_rel) -> (grad_fz, grad_z)
@@ -19,6 +20,8 @@ the autograd dispatch key, so it cannot call autograd itself).  Only the
   broyden_update(U, V, dx, dg, n) -> (u, v)
   broyden_update_bwd(U, V, dx, dg, n, grad_u, grad_v) -> (grad_U, grad_V, grad_dx, grad_dg)
   squared_norm(x) -> s   (the Hutchinson term of jacobian_regularizer)
+  solver_record(best!, lowest!, blown!, nstep!, trace!, active!, diverged!, est, res_abs, res_rel, step, tol,
+                stop) -> ()   (in place; no autograd: the loop runs without a graph)
 
 Shapes: z, fz, x, dx, dg [B, D]; X, F [B, m, D]; U, V [B, L, D]; abs, rel [B];
 alpha [B, m]; s 0-dim.  See :mod:`frontiers_fast.reference.deq` for the math.
