@@ -165,3 +165,198 @@ def solver_record(
     _solver_record_kernel[(B,)](best, lowest, blown, nstep, trace, active, diverged, est.contiguous(), res_abs,
                                 res_rel, tol_t, B, D, trace.shape[2], step, STOP=stop, BLOCK=block)  # fmt: skip
     return None
+
+
+# ---------------------------------------------------------------------------
+# Anderson: one fused step (buffers, the Gram matrix's new row and column, the norms), the small
+# bordered solves (batched, by torch), then the mix
+# ---------------------------------------------------------------------------
+@triton.jit
+def _anderson_store_kernel(X_ptr, F_ptr, GG_ptr, x_ptr, fx_ptr, abs_ptr, rel_ptr, s, n, m, D,
+                           REL_EPS: tl.constexpr, ACC: tl.constexpr, MB: tl.constexpr,
+                           BLOCK: tl.constexpr):  # fmt: skip
+    """Program b: X[b, s] = x[b], F[b, s] = fx[b]; GG[b, s, j] = GG[b, j, s] = <R_s, R_j> for j < n
+    (R = F - X, R_s = fx - x read from the inputs); the residual norms of (fx, x)."""
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, MB)
+    jm = (j < n) & (j != s)
+    dots = tl.zeros((MB,), ACC)
+    acc_r = tl.zeros((BLOCK,), ACC)
+    acc_f = tl.zeros((BLOCK,), ACC)
+    for d0 in range(0, D, BLOCK):
+        d = d0 + tl.arange(0, BLOCK)
+        dm = d < D
+        xv = tl.load(x_ptr + b * D + d, mask=dm, other=0.0)
+        fv = tl.load(fx_ptr + b * D + d, mask=dm, other=0.0)
+        tl.store(X_ptr + (b * m + s) * D + d, xv, mask=dm)
+        tl.store(F_ptr + (b * m + s) * D + d, fv, mask=dm)
+        r = fv.to(ACC) - xv.to(ACC)
+        acc_r += r * r
+        acc_f += fv.to(ACC) * fv.to(ACC)
+        rows = (b * m + j[:, None]) * D + d[None, :]
+        tm = jm[:, None] & dm[None, :]
+        Rj = tl.load(F_ptr + rows, mask=tm, other=0.0).to(ACC) - tl.load(X_ptr + rows, mask=tm, other=0.0).to(
+            ACC
+        )
+        Rj = tl.where((j == s)[:, None], r[None, :], Rj)
+        dots += tl.sum(Rj * r[None, :], 1)
+    a = tl.sqrt(tl.sum(acc_r, 0))
+    sf = tl.sqrt(tl.sum(acc_f, 0))
+    tl.store(abs_ptr + b, a.to(abs_ptr.dtype.element_ty))
+    tl.store(rel_ptr + b, (a / (sf + REL_EPS)).to(rel_ptr.dtype.element_ty))
+    ok = j < n
+    g = dots.to(GG_ptr.dtype.element_ty)
+    tl.store(GG_ptr + (b * m + s) * m + j, g, mask=ok)
+    tl.store(GG_ptr + (b * m + j) * m + s, g, mask=ok)
+
+
+@triton.jit
+def _anderson_mix_kernel(X_ptr, F_ptr, alpha_ptr, out_ptr, s, n, m, D, tau_ptr, ACC: tl.constexpr,
+                         MB: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Program b: out[b] = alpha[b] (tau F + (1 - tau) X) over the n slots; where that is not finite,
+    the damped step from the newest slot s, tau F[b, s] + (1 - tau) X[b, s]."""
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, MB)
+    jm = j < n
+    tau = tl.load(tau_ptr).to(ACC)
+    al = tl.load(alpha_ptr + b * n + j, mask=jm, other=0.0).to(ACC)
+    bad = tl.zeros((BLOCK,), tl.int32)
+    for d0 in range(0, D, BLOCK):
+        d = d0 + tl.arange(0, BLOCK)
+        dm = d < D
+        rows = (b * m + j[:, None]) * D + d[None, :]
+        tm = jm[:, None] & dm[None, :]
+        Fj = tl.load(F_ptr + rows, mask=tm, other=0.0).to(ACC)
+        Xj = tl.load(X_ptr + rows, mask=tm, other=0.0).to(ACC)
+        mixed = tau * tl.sum(al[:, None] * Fj, 0) + (1 - tau) * tl.sum(al[:, None] * Xj, 0)
+        bad += (dm & ~(tl.abs(mixed) < float("inf"))).to(tl.int32)
+        tl.store(out_ptr + b * D + d, mixed.to(out_ptr.dtype.element_ty), mask=dm)
+    if tl.sum(bad, 0) > 0:
+        for d0 in range(0, D, BLOCK):
+            d = d0 + tl.arange(0, BLOCK)
+            dm = d < D
+            fs = tl.load(F_ptr + (b * m + s) * D + d, mask=dm, other=0.0).to(ACC)
+            xs = tl.load(X_ptr + (b * m + s) * D + d, mask=dm, other=0.0).to(ACC)
+            tl.store(out_ptr + b * D + d, (tau * fs + (1 - tau) * xs).to(out_ptr.dtype.element_ty), mask=dm)
+
+
+def _d_block(D, rows):
+    """Columns per tile next to ``rows`` stored rows: a [rows, columns] tile of about 4096 elements."""
+    return max(16, min(triton.next_power_of_2(max(D, 1)), 4096 // rows))
+
+
+@on_device
+def anderson_step(X, F, GG, x, fx, i, lam, tau):
+    from frontiers_fast.reference.deq import REL_EPS
+
+    B, m, D = X.shape
+    n, s = min(i + 1, m), i % m
+    x, fx = x.contiguous(), fx.contiguous()
+    out_abs = torch.empty(B, dtype=x.dtype, device=x.device)
+    out_rel = torch.empty(B, dtype=x.dtype, device=x.device)
+    if B == 0:
+        return torch.empty_like(x), out_abs, out_rel
+    MB = triton.next_power_of_2(m)
+    block = _d_block(D, MB)
+    acc = acc_type(x.dtype)
+    _anderson_store_kernel[(B,)](X, F, GG, x, fx, out_abs, out_rel, s, n, m, D, REL_EPS=REL_EPS, ACC=acc, MB=MB,
+                                 BLOCK=block)  # fmt: skip
+    if n == 1:
+        return fx.clone(), out_abs, out_rel
+    # The bordered (n+1) x (n+1) systems [[0, 1^T], [1, GG_n + lam I]] [mu; alpha] = [1; 0], batched.
+    H = X.new_zeros((B, n + 1, n + 1))
+    H[:, 0, 1:] = 1
+    H[:, 1:, 0] = 1
+    H[:, 1:, 1:] = GG[:, :n, :n] + lam * torch.eye(n, dtype=X.dtype, device=X.device)
+    rhs = X.new_zeros((B, n + 1, 1))
+    rhs[:, 0] = 1
+    alpha = torch.linalg.solve_ex(H, rhs)[0][:, 1:, 0].contiguous()  # singular: non-finite, then the fallback
+    out = torch.empty_like(x)
+    tau_t = torch.full(
+        (1,), tau, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device
+    )
+    _anderson_mix_kernel[(B,)](X, F, alpha, out, s, n, m, D, tau_t, ACC=acc, MB=MB, BLOCK=block)
+    return out, out_abs, out_rel
+
+
+# ---------------------------------------------------------------------------
+# Broyden: the rank-one update and the next step, fused per sample
+# ---------------------------------------------------------------------------
+@triton.jit
+def _rows_dot(M_ptr, b, L, D, v_ptr, nrows, ACC: tl.constexpr, LB: tl.constexpr, BLOCK: tl.constexpr):
+    """[LB]: M[b, l] . v[b] for l < nrows (0 past them)."""
+    l = tl.arange(0, LB)
+    lm = l < nrows
+    acc = tl.zeros((LB,), ACC)
+    for d0 in range(0, D, BLOCK):
+        d = d0 + tl.arange(0, BLOCK)
+        dm = d < D
+        v = tl.load(v_ptr + b * D + d, mask=dm, other=0.0).to(ACC)
+        rows = tl.load(
+            M_ptr + (b * L + l[:, None]) * D + d[None, :], mask=lm[:, None] & dm[None, :], other=0.0
+        )
+        acc += tl.sum(rows.to(ACC) * v[None, :], 1)
+    return acc
+
+
+@triton.jit
+def _broyden_step_kernel(U_ptr, V_ptr, dx_ptr, dg_ptr, gx_ptr, out_ptr, L, D, n, slot, n_after,
+                         ACC: tl.constexpr, LB: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Program b.  With Jinv = -I + U^T V over rows [0, n): v = Jinv^T dx, w = Jinv dg,
+    u = (dx - w) / (v . dg), non-finite entries of u and v set to 0, stored as row ``slot``; then
+    out = -Jinv' gx over rows [0, n_after) = gx - U^T (V gx)."""
+    b = tl.program_id(0).to(tl.int64)
+    l = tl.arange(0, LB)
+    lm = l < n
+    c1 = _rows_dot(U_ptr, b, L, D, dx_ptr, n, ACC, LB, BLOCK)  # U dx
+    c2 = _rows_dot(V_ptr, b, L, D, dg_ptr, n, ACC, LB, BLOCK)  # V dg
+    # pass 2: v and w blockwise; v . dg.  v goes to V[slot] now, w to U[slot] (both rewritten below).
+    den = tl.zeros((BLOCK,), ACC)
+    for d0 in range(0, D, BLOCK):
+        d = d0 + tl.arange(0, BLOCK)
+        dm = d < D
+        tm = lm[:, None] & dm[None, :]
+        Vr = tl.load(V_ptr + (b * L + l[:, None]) * D + d[None, :], mask=tm, other=0.0).to(ACC)
+        Ur = tl.load(U_ptr + (b * L + l[:, None]) * D + d[None, :], mask=tm, other=0.0).to(ACC)
+        dxv = tl.load(dx_ptr + b * D + d, mask=dm, other=0.0).to(ACC)
+        dgv = tl.load(dg_ptr + b * D + d, mask=dm, other=0.0).to(ACC)
+        v = -dxv + tl.sum(Vr * c1[:, None], 0)
+        w = -dgv + tl.sum(Ur * c2[:, None], 0)
+        den += tl.where(dm, v * dgv, 0.0)
+        tl.store(out_ptr + b * D + d, w.to(out_ptr.dtype.element_ty), mask=dm)  # w, for pass 3
+        tl.store(V_ptr + (b * L + slot) * D + d, v.to(V_ptr.dtype.element_ty), mask=dm)
+    dsum = tl.sum(den, 0)
+    # pass 3: u = (dx - w) / den, the non-finite entries of u and v zeroed
+    for d0 in range(0, D, BLOCK):
+        d = d0 + tl.arange(0, BLOCK)
+        dm = d < D
+        dxv = tl.load(dx_ptr + b * D + d, mask=dm, other=0.0).to(ACC)
+        w = tl.load(out_ptr + b * D + d, mask=dm, other=0.0).to(ACC)
+        v = tl.load(V_ptr + (b * L + slot) * D + d, mask=dm, other=0.0).to(ACC)
+        u = (dxv - w) / dsum
+        u = tl.where(tl.abs(u) < float("inf"), u, 0.0)
+        v = tl.where(tl.abs(v) < float("inf"), v, 0.0)
+        tl.store(U_ptr + (b * L + slot) * D + d, u.to(U_ptr.dtype.element_ty), mask=dm)
+        tl.store(V_ptr + (b * L + slot) * D + d, v.to(V_ptr.dtype.element_ty), mask=dm)
+    # passes 4 and 5: c3 = V gx over the rows now in use, out = gx - U^T c3
+    c3 = _rows_dot(V_ptr, b, L, D, gx_ptr, n_after, ACC, LB, BLOCK)
+    la = l < n_after
+    for d0 in range(0, D, BLOCK):
+        d = d0 + tl.arange(0, BLOCK)
+        dm = d < D
+        Ur = tl.load(U_ptr + (b * L + l[:, None]) * D + d[None, :], mask=la[:, None] & dm[None, :], other=0.0)
+        gxv = tl.load(gx_ptr + b * D + d, mask=dm, other=0.0).to(ACC)
+        y = gxv - tl.sum(Ur.to(ACC) * c3[:, None], 0)
+        tl.store(out_ptr + b * D + d, y.to(out_ptr.dtype.element_ty), mask=dm)
+
+
+@on_device
+def broyden_step(U, V, dx, dg, gx, n, slot, n_after):
+    B, L, D = U.shape
+    out = torch.empty_like(gx)
+    if B == 0:
+        return out
+    LB = triton.next_power_of_2(L)
+    _broyden_step_kernel[(B,)](U, V, dx.contiguous(), dg.contiguous(), gx.contiguous(), out, L, D, n, slot, n_after,
+                               ACC=acc_type(U.dtype), LB=LB, BLOCK=_d_block(D, LB))  # fmt: skip
+    return out
