@@ -117,9 +117,9 @@ void anderson_step_kernel(const Tensor& X, const Tensor& F, const Tensor& GG, co
   T* op = x_next.data_ptr<T>();
   T* ap = abs_out.data_ptr<T>();
   T* rp = rel_out.data_ptr<T>();
-  // Items run serially below about 32k multiply-adds of work per thread.
+  // Items run serially below about 8k multiply-adds of work per thread (a full chunk is more).
   const int64_t item_work = std::min(D, kChunk) * (n + 2) + 1;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / item_work);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 13) / item_work);
 
   // Pass 1: slot s and the partial dot products of each chunk.
   std::vector<double> part(static_cast<size_t>(items * nv));
