@@ -21,7 +21,7 @@
 //   4. per (sample, chunk) of the samples with a non-finite value: the damped
 //      fallback step.
 // Every sum accumulates in double (float32 inputs included) in a fixed
-// order: four interleaved lanes within a chunk of kChunk entries, the lanes
+// order: eight interleaved lanes within a chunk of kChunk entries, the lanes
 // combined pairwise, then the chunks in order.  The chunks are fixed by D
 // alone, and threads only choose which (sample, chunk) items they run, so
 // the result is bitwise the same for any thread count and any split (whether
@@ -51,19 +51,23 @@ namespace {
 
 using at::Tensor;
 
-constexpr int64_t kChunk = 1024;  // entries of D per work item; a multiple of the 4 lanes
+constexpr int64_t kChunk = 1024;  // entries of D per work item; a multiple of the lanes
 constexpr int64_t kMaxM = 256;    // ring slots: the (m + 1)^2 solve is per sample, in double
 constexpr double kRelEps = 1e-9;  // reference.deq.REL_EPS
 
-// sum_k a[k] b[k] over k < len in four interleaved lanes, combined pairwise: a fixed order.
+// sum_k double(a[k] - c[k]) b[k] over k < len (c = nullptr: a[k] alone), in kLanes
+// interleaved lanes combined pairwise: a fixed order that the compiler can vectorise.
+constexpr int kLanes = 8;
 template <typename T>
-inline double dot_lanes(const T* a, const double* b, int64_t len) {
-  double l[4] = {0.0, 0.0, 0.0, 0.0};
+inline double dot_lanes(const T* a, const T* c, const double* b, int64_t len) {
+  double l[kLanes] = {};
   int64_t k = 0;
-  for (; k + 4 <= len; k += 4)
-    for (int q = 0; q < 4; ++q) l[q] += static_cast<double>(a[k + q]) * b[k + q];
-  for (int q = 0; k < len; ++k, ++q) l[q] += static_cast<double>(a[k]) * b[k];
-  return (l[0] + l[1]) + (l[2] + l[3]);
+  for (; k + kLanes <= len; k += kLanes)
+    for (int q = 0; q < kLanes; ++q) l[q] += static_cast<double>(c ? T(a[k + q] - c[k + q]) : a[k + q]) * b[k + q];
+  for (int q = 0; k < len; ++k, ++q) l[q] += static_cast<double>(c ? T(a[k] - c[k]) : a[k]) * b[k];
+  for (int h = kLanes / 2; h >= 1; h /= 2)
+    for (int q = 0; q < h; ++q) l[q] += l[q + h];
+  return l[0];
 }
 
 // Solves the (n+1)x(n+1) bordered system in place; alpha[j] = solution entry j + 1.
@@ -125,7 +129,6 @@ void anderson_step_kernel(const Tensor& X, const Tensor& F, const Tensor& GG, co
   std::vector<double> part(static_cast<size_t>(items * nv));
   for_range(items, grain, [&](int64_t i0, int64_t i1) {
     std::vector<double> rs(static_cast<size_t>(kChunk));
-    std::vector<T> rj(static_cast<size_t>(kChunk));
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t b = it / nc, d0 = (it % nc) * kChunk, len = std::max<int64_t>(0, std::min(D - d0, kChunk));
       const T* xr = xp + b * D + d0;
@@ -138,14 +141,10 @@ void anderson_step_kernel(const Tensor& X, const Tensor& F, const Tensor& GG, co
         rs[k] = static_cast<double>(static_cast<T>(fr[k] - xr[k]));
       }
       double* pv = part.data() + it * nv;
-      for (int64_t j = 0; j < n; ++j) {
-        const T* Xj = Xp + (b * m + j) * D + d0;
-        const T* Fj = Fp + (b * m + j) * D + d0;
-        for (int64_t k = 0; k < len; ++k) rj[k] = Fj[k] - Xj[k];
-        pv[j] = dot_lanes(rj.data(), rs.data(), len);
-      }
+      for (int64_t j = 0; j < n; ++j)
+        pv[j] = dot_lanes(Fp + (b * m + j) * D + d0, Xp + (b * m + j) * D + d0, rs.data(), len);
       for (int64_t k = 0; k < len; ++k) rs[k] = static_cast<double>(fr[k]);
-      pv[n] = dot_lanes(fr, rs.data(), len);
+      pv[n] = dot_lanes<T>(fr, nullptr, rs.data(), len);
     }
   });
 
