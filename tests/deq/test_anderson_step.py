@@ -116,6 +116,29 @@ def test_singular_system_takes_the_loops_fallback(device, backend, dtype):
 
 
 @pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_stays_in_its_sample(device, backend, dtype):
+    # f gives NaN for sample 0 at step 3: its residuals and Gram entries are NaN from then on
+    # and its iterate takes the fallback (NaN where f was); the other samples are untouched.
+    B, D, m = 3, 17, 4
+    g, _ = contraction(B, D, dtype=dtype, lip=0.7)
+    X, F, GG = _buffers(B, m, D, dtype)
+    x = torch.randn(B, D, dtype=dtype)
+    for i in range(7):
+        fx = g(x)
+        if i == 3:
+            fx[0, 5] = float("nan")
+        wx, wa, wr, wX, wF, wGG, _ = _expected(X.clone(), F.clone(), x, fx, i, 1e-4, 1.0)
+        x, a, r = op(X, F, GG, x, fx, i, 1e-4, 1.0, backend)
+        n = min(i + 1, m)
+        for got, want in [(x, wx), (a, wa), (r, wr), (GG[:, :n, :n], wGG), (F[:, :n], wF[:, :n])]:
+            assert_close(got, want, dtype, equal_nan=True)
+        if i >= 3:
+            assert a[0].isnan() and x[0].isnan().any()
+        assert torch.isfinite(x[1:]).all() and torch.isfinite(a[1:]).all()
+
+
+@pytest.mark.parametrize("device,backend", CASES)
 def test_reproduces_the_solver_loop(device, backend):
     # The loop run with the registered pieces and the iterates of the fused step: the
     # evaluations of f see the same iterates (bit for bit with the reference, which
