@@ -246,6 +246,27 @@ define_op(
 )
 
 
+def _fake_anderson_step(X, F, GG, x, fx, i, lam, tau, backend):
+    torch._check(X.dim() == 3 and F.shape == X.shape, lambda: "X and F must both be [B, m, D]")
+    B, m, D = X.shape
+    torch._check(GG.shape == (B, m, m), lambda: "GG must be [B, m, m]")
+    torch._check(x.shape == (B, D) and fx.shape == (B, D), lambda: "x and fx must both be [B, D]")
+    return x.new_empty((B, D)), x.new_empty((B,)), x.new_empty((B,))
+
+
+# The solver loop's fused Anderson step (ring-buffer writes, the Gram row, the
+# residual norms and the mix).  Defined without backward= on purpose: it is a
+# solver-loop kernel with no gradient (the loop runs under no_grad, and the
+# implicit backward is another solve with the same loop), like isect_tiles.
+define_op(
+    "anderson_step(Tensor(a!) X, Tensor(b!) F, Tensor(c!) GG, Tensor x, Tensor fx, int i, float lam, float tau) "
+    "-> (Tensor, Tensor, Tensor)",
+    fake=_fake_anderson_step,
+    reference=ref.anderson_step,
+    native=("cpp",),
+)
+
+
 def _fake_lowrank(U, V):
     torch._check(U.dim() == 3 and V.shape == U.shape, lambda: "U and V must both be [B, L, D]")
 
@@ -343,6 +364,7 @@ _LOOP_OPS = ("solver_record", "residual_norms", "anderson_mix", "broyden_matvec"
 _backend.register_function("solver_record", ops=("solver_record",))
 _backend.register_function("residual_norms", ops=("residual_norms",), grad_ops=("residual_norms_bwd",))
 _backend.register_function("anderson_mix", ops=("anderson_mix",), grad_ops=("anderson_mix_bwd",))
+_backend.register_function("anderson_step", ops=("anderson_step",))
 _backend.register_function("broyden_matvec", ops=("broyden_matvec",), grad_ops=("broyden_matvec_bwd",))
 _backend.register_function("broyden_update", ops=("broyden_update",), grad_ops=("broyden_update_bwd",))
 _backend.register_function("fixed_point_solve", ops=_LOOP_OPS)

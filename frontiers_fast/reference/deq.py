@@ -9,6 +9,7 @@ Tensor kernels (the pieces a GPU kernel will fuse; ``z`` flattened to [B, D]):
 
   residual_norms(fz, z) -> (abs, rel)                 [B], [B]
   anderson_mix(X, F, n, lam, tau) -> (x_next, alpha)  [B, D], [B, m]
+  anderson_step(X!, F!, GG!, x, fx, i, lam, tau) -> (x_next, abs, rel)  [B, D], [B], [B]
   broyden_matvec(U, V, x, n, transpose) -> y          [B, D]
   broyden_update(U, V, dx, dg, n) -> (u, v)           [B, D], [B, D]
   squared_norm(x) -> s                                0-dim (jacobian_regularizer's term)
@@ -92,6 +93,8 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
+from .._checks import check_int, check_real
+
 SOLVERS = ("anderson", "broyden", "picard")
 STOP_MODES = ("abs", "rel")
 REL_EPS = 1e-9
@@ -155,6 +158,70 @@ def anderson_mix(X: Tensor, F: Tensor, n: int, lam: float, tau: float) -> tuple[
         tau * torch.bmm(alpha.unsqueeze(1), Fn)[:, 0] + (1 - tau) * torch.bmm(alpha.unsqueeze(1), Xn)[:, 0]
     )
     return mixed, torch.nn.functional.pad(alpha, (0, m - n))
+
+
+def anderson_step(
+    X: Tensor, F: Tensor, GG: Tensor, x: Tensor, fx: Tensor, i: int, lam: float, tau: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Loop iteration ``i`` of Anderson acceleration in one call: store, Gram row, residuals, mix.
+
+    The Anderson loop's work between two evaluations of ``f``, on the
+    state it keeps: the ring buffers ``X``, ``F`` and the Gram matrix ``GG``
+    of their residual rows ``R_j = F_j - X_j``, which is updated one row at a
+    time instead of being rebuilt (O(m D) per sample rather than O(m^2 D)).
+    With ``m = X.shape[1]`` (the caller sizes the buffers, ``min(m, max_iter)``
+    slots in the loop), ``s = i % m`` and ``n = min(i + 1, m)`` valid slots:
+
+    1. ``X[:, s] = x``, ``F[:, s] = fx``;
+    2. ``GG[:, s, j] = GG[:, j, s] = <R_s, R_j>`` for ``j < n`` (entries of
+       slots ``>= n`` are neither read nor written);
+    3. ``abs, rel = residual_norms(fx, x)``;
+    4. the iterate of loop iteration ``i + 1``: ``fx`` itself (a copy) for
+       ``i = 0`` (the loop's Picard warm-up), else :func:`anderson_mix` of
+       the ``n`` valid slots, and where that is not finite for a sample (a
+       singular bordered system) the damped step ``tau F[:, s] + (1 - tau)
+       X[:, s]`` from the newest slot.  For ``m = 1`` and ``i >= 1`` this is
+       the mix with the single weight 1, i.e. the damped step, as in the loop.
+
+    ``X``, ``F`` and ``GG`` are written in place.  No gradient: this is a
+    solver-loop kernel (the loop runs without a graph, and the implicit
+    backward is another solve of the same loop).
+
+    Args:
+        X, F: [B, m, D] ring buffers of iterates and their images.
+        GG: [B, m, m] the Gram matrix of the valid residual rows.
+        x, fx: [B, D] the iterate of loop iteration ``i`` and ``f(x)``.
+        i: the 0-based loop iteration (>= 0); lam: >= 0; tau: > 0.
+
+    Returns:
+        ``x_next`` [B, D], ``abs`` [B], ``rel`` [B].
+
+    Example::
+
+        >>> B, m, D = 2, 3, 8
+        >>> X, F, GG = torch.zeros(B, m, D), torch.zeros(B, m, D), torch.zeros(B, m, m)
+        >>> x = torch.randn(B, D)
+        >>> for i in range(5):
+        ...     x, a, r = anderson_step(X, F, GG, x, torch.tanh(0.5 * x + 1), i, 1e-4, 1.0)
+    """
+    i = check_int("i", i, 0)
+    lam = check_real("lam", lam, 0.0)
+    tau = check_real("tau", tau, 0.0, strict=True)
+    m = X.shape[1]
+    s, n = i % m, min(i + 1, m)
+    X[:, s], F[:, s] = x, fx
+    R = F[:, :n] - X[:, :n]
+    row = torch.bmm(R, R[:, s].unsqueeze(2))[:, :, 0]  # [B, n]
+    GG[:, s, :n] = row
+    GG[:, :n, s] = row
+    a, r = residual_norms(fx, x)
+    if i == 0:
+        return fx.clone(), a, r
+    # The loop's own arithmetic for the next iterate (_anderson), so that it
+    # and this step give the same iterates bit for bit.
+    mixed, _ = anderson_mix(X, F, n, lam, tau)
+    ok = torch.isfinite(mixed).all(1, keepdim=True)
+    return torch.where(ok, mixed, tau * F[:, s] + (1 - tau) * X[:, s]), a, r
 
 
 def broyden_matvec(U: Tensor, V: Tensor, x: Tensor, n: int, transpose: bool) -> Tensor:
@@ -592,6 +659,7 @@ __all__ = [
     "STOP_MODES",
     "residual_norms",
     "anderson_mix",
+    "anderson_step",
     "broyden_matvec",
     "broyden_update",
     "squared_norm",
