@@ -261,7 +261,7 @@ def anderson_step(X, F, GG, x, fx, i, lam, tau):
     acc = acc_type(x.dtype)
     _anderson_store_kernel[(B,)](X, F, GG, x, fx, out_abs, out_rel, s, n, m, D, REL_EPS=REL_EPS, ACC=acc, MB=MB,
                                  BLOCK=block)  # fmt: skip
-    if n == 1:
+    if i == 0:  # the first step is a plain one, x1 = f(x0) (with m = 1 later steps still mix, with damping)
         return fx.clone(), out_abs, out_rel
     # The bordered (n+1) x (n+1) systems [[0, 1^T], [1, GG_n + lam I]] [mu; alpha] = [1; 0], batched.
     H = X.new_zeros((B, n + 1, n + 1))

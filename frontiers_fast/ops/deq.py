@@ -263,6 +263,7 @@ define_op(
     "-> (Tensor, Tensor, Tensor)",
     fake=_fake_anderson_step,
     reference=ref.anderson_step,
+    triton="frontiers_fast.kernels.deq:anderson_step",
     native=("cpp",),
 )
 
@@ -359,7 +360,7 @@ define_op(
 )
 
 # The solver loop runs these; it needs no backward op (it runs without a graph).
-_LOOP_OPS = ("solver_record", "residual_norms", "anderson_mix", "broyden_matvec", "broyden_update")
+_LOOP_OPS = ("solver_record", "residual_norms", "anderson_step", "broyden_matvec", "broyden_update")
 
 _backend.register_function("solver_record", ops=("solver_record",))
 _backend.register_function("residual_norms", ops=("residual_norms",), grad_ops=("residual_norms_bwd",))

@@ -285,6 +285,7 @@ def squared_norm(x: Tensor) -> Tensor:
 
 
 KERNELS = SimpleNamespace(
+    anderson_step=anderson_step,
     residual_norms=residual_norms,
     anderson_mix=anderson_mix,
     broyden_matvec=broyden_matvec,
@@ -428,26 +429,17 @@ def _anderson(f, z, t: _Tracker, k, max_iter, m, lam, tau):
     m = min(m, max_iter)
     X = z.new_zeros((B, m, D))
     F = z.new_zeros((B, m, D))
+    GG = z.new_zeros((B, m, m))  # the Gram matrix of the stored residuals, one new row and column a step
     x = z
     for i in range(max_iter):
-        if i == 1:
-            # A copy: with m = 1 the slot it comes from is overwritten below.
-            x = t.keep_frozen(F[:, 0].clone(), t.best)
-        elif i >= 2:
-            mixed, _ = k.anderson_mix(X, F, min(i, m), lam, tau)
-            # A singular bordered system (lam = 0, or lost to rounding, with repeated
-            # iterates) gives NaN weights; without this the sample would stay NaN for the
-            # rest of the solve.  Those samples take a damped step from the newest slot.
-            newest = (i - 1) % m
-            ok = torch.isfinite(mixed).all(1, keepdim=True)
-            mixed = torch.where(ok, mixed, tau * F[:, newest] + (1 - tau) * X[:, newest])
-            x = t.keep_frozen(mixed, t.best)
         fx = f(x)
-        X[:, i % m], F[:, i % m] = x, fx
-        a, r = k.residual_norms(fx, x)
+        # One fused step: the ring slot, the Gram row, the residual norms and the next iterate
+        # (x1 = f(x0), then the Anderson mix, or the damped step where it is not finite).
+        x_next, a, r = k.anderson_step(X, F, GG, x.contiguous(), fx.contiguous(), i, lam, tau)
         t.record(i + 1, fx, a, r)
         if t.done(i + 1):
             break
+        x = t.keep_frozen(x_next, t.best)
 
 
 def _picard(f, z, t: _Tracker, k, max_iter, tau):

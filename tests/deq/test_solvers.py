@@ -177,11 +177,11 @@ def test_anderson_buffer_is_capped_at_max_iter():
     z0 = torch.randn(2, 6, dtype=torch.float64)
     seen = []
 
-    def mix(X, F, n, lam, tau):
+    def step(X, F, GG, x, fx, i, lam, tau):
         seen.append(X.shape[1])
-        return ref.anderson_mix(X, F, n, lam, tau)
+        return ref.anderson_step(X, F, GG, x, fx, i, lam, tau)
 
-    kernels = SimpleNamespace(**{**vars(ref.KERNELS), "anderson_mix": mix})
+    kernels = SimpleNamespace(**{**vars(ref.KERNELS), "anderson_step": step})
     opts = dict(solver="anderson", max_iter=5, tol=0.0, stop_mode="abs", lam=1e-4, tau=1.0)
     z, info = ref.solve_loop(f, z0, m=10, kernels=kernels, **opts)
     assert seen and set(seen) == {5}
