@@ -29,9 +29,8 @@ BLOCK_D = 1024
 
 
 @triton.jit
-def _residual_norms_kernel(fz_ptr, z_ptr, abs_ptr, rel_ptr, D, REL_EPS: tl.constexpr, ACC: tl.constexpr,
-                           BLOCK: tl.constexpr):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
+def _norms(fz_ptr, z_ptr, b, D, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """(||fz[b] - z[b]||, ||fz[b]||), the sums of squares over D in blocks, in a fixed order."""
     acc_r = tl.zeros((BLOCK,), ACC)
     acc_f = tl.zeros((BLOCK,), ACC)
     for d0 in range(0, D, BLOCK):
@@ -42,8 +41,14 @@ def _residual_norms_kernel(fz_ptr, z_ptr, abs_ptr, rel_ptr, D, REL_EPS: tl.const
         r = f - z
         acc_r += r * r
         acc_f += f * f
-    a = tl.sqrt(tl.sum(acc_r, 0))
-    s = tl.sqrt(tl.sum(acc_f, 0))
+    return tl.sqrt(tl.sum(acc_r, 0)), tl.sqrt(tl.sum(acc_f, 0))
+
+
+@triton.jit
+def _residual_norms_kernel(fz_ptr, z_ptr, abs_ptr, rel_ptr, D, REL_EPS: tl.constexpr, ACC: tl.constexpr,
+                           BLOCK: tl.constexpr):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    a, s = _norms(fz_ptr, z_ptr, b, D, ACC, BLOCK)
     tl.store(abs_ptr + b, a.to(abs_ptr.dtype.element_ty))
     tl.store(rel_ptr + b, (a / (s + REL_EPS)).to(rel_ptr.dtype.element_ty))
 
@@ -67,18 +72,7 @@ def residual_norms(fz, z):
 def _residual_norms_bwd_kernel(fz_ptr, z_ptr, ga_ptr, gr_ptr, gfz_ptr, gz_ptr, D, REL_EPS: tl.constexpr,
                                ACC: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
-    acc_r = tl.zeros((BLOCK,), ACC)
-    acc_f = tl.zeros((BLOCK,), ACC)
-    for d0 in range(0, D, BLOCK):
-        d = d0 + tl.arange(0, BLOCK)
-        m = d < D
-        f = tl.load(fz_ptr + b * D + d, mask=m, other=0.0).to(ACC)
-        z = tl.load(z_ptr + b * D + d, mask=m, other=0.0).to(ACC)
-        r = f - z
-        acc_r += r * r
-        acc_f += f * f
-    a = tl.sqrt(tl.sum(acc_r, 0))
-    s = tl.sqrt(tl.sum(acc_f, 0))
+    a, s = _norms(fz_ptr, z_ptr, b, D, ACC, BLOCK)
     den = s + REL_EPS
     g_abs = tl.load(ga_ptr + b).to(ACC)
     g_rel = tl.load(gr_ptr + b).to(ACC)

@@ -52,6 +52,15 @@ def _reference_64(cell, x, z0, seed):
     return z64, [zg.detach(), *torch.autograd.grad(zg, [c64.w1, c64.w2, x64], seed.double())]
 
 
+def _torchdeq_layer(torchdeq, solver):
+    """torchdeq's DEQ layer with our settings and the same forward and backward solver."""
+    return torchdeq.get_deq(
+        core="indexing", ift=True, f_solver=solver, b_solver=solver, f_max_iter=SETTINGS["max_iter"],
+        f_tol=SETTINGS["tol"], f_stop_mode=SETTINGS["stop_mode"], b_max_iter=B_SETTINGS["b_max_iter"],
+        b_tol=B_SETTINGS["b_tol"],
+    )  # fmt: skip
+
+
 def run(bench, out_dir=None):
     device, quick = bench.device, bench.quick
     torchdeq = peer("torchdeq")
@@ -108,11 +117,7 @@ def run(bench, out_dir=None):
 
         case.run("frontiers_fast[reference]", ours_bwd)
         if torchdeq is not None:
-            layer = torchdeq.get_deq(
-                core="indexing", ift=True, f_solver=solver, b_solver=solver, f_max_iter=SETTINGS["max_iter"],
-                f_tol=SETTINGS["tol"], f_stop_mode=SETTINGS["stop_mode"], b_max_iter=B_SETTINGS["b_max_iter"],
-                b_tol=B_SETTINGS["b_tol"],
-            )  # fmt: skip
+            layer = _torchdeq_layer(torchdeq, solver)
 
             def theirs_bwd(layer=layer):
                 z = layer(fg, z0)[0][-1]
@@ -235,11 +240,7 @@ def _targets(bench, get_solver, torchdeq, quick):
         fg = lambda z: mlp(z, x)
         params = [mlp.w1, mlp.w2, x]
         for solver in ("anderson", "broyden"):
-            layer = torchdeq.get_deq(
-                core="indexing", ift=True, f_solver=solver, b_solver=solver, f_max_iter=SETTINGS["max_iter"],
-                f_tol=SETTINGS["tol"], f_stop_mode=SETTINGS["stop_mode"], b_max_iter=B_SETTINGS["b_max_iter"],
-                b_tol=B_SETTINGS["b_tol"],
-            )  # fmt: skip
+            layer = _torchdeq_layer(torchdeq, solver)
 
             def ours_layer(solver=solver):
                 z, _ = ops.deq(fg, z0, solver=solver, b_solver=solver, **SETTINGS, **B_SETTINGS)
