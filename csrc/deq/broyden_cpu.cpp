@@ -126,10 +126,21 @@ inline double hsum(D8 v) {
   return t[0];
 }
 
+// Four accumulators (vector k goes to k % 4, then ((0 + 1) + (2 + 3))): a fixed order, and four
+// independent chains of adds rather than one.
 inline double dot_chunk(const D8* x, const D8* y, int nv) {
-  D8 acc = {};
-  for (int k = 0; k < nv; ++k) acc += x[k] * y[k];
-  return hsum(acc);
+  D8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  int k = 0;
+  for (; k + 4 <= nv; k += 4) {
+    a0 += x[k] * y[k];
+    a1 += x[k + 1] * y[k + 1];
+    a2 += x[k + 2] * y[k + 2];
+    a3 += x[k + 3] * y[k + 3];
+  }
+  if (k < nv) a0 += x[k] * y[k];
+  if (k + 1 < nv) a1 += x[k + 1] * y[k + 1];
+  if (k + 2 < nv) a2 += x[k + 2] * y[k + 2];
+  return hsum((a0 + a1) + (a2 + a3));
 }
 
 inline int64_t num_chunks(int64_t D) { return (D + kChunk - 1) / kChunk; }
@@ -346,14 +357,14 @@ void squared_norms(const T* fz, const T* z, int64_t B, int64_t D, double* sq) {
       const int64_t b = i / nch, d0 = (i % nch) * kChunk, m = std::min(kChunk, D - d0);
       const T* f = fz + b * D + d0;
       const T* x = z + b * D + d0;
-      D8 rr = {}, ff = {};
-      for (int k = 0; k < (m + kLanes - 1) / kLanes; ++k) {
-        const D8 fv = vec_at(f, k, m), r = fv - vec_at(x, k, m);
-        rr += r * r;
-        ff += fv * fv;
+      D8 fv[kChunkVecs], rv[kChunkVecs];
+      const int nv = int((m + kLanes - 1) / kLanes);
+      for (int k = 0; k < nv; ++k) {
+        fv[k] = vec_at(f, k, m);
+        rv[k] = fv[k] - vec_at(x, k, m);
       }
-      p[2 * i] = hsum(rr);
-      p[2 * i + 1] = hsum(ff);
+      p[2 * i] = dot_chunk(rv, rv, nv);
+      p[2 * i + 1] = dot_chunk(fv, fv, nv);
     }
   });
   for (int64_t b = 0; b < B; ++b) {
