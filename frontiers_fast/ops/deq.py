@@ -162,6 +162,7 @@ define_op(
     "residual_norms_bwd(Tensor fz, Tensor z, Tensor grad_abs, Tensor grad_rel) -> (Tensor, Tensor)",
     fake=lambda fz, z, ga, gr, backend: (torch.empty_like(fz), torch.empty_like(z)),
     reference=_ref_residual_norms_bwd,
+    native=("cpp",),
 )
 define_op(
     "anderson_mix_bwd(Tensor X, Tensor F, int n, float lam, float tau, Tensor alpha, Tensor grad_x, "
@@ -212,6 +213,7 @@ define_op(
     "residual_norms(Tensor fz, Tensor z) -> (Tensor, Tensor)",
     fake=_fake_residual_norms,
     reference=ref.residual_norms,
+    native=("cpp",),
     backward=_residual_norms_backward,
     setup_context=_residual_norms_setup,
 )
@@ -327,6 +329,28 @@ define_op(
 )
 
 
+def _fake_broyden_step(U, V, dx, dg, gx, n, slot, n_after, backend):
+    _fake_lowrank(U, V)
+    torch._check(
+        dx.shape == dg.shape == gx.shape == (U.shape[0], U.shape[2]), lambda: "dx, dg, gx must be [B, D]"
+    )
+    torch._check(0 <= n <= U.shape[1], lambda: "n must be in [0, L]")
+    torch._check(1 <= n_after <= U.shape[1], lambda: "n_after must be in [1, L]")
+    torch._check(0 <= slot < n_after, lambda: "slot must be in [0, n_after)")
+    return torch.empty_like(gx)
+
+
+# The solver loop's fused step (broyden_update, the write of row slot, broyden_matvec): a kernel
+# of the loop, which runs under no_grad, so it has no autograd (U and V are written in place).
+define_op(
+    "broyden_step(Tensor(a!) U, Tensor(b!) V, Tensor dx, Tensor dg, Tensor gx, int n, int slot, int n_after) "
+    "-> Tensor",
+    fake=_fake_broyden_step,
+    reference=ref.broyden_step,
+    native=("cpp",),
+)
+
+
 def _squared_norm_setup(ctx, a, output):
     ctx.save_for_backward(a.x)
 
@@ -368,6 +392,7 @@ _backend.register_function("anderson_mix", ops=("anderson_mix",), grad_ops=("and
 _backend.register_function("anderson_step", ops=("anderson_step",))
 _backend.register_function("broyden_matvec", ops=("broyden_matvec",), grad_ops=("broyden_matvec_bwd",))
 _backend.register_function("broyden_update", ops=("broyden_update",), grad_ops=("broyden_update_bwd",))
+_backend.register_function("broyden_step", ops=("broyden_step",))
 _backend.register_function("fixed_point_solve", ops=_LOOP_OPS)
 # The implicit backward's adjoint solve is the same loop; the phantom gradient is autograd of f.
 _backend.register_function("deq", ops=_LOOP_OPS)

@@ -274,6 +274,49 @@ def broyden_update(U: Tensor, V: Tensor, dx: Tensor, dg: Tensor, n: int) -> tupl
     return torch.where(torch.isfinite(u), u, 0.0), torch.where(torch.isfinite(v), v, 0.0)
 
 
+def check_broyden_step_rows(L: int, n: int, slot: int, n_after: int) -> None:
+    """The row ranges of :func:`broyden_step`: ValueError naming the argument (the C++ kernel says the same)."""
+    if not 0 <= n <= L:
+        raise ValueError(f"broyden_step: n must be in [0, L={L}], got {n}")
+    if not 1 <= n_after <= L:
+        raise ValueError(f"broyden_step: n_after must be in [1, L={L}], got {n_after}")
+    if not 0 <= slot < n_after:
+        raise ValueError(f"broyden_step: slot must be in [0, n_after={n_after}), got {slot}")
+
+
+def broyden_step(
+    U: Tensor, V: Tensor, dx: Tensor, dg: Tensor, gx: Tensor, n: int, slot: int, n_after: int
+) -> Tensor:
+    """One Broyden step: the new rank-one term, stored in place, then the next update.
+
+    Exactly ``u, v = broyden_update(U, V, dx, dg, n)``, then ``U[:, slot] = u``,
+    ``V[:, slot] = v``, then ``-broyden_matvec(U, V, gx, n_after, False)`` with
+    the rows written.  The solver loop passes ``n`` = terms in use before the
+    step, ``slot`` = the row the new term goes to, ``n_after`` = terms in use
+    after it; when the ring is full ``slot`` lies among the first ``n`` rows
+    and the loop zeroes it first (so the old term adds nothing to ``(u, v)``;
+    a row that is not zeroed is read as it is, then overwritten).
+
+    Args:
+        U, V: [B, L, D], modified in place (row ``slot``).
+        dx, dg, gx: [B, D] step, change of residual, current residual.
+        n: rows in use for the term, in [0, L]; slot: in [0, n_after);
+        n_after: rows in use for the update, in [1, L].
+
+    Returns:
+        ``update`` [B, D] (the next step is ``x + update``).
+
+    Example::
+
+        >>> U, V = torch.zeros(2, 4, 8), torch.zeros(2, 4, 8)
+        >>> upd = broyden_step(U, V, torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 8), 0, 0, 1)
+    """
+    check_broyden_step_rows(U.shape[1], n, slot, n_after)
+    u, v = broyden_update(U, V, dx, dg, n)
+    U[:, slot], V[:, slot] = u, v
+    return -broyden_matvec(U, V, gx, n_after, False)
+
+
 def squared_norm(x: Tensor) -> Tensor:
     """``||x||^2`` over every element: one probe's term ``||v^T J||^2`` of the Hutchinson estimate.
 
