@@ -276,46 +276,66 @@ def anderson_step(X, F, GG, x, fx, i, lam, tau):
 # ---------------------------------------------------------------------------
 # Broyden: the rank-one update and the next step, fused per sample
 # ---------------------------------------------------------------------------
+# The tiles are [RB rows, BLOCK columns] with BLOCK set by D alone and the rows taken RB at a time up
+# to the rows in use, so the order of every sum depends on D and on the rows in use, never on L: a
+# ring of L rows gives the full-memory solver's bits until it wraps, and a large max_iter does not
+# widen the tile.
+_BROYDEN_RB = 16
+
+
 @triton.jit
-def _rows_dot(M_ptr, b, L, D, v_ptr, nrows, ACC: tl.constexpr, LB: tl.constexpr, BLOCK: tl.constexpr):
-    """[LB]: M[b, l] . v[b] for l < nrows (0 past them)."""
-    l = tl.arange(0, LB)
-    lm = l < nrows
-    acc = tl.zeros((LB,), ACC)
-    for d0 in range(0, D, BLOCK):
-        d = d0 + tl.arange(0, BLOCK)
-        dm = d < D
-        v = tl.load(v_ptr + b * D + d, mask=dm, other=0.0).to(ACC)
+def _rows_dot(M_ptr, b, L, D, v_ptr, nrows, C_ptr, ACC: tl.constexpr, RB: tl.constexpr, BLOCK: tl.constexpr):
+    """C[b, l] = M[b, l] . v[b] for l < nrows."""
+    for r0 in range(0, nrows, RB):
+        l = r0 + tl.arange(0, RB)
+        lm = l < nrows
+        acc = tl.zeros((RB,), ACC)
+        for d0 in range(0, D, BLOCK):
+            d = d0 + tl.arange(0, BLOCK)
+            dm = d < D
+            v = tl.load(v_ptr + b * D + d, mask=dm, other=0.0).to(ACC)
+            rows = tl.load(
+                M_ptr + (b * L + l[:, None]) * D + d[None, :], mask=lm[:, None] & dm[None, :], other=0.0
+            )
+            acc += tl.sum(rows.to(ACC) * v[None, :], 1)
+        tl.store(C_ptr + b * L + l, acc, mask=lm)
+
+
+@triton.jit
+def _rows_combine(
+    M_ptr, b, L, D, d, dm, C_ptr, nrows, ACC: tl.constexpr, RB: tl.constexpr, BLOCK: tl.constexpr
+):
+    """[BLOCK]: sum over l < nrows of C[b, l] M[b, l, d], RB rows at a time."""
+    out = tl.zeros((BLOCK,), ACC)
+    for r0 in range(0, nrows, RB):
+        l = r0 + tl.arange(0, RB)
+        lm = l < nrows
+        c = tl.load(C_ptr + b * L + l, mask=lm, other=0.0)
         rows = tl.load(
             M_ptr + (b * L + l[:, None]) * D + d[None, :], mask=lm[:, None] & dm[None, :], other=0.0
         )
-        acc += tl.sum(rows.to(ACC) * v[None, :], 1)
-    return acc
+        out += tl.sum(rows.to(ACC) * c[:, None], 0)
+    return out
 
 
 @triton.jit
-def _broyden_step_kernel(U_ptr, V_ptr, dx_ptr, dg_ptr, gx_ptr, out_ptr, L, D, n, slot, n_after,
-                         ACC: tl.constexpr, LB: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+def _broyden_step_kernel(U_ptr, V_ptr, dx_ptr, dg_ptr, gx_ptr, out_ptr, C1_ptr, C2_ptr, L, D, n, slot, n_after,
+                         ACC: tl.constexpr, RB: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """Program b.  With Jinv = -I + U^T V over rows [0, n): v = Jinv^T dx, w = Jinv dg,
     u = (dx - w) / (v . dg), non-finite entries of u and v set to 0, stored as row ``slot``; then
-    out = -Jinv' gx over rows [0, n_after) = gx - U^T (V gx)."""
+    out = -Jinv' gx over rows [0, n_after) = gx - U^T (V gx).  C1 and C2 [B, L]: the coefficients."""
     b = tl.program_id(0).to(tl.int64)
-    l = tl.arange(0, LB)
-    lm = l < n
-    c1 = _rows_dot(U_ptr, b, L, D, dx_ptr, n, ACC, LB, BLOCK)  # U dx
-    c2 = _rows_dot(V_ptr, b, L, D, dg_ptr, n, ACC, LB, BLOCK)  # V dg
-    # pass 2: v and w blockwise; v . dg.  v goes to V[slot] now, w to U[slot] (both rewritten below).
+    _rows_dot(U_ptr, b, L, D, dx_ptr, n, C1_ptr, ACC, RB, BLOCK)  # U dx
+    _rows_dot(V_ptr, b, L, D, dg_ptr, n, C2_ptr, ACC, RB, BLOCK)  # V dg
+    # pass 2: v and w blockwise; v . dg.  v goes to V[slot] now, w to out (both rewritten below).
     den = tl.zeros((BLOCK,), ACC)
     for d0 in range(0, D, BLOCK):
         d = d0 + tl.arange(0, BLOCK)
         dm = d < D
-        tm = lm[:, None] & dm[None, :]
-        Vr = tl.load(V_ptr + (b * L + l[:, None]) * D + d[None, :], mask=tm, other=0.0).to(ACC)
-        Ur = tl.load(U_ptr + (b * L + l[:, None]) * D + d[None, :], mask=tm, other=0.0).to(ACC)
         dxv = tl.load(dx_ptr + b * D + d, mask=dm, other=0.0).to(ACC)
         dgv = tl.load(dg_ptr + b * D + d, mask=dm, other=0.0).to(ACC)
-        v = -dxv + tl.sum(Vr * c1[:, None], 0)
-        w = -dgv + tl.sum(Ur * c2[:, None], 0)
+        v = -dxv + _rows_combine(V_ptr, b, L, D, d, dm, C1_ptr, n, ACC, RB, BLOCK)
+        w = -dgv + _rows_combine(U_ptr, b, L, D, d, dm, C2_ptr, n, ACC, RB, BLOCK)
         den += tl.where(dm, v * dgv, 0.0)
         tl.store(out_ptr + b * D + d, w.to(out_ptr.dtype.element_ty), mask=dm)  # w, for pass 3
         tl.store(V_ptr + (b * L + slot) * D + d, v.to(V_ptr.dtype.element_ty), mask=dm)
@@ -332,15 +352,13 @@ def _broyden_step_kernel(U_ptr, V_ptr, dx_ptr, dg_ptr, gx_ptr, out_ptr, L, D, n,
         v = tl.where(tl.abs(v) < float("inf"), v, 0.0)
         tl.store(U_ptr + (b * L + slot) * D + d, u.to(U_ptr.dtype.element_ty), mask=dm)
         tl.store(V_ptr + (b * L + slot) * D + d, v.to(V_ptr.dtype.element_ty), mask=dm)
-    # passes 4 and 5: c3 = V gx over the rows now in use, out = gx - U^T c3
-    c3 = _rows_dot(V_ptr, b, L, D, gx_ptr, n_after, ACC, LB, BLOCK)
-    la = l < n_after
+    # passes 4 and 5: C1 = V gx over the rows now in use, out = gx - U^T C1
+    _rows_dot(V_ptr, b, L, D, gx_ptr, n_after, C1_ptr, ACC, RB, BLOCK)
     for d0 in range(0, D, BLOCK):
         d = d0 + tl.arange(0, BLOCK)
         dm = d < D
-        Ur = tl.load(U_ptr + (b * L + l[:, None]) * D + d[None, :], mask=la[:, None] & dm[None, :], other=0.0)
         gxv = tl.load(gx_ptr + b * D + d, mask=dm, other=0.0).to(ACC)
-        y = gxv - tl.sum(Ur.to(ACC) * c3[:, None], 0)
+        y = gxv - _rows_combine(U_ptr, b, L, D, d, dm, C1_ptr, n_after, ACC, RB, BLOCK)
         tl.store(out_ptr + b * D + d, y.to(out_ptr.dtype.element_ty), mask=dm)
 
 
@@ -350,6 +368,13 @@ def broyden_step(U, V, dx, dg, gx, n, slot, n_after):
     out = torch.empty_like(gx)
     if B == 0:
         return out
+    wide = torch.float64 if U.dtype == torch.float64 else torch.float32  # acc_type's torch twin
+    c1 = torch.empty((B, L), dtype=wide, device=U.device)
+    c2 = torch.empty((B, L), dtype=wide, device=U.device)
+    RB = _BROYDEN_RB
+    _broyden_step_kernel[(B,)](U, V, dx.contiguous(), dg.contiguous(), gx.contiguous(), out, c1, c2, L, D, n, slot,
+                               n_after, ACC=acc_type(U.dtype), RB=RB, BLOCK=_d_block(D, RB))  # fmt: skip
+    return out
     LB = triton.next_power_of_2(L)
     _broyden_step_kernel[(B,)](U, V, dx.contiguous(), dg.contiguous(), gx.contiguous(), out, L, D, n, slot, n_after,
                                ACC=acc_type(U.dtype), LB=LB, BLOCK=_d_block(D, LB))  # fmt: skip

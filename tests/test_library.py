@@ -117,8 +117,10 @@ def test_cuda_on_a_function_without_a_cuda_kernel_raises():
     with pytest.raises(NotImplementedError, match=r"frontiers_fast\.spmm: backend 'cuda'.*for its backward"):
         ff.spmm(g, x, w, backend="cuda")
     # a function with no C++ kernel yet (the fixed-point updates)
-    with pytest.raises(NotImplementedError, match=r"residual_norms.*'cpp' is not implemented.*reference"):
-        deq_ops.residual_norms(torch.zeros(2, 3), torch.zeros(2, 3), backend="cpp")
+    with pytest.raises(NotImplementedError, match=r"broyden_matvec.*'cpp' is not implemented.*reference"):
+        deq_ops.broyden_matvec(
+            torch.zeros(2, 4, 3), torch.zeros(2, 4, 3), torch.zeros(2, 3), 0, backend="cpp"
+        )
     # the scan's CUDA kernel is a forward only
     u = torch.randn(1, 2, 3, requires_grad=True)
     with pytest.raises(NotImplementedError, match=r"selective_scan: backend 'cuda'.*for its backward"):
@@ -129,8 +131,8 @@ def test_cuda_on_a_function_without_a_cuda_kernel_raises():
 
 def test_a_process_wide_force_is_a_force(monkeypatch):
     monkeypatch.setenv("FRONTIERS_FAST_BACKEND", "cpp")
-    with pytest.raises(NotImplementedError, match="residual_norms"):
-        deq_ops.residual_norms(torch.zeros(2, 3), torch.zeros(2, 3))
+    with pytest.raises(NotImplementedError, match="broyden_matvec"):
+        deq_ops.broyden_matvec(torch.zeros(2, 4, 3), torch.zeros(2, 4, 3), torch.zeros(2, 3), 0)
 
 
 def test_direct_op_calls_are_checked():

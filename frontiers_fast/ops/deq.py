@@ -162,6 +162,7 @@ define_op(
     "residual_norms_bwd(Tensor fz, Tensor z, Tensor grad_abs, Tensor grad_rel) -> (Tensor, Tensor)",
     fake=lambda fz, z, ga, gr, backend: (torch.empty_like(fz), torch.empty_like(z)),
     reference=_ref_residual_norms_bwd,
+    triton="frontiers_fast.kernels.deq:residual_norms_bwd",
     native=("cpp",),
 )
 define_op(
@@ -213,6 +214,7 @@ define_op(
     "residual_norms(Tensor fz, Tensor z) -> (Tensor, Tensor)",
     fake=_fake_residual_norms,
     reference=ref.residual_norms,
+    triton="frontiers_fast.kernels.deq:residual_norms",
     native=("cpp",),
     backward=_residual_norms_backward,
     setup_context=_residual_norms_setup,
@@ -347,6 +349,7 @@ define_op(
     "-> Tensor",
     fake=_fake_broyden_step,
     reference=ref.broyden_step,
+    triton="frontiers_fast.kernels.deq:broyden_step",
     native=("cpp",),
 )
 
@@ -384,7 +387,7 @@ define_op(
 )
 
 # The solver loop runs these; it needs no backward op (it runs without a graph).
-_LOOP_OPS = ("solver_record", "residual_norms", "anderson_step", "broyden_matvec", "broyden_update")
+_LOOP_OPS = ("solver_record", "residual_norms", "anderson_step", "broyden_step")
 
 _backend.register_function("solver_record", ops=("solver_record",))
 _backend.register_function("residual_norms", ops=("residual_norms",), grad_ops=("residual_norms_bwd",))

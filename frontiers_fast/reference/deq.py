@@ -333,6 +333,7 @@ KERNELS = SimpleNamespace(
     anderson_mix=anderson_mix,
     broyden_matvec=broyden_matvec,
     broyden_update=broyden_update,
+    broyden_step=broyden_step,
 )
 
 
@@ -526,9 +527,8 @@ def _broyden(f, z, t: _Tracker, k, max_iter, memory=None):
         if step - 1 >= L:
             # The ring is full: the oldest term (in this slot) is dropped first; a zero row adds nothing.
             U[:, slot], V[:, slot] = 0, 0
-        u, v = k.broyden_update(U, V, dx, dg, min(step - 1, L))
-        U[:, slot], V[:, slot] = u, v
-        update = -k.broyden_matvec(U, V, gx, min(step, L), False)
+        # One fused step: the new rank-one term (written to row slot), then the next update.
+        update = k.broyden_step(U, V, dx, dg, gx, min(step - 1, L), slot, min(step, L))
 
 
 def solve_loop(

@@ -132,6 +132,8 @@ def test_kernel_wrappers():
     with pytest.raises(ValueError, match="z is on meta"):
         ops.residual_norms(x, x.to("meta"))
     with pytest.raises(NotImplementedError, match="triton"):
+        ops.broyden_matvec(U, V, x, 1, backend="triton")
+    with pytest.raises(ValueError, match="'triton' runs on CUDA tensors"):
         ops.residual_norms(x, x, backend="triton")
 
 

@@ -114,7 +114,7 @@ CASES = [
     ("fps-tau-neg", lambda: ops.fixed_point_solve(f_ok, t(2, 3), tau=-0.5), ValueError, "tau must be >"),
     ("fps-option", lambda: ops.fixed_point_solve(f_ok, t(2, 3), f_tol=1e-3), TypeError, "f_tol"),
     ("fps-backend", lambda: ops.fixed_point_solve(f_ok, t(2, 3), backend="gpu"), ValueError, "backend must be one of"),
-    ("fps-backend-cpp", lambda: ops.fixed_point_solve(f_ok, t(2, 3), backend="cpp"), NotImplementedError, "fixed_point_solve: backend 'cpp'"),
+    ("fps-backend-cuda", lambda: ops.fixed_point_solve(f_ok, t(2, 3), backend="cuda"), NotImplementedError, "fixed_point_solve: backend 'cuda'"),
     ("ref-fps-solver", lambda: ref.fixed_point_solve(f_ok, t(2, 3), solver="Picard"), ValueError, "solver must be one of"),
     ("ref-fps-tol", lambda: ref.fixed_point_solve(f_ok, t(2, 3), tol=NAN), ValueError, "tol must be"),
     # deq
@@ -130,7 +130,7 @@ CASES = [
     ("deq-pg-steps", lambda: ff.deq(f_ok, t(2, 3), pg_steps=0), ValueError, "pg_steps must be >= 1"),
     ("deq-pg-tau-nan", lambda: ff.deq(f_ok, t(2, 3), pg_tau=NAN), ValueError, "pg_tau must be finite"),
     ("deq-option", lambda: ff.deq(f_ok, t(2, 3), indexing=[1]), TypeError, "indexing"),
-    ("deq-backend-cpp", lambda: ff.deq(f_ok, t(2, 3), backend="cpp"), NotImplementedError, "deq: backend 'cpp'"),
+    ("deq-backend-cuda", lambda: ff.deq(f_ok, t(2, 3), backend="cuda"), NotImplementedError, "deq: backend 'cuda'"),
     # jacobian_regularizer
     ("jr-z-type", lambda: ops.jacobian_regularizer(t(2, 3), [1.0]), TypeError, "z must be a torch.Tensor"),
     ("jr-z-int", lambda: ops.jacobian_regularizer(t(2, 3), torch.ones(2, 3, dtype=torch.long)), TypeError, "z must be float32"),
@@ -166,7 +166,7 @@ CASES = [
     ("layer-z0-meta", lambda: _layer()(t(2, 3), t(2, 3, device=META)), ValueError, "z0 is a meta tensor"),
     ("layer-z0-half", lambda: _layer()(t(2, 3), t(2, 3, dtype=torch.float16)), TypeError, "z0 must be float32"),
     ("layer-cell-shape", lambda: DEQFixedPoint(lambda z, x: z[:, :1])(t(2, 3)), ValueError, "f must return a tensor of z0's shape"),
-    ("layer-backend-cpp", lambda: _layer(backend="cpp")(t(2, 3)), NotImplementedError, "deq: backend 'cpp'"),
+    ("layer-backend-triton", lambda: _layer(backend="triton")(t(2, 3)), ValueError, "deq: backend 'triton' runs on CUDA tensors"),
 ]  # fmt: skip
 
 

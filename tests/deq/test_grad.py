@@ -9,6 +9,8 @@ from frontiers_fast.ops import deq as ops
 from ..helpers import assert_close
 from .cells import contraction, unrolled_picard
 
+pytestmark = pytest.mark.usefixtures("solve_backend")
+
 LIP = 0.5
 
 
@@ -131,8 +133,10 @@ def test_float32_implicit_gradient_matches_float64_unrolled():
         err = (g.double() - w).norm()
         bound = bounds[name] + 4 * D * eps32 * w.norm()
         assert err <= bound, f"grad {name}: error {err:.3e} > bound {bound:.3e}"
-    # The bound is tight enough to mean something: an adjoint solve cut to 2 steps breaks it.
-    z, _ = ops.deq(f, z0, tol=tol, b_tol=b_tol, b_max_iter=2)
+    # The bound is tight enough to mean something: an adjoint solve cut to one step (y = s, J^T
+    # ignored) breaks it on every input.  Two steps would not always: Anderson's second step can
+    # land within a few percent, on 134 of 200 seeds here.
+    z, _ = ops.deq(f, z0, tol=tol, b_tol=b_tol, b_max_iter=1)
     g_bad = _grads(z, params, seed)
     assert any((g.double() - w).norm() > bounds[n] for n, g, w in zip("WUbx", g_bad, want))
 
@@ -209,25 +213,6 @@ def test_layer_matches_torchdeq_get_deq():
     torch.testing.assert_close(z, zt, rtol=0, atol=4 * tol)
     for a, b in zip(_grads(z, params, seed), _grads(zt, params, seed)):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
-
-
-def test_jacobian_regularizer_exact_and_statistical():
-    f, _ = contraction(2, 5)
-    z = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
-    fz = f(z)
-    J = torch.autograd.functional.jacobian(f, z.detach())  # [2, 5, 2, 5]
-    N = z.numel()
-    exact = J.pow(2).sum() / N
-    probes = (N**0.5) * torch.eye(N, dtype=torch.float64).view(N, 2, 5)
-    got = ops.jacobian_regularizer(fz, z, vecs=N, probes=probes)
-    assert_close(got, exact)
-    assert got.requires_grad  # create_graph: trainable
-    # Random probes: mean of K draws of ||v^T J||^2 has std sqrt(2 ||J J^T||_F^2 / K); 6 sigma.
-    K = 2000
-    est = ops.jacobian_regularizer(fz, z, vecs=K, create_graph=False) * N
-    Jm = J.reshape(N, N)
-    std = (2 * (Jm @ Jm.T).pow(2).sum() / K).sqrt()
-    assert abs(est - exact * N) < 6 * std
 
 
 def test_implicit_double_backward_is_refused():

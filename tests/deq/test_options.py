@@ -22,6 +22,8 @@ from frontiers_fast.ops import deq as ops
 from ..helpers import grads
 from .cells import contraction
 
+pytestmark = pytest.mark.usefixtures("solve_backend")
+
 SOLVERS = ["anderson", "broyden", "picard"]
 
 

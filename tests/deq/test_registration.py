@@ -13,7 +13,14 @@ from .cells import contraction
 
 tops = torch.ops.frontiers_fast
 F64 = dict(dtype=torch.float64)
-B = first_cpu_backend("fixed_point_solve")
+# Each op runs the default CPU backend of the public function it belongs to.
+BK = {
+    "residual_norms": first_cpu_backend("residual_norms"),
+    "anderson_mix": first_cpu_backend("anderson_mix"),
+    "broyden_matvec": first_cpu_backend("broyden_matvec"),
+    "broyden_update": first_cpu_backend("broyden_update"),
+    "squared_norm": first_cpu_backend("jacobian_regularizer"),
+}
 
 
 def _buffers(B=3, m=5, D=7, L=6):
@@ -98,7 +105,7 @@ def test_backward_formulas_match_autograd_of_reference(n):
     _compare_grads(
         lambda *a: ops.broyden_update(*a, n), lambda *a: ref.broyden_update(*a, n), [U, V, dx, dg], 2
     )
-    _compare_grads(lambda a: tops.squared_norm(a, B), ref.squared_norm, [X], 1)
+    _compare_grads(lambda a: tops.squared_norm(a, BK["squared_norm"]), ref.squared_norm, [X], 1)
 
 
 @pytest.mark.gradcheck
@@ -126,23 +133,27 @@ def test_opcheck_public_ops():
     X, F, U, V = _buffers()
     x, dx, dg = (torch.randn(3, 7, **F64) for _ in range(3))
     rg = lambda t: t.clone().requires_grad_(True)
-    opcheck(tops.residual_norms, (rg(X[:, 0]), rg(F[:, 0]), B))
-    opcheck(tops.anderson_mix, (rg(X), rg(F), 4, 1e-3, 0.8, B))
-    opcheck(tops.broyden_matvec, (rg(U), rg(V), rg(x), 4, False, B))
-    opcheck(tops.broyden_matvec, (rg(U), rg(V), rg(x), 0, True, B))
-    opcheck(tops.broyden_update, (rg(U), rg(V), rg(dx), rg(dg), 3, B))
-    opcheck(tops.squared_norm, (rg(X), B))
+    opcheck(tops.residual_norms, (rg(X[:, 0]), rg(F[:, 0]), BK["residual_norms"]))
+    opcheck(tops.anderson_mix, (rg(X), rg(F), 4, 1e-3, 0.8, BK["anderson_mix"]))
+    opcheck(tops.broyden_matvec, (rg(U), rg(V), rg(x), 4, False, BK["broyden_matvec"]))
+    opcheck(tops.broyden_matvec, (rg(U), rg(V), rg(x), 0, True, BK["broyden_matvec"]))
+    opcheck(tops.broyden_update, (rg(U), rg(V), rg(dx), rg(dg), 3, BK["broyden_update"]))
+    opcheck(tops.squared_norm, (rg(X), BK["squared_norm"]))
 
 
 def test_opcheck_bwd_ops():
     X, F, U, V = _buffers()
     x, dx, dg, g1, g2 = (torch.randn(3, 7, **F64) for _ in range(5))
     b = torch.randn(3, **F64)
-    opcheck(tops.residual_norms_bwd, (X[:, 0], F[:, 0], b, b.clone(), B), full=False)
-    _, alpha = tops.anderson_mix(X, F, 4, 1e-3, 0.8, B)
-    opcheck(tops.anderson_mix_bwd, (X, F, 4, 1e-3, 0.8, alpha, g1, torch.randn_like(alpha), B), full=False)
-    opcheck(tops.broyden_matvec_bwd, (U, V, x, 4, True, g1, B), full=False)
-    opcheck(tops.broyden_update_bwd, (U, V, dx, dg, 3, g1, g2, B), full=False)
+    opcheck(tops.residual_norms_bwd, (X[:, 0], F[:, 0], b, b.clone(), BK["residual_norms"]), full=False)
+    _, alpha = tops.anderson_mix(X, F, 4, 1e-3, 0.8, BK["anderson_mix"])
+    opcheck(
+        tops.anderson_mix_bwd,
+        (X, F, 4, 1e-3, 0.8, alpha, g1, torch.randn_like(alpha), BK["anderson_mix"]),
+        full=False,
+    )
+    opcheck(tops.broyden_matvec_bwd, (U, V, x, 4, True, g1, BK["broyden_matvec"]), full=False)
+    opcheck(tops.broyden_update_bwd, (U, V, dx, dg, 3, g1, g2, BK["broyden_update"]), full=False)
 
 
 def test_compile_fullgraph():
@@ -163,7 +174,7 @@ def test_compile_fullgraph():
 def test_compile_squared_norm():
     # jacobian_regularizer calls autograd.grad, which fullgraph cannot trace; its kernel op compiles.
     x = torch.randn(4, 6, **F64, requires_grad=True)
-    check_compiled(lambda x: tops.squared_norm(x, B), [x])
+    check_compiled(lambda x: tops.squared_norm(x, BK["squared_norm"]), [x])
 
 
 def _deq_call(backend):
@@ -193,7 +204,7 @@ def test_backend_choice(name):
     assert name in _backend.FUNCTIONS
     call("reference")
     if "cpp" in _backend.FUNCTIONS[name].implemented(grad=False):
-        call("cpp")  # residual_norms has a C++ kernel
+        call("cpp")  # the norms and the solver loop have C++ kernels
     else:
         with pytest.raises(
             NotImplementedError, match=rf"frontiers_fast\.{name}: backend 'cpp' is not implemented"
@@ -206,9 +217,10 @@ def test_backend_choice(name):
 def test_layer_backend_choice():
     f, _ = contraction(2, 4, requires_grad=True)
     x = torch.zeros(2, 4, **F64)
-    DEQFixedPoint(lambda z, x: f(z), backend="reference")(x)
-    with pytest.raises(NotImplementedError, match=r"frontiers_fast\.deq: backend 'cpp'"):
-        DEQFixedPoint(lambda z, x: f(z), backend="cpp")(x)
+    want = DEQFixedPoint(lambda z, x: f(z), backend="reference")(x)[0]
+    assert_close(DEQFixedPoint(lambda z, x: f(z), backend="cpp")(x)[0], want)
+    with pytest.raises(ValueError, match="'triton' runs on CUDA tensors"):
+        DEQFixedPoint(lambda z, x: f(z), backend="triton")(x)
 
 
 @pytest.mark.parametrize("backward", ["implicit", "phantom"])
