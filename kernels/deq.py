@@ -106,6 +106,52 @@ def residual_norms_bwd(fz, z, grad_abs, grad_rel):
 
 
 @triton.jit
+def _broyden_residual_kernel(fx_ptr, xn_ptr, x_ptr, gx_ptr, act_ptr, gn_ptr, dx_ptr, dg_ptr, abs_ptr, rel_ptr, D,
+                             REL_EPS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Program b: gx_new = active ? fx - x_new : gx, dx = x_new - x, dg = gx_new - gx (in the dtype,
+    as the tensor ops round them), and the norms of (fx, x_new) in the order of ``_norms``."""
+    b = tl.program_id(0).to(tl.int64)
+    live = tl.load(act_ptr + b) != 0
+    acc_r = tl.zeros((BLOCK,), ACC)
+    acc_f = tl.zeros((BLOCK,), ACC)
+    for d0 in range(0, D, BLOCK):
+        d = d0 + tl.arange(0, BLOCK)
+        m = d < D
+        f = tl.load(fx_ptr + b * D + d, mask=m, other=0.0)
+        xn = tl.load(xn_ptr + b * D + d, mask=m, other=0.0)
+        xo = tl.load(x_ptr + b * D + d, mask=m, other=0.0)
+        g = tl.load(gx_ptr + b * D + d, mask=m, other=0.0)
+        gn = tl.where(live, f - xn, g)
+        tl.store(gn_ptr + b * D + d, gn, mask=m)
+        tl.store(dx_ptr + b * D + d, xn - xo, mask=m)
+        tl.store(dg_ptr + b * D + d, gn - g, mask=m)
+        fa = f.to(ACC)
+        r = fa - xn.to(ACC)
+        acc_r += r * r
+        acc_f += fa * fa
+    a = tl.sqrt(tl.sum(acc_r, 0))
+    s = tl.sqrt(tl.sum(acc_f, 0))
+    tl.store(abs_ptr + b, a.to(abs_ptr.dtype.element_ty))
+    tl.store(rel_ptr + b, (a / (s + REL_EPS)).to(rel_ptr.dtype.element_ty))
+
+
+@on_device
+def broyden_residual(fx, x_new, x, gx, active):
+    from frontiers_fast.reference.deq import REL_EPS
+
+    B, D = fx.shape
+    fx, x_new, x, gx = fx.contiguous(), x_new.contiguous(), x.contiguous(), gx.contiguous()
+    gn, dx, dg = torch.empty_like(fx), torch.empty_like(fx), torch.empty_like(fx)
+    out_abs = torch.empty(B, dtype=fx.dtype, device=fx.device)
+    out_rel = torch.empty(B, dtype=fx.dtype, device=fx.device)
+    if B:
+        block = min(BLOCK_D, triton.next_power_of_2(max(D, 1)))
+        _broyden_residual_kernel[(B,)](fx, x_new, x, gx, active.contiguous(), gn, dx, dg, out_abs, out_rel, D,
+                                       REL_EPS=REL_EPS, ACC=acc_type(fx.dtype), BLOCK=block)  # fmt: skip
+    return gn, dx, dg, out_abs, out_rel
+
+
+@triton.jit
 def _solver_record_kernel(best_ptr, lowest_ptr, blown_ptr, nstep_ptr, trace_ptr, active_ptr, diverged_ptr,
                           est_ptr, abs_ptr, rel_ptr, tol_ptr, B, D, T, step, STOP: tl.constexpr,
                           BLOCK: tl.constexpr):  # fmt: skip
@@ -319,12 +365,16 @@ def _rows_combine(
 
 
 @triton.jit
-def _broyden_step_kernel(U_ptr, V_ptr, dx_ptr, dg_ptr, gx_ptr, out_ptr, C1_ptr, C2_ptr, L, D, n, slot, n_after,
+def _broyden_step_kernel(U_ptr, V_ptr, dx_ptr, dg_ptr, gx_ptr, x_ptr, act_ptr, out_ptr, C1_ptr, C2_ptr, L, D, n,
+                         slot, n_after,
                          ACC: tl.constexpr, RB: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """Program b.  With Jinv = -I + U^T V over rows [0, n): v = Jinv^T dx, w = Jinv dg,
     u = (dx - w) / (v . dg), non-finite entries of u and v set to 0, stored as row ``slot``; then
-    out = -Jinv' gx over rows [0, n_after) = gx - U^T (V gx).  C1 and C2 [B, L]: the coefficients."""
+    update = -Jinv' gx over rows [0, n_after) = gx - U^T (V gx), and out = x + update if active[b],
+    else x (the update rounded to the dtype first, as the tensor ops round it).  C1 and C2 [B, L]:
+    the coefficients."""
     b = tl.program_id(0).to(tl.int64)
+    live = tl.load(act_ptr + b) != 0
     _rows_dot(U_ptr, b, L, D, dx_ptr, n, C1_ptr, ACC, RB, BLOCK)  # U dx
     _rows_dot(V_ptr, b, L, D, dg_ptr, n, C2_ptr, ACC, RB, BLOCK)  # V dg
     # pass 2: v and w blockwise; v . dg.  v goes to V[slot] now, w to out (both rewritten below).
@@ -358,12 +408,15 @@ def _broyden_step_kernel(U_ptr, V_ptr, dx_ptr, dg_ptr, gx_ptr, out_ptr, C1_ptr, 
         d = d0 + tl.arange(0, BLOCK)
         dm = d < D
         gxv = tl.load(gx_ptr + b * D + d, mask=dm, other=0.0).to(ACC)
-        y = gxv - _rows_combine(U_ptr, b, L, D, d, dm, C1_ptr, n_after, ACC, RB, BLOCK)
-        tl.store(out_ptr + b * D + d, y.to(out_ptr.dtype.element_ty), mask=dm)
+        y = (gxv - _rows_combine(U_ptr, b, L, D, d, dm, C1_ptr, n_after, ACC, RB, BLOCK)).to(
+            out_ptr.dtype.element_ty
+        )
+        xv = tl.load(x_ptr + b * D + d, mask=dm, other=0.0)
+        tl.store(out_ptr + b * D + d, tl.where(live, xv + y, xv), mask=dm)
 
 
 @on_device
-def broyden_step(U, V, dx, dg, gx, n, slot, n_after):
+def broyden_step(U, V, dx, dg, gx, x, active, n, slot, n_after):
     B, L, D = U.shape
     out = torch.empty_like(gx)
     if B == 0:
@@ -372,10 +425,7 @@ def broyden_step(U, V, dx, dg, gx, n, slot, n_after):
     c1 = torch.empty((B, L), dtype=wide, device=U.device)
     c2 = torch.empty((B, L), dtype=wide, device=U.device)
     RB = _BROYDEN_RB
-    _broyden_step_kernel[(B,)](U, V, dx.contiguous(), dg.contiguous(), gx.contiguous(), out, c1, c2, L, D, n, slot,
-                               n_after, ACC=acc_type(U.dtype), RB=RB, BLOCK=_d_block(D, RB))  # fmt: skip
-    return out
-    LB = triton.next_power_of_2(L)
-    _broyden_step_kernel[(B,)](U, V, dx.contiguous(), dg.contiguous(), gx.contiguous(), out, L, D, n, slot, n_after,
-                               ACC=acc_type(U.dtype), LB=LB, BLOCK=_d_block(D, LB))  # fmt: skip
+    _broyden_step_kernel[(B,)](U, V, dx.contiguous(), dg.contiguous(), gx.contiguous(), x.contiguous(),
+                               active.contiguous(), out, c1, c2, L, D, n, slot, n_after, ACC=acc_type(U.dtype),
+                               RB=RB, BLOCK=_d_block(D, RB))  # fmt: skip
     return out

@@ -1,5 +1,5 @@
 // Solver-loop kernels of the fixed-point family for the CPU:
-// frontiers_fast_native::broyden_step, ::residual_norms and ::residual_norms_bwd.
+// frontiers_fast_native::broyden_step, ::broyden_residual, ::residual_norms and ::residual_norms_bwd.
 // Semantics and the float64 truth: frontiers_fast/reference/deq.py
 // (broyden_step, residual_norms) and _ref_residual_norms_bwd in
 // frontiers_fast/ops/deq.py, where the schemas live.
@@ -12,6 +12,7 @@
 //   den = v . dg, u = num / den                (non-finite entries of u, v -> 0)
 //   U_slot = u, V_slot = v, e_slot = v . gx
 //   update = -(-gx + sum_{j < n_after} e_j U_j)
+//   out = active ? x + update : x             (the next estimate; a stopped sample keeps x)
 // Pass 1 reads the rows once for the three dot products, pass 2 once more
 // for the combinations (the sample's rows are still in L2 when it runs
 // alone on a thread), writing num and v into row slot and the partial sum
@@ -163,7 +164,8 @@ void inplace_arg(const Tensor& t, const char* op, const char* name, int64_t dim)
 template <typename T>
 struct Step {
   T *U, *V, *out;
-  const T *dx, *dg, *gx;
+  const T *dx, *dg, *gx, *x;
+  const bool* active;
   int64_t B, L, D, n, slot, n_after, R, nch;
   // Per (sample, chunk): the partial dot products a [L], c [L], e [L], then den, e_slot.
   // Per sample (after the chunk partials): the same, summed in chunk order.
@@ -261,11 +263,17 @@ struct Step {
     const double den = q[3 * L], es = q[3 * L + 1];
     T* us = row(U, b, slot) + d0;
     const T* hp = gx + b * D + d0;
+    const T* xp = x + b * D + d0;
     T* op = out + b * D + d0;
+    const bool live = active[b];
     for (int k = 0; k < nv; ++k) {
       const D8 u = finite_or_zero(round_to(vec_at(us, k, m) / den, (T*)nullptr));
       put_at(us, k, m, u);
-      put_at(op, k, m, vec_at(hp, k, m) - (vec_at(op, k, m) + es * u));
+      // The update rounded to the dtype, then x + update rounded once more, as the tensor ops do
+      // (float32 sums taken in double and rounded are the float32 sums: 53 >= 2 * 24 + 2).
+      const D8 upd = round_to(vec_at(hp, k, m) - (vec_at(op, k, m) + es * u), (T*)nullptr);
+      const D8 xv = vec_at(xp, k, m);
+      put_at(op, k, m, live ? xv + upd : xv);
     }
   }
 
@@ -317,7 +325,7 @@ void broyden_step_kernel(Step<T>& s) {
 }
 
 Tensor broyden_step_cpu(const Tensor& U, const Tensor& V, const Tensor& dx_, const Tensor& dg_, const Tensor& gx_,
-                        int64_t n, int64_t slot, int64_t n_after) {
+                        const Tensor& x_, const Tensor& active_, int64_t n, int64_t slot, int64_t n_after) {
   const char* op = "broyden_step";
   inplace_arg(U, op, "U", 3);
   inplace_arg(V, op, "V", 3);
@@ -325,10 +333,15 @@ Tensor broyden_step_cpu(const Tensor& U, const Tensor& V, const Tensor& dx_, con
   shape_arg(V, U.sizes(), op, "V", "U's shape [B, L, D]");
   const int64_t B = U.size(0), L = U.size(1), D = U.size(2);
   const Tensor dx = float_arg(dx_, op, "dx", 2), dg = float_arg(dg_, op, "dg", 2), gx = float_arg(gx_, op, "gx", 2);
-  for (auto [t, name] : {std::pair{&dx, "dx"}, std::pair{&dg, "dg"}, std::pair{&gx, "gx"}}) {
+  const Tensor x = float_arg(x_, op, "x", 2);
+  for (auto [t, name] : {std::pair{&dx, "dx"}, std::pair{&dg, "dg"}, std::pair{&gx, "gx"}, std::pair{&x, "x"}}) {
     same_dtype(*t, U, op, name, "U");
     shape_arg(*t, {B, D}, op, name, "[B, D]");
   }
+  check_cpu(active_, op, "active");
+  TORCH_CHECK_VALUE(active_.scalar_type() == at::kBool, op, ": active must be bool, got ", active_.scalar_type());
+  shape_arg(active_, {B}, op, "active", "[B]");
+  const Tensor active = active_.contiguous();
   TORCH_CHECK_VALUE(0 <= n && n <= L, op, ": n must be in [0, L=", L, "], got ", n);
   TORCH_CHECK_VALUE(1 <= n_after && n_after <= L, op, ": n_after must be in [1, L=", L, "], got ", n_after);
   TORCH_CHECK_VALUE(0 <= slot && slot < n_after, op, ": slot must be in [0, n_after=", n_after, "), got ", slot);
@@ -336,7 +349,7 @@ Tensor broyden_step_cpu(const Tensor& U, const Tensor& V, const Tensor& dx_, con
   AT_DISPATCH_FLOATING_TYPES(U.scalar_type(), "broyden_step_cpu", [&] {
     Step<scalar_t> s{U.data_ptr<scalar_t>(), V.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                      dx.data_ptr<scalar_t>(), dg.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(),
-                     B, L, D, n, slot, n_after, std::max(n, n_after), num_chunks(D), nullptr, nullptr};
+                     x.data_ptr<scalar_t>(), active.data_ptr<bool>(), B, L, D, n, slot, n_after, std::max(n, n_after), num_chunks(D), nullptr, nullptr};
     broyden_step_kernel(s);
   });
   return out;
@@ -453,6 +466,81 @@ std::tuple<Tensor, Tensor> residual_norms_bwd_cpu(const Tensor& fz_, const Tenso
   return {gfz, gz};
 }
 
+// ---------------------------------------------------------------------------
+// broyden_residual
+// ---------------------------------------------------------------------------
+// The loop's bookkeeping between f and the step, in one pass over the chunks of squared_norms:
+// gx_new = active ? fx - x_new : gx, dx = x_new - x, dg = gx_new - gx (each rounded once to the
+// dtype, as the tensor ops round it), and the norms of (fx, x_new) with residual_norms' bits.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> broyden_residual_cpu(const Tensor& fx_, const Tensor& xn_,
+                                                                        const Tensor& x_, const Tensor& gx_,
+                                                                        const Tensor& active_) {
+  const char* op = "broyden_residual";
+  const Tensor fx = float_arg(fx_, op, "fx", 2);
+  const int64_t B = fx.size(0), D = fx.size(1);
+  const Tensor xn = float_arg(xn_, op, "x_new", 2), x = float_arg(x_, op, "x", 2), g = float_arg(gx_, op, "gx", 2);
+  for (auto [t, name] : {std::pair{&xn, "x_new"}, std::pair{&x, "x"}, std::pair{&g, "gx"}}) {
+    same_dtype(*t, fx, op, name, "fx");
+    shape_arg(*t, fx.sizes(), op, name, "fx's shape [B, D]");
+  }
+  check_cpu(active_, op, "active");
+  TORCH_CHECK_VALUE(active_.scalar_type() == at::kBool, op, ": active must be bool, got ", active_.scalar_type());
+  shape_arg(active_, {B}, op, "active", "[B]");
+  const Tensor active = active_.contiguous();
+  Tensor gn = new_output({B, D}, fx.options()), dx = new_output({B, D}, fx.options()),
+         dg = new_output({B, D}, fx.options());
+  Tensor abs = new_output({B}, fx.options()), rel = new_output({B}, fx.options());
+  AT_DISPATCH_FLOATING_TYPES(fx.scalar_type(), "broyden_residual_cpu", [&] {
+    using T = scalar_t;
+    const T *f = fx.data_ptr<T>(), *xv = xn.data_ptr<T>(), *xo = x.data_ptr<T>(), *go = g.data_ptr<T>();
+    const bool* act = active.data_ptr<bool>();
+    T *gp = gn.data_ptr<T>(), *dxp = dx.data_ptr<T>(), *dgp = dg.data_ptr<T>();
+    const int64_t nch = num_chunks(D), items = B * nch;
+    Workspace<double> part(size_t(2 * std::max<int64_t>(items, 1)));
+    double* p = part.data();
+    at::parallel_for(0, items, std::max<int64_t>(1, 32768 / kChunk), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / nch, d0 = (i % nch) * kChunk, m = std::min(kChunk, D - d0), o = b * D + d0;
+        if (act[b]) {
+          for (int64_t e = 0; e < m; ++e) {
+            const T r = f[o + e] - xv[o + e];
+            gp[o + e] = r;
+            dxp[o + e] = xv[o + e] - xo[o + e];
+            dgp[o + e] = r - go[o + e];
+          }
+        } else {
+          for (int64_t e = 0; e < m; ++e) {
+            gp[o + e] = go[o + e];
+            dxp[o + e] = xv[o + e] - xo[o + e];
+            dgp[o + e] = go[o + e] - go[o + e];  // 0, or NaN where gx is not finite, as the tensor ops give
+          }
+        }
+        D8 fv[kChunkVecs], rv[kChunkVecs];
+        const int nv = int((m + kLanes - 1) / kLanes);
+        for (int k = 0; k < nv; ++k) {
+          fv[k] = vec_at(f + o, k, m);
+          rv[k] = fv[k] - vec_at(xv + o, k, m);
+        }
+        p[2 * i] = dot_chunk(rv, rv, nv);
+        p[2 * i + 1] = dot_chunk(fv, fv, nv);
+      }
+    });
+    T* ap = abs.data_ptr<T>();
+    T* rp = rel.data_ptr<T>();
+    for (int64_t b = 0; b < B; ++b) {
+      double a2 = 0.0, s2 = 0.0;
+      for (int64_t c = 0; c < nch; ++c) {
+        a2 += p[2 * (b * nch + c)];
+        s2 += p[2 * (b * nch + c) + 1];
+      }
+      const double a = std::sqrt(a2), s = std::sqrt(s2);
+      ap[b] = static_cast<T>(a);
+      rp[b] = static_cast<T>(a / (s + kRelEps));
+    }
+  });
+  return {gn, dx, dg, abs, rel};
+}
+
 }  // namespace
 }  // namespace deq
 }  // namespace frontiers_fast
@@ -462,4 +550,5 @@ TORCH_LIBRARY_IMPL(frontiers_fast_native, CPU, m) {
   m.impl("broyden_step", &broyden_step_cpu);
   m.impl("residual_norms", &residual_norms_cpu);
   m.impl("residual_norms_bwd", &residual_norms_bwd_cpu);
+  m.impl("broyden_residual", &broyden_residual_cpu);
 }

@@ -331,26 +331,54 @@ define_op(
 )
 
 
-def _fake_broyden_step(U, V, dx, dg, gx, n, slot, n_after, backend):
+def _fake_broyden_step(U, V, dx, dg, gx, x, active, n, slot, n_after, backend):
     _fake_lowrank(U, V)
     torch._check(
-        dx.shape == dg.shape == gx.shape == (U.shape[0], U.shape[2]), lambda: "dx, dg, gx must be [B, D]"
+        dx.shape == dg.shape == gx.shape == x.shape == (U.shape[0], U.shape[2]),
+        lambda: "dx, dg, gx, x must be [B, D]",
     )
+    torch._check(active.shape == (U.shape[0],), lambda: "active must be [B]")
     torch._check(0 <= n <= U.shape[1], lambda: "n must be in [0, L]")
     torch._check(1 <= n_after <= U.shape[1], lambda: "n_after must be in [1, L]")
     torch._check(0 <= slot < n_after, lambda: "slot must be in [0, n_after)")
     return torch.empty_like(gx)
 
 
-# The solver loop's fused step (broyden_update, the write of row slot, broyden_matvec): a kernel
+# The solver loop's fused step (broyden_update, the write of row slot, broyden_matvec, the next estimate): a kernel
 # of the loop, which runs under no_grad, so it has no autograd (U and V are written in place).
 define_op(
-    "broyden_step(Tensor(a!) U, Tensor(b!) V, Tensor dx, Tensor dg, Tensor gx, int n, int slot, int n_after) "
-    "-> Tensor",
+    "broyden_step(Tensor(a!) U, Tensor(b!) V, Tensor dx, Tensor dg, Tensor gx, Tensor x, Tensor active, int n, "
+    "int slot, int n_after) -> Tensor",
     fake=_fake_broyden_step,
     reference=ref.broyden_step,
     triton="frontiers_fast.kernels.deq:broyden_step",
     native=("cpp",),
+)
+
+
+def _fake_broyden_residual(fx, x_new, x, gx, active, backend):
+    torch._check(fx.dim() == 2, lambda: "fx must be [B, D]")
+    torch._check(x_new.shape == x.shape == gx.shape == fx.shape, lambda: "x_new, x, gx must have fx's shape")
+    torch._check(active.shape == (fx.shape[0],), lambda: "active must be [B]")
+    B = fx.shape[0]
+    return (
+        torch.empty_like(fx),
+        torch.empty_like(fx),
+        torch.empty_like(fx),
+        fx.new_empty((B,)),
+        fx.new_empty((B,)),
+    )
+
+
+# The Broyden loop's pass between f and the step (the residual, the secant pair, the norms): a
+# kernel of the loop, without autograd.
+define_op(
+    "broyden_residual(Tensor fx, Tensor x_new, Tensor x, Tensor gx, Tensor active) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    fake=_fake_broyden_residual,
+    reference=ref.broyden_residual,
+    triton="frontiers_fast.kernels.deq:broyden_residual",
+    native=("cpp",),  # csrc/deq/broyden_cpu.cpp
 )
 
 
@@ -387,7 +415,7 @@ define_op(
 )
 
 # The solver loop runs these; it needs no backward op (it runs without a graph).
-_LOOP_OPS = ("solver_record", "residual_norms", "anderson_step", "broyden_step")
+_LOOP_OPS = ("solver_record", "residual_norms", "anderson_step", "broyden_step", "broyden_residual")
 
 _backend.register_function("solver_record", ops=("solver_record",))
 _backend.register_function("residual_norms", ops=("residual_norms",), grad_ops=("residual_norms_bwd",))
@@ -396,6 +424,7 @@ _backend.register_function("anderson_step", ops=("anderson_step",))
 _backend.register_function("broyden_matvec", ops=("broyden_matvec",), grad_ops=("broyden_matvec_bwd",))
 _backend.register_function("broyden_update", ops=("broyden_update",), grad_ops=("broyden_update_bwd",))
 _backend.register_function("broyden_step", ops=("broyden_step",))
+_backend.register_function("broyden_residual", ops=("broyden_residual",))
 _backend.register_function("fixed_point_solve", ops=_LOOP_OPS)
 # The implicit backward's adjoint solve is the same loop; the phantom gradient is autograd of f.
 _backend.register_function("deq", ops=_LOOP_OPS)

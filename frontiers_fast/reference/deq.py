@@ -285,36 +285,68 @@ def check_broyden_step_rows(L: int, n: int, slot: int, n_after: int) -> None:
 
 
 def broyden_step(
-    U: Tensor, V: Tensor, dx: Tensor, dg: Tensor, gx: Tensor, n: int, slot: int, n_after: int
-) -> Tensor:
-    """One Broyden step: the new rank-one term, stored in place, then the next update.
+    U: Tensor, V: Tensor, dx: Tensor, dg: Tensor, gx: Tensor, x: Tensor, active: Tensor, n: int, slot: int,
+    n_after: int,
+) -> Tensor:  # fmt: skip
+    """One Broyden step: the new rank-one term, stored in place, then the next estimate.
 
     Exactly ``u, v = broyden_update(U, V, dx, dg, n)``, then ``U[:, slot] = u``,
-    ``V[:, slot] = v``, then ``-broyden_matvec(U, V, gx, n_after, False)`` with
-    the rows written.  The solver loop passes ``n`` = terms in use before the
-    step, ``slot`` = the row the new term goes to, ``n_after`` = terms in use
-    after it; when the ring is full ``slot`` lies among the first ``n`` rows
-    and the loop zeroes it first (so the old term adds nothing to ``(u, v)``;
-    a row that is not zeroed is read as it is, then overwritten).
+    ``V[:, slot] = v``, then ``update = -broyden_matvec(U, V, gx, n_after,
+    False)`` with the rows written, and the next estimate ``x + update`` for
+    running (``active``) samples, ``x`` for stopped ones.  The solver loop
+    passes ``n`` = terms in use before the step, ``slot`` = the row the new
+    term goes to, ``n_after`` = terms in use after it; when the ring is full
+    ``slot`` lies among the first ``n`` rows and the loop zeroes it first (so
+    the old term adds nothing to ``(u, v)``; a row that is not zeroed is read
+    as it is, then overwritten).
 
     Args:
         U, V: [B, L, D], modified in place (row ``slot``).
-        dx, dg, gx: [B, D] step, change of residual, current residual.
+        dx, dg, gx, x: [B, D] step, change of residual, current residual, current estimate.
+        active: [B] bool, the samples still running.
         n: rows in use for the term, in [0, L]; slot: in [0, n_after);
         n_after: rows in use for the update, in [1, L].
 
     Returns:
-        ``update`` [B, D] (the next step is ``x + update``).
+        the next estimate [B, D].
 
     Example::
 
         >>> U, V = torch.zeros(2, 4, 8), torch.zeros(2, 4, 8)
-        >>> upd = broyden_step(U, V, torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 8), 0, 0, 1)
+        >>> d, x, on = torch.randn(2, 8), torch.zeros(2, 8), torch.ones(2, dtype=torch.bool)
+        >>> x_next = broyden_step(U, V, d, d, d, x, on, 0, 0, 1)
     """
     check_broyden_step_rows(U.shape[1], n, slot, n_after)
     u, v = broyden_update(U, V, dx, dg, n)
     U[:, slot], V[:, slot] = u, v
-    return -broyden_matvec(U, V, gx, n_after, False)
+    update = -broyden_matvec(U, V, gx, n_after, False)
+    return torch.where(active.unsqueeze(1), x + update, x)
+
+
+def broyden_residual(
+    fx: Tensor, x_new: Tensor, x: Tensor, gx: Tensor, active: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The Broyden loop's work between ``f`` and the step, for running (``active``) samples.
+
+    ``gx_new = fx - x_new`` where ``active``, else ``gx`` (a stopped sample keeps
+    its residual); ``dx = x_new - x``; ``dg = gx_new - gx``; and
+    ``residual_norms(fx, x_new)``.
+
+    Args:
+        fx, x_new, x, gx: [B, D] (``fx = f(x_new)``, ``x`` and ``gx`` the previous estimate and residual);
+        active: [B] bool.
+
+    Returns:
+        ``(gx_new, dx, dg, abs, rel)``: [B, D] three times, then [B] twice.
+
+    Example::
+
+        >>> z = torch.zeros(2, 3)
+        >>> g, dx, dg, a, r = broyden_residual(torch.ones(2, 3), z, z, z, torch.ones(2, dtype=torch.bool))
+    """
+    gx_new = torch.where(active.unsqueeze(1), fx - x_new, gx)
+    a, r = residual_norms(fx, x_new)
+    return gx_new, x_new - x, gx_new - gx, a, r
 
 
 def squared_norm(x: Tensor) -> Tensor:
@@ -334,6 +366,7 @@ KERNELS = SimpleNamespace(
     broyden_matvec=broyden_matvec,
     broyden_update=broyden_update,
     broyden_step=broyden_step,
+    broyden_residual=broyden_residual,
 )
 
 
@@ -510,14 +543,12 @@ def _broyden(f, z, t: _Tracker, k, max_iter, memory=None):
     V = z.new_zeros((B, L, D))
     x = z
     gx = f(x) - x
-    update = gx  # -Jinv gx with Jinv = -I
+    x_new = x + gx  # the first step, -Jinv gx with Jinv = -I; every sample runs
     for step in range(1, max_iter + 1):
-        x_new = t.keep_frozen(x + update, x)
         fx = f(x_new)
-        gx_new = t.keep_frozen(fx - x_new, gx)
-        dx, dg = x_new - x, gx_new - gx
-        x, gx = x_new, gx_new
-        a, r = k.residual_norms(fx, x)
+        # One pass: the residual (kept for stopped samples), the secant pair and the norms.
+        gx, dx, dg, a, r = k.broyden_residual(fx.contiguous(), x_new, x, gx, t.active)
+        x = x_new
         t.record(step, x, a, r)
         if step > _STALL_STEPS:
             t.freeze(t.trace[t.stop, :, step - 1] < _STALL_TOL * t.tol)
@@ -527,8 +558,9 @@ def _broyden(f, z, t: _Tracker, k, max_iter, memory=None):
         if step - 1 >= L:
             # The ring is full: the oldest term (in this slot) is dropped first; a zero row adds nothing.
             U[:, slot], V[:, slot] = 0, 0
-        # One fused step: the new rank-one term (written to row slot), then the next update.
-        update = k.broyden_step(U, V, dx, dg, gx, min(step - 1, L), slot, min(step, L))
+        # One fused step: the new rank-one term (written to row slot), then the next estimate
+        # (stopped samples keep theirs).
+        x_new = k.broyden_step(U, V, dx, dg, gx, x, t.active, min(step - 1, L), slot, min(step, L))
 
 
 def solve_loop(

@@ -13,10 +13,11 @@ import re
 import pytest
 import torch
 
+from frontiers_fast import _backend
 from frontiers_fast.ops import deq as ops
 from frontiers_fast.reference import deq as ref
 
-from ..helpers import assert_close, backend_cases, opcheck
+from ..helpers import assert_close, backend_cases, opcheck, triton_devices
 from .cells import contraction
 
 tops = torch.ops.frontiers_fast
@@ -25,21 +26,30 @@ STEP_CASES = backend_cases("broyden_step", grad=False)
 NORM_CASES = backend_cases("residual_norms")
 
 
-def _step(U, V, dx, dg, gx, n, slot, n_after, backend):
-    return tops.broyden_step(U, V, dx, dg, gx, n, slot, n_after, backend)
+def _step(U, V, dx, dg, gx, n, slot, n_after, backend, x=None, active=None):
+    """The op; without ``x`` and ``active`` it returns the update itself (x = 0, every sample running)."""
+    x = torch.zeros_like(gx) if x is None else x
+    active = torch.ones(gx.shape[0], dtype=torch.bool) if active is None else active
+    return tops.broyden_step(U, V, dx, dg, gx, x, active, n, slot, n_after, backend)
 
 
-def _check_step(U, V, dx, dg, gx, n, slot, n_after, backend, equal_nan=False):
-    """One step through the op (in place on U, V) and through the float64 reference composition."""
+def _check_step(U, V, dx, dg, gx, n, slot, n_after, backend, equal_nan=False, x=None, active=None):
+    """One step through the op (in place on U, V) and through the float64 reference composition.
+
+    Returns the op's next estimate (the update when ``x`` is None)."""
     dtype = U.dtype
     Uw, Vw = U.to(torch.float64, copy=True), V.to(torch.float64, copy=True)  # the op writes U and V
     u_ref, v_ref = ref.broyden_update(Uw, Vw, dx.double(), dg.double(), n)
     Uw[:, slot], Vw[:, slot] = u_ref, v_ref
     want = -ref.broyden_matvec(Uw, Vw, gx.double(), n_after, False)
+    if x is not None:
+        want = torch.where(active.unsqueeze(1), x.double() + want, x.double())
     before = U.clone(), V.clone()
-    got = _step(U, V, dx, dg, gx, n, slot, n_after, backend)
+    got = _step(U, V, dx, dg, gx, n, slot, n_after, backend, x, active)
     assert got.dtype == dtype and got.shape == gx.shape
     assert_close(got, want, dtype, equal_nan=equal_nan)
+    if x is not None:  # a stopped sample keeps its estimate exactly
+        assert torch.equal(got[~active], x[~active])
     assert_close(U[:, slot], u_ref, dtype)
     assert_close(V[:, slot], v_ref, dtype)
     others = [j for j in range(U.shape[1]) if j != slot]  # left exactly as they were
@@ -69,19 +79,22 @@ def _drive(backend, dtype, B, D, L, steps, tol):
     f, _ = contraction(B, D, dtype=dtype, lip=0.8)
     x = torch.randn(B, D, dtype=dtype)
     gx = f(x) - x
-    update = gx
+    running = lambda gx: (gx.norm(dim=1) >= tol) if tol > 0 else torch.ones(B, dtype=torch.bool)  # noqa: E731
+    active = running(gx)
+    x_new = torch.where(active.unsqueeze(1), x + gx, x)
     U = torch.zeros(B, L, D, dtype=dtype)
     V = torch.zeros_like(U)
     for step in range(1, steps + 1):
-        active = (gx.norm(dim=1, keepdim=True) >= tol) if tol > 0 else torch.ones(B, 1, dtype=torch.bool)
-        x_new = torch.where(active, x + update, x)
-        gx_new = torch.where(active, f(x_new) - x_new, gx)
+        gx_new = torch.where(active.unsqueeze(1), f(x_new) - x_new, gx)
         dx, dg = x_new - x, gx_new - gx
         x, gx = x_new, gx_new
+        active = running(gx)  # the mask of the next step, which the op applies to its estimate
         slot = (step - 1) % L
         if step - 1 >= L:  # the ring is full: the loop zeroes the oldest term before reusing its row
             U[:, slot], V[:, slot] = 0, 0
-        update = _check_step(U, V, dx, dg, gx, min(step - 1, L), slot, min(step, L), backend)
+        x_new = _check_step(
+            U, V, dx, dg, gx, min(step - 1, L), slot, min(step, L), backend, x=x, active=active
+        )
     return gx
 
 
@@ -152,8 +165,9 @@ def test_nan_in_one_sample_stays_there(device, backend, dtype):
 def test_opcheck(device, backend, dtype):
     U, V = (0.2 * torch.randn(2, 4, 9, dtype=dtype) for _ in range(2))
     dx, dg, gx = (torch.randn(2, 9, dtype=dtype) for _ in range(3))
-    opcheck(tops.broyden_step, (U, V, dx, dg, gx, 2, 2, 3, backend), full=False)
-    opcheck(tops.broyden_step, (U, V, dx, dg, gx, 4, 1, 4, backend), full=False)
+    x, on = torch.randn(2, 9, dtype=dtype), torch.tensor([True, False])
+    opcheck(tops.broyden_step, (U, V, dx, dg, gx, x, on, 2, 2, 3, backend), full=False)
+    opcheck(tops.broyden_step, (U, V, dx, dg, gx, x, on, 4, 1, 4, backend), full=False)
 
 
 @pytest.mark.parametrize("device, backend", STEP_CASES)
@@ -184,6 +198,12 @@ def test_cpp_refuses_bad_tensors():
         _step(U, V, dx, dx, dx[:, :4], 1, 1, 2, "cpp")
     with pytest.raises(RuntimeError, match="broyden_step: U must be contiguous"):
         _step(U.transpose(1, 2).contiguous().transpose(1, 2), V, dx, dx, dx, 1, 1, 2, "cpp")
+    with pytest.raises(RuntimeError, match="broyden_step: x has dtype"):
+        _step(U, V, dx, dx, dx, 1, 1, 2, "cpp", x=dx.double())
+    with pytest.raises(ValueError, match="broyden_step: active must be bool"):
+        _step(U, V, dx, dx, dx, 1, 1, 2, "cpp", active=torch.ones(2))
+    with pytest.raises(RuntimeError, match="broyden_step: active must"):
+        _step(U, V, dx, dx, dx, 1, 1, 2, "cpp", active=torch.ones(3, dtype=torch.bool))
 
 
 # --------------------------------------------------------------------------- determinism
@@ -198,7 +218,7 @@ def test_cpp_bitwise_same_for_any_thread_count(B, D, dtype):
     for k in (1, 2, 1, 3):
         U, V = U0.clone(), V0.clone()
         with _threads(k):
-            out = _step(U, V, dx, dg, gx, 5, 5, 6, "cpp")
+            out = _step(U, V, dx, dg, gx, 5, 5, 6, "cpp", x=dg, active=torch.arange(B) % 3 > 0)
             a, r = tops.residual_norms(dx, gx, "cpp")
             g = tops.residual_norms_bwd(dx, gx, a, r, "cpp")
         runs.append((out, U, V, a, r, *g))
@@ -252,3 +272,76 @@ def test_residual_norms_opcheck(device, backend):
     opcheck(tops.residual_norms, (fz, z, backend))
     b = torch.randn(4, dtype=torch.float64)
     opcheck(tops.residual_norms_bwd, (fz.detach(), z.detach(), b, b.clone(), backend), full=False)
+
+
+# --------------------------------------------------------------------------- broyden_residual
+def _residual_cases():
+    """The op's backends that run here, and the Triton launcher on CPU tensors under the interpreter."""
+    out = list(backend_cases("broyden_residual", grad=False))
+    if "cpu" in triton_devices():
+        out.append(pytest.param("cpu", "triton", id="cpu-triton-interpreted"))
+    return out
+
+
+@pytest.fixture
+def residual_backend(monkeypatch):
+    def use(backend):
+        if backend == "triton":
+            monkeypatch.setitem(_backend._DEVICE, "triton", "cpu")
+        return lambda *a: tops.broyden_residual(*a, backend)
+
+    return use
+
+
+@pytest.mark.parametrize("device, backend", _residual_cases())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, D", [(5, 37), (3, 1100), (1, 1), (0, 4), (2, 0)])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf / inf, meant
+def test_broyden_residual_matches_reference(device, backend, dtype, B, D, residual_backend):
+    op = residual_backend(backend)
+    fx, x_new, x, gx = (torch.randn(B, D, dtype=dtype, device=device) for _ in range(4))
+    active = torch.rand(B, device=device) < 0.6
+    if B >= 3 and D:
+        active[:2] = torch.tensor([True, False])
+        gx[1, 0] = float("nan")  # a stopped sample's NaN residual is kept, and its dg is NaN there
+        fx[2, 0] = float("inf")  # a running sample's inf: its norms are inf, no other sample's
+    got = op(fx, x_new, x, gx, active)
+    want = ref.broyden_residual(fx, x_new, x, gx, active)
+    # The three differences are single roundings in the dtype: equal to the tensor ops bit for bit.
+    for g, w in zip(got[:3], want[:3]):
+        assert g.dtype == dtype and g.shape == (B, D)
+        torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+    a64, r64 = ref.residual_norms(fx.double(), x_new.double())
+    assert_close(got[3], a64, dtype, equal_nan=True)
+    assert_close(got[4], r64, dtype, equal_nan=True)
+    if B >= 3 and D:
+        assert torch.isinf(got[3][2]) and torch.isfinite(got[3][torch.arange(B) != 2]).all()
+
+
+def test_broyden_residual_is_the_loop_composition():
+    # The Broyden loop's pass with a stopped sample, as three tensor ops and residual_norms.
+    fx, x_new, x, gx = (torch.randn(4, 9, dtype=torch.float64) for _ in range(4))
+    active = torch.tensor([True, False, True, False])
+    g, dx, dg, a, r = ref.broyden_residual(fx, x_new, x, gx, active)
+    assert torch.equal(g[0], fx[0] - x_new[0]) and torch.equal(g[1], gx[1])
+    assert torch.equal(dx, x_new - x) and torch.equal(dg, g - gx) and (dg[1] == 0).all()
+    assert torch.equal(a, torch.linalg.vector_norm(fx - x_new, dim=1))
+
+
+@pytest.mark.parametrize("device, backend", backend_cases("broyden_residual", grad=False))
+def test_broyden_residual_opcheck(device, backend):
+    fx, x_new, x, gx = (torch.randn(3, 7, dtype=torch.float64) for _ in range(4))
+    opcheck(tops.broyden_residual, (fx, x_new, x, gx, torch.tensor([True, False, True]), backend), full=False)
+
+
+def test_broyden_residual_cpp_refuses_bad_tensors():
+    fx = torch.randn(3, 5)
+    act = torch.ones(3, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="broyden_residual: gx has dtype"):
+        tops.broyden_residual(fx, fx, fx, fx.double(), act, "cpp")
+    with pytest.raises(RuntimeError, match="broyden_residual: x_new must"):
+        tops.broyden_residual(fx, fx[:, :4], fx, fx, act, "cpp")
+    with pytest.raises(ValueError, match="broyden_residual: active must be bool"):
+        tops.broyden_residual(fx, fx, fx, fx, act.float(), "cpp")
+    with pytest.raises(RuntimeError, match="broyden_residual: active must"):
+        tops.broyden_residual(fx, fx, fx, fx, act[:2], "cpp")

@@ -117,8 +117,14 @@ def test_broyden_step(B, D, L, steps, dtype, device):
         U64, V64 = U.double().clone(), V.double().clone()  # copies: the oracle writes its row
         want = _broyden_oracle(U64, V64, dx.double(), dg.double(), gx.double(), n, slot, min(step, L))
         Ud, Vd = U.to(device).clone(), V.to(device).clone()
-        got = K.broyden_step(Ud, Vd, dx.to(device), dg.to(device), gx.to(device), n, slot, min(step, L))
-        assert_close(got.cpu(), want, dtype, msg=f"update at step {step}")
+        x = rnd(B, D).to(dtype)
+        active = torch.arange(B) % 3 != 1  # sample 1 (of 3 and more) stopped: it keeps x
+        got = K.broyden_step(Ud, Vd, dx.to(device), dg.to(device), gx.to(device), x.to(device), active.to(device),
+                             n, slot, min(step, L)).cpu()  # fmt: skip
+        assert_close(
+            got, torch.where(active[:, None], x.double() + want, x.double()), dtype, msg=f"step {step}"
+        )
+        assert torch.equal(got[~active], x[~active])
         assert_close(Ud.cpu(), U64, dtype, msg=f"U at step {step}")
         assert_close(Vd.cpu(), V64, dtype, msg=f"V at step {step}")
         if B > 1 and step == 3:
