@@ -498,6 +498,16 @@ def _check_z0(z0):
     check_finite("z0", z0)
 
 
+def _check_cuda_graph(cuda_graph, z0):
+    cuda_graph = check_bool("cuda_graph", cuda_graph)
+    if cuda_graph and z0.device.type != "cuda":
+        raise ValueError(
+            f"cuda_graph=True captures the solver steps in CUDA graphs and needs a CUDA z0; z0 is on "
+            f"{z0.device} (use cuda_graph=False)"
+        )
+    return cuda_graph
+
+
 def _check_f(f):
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")
@@ -638,6 +648,7 @@ def fixed_point_solve(
     tau: float = 1.0,
     check_every: int = 4,
     memory: int | None = None,
+    cuda_graph: bool = False,
     backend=None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Solve ``z = f(z)`` per sample; returns ``(z*, info)`` with no gradient (use :func:`deq`).
@@ -660,7 +671,17 @@ def fixed_point_solve(
         memory: Broyden only, in [1, max_iter] or None (all): the rank-one
             terms kept (limited-memory Broyden, the oldest dropped first);
             U and V take ``memory`` rows instead of ``max_iter``.
-        backend: only ``"reference"`` exists for this family today.
+        cuda_graph: CUDA ``z0`` only (ValueError otherwise).  Each distinct
+            solver step, its call of ``f`` included, is captured in a CUDA
+            graph on its second use and replayed from then on (one graph for
+            Picard and Broyden, whose rank-one step stays eager; ``2 m`` for
+            Anderson, one per ring slot and fill).  The results equal
+            ``cuda_graph=False``.  ``f`` must be capturable: no host
+            synchronisation (``.item()``, printing values), no data-dependent
+            shapes; its output shape is checked at every capture.  The graphs
+            live for one call, so ``f`` may close over new tensors each call.
+        backend: ``"reference"``, ``"cpp"`` (CPU) or ``"triton"`` (CUDA); the
+            default picks per device.
 
     Returns:
         ``z*`` [B, ...] and ``info``: ``abs_lowest``, ``rel_lowest``, ``nstep``
@@ -684,6 +705,7 @@ def fixed_point_solve(
     _check_f(f)
     _check_z0(z0)
     opts = _solver_options("", solver, max_iter, tol, stop_mode, m, lam, tau, check_every, memory)
+    opts["cuda_graph"] = _check_cuda_graph(cuda_graph, z0)
     _check_buffers("", opts, z0)
     backend = _backend.resolve(backend, z0.device, "fixed_point_solve", False)
     return ref.solve_loop(f, z0, kernels=_loop_kernels(backend), **opts)
@@ -748,6 +770,7 @@ def _deq_options(
     tau: float = 1.0,
     check_every: int = 4,
     memory: int | None = None,
+    cuda_graph: bool = False,
     backward: str = "implicit",
     b_solver: str = "anderson",
     b_max_iter: int = 40,
@@ -761,8 +784,11 @@ def _deq_options(
     pg_steps: int = 1,
     pg_tau: float = 1.0,
 ):
-    """Check the layer's options; returns (forward options, backward options, backward, pg_steps, pg_tau)."""
+    """Check the layer's options; returns (forward options, backward options, backward, pg_steps, pg_tau).
+
+    ``cuda_graph`` is checked as a bool here and against z0's device by the caller."""
     opts = _solver_options("", solver, max_iter, tol, stop_mode, m, lam, tau, check_every, memory)
+    opts["cuda_graph"] = check_bool("cuda_graph", cuda_graph)
     backward = check_choice("backward", backward, BACKWARDS)
     b_opts = _solver_options(
         "b_", b_solver, b_max_iter, b_tol, b_stop_mode, b_m, b_lam, b_tau, b_check_every, b_memory
@@ -789,6 +815,7 @@ def deq(
     tau: float = 1.0,
     check_every: int = 4,
     memory: int | None = None,
+    cuda_graph: bool = False,
     backward: str = "implicit",
     b_solver: str = "anderson",
     b_max_iter: int = 40,
@@ -823,7 +850,8 @@ def deq(
 
     Args:
         f, z0, solver, max_iter, tol, stop_mode, m, lam, tau, check_every,
-            memory: as in :func:`fixed_point_solve` (forward).
+            memory, cuda_graph: as in :func:`fixed_point_solve` (the forward
+            solve; the adjoint solve of the backward runs eagerly).
         backward: ``"implicit"`` or ``"phantom"``.
         b_solver, b_max_iter, b_tol, b_stop_mode, b_m, b_lam, b_tau,
             b_check_every, b_memory: the adjoint solve (implicit mode).
@@ -854,10 +882,12 @@ def deq(
     _check_z0(z0)
     opts, b_opts, backward, pg_steps, pg_tau = _deq_options(
         solver=solver, max_iter=max_iter, tol=tol, stop_mode=stop_mode, m=m, lam=lam, tau=tau,
-        check_every=check_every, memory=memory, backward=backward, b_solver=b_solver, b_max_iter=b_max_iter,
+        check_every=check_every, memory=memory, cuda_graph=cuda_graph, backward=backward, b_solver=b_solver,
+        b_max_iter=b_max_iter,
         b_tol=b_tol, b_stop_mode=b_stop_mode, b_m=b_m, b_lam=b_lam, b_tau=b_tau, b_check_every=b_check_every,
         b_memory=b_memory, pg_steps=pg_steps, pg_tau=pg_tau,
     )  # fmt: skip
+    _check_cuda_graph(opts["cuda_graph"], z0)
     _check_buffers("", opts, z0)
     grad = torch.is_grad_enabled()
     if grad and backward == "implicit":

@@ -86,6 +86,7 @@ Broyden iterates and step counts we reproduce where both definitions agree):
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from types import SimpleNamespace
@@ -499,7 +500,83 @@ def _flat_f(f, z0: Tensor):
     return fflat
 
 
-def _anderson(f, z, t: _Tracker, k, max_iter, m, lam, tau):
+class EagerSteps:
+    """Runs each solver step as it comes (``cuda_graph=False``)."""
+
+    def __call__(self, key, body, *inputs):
+        return body(*inputs)
+
+    def hold(self, out: Tensor) -> Tensor:
+        """``out`` of a step, kept past the next step."""
+        return out
+
+
+class GraphSteps:
+    """``cuda_graph=True``: each distinct solver step (``key``), the call of ``f`` included, is
+    captured once in a CUDA graph and replayed after.
+
+    ``body(*inputs)`` is one step's work between two host-side decisions; ``key`` names what its
+    launches depend on besides the inputs' values (Anderson's ring slot and fill; nothing for
+    Picard and Broyden), so every step with the same key is the same graph.  The first use of a
+    key runs ``body`` eagerly (a warm-up: Triton compiles its kernels, libraries set up their
+    handles, none of which may happen during a capture); the second captures it and every use
+    from then on replays.  The graphs read their inputs from one set of static buffers, which
+    each call refills from ``inputs`` (one copy each), and share one memory pool.
+
+    A replay overwrites its outputs in place, and graphs of one pool may reuse each other's
+    scratch, so the loop consumes a step's outputs before it runs the next step (it copies what
+    it keeps).  The state the bodies close over (ring buffers, masks) lives at fixed addresses
+    for the whole solve, which is what a graph needs.  Graphs live for one solve: a new call
+    captures again, so ``f`` may close over new tensors on every call.
+    """
+
+    def __init__(self):
+        self.graphs = {}  # key -> graph once captured; None after the warm-up run
+        self.static = None
+        self.pool = None
+        self.captures = self.replays = 0
+
+    def __call__(self, key, body, *inputs):
+        if key not in self.graphs:
+            self.graphs[key] = None
+            return body(*inputs)
+        if self.static is None:
+            self.static = tuple(x.clone() for x in inputs)
+        for s, x in zip(self.static, inputs):
+            if s is not x:
+                s.copy_(x)
+        graph = self.graphs[key]
+        if graph is None:
+            graph = self.graphs[key] = self._capture(body)
+            self.captures += 1
+        self.replays += 1
+        return self._replay(graph)
+
+    def hold(self, out: Tensor) -> Tensor:
+        return out.clone()  # the next replay overwrites it
+
+    def _capture(self, body):
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = body(*self.static)
+        except RuntimeError as e:
+            raise RuntimeError(
+                "cuda_graph=True: a solver step (its call of f included) could not be captured in a CUDA "
+                "graph; f must run without a host synchronisation (no .item(), .cpu() or printing of "
+                "values, no data-dependent shapes) and only on the current CUDA stream: " + str(e)
+            ) from e
+        return graph, out
+
+    def _replay(self, graph):
+        g, out = graph
+        g.replay()
+        return out
+
+
+def _anderson(f, z, t: _Tracker, k, max_iter, m, lam, tau, steps):
     B, D = z.shape
     # Step i writes slot i % m, so with m > max_iter the slots past max_iter are
     # never written (and min(i, m) never reaches them): same iterates, less memory.
@@ -508,27 +585,39 @@ def _anderson(f, z, t: _Tracker, k, max_iter, m, lam, tau):
     F = z.new_zeros((B, m, D))
     GG = z.new_zeros((B, m, m))  # the Gram matrix of the stored residuals, one new row and column a step
     x = z
-    for i in range(max_iter):
+
+    def step(i, x):
         fx = f(x)
         # One fused step: the ring slot, the Gram row, the residual norms and the next iterate
         # (x1 = f(x0), then the Anderson mix, or the damped step where it is not finite).
-        x_next, a, r = k.anderson_step(X, F, GG, x.contiguous(), fx.contiguous(), i, lam, tau)
+        return (fx, *k.anderson_step(X, F, GG, x.contiguous(), fx.contiguous(), i, lam, tau))
+
+    for i in range(max_iter):
+        # The step depends on i through its slot i % m, its fill min(i + 1, m) and i == 0 only:
+        # every i >= m acts as m + i % m does (one graph per slot once the ring is full).
+        key = i if i < m else m + i % m
+        fx, x_next, a, r = steps(key, functools.partial(step, key), x)
         t.record(i + 1, fx, a, r)
         if t.done(i + 1):
             break
         x = t.keep_frozen(x_next, t.best)
 
 
-def _picard(f, z, t: _Tracker, k, max_iter, tau):
-    x = z
-    for i in range(max_iter):
+def _picard(f, z, t: _Tracker, k, max_iter, tau, steps):
+    def step(x):
         fx = f(x)
         a, r = k.residual_norms(fx, x)
+        return fx, (fx if tau == 1.0 else tau * fx + (1 - tau) * x), a, r
+
+    x = z
+    for i in range(max_iter):
+        fx, nxt, a, r = steps((), step, x)
         t.record(i + 1, fx, a, r)
         if t.done(i + 1):
             break
-        nxt = fx if tau == 1.0 else tau * fx + (1 - tau) * x
         x = t.keep_frozen(nxt, x)
+        if x is nxt:
+            x = steps.hold(x)  # the next step reads it after its replay
 
 
 # torchdeq's Broyden "no progress" rule as it acts on one sample (module docstring):
@@ -536,7 +625,7 @@ def _picard(f, z, t: _Tracker, k, max_iter, tau):
 _STALL_STEPS, _STALL_TOL = 30, 3.0
 
 
-def _broyden(f, z, t: _Tracker, k, max_iter, memory=None):
+def _broyden(f, z, t: _Tracker, k, max_iter, memory, steps):
     B, D = z.shape
     L = max_iter if memory is None else min(memory, max_iter)  # rank-one terms kept (a ring of L)
     U = z.new_zeros((B, L, D))
@@ -544,10 +633,13 @@ def _broyden(f, z, t: _Tracker, k, max_iter, memory=None):
     x = z
     gx = f(x) - x
     x_new = x + gx  # the first step, -Jinv gx with Jinv = -I; every sample runs
-    for step in range(1, max_iter + 1):
-        fx = f(x_new)
+
+    def evaluate(x_new, x, gx):
         # One pass: the residual (kept for stopped samples), the secant pair and the norms.
-        gx, dx, dg, a, r = k.broyden_residual(fx.contiguous(), x_new, x, gx, t.active)
+        return k.broyden_residual(f(x_new).contiguous(), x_new, x, gx, t.active)
+
+    for step in range(1, max_iter + 1):
+        gx, dx, dg, a, r = steps((), evaluate, x_new, x, gx)
         x = x_new
         t.record(step, x, a, r)
         if step > _STALL_STEPS:
@@ -578,6 +670,7 @@ def solve_loop(
     memory=None,
     kernels=KERNELS,
     caller="fixed_point_solve",
+    cuda_graph=False,
 ):
     """The solver loop shared by the reference and the registered ops.
 
@@ -585,18 +678,20 @@ def solve_loop(
     ``solver`` is caught here, so that no typo can fall through to Picard.
     ``kernels`` holds the four tensor kernels (``KERNELS``, or the registered
     ops bound to a backend); ``caller`` names the solve in the divergence
-    warning.
+    warning.  ``cuda_graph``: run the steps through :class:`GraphSteps` (a CUDA ``z0``; the
+    callers check), or an instance of it (tests substitute one that needs no GPU).
     """
+    steps = cuda_graph if isinstance(cuda_graph, GraphSteps) else GraphSteps() if cuda_graph else EagerSteps()
     with torch.no_grad():
         z = z0.detach().reshape(z0.shape[0], -1)
         fflat = _flat_f(f, z0.detach())
         t = _Tracker(z, max_iter, tol, stop_mode, check_every, kernels.solver_record)
         if solver == "anderson":
-            _anderson(fflat, z, t, kernels, max_iter, m, lam, tau)
+            _anderson(fflat, z, t, kernels, max_iter, m, lam, tau, steps)
         elif solver == "broyden":
-            _broyden(fflat, z, t, kernels, max_iter, memory)
+            _broyden(fflat, z, t, kernels, max_iter, memory, steps)
         elif solver == "picard":
-            _picard(fflat, z, t, kernels, max_iter, tau)
+            _picard(fflat, z, t, kernels, max_iter, tau, steps)
         else:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         n_div = int(t.diverged.sum())
