@@ -153,8 +153,8 @@ def broyden_residual(fx, x_new, x, gx, active):
 
 @triton.jit
 def _solver_record_kernel(best_ptr, lowest_ptr, blown_ptr, nstep_ptr, trace_ptr, active_ptr, diverged_ptr,
-                          est_ptr, abs_ptr, rel_ptr, tol_ptr, B, D, T, step, STOP: tl.constexpr,
-                          BLOCK: tl.constexpr):  # fmt: skip
+                          est_ptr, abs_ptr, rel_ptr, tol_ptr, hold_ptr, B, D, T, step, STOP: tl.constexpr,
+                          HOLD: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     live = tl.load(active_ptr + b) != 0
     div = tl.load(diverged_ptr + b) != 0
@@ -179,31 +179,44 @@ def _solver_record_kernel(best_ptr, lowest_ptr, blown_ptr, nstep_ptr, trace_ptr,
         tl.store(blown_ptr + mode * B + b, tl.where(blown_now, r, blown))
     r_stop = r_abs if STOP == 0 else r_rel
     tol = tl.load(tol_ptr)
-    tl.store(active_ptr + b, (live & ~(r_stop < tol) & ~blown_now).to(tl.int1))
+    still = live & ~(r_stop < tol) & ~blown_now
+    tl.store(active_ptr + b, still.to(tl.int1))
     tl.store(diverged_ptr + b, (div | blown_now).to(tl.int1))
     if copy_row:
         for d0 in range(0, D, BLOCK):
             d = d0 + tl.arange(0, BLOCK)
             m = d < D
             tl.store(best_ptr + b * D + d, tl.load(est_ptr + b * D + d, mask=m), mask=m)
+    if HOLD:
+        if not still:
+            # The stopped sample's next iterate is its best estimate: est where this step improved it
+            # (the best row just written holds the same values), the stored best otherwise.
+            for d0 in range(0, D, BLOCK):
+                d = d0 + tl.arange(0, BLOCK)
+                m = d < D
+                v = tl.where(
+                    copy_row, tl.load(est_ptr + b * D + d, mask=m), tl.load(best_ptr + b * D + d, mask=m)
+                )
+                tl.store(hold_ptr + b * D + d, v, mask=m)
 
 
 @on_device
 def solver_record(
-    best, lowest, blown, nstep, trace, active, diverged, est, res_abs, res_rel, step, tol, stop
+    best, lowest, blown, nstep, trace, active, diverged, est, res_abs, res_rel, step, tol, stop, hold=None
 ):
     B, D = best.shape
     if B == 0:
         return None
     for name, t in (("best", best), ("lowest", lowest), ("blown", blown), ("nstep", nstep), ("trace", trace),
-                    ("active", active), ("diverged", diverged)):  # fmt: skip
-        if not t.is_contiguous():
+                    ("active", active), ("diverged", diverged), ("hold", hold)):  # fmt: skip
+        if t is not None and not t.is_contiguous():
             raise ValueError(f"solver_record: {name} must be contiguous (it is updated in place)")
     block = min(BLOCK_D, triton.next_power_of_2(max(D, 1)))
     # tol in the residuals' dtype, as the reference compares it (a float argument would be float32).
     tol_t = torch.full((1,), tol, dtype=res_abs.dtype, device=best.device)
     _solver_record_kernel[(B,)](best, lowest, blown, nstep, trace, active, diverged, est.contiguous(), res_abs,
-                                res_rel, tol_t, B, D, trace.shape[2], step, STOP=stop, BLOCK=block)  # fmt: skip
+                                res_rel, tol_t, best if hold is None else hold, B, D, trace.shape[2], step,
+                                STOP=stop, HOLD=hold is not None, BLOCK=block)  # fmt: skip
     return None
 
 

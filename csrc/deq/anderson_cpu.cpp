@@ -11,7 +11,7 @@
 //           x_next = tau (alpha F_n) + (1 - tau) (alpha X_n),
 //           or tau F[s] + (1 - tau) X[s] where that is not finite (a singular system).
 //
-// Four passes, none of which rebuilds the Gram matrix:
+// Four steps, none of which rebuilds the Gram matrix:
 //   1. per (sample, chunk of D): write slot s, and the chunk's partial dot
 //      products <R_s, R_j> and ||fx||^2;
 //   2. per sample: sum the partials in chunk order, write GG's row and column
@@ -20,6 +20,9 @@
 //      the chunk's values are finite;
 //   4. per (sample, chunk) of the samples with a non-finite value: the damped
 //      fallback step.
+// With at least as many samples as threads, one parallel region runs the four
+// steps sample by sample; with fewer, each step is a region over (sample,
+// chunk) items.  With tau = 1 the mix skips X (its weight is 0).
 // Every sum accumulates in double (float32 inputs included) in a fixed
 // order: eight interleaved lanes within a chunk of kChunk entries, the lanes
 // combined pairwise, then the chunks in order.  The chunks are fixed by D
@@ -124,109 +127,133 @@ void anderson_step_kernel(const Tensor& X, const Tensor& F, const Tensor& GG, co
   // Items run serially below about 8k multiply-adds of work per thread (a full chunk is more).
   const int64_t item_work = std::min(D, kChunk) * (n + 2) + 1;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 13) / item_work);
+  const bool pure = tau == 1.0;  // the mix is alpha F alone (X's term has weight 0)
 
-  // Pass 1: slot s and the partial dot products of each chunk.
+  // The four steps of the work, per (sample, chunk) item or per sample.
+  // 1: slot s, and the item's partial dot products (pv: nv entries); rs: kChunk doubles of scratch.
+  auto store_item = [&](int64_t it, double* pv, double* rs) {
+    const int64_t b = it / nc, d0 = (it % nc) * kChunk, len = std::max<int64_t>(0, std::min(D - d0, kChunk));
+    const T* xr = xp + b * D + d0;
+    const T* fr = fp + b * D + d0;
+    T* Xs = Xp + (b * m + s) * D + d0;
+    T* Fs = Fp + (b * m + s) * D + d0;
+    for (int64_t k = 0; k < len; ++k) {
+      Xs[k] = xr[k];
+      Fs[k] = fr[k];
+      rs[k] = static_cast<double>(static_cast<T>(fr[k] - xr[k]));
+    }
+    for (int64_t j = 0; j < n; ++j)
+      pv[j] = dot_lanes(Fp + (b * m + j) * D + d0, Xp + (b * m + j) * D + d0, rs, len);
+    for (int64_t k = 0; k < len; ++k) rs[k] = static_cast<double>(fr[k]);
+    pv[n] = dot_lanes<T>(fr, nullptr, rs, len);
+  };
+  // 2: the sums of sample b's partials in chunk order, GG's row and column s, the norms and the weights.
+  std::vector<double> alpha(static_cast<size_t>(i == 0 ? 0 : B * n));
+  auto solve_sample = [&](int64_t b, const double* part_b, std::vector<double>& tot, std::vector<double>& M,
+                          std::vector<double>& rhs) {
+    std::fill(tot.begin(), tot.end(), 0.0);
+    for (int64_t c = 0; c < nc; ++c)
+      for (int64_t v = 0; v < nv; ++v) tot[v] += part_b[c * nv + v];
+    T* G = Gp + b * m * m;
+    for (int64_t j = 0; j < n; ++j) G[s * m + j] = G[j * m + s] = static_cast<T>(tot[j]);
+    const double a = std::sqrt(tot[s]);
+    ap[b] = static_cast<T>(a);
+    rp[b] = static_cast<T>(a / (std::sqrt(tot[n]) + kRelEps));
+    if (i == 0) return;
+    // [[0, 1^T], [1, GG_n + lam I]] from GG as stored (its other rows came from earlier steps).
+    M.assign(static_cast<size_t>(nv * nv), 0.0);
+    rhs.assign(static_cast<size_t>(nv), 0.0);
+    rhs[0] = 1.0;
+    for (int64_t j = 0; j < n; ++j) {
+      M[j + 1] = M[(j + 1) * nv] = 1.0;
+      for (int64_t k = 0; k < n; ++k) M[(j + 1) * nv + k + 1] = static_cast<double>(G[j * m + k]);
+      M[(j + 1) * nv + j + 1] += lam;
+    }
+    bordered_solve(M, rhs, n, alpha.data() + b * n);
+  };
+  // 3: the item's x_next; false where a value is not finite.  af, ax: kChunk doubles of scratch.
+  auto mix_item = [&](int64_t it, double* af, double* ax) -> bool {
+    const int64_t b = it / nc, d0 = (it % nc) * kChunk, len = std::max<int64_t>(0, std::min(D - d0, kChunk));
+    T* out = op + b * D + d0;
+    if (i == 0) {
+      std::copy(fp + b * D + d0, fp + b * D + d0 + len, out);
+      return true;
+    }
+    // The slots in order (j outer) for every entry: the same sum as entry by entry, vectorisable.
+    const double* w = alpha.data() + b * n;
+    std::fill(af, af + len, 0.0);
+    if (!pure) std::fill(ax, ax + len, 0.0);
+    for (int64_t j = 0; j < n; ++j) {
+      const T* Fj = Fp + (b * m + j) * D + d0;
+      const double wj = w[j];
+      for (int64_t k = 0; k < len; ++k) af[k] += wj * static_cast<double>(Fj[k]);
+      if (pure) continue;
+      const T* Xj = Xp + (b * m + j) * D + d0;
+      for (int64_t k = 0; k < len; ++k) ax[k] += wj * static_cast<double>(Xj[k]);
+    }
+    bool ok = true;
+    for (int64_t k = 0; k < len; ++k) {
+      const T y = static_cast<T>(pure ? af[k] : tau * af[k] + (1.0 - tau) * ax[k]);
+      out[k] = y;
+      ok = ok && std::isfinite(y);
+    }
+    return ok;
+  };
+  // 4: the damped step from the newest slot (for a sample whose mix is not finite).
+  auto fallback_item = [&](int64_t it) {
+    const int64_t b = it / nc, d0 = (it % nc) * kChunk, len = std::max<int64_t>(0, std::min(D - d0, kChunk));
+    const T* Xs = Xp + (b * m + s) * D + d0;
+    const T* Fs = Fp + (b * m + s) * D + d0;
+    T* out = op + b * D + d0;
+    for (int64_t k = 0; k < len; ++k)
+      out[k] = static_cast<T>(tau * static_cast<double>(Fs[k]) + (1.0 - tau) * static_cast<double>(Xs[k]));
+  };
+
+  if (B >= at::get_num_threads()) {
+    // Enough samples for every thread: one parallel region over the samples, each sample's
+    // four steps in a row (the same arithmetic as below, so the same bits, with one wake-up of
+    // the threads instead of three or four).
+    const int64_t sample_grain = std::max<int64_t>(1, (int64_t(1) << 13) / (nc * item_work));
+    for_range(B, sample_grain, [&](int64_t b0, int64_t b1) {
+      std::vector<double> part_b(static_cast<size_t>(nc * nv)), tot(static_cast<size_t>(nv)), M, rhs;
+      std::vector<double> s1(static_cast<size_t>(kChunk)), s2(static_cast<size_t>(pure ? 0 : kChunk));
+      for (int64_t b = b0; b < b1; ++b) {
+        for (int64_t c = 0; c < nc; ++c) store_item(b * nc + c, part_b.data() + c * nv, s1.data());
+        solve_sample(b, part_b.data(), tot, M, rhs);
+        bool ok = true;
+        for (int64_t c = 0; c < nc; ++c) ok = mix_item(b * nc + c, s1.data(), s2.data()) && ok;
+        if (!ok && i != 0)
+          for (int64_t c = 0; c < nc; ++c) fallback_item(b * nc + c);
+      }
+    });
+    return;
+  }
+
+  // Fewer samples than threads: each step in its own region, over (sample, chunk) items.
   std::vector<double> part(static_cast<size_t>(items * nv));
   for_range(items, grain, [&](int64_t i0, int64_t i1) {
     std::vector<double> rs(static_cast<size_t>(kChunk));
-    for (int64_t it = i0; it < i1; ++it) {
-      const int64_t b = it / nc, d0 = (it % nc) * kChunk, len = std::max<int64_t>(0, std::min(D - d0, kChunk));
-      const T* xr = xp + b * D + d0;
-      const T* fr = fp + b * D + d0;
-      T* Xs = Xp + (b * m + s) * D + d0;
-      T* Fs = Fp + (b * m + s) * D + d0;
-      for (int64_t k = 0; k < len; ++k) {
-        Xs[k] = xr[k];
-        Fs[k] = fr[k];
-        rs[k] = static_cast<double>(static_cast<T>(fr[k] - xr[k]));
-      }
-      double* pv = part.data() + it * nv;
-      for (int64_t j = 0; j < n; ++j)
-        pv[j] = dot_lanes(Fp + (b * m + j) * D + d0, Xp + (b * m + j) * D + d0, rs.data(), len);
-      for (int64_t k = 0; k < len; ++k) rs[k] = static_cast<double>(fr[k]);
-      pv[n] = dot_lanes<T>(fr, nullptr, rs.data(), len);
-    }
+    for (int64_t it = i0; it < i1; ++it) store_item(it, part.data() + it * nv, rs.data());
   });
-
-  // Pass 2: the sums in chunk order, GG's row and column s, the norms and the weights.
-  std::vector<double> alpha(static_cast<size_t>(i == 0 ? 0 : B * n));
   const int64_t solve_grain = std::max<int64_t>(1, 4096 / (nv * nv * nv + nc * nv));
   for_range(B, solve_grain, [&](int64_t b0, int64_t b1) {
     std::vector<double> tot(static_cast<size_t>(nv)), M, rhs;
-    for (int64_t b = b0; b < b1; ++b) {
-      std::fill(tot.begin(), tot.end(), 0.0);
-      for (int64_t c = 0; c < nc; ++c)
-        for (int64_t v = 0; v < nv; ++v) tot[v] += part[(b * nc + c) * nv + v];
-      T* G = Gp + b * m * m;
-      for (int64_t j = 0; j < n; ++j) G[s * m + j] = G[j * m + s] = static_cast<T>(tot[j]);
-      const double a = std::sqrt(tot[s]);
-      ap[b] = static_cast<T>(a);
-      rp[b] = static_cast<T>(a / (std::sqrt(tot[n]) + kRelEps));
-      if (i == 0) continue;
-      // [[0, 1^T], [1, GG_n + lam I]] from GG as stored (its other rows came from earlier steps).
-      M.assign(static_cast<size_t>(nv * nv), 0.0);
-      rhs.assign(static_cast<size_t>(nv), 0.0);
-      rhs[0] = 1.0;
-      for (int64_t j = 0; j < n; ++j) {
-        M[j + 1] = M[(j + 1) * nv] = 1.0;
-        for (int64_t k = 0; k < n; ++k) M[(j + 1) * nv + k + 1] = static_cast<double>(G[j * m + k]);
-        M[(j + 1) * nv + j + 1] += lam;
-      }
-      bordered_solve(M, rhs, n, alpha.data() + b * n);
-    }
+    for (int64_t b = b0; b < b1; ++b) solve_sample(b, part.data() + b * nc * nv, tot, M, rhs);
   });
-
-  // Pass 3: x_next, and which chunks hold a non-finite value.
   std::vector<uint8_t> finite(static_cast<size_t>(items), 1);
   for_range(items, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<double> af(static_cast<size_t>(i == 0 ? 0 : kChunk)), ax(af.size());
-    for (int64_t it = i0; it < i1; ++it) {
-      const int64_t b = it / nc, d0 = (it % nc) * kChunk, len = std::max<int64_t>(0, std::min(D - d0, kChunk));
-      T* out = op + b * D + d0;
-      if (i == 0) {
-        std::copy(fp + b * D + d0, fp + b * D + d0 + len, out);
-        continue;
-      }
-      // The slots in order (j outer) for every entry: the same sum as entry by entry, vectorisable.
-      const double* w = alpha.data() + b * n;
-      std::fill(af.begin(), af.begin() + len, 0.0);
-      std::fill(ax.begin(), ax.begin() + len, 0.0);
-      for (int64_t j = 0; j < n; ++j) {
-        const T* Fj = Fp + (b * m + j) * D + d0;
-        const T* Xj = Xp + (b * m + j) * D + d0;
-        const double wj = w[j];
-        for (int64_t k = 0; k < len; ++k) {
-          af[k] += wj * static_cast<double>(Fj[k]);
-          ax[k] += wj * static_cast<double>(Xj[k]);
-        }
-      }
-      bool ok = true;
-      for (int64_t k = 0; k < len; ++k) {
-        const T y = static_cast<T>(tau * af[k] + (1.0 - tau) * ax[k]);
-        out[k] = y;
-        ok = ok && std::isfinite(y);
-      }
-      finite[it] = ok;
-    }
+    std::vector<double> af(static_cast<size_t>(kChunk)), ax(static_cast<size_t>(pure ? 0 : kChunk));
+    for (int64_t it = i0; it < i1; ++it) finite[it] = mix_item(it, af.data(), ax.data());
   });
   if (i == 0) return;
-
-  // Pass 4: the damped step from the newest slot for the samples whose mix is not finite.
   std::vector<uint8_t> bad(static_cast<size_t>(B), 0);
   bool any = false;
   for (int64_t it = 0; it < items; ++it)
     if (!finite[it]) bad[it / nc] = 1, any = true;
   if (!any) return;
   for_range(items, grain, [&](int64_t i0, int64_t i1) {
-    for (int64_t it = i0; it < i1; ++it) {
-      const int64_t b = it / nc, d0 = (it % nc) * kChunk, len = std::max<int64_t>(0, std::min(D - d0, kChunk));
-      if (!bad[b]) continue;
-      const T* Xs = Xp + (b * m + s) * D + d0;
-      const T* Fs = Fp + (b * m + s) * D + d0;
-      T* out = op + b * D + d0;
-      for (int64_t k = 0; k < len; ++k)
-        out[k] = static_cast<T>(tau * static_cast<double>(Fs[k]) + (1.0 - tau) * static_cast<double>(Xs[k]));
-    }
+    for (int64_t it = i0; it < i1; ++it)
+      if (bad[it / nc]) fallback_item(it);
   });
 }
 

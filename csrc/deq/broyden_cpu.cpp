@@ -38,12 +38,21 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "common/alloc.h"
 #include "common/checks.h"
 #include "common/sched.h"
 
 #pragma GCC diagnostic ignored "-Wpsabi"
+
+// The vector helpers below pass 64-byte vectors by value: out of line, each call would go
+// through memory (the psABI passes them on the stack), so they are always inlined.
+#define FF_INLINE inline __attribute__((always_inline))
 
 namespace frontiers_fast {
 namespace deq {
@@ -63,31 +72,46 @@ constexpr double kRelEps = 1e-9;  // ref.REL_EPS
 // ---------------------------------------------------------------------------
 // 8 elements of T as 8 doubles, and back
 // ---------------------------------------------------------------------------
-inline D8 load8(const double* p) {
+FF_INLINE D8 load8(const double* p) {
   D8 v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-inline D8 load8(const float* p) {
+FF_INLINE D8 load8(const float* p) {
+#if defined(__AVX512F__)
+  // One conversion instruction: the generic path splits it in halves and shuffles, and the
+  // shuffle port then bounds the whole kernel.
+  const __m512d v = _mm512_cvtps_pd(_mm256_loadu_ps(p));
+  D8 r;
+  std::memcpy(&r, &v, sizeof(r));
+  return r;
+#else
   F8 f;
   std::memcpy(&f, p, sizeof(f));
   return __builtin_convertvector(f, D8);
+#endif
 }
-inline void store8(double* p, D8 v) { std::memcpy(p, &v, sizeof(v)); }
-inline void store8(float* p, D8 v) {
+FF_INLINE void store8(double* p, D8 v) { std::memcpy(p, &v, sizeof(v)); }
+FF_INLINE void store8(float* p, D8 v) {
+#if defined(__AVX512F__)
+  __m512d w;
+  std::memcpy(&w, &v, sizeof(w));
+  _mm256_storeu_ps(p, _mm512_cvtpd_ps(w));
+#else
   const F8 f = __builtin_convertvector(v, F8);
   std::memcpy(p, &f, sizeof(f));
+#endif
 }
 
 // The first m (< 8) elements, the other lanes 0.
 template <typename T>
-inline D8 load8_n(const T* p, int64_t m) {
+FF_INLINE D8 load8_n(const T* p, int64_t m) {
   T buf[kLanes] = {};
   std::memcpy(buf, p, m * sizeof(T));
   return load8(buf);
 }
 template <typename T>
-inline void store8_n(T* p, D8 v, int64_t m) {
+FF_INLINE void store8_n(T* p, D8 v, int64_t m) {
   T buf[kLanes];
   store8(buf, v);
   std::memcpy(p, buf, m * sizeof(T));
@@ -95,12 +119,12 @@ inline void store8_n(T* p, D8 v, int64_t m) {
 
 // Vector k of a chunk of m elements starting at p (zero-padded past m).
 template <typename T>
-inline D8 vec_at(const T* p, int k, int64_t m) {
+FF_INLINE D8 vec_at(const T* p, int k, int64_t m) {
   const int64_t at = int64_t(k) * kLanes;
   return at + kLanes <= m ? load8(p + at) : load8_n(p + at, m - at);
 }
 template <typename T>
-inline void put_at(T* p, int k, int64_t m, D8 v) {
+FF_INLINE void put_at(T* p, int k, int64_t m, D8 v) {
   const int64_t at = int64_t(k) * kLanes;
   if (at + kLanes <= m)
     store8(p + at, v);
@@ -109,17 +133,28 @@ inline void put_at(T* p, int k, int64_t m, D8 v) {
 }
 
 // v rounded to T (exact for double; float32's rounding, as the stored value will have).
-inline D8 round_to(D8 v, double*) { return v; }
-inline D8 round_to(D8 v, float*) { return __builtin_convertvector(__builtin_convertvector(v, F8), D8); }
+FF_INLINE D8 round_to(D8 v, double*) { return v; }
+FF_INLINE D8 round_to(D8 v, float*) {
+#if defined(__AVX512F__)
+  __m512d w;
+  std::memcpy(&w, &v, sizeof(w));
+  w = _mm512_cvtps_pd(_mm512_cvtpd_ps(w));
+  D8 r;
+  std::memcpy(&r, &w, sizeof(r));
+  return r;
+#else
+  return __builtin_convertvector(__builtin_convertvector(v, F8), D8);
+#endif
+}
 
 // Lanes that are finite keep their value, the others become 0 (x - x is 0 only for finite x).
-inline D8 finite_or_zero(D8 v) {
+FF_INLINE D8 finite_or_zero(D8 v) {
   const D8 zero = {};
   return (v - v == zero) ? v : zero;
 }
 
 // The lanes summed in a fixed tree.
-inline double hsum(D8 v) {
+FF_INLINE double hsum(D8 v) {
   double t[kLanes];
   std::memcpy(t, &v, sizeof(v));
   for (int h = kLanes / 2; h >= 1; h /= 2)
@@ -129,7 +164,7 @@ inline double hsum(D8 v) {
 
 // Four accumulators (vector k goes to k % 4, then ((0 + 1) + (2 + 3))): a fixed order, and four
 // independent chains of adds rather than one.
-inline double dot_chunk(const D8* x, const D8* y, int nv) {
+FF_INLINE double dot_chunk(const D8* x, const D8* y, int nv) {
   D8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
   int k = 0;
   for (; k + 4 <= nv; k += 4) {
@@ -142,6 +177,59 @@ inline double dot_chunk(const D8* x, const D8* y, int nv) {
   if (k + 1 < nv) a1 += x[k + 1] * y[k + 1];
   if (k + 2 < nv) a2 += x[k + 2] * y[k + 2];
   return hsum((a0 + a1) + (a2 + a3));
+}
+
+// dot_chunk(x, y, nv) with x read from memory (m elements at p): the same order, so the same bits.
+template <typename T>
+FF_INLINE double dot_row(const T* p, const D8* y, int nv, int64_t m) {
+  D8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  int k = 0;
+  if (m == int64_t(nv) * kLanes) {
+    for (; k + 4 <= nv; k += 4) {
+      a0 += load8(p + k * kLanes) * y[k];
+      a1 += load8(p + (k + 1) * kLanes) * y[k + 1];
+      a2 += load8(p + (k + 2) * kLanes) * y[k + 2];
+      a3 += load8(p + (k + 3) * kLanes) * y[k + 3];
+    }
+  } else {
+    for (; k + 4 <= nv; k += 4) {
+      a0 += vec_at(p, k, m) * y[k];
+      a1 += vec_at(p, k + 1, m) * y[k + 1];
+      a2 += vec_at(p, k + 2, m) * y[k + 2];
+      a3 += vec_at(p, k + 3, m) * y[k + 3];
+    }
+  }
+  if (k < nv) a0 += vec_at(p, k, m) * y[k];
+  if (k + 1 < nv) a1 += vec_at(p, k + 1, m) * y[k + 1];
+  if (k + 2 < nv) a2 += vec_at(p, k + 2, m) * y[k + 2];
+  return hsum((a0 + a1) + (a2 + a3));
+}
+
+// dot_row(p, y) and dot_row(p, z) in one read of the row.
+template <typename T>
+FF_INLINE void dot_row2(const T* p, const D8* y, const D8* z, int nv, int64_t m, double& py, double& pz) {
+  D8 a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
+  int k = 0;
+  for (; k + 4 <= nv; k += 4) {
+    const D8 r0 = vec_at(p, k, m), r1 = vec_at(p, k + 1, m), r2 = vec_at(p, k + 2, m), r3 = vec_at(p, k + 3, m);
+    a0 += r0 * y[k];
+    a1 += r1 * y[k + 1];
+    a2 += r2 * y[k + 2];
+    a3 += r3 * y[k + 3];
+    b0 += r0 * z[k];
+    b1 += r1 * z[k + 1];
+    b2 += r2 * z[k + 2];
+    b3 += r3 * z[k + 3];
+  }
+  for (int t = 0; k + t < nv; ++t) {
+    const D8 r = vec_at(p, k + t, m);
+    D8& a = t == 0 ? a0 : t == 1 ? a1 : a2;
+    D8& bb = t == 0 ? b0 : t == 1 ? b1 : b2;
+    a += r * y[k + t];
+    bb += r * z[k + t];
+  }
+  py = hsum((a0 + a1) + (a2 + a3));
+  pz = hsum((b0 + b1) + (b2 + b3));
 }
 
 inline int64_t num_chunks(int64_t D) { return (D + kChunk - 1) / kChunk; }
@@ -180,25 +268,25 @@ struct Step {
     for (int k = 0; k < (m + kLanes - 1) / kLanes; ++k) x[k] = vec_at(p, k, m);
   }
 
-  // Pass 1: the dot products of the old rows with dx, dg and gx over one chunk.
+  // Pass 1: the dot products of the old rows with dx, dg and gx over one chunk, each row read
+  // straight from memory once (a V row serves both of its products).
   void dots(int64_t b, int64_t c) const {
     const int64_t d0 = c * kChunk, m = std::min(kChunk, D - d0);
     const int nv = int((m + kLanes - 1) / kLanes);
-    D8 xd[kChunkVecs], gd[kChunkVecs], hd[kChunkVecs], r[kChunkVecs];
+    D8 xd[kChunkVecs], gd[kChunkVecs], hd[kChunkVecs];
     load(dx + b * D + d0, m, xd);
     load(dg + b * D + d0, m, gd);
     load(gx + b * D + d0, m, hd);
     double* p = part + (b * nch + c) * stride();
     for (int64_t j = 0; j < R; ++j) {
-      if (j < n) {
-        load(row(U, b, j) + d0, m, r);
-        p[j] = dot_chunk(r, xd, nv);
-      }
-      if (j < n || uses_e(j)) {
-        load(row(V, b, j) + d0, m, r);
-        if (j < n) p[L + j] = dot_chunk(r, gd, nv);
-        if (uses_e(j)) p[2 * L + j] = dot_chunk(r, hd, nv);
-      }
+      if (j < n) p[j] = dot_row(row(U, b, j) + d0, xd, nv, m);
+      const bool e = uses_e(j);
+      if (j < n && e)
+        dot_row2(row(V, b, j) + d0, gd, hd, nv, m, p[L + j], p[2 * L + j]);
+      else if (j < n)
+        p[L + j] = dot_row(row(V, b, j) + d0, gd, nv, m);
+      else if (e)
+        p[2 * L + j] = dot_row(row(V, b, j) + d0, hd, nv, m);
     }
   }
 
@@ -207,30 +295,68 @@ struct Step {
   void combine(int64_t b, int64_t c) const {
     const int64_t d0 = c * kChunk, m = std::min(kChunk, D - d0);
     const int nv = int((m + kLanes - 1) / kLanes);
-    D8 accv[kChunkVecs] = {}, accw[kChunkVecs] = {}, accs[kChunkVecs] = {};
+    D8 accv[kChunkVecs], accw[kChunkVecs], accs[kChunkVecs];
     const double* q = coef + b * stride();
+    // The terms of each sum, rows in order: the same additions, element by element, as a loop
+    // over the rows outside a loop over the elements, with the partial sums in registers.
+    thread_local std::vector<const T*> rows_buf;
+    thread_local std::vector<double> coef_buf;
+    rows_buf.resize(size_t(3 * R));
+    coef_buf.resize(size_t(3 * R));
+    const T** vrow = rows_buf.data();
+    const T** urow = vrow + R;
+    const T** erow = urow + R;
+    double* va = coef_buf.data();
+    double* uc = va + R;
+    double* ue = uc + R;
+    int nvr = 0, nur = 0, ner = 0;
     for (int64_t j = 0; j < R; ++j) {
-      const bool in_n = j < n, in_e = uses_e(j);
-      if (in_n) {
-        const T* vr = row(V, b, j) + d0;
-        const double a = q[j];
-        for (int k = 0; k < nv; ++k) accv[k] += a * vec_at(vr, k, m);
+      if (j < n) {
+        vrow[nvr] = row(V, b, j) + d0, va[nvr++] = q[j];
+        urow[nur] = row(U, b, j) + d0, uc[nur++] = q[L + j];
       }
-      if (in_n || in_e) {
-        const T* ur = row(U, b, j) + d0;
-        const double cj = in_n ? q[L + j] : 0.0, ej = in_e ? q[2 * L + j] : 0.0;
-        if (in_n && in_e) {
-          for (int k = 0; k < nv; ++k) {
-            const D8 u = vec_at(ur, k, m);
-            accw[k] += cj * u;
-            accs[k] += ej * u;
-          }
-        } else if (in_n) {
-          for (int k = 0; k < nv; ++k) accw[k] += cj * vec_at(ur, k, m);
-        } else {
-          for (int k = 0; k < nv; ++k) accs[k] += ej * vec_at(ur, k, m);
+      if (uses_e(j)) erow[ner] = row(U, b, j) + d0, ue[ner++] = q[2 * L + j];
+    }
+    int k = 0;
+    if (m == kChunk) {  // whole vectors, four at a time
+      for (; k + 4 <= nv; k += 4) {
+        D8 v0 = {}, v1 = {}, v2 = {}, v3 = {}, w0 = {}, w1 = {}, w2 = {}, w3 = {}, s0 = {}, s1 = {}, s2 = {}, s3 = {};
+        const int64_t at = int64_t(k) * kLanes;
+        for (int r = 0; r < nvr; ++r) {
+          const T* p = vrow[r] + at;
+          const double a = va[r];
+          v0 += a * load8(p);
+          v1 += a * load8(p + kLanes);
+          v2 += a * load8(p + 2 * kLanes);
+          v3 += a * load8(p + 3 * kLanes);
         }
+        for (int r = 0; r < nur; ++r) {
+          const T* p = urow[r] + at;
+          const double a = uc[r];
+          w0 += a * load8(p);
+          w1 += a * load8(p + kLanes);
+          w2 += a * load8(p + 2 * kLanes);
+          w3 += a * load8(p + 3 * kLanes);
+        }
+        for (int r = 0; r < ner; ++r) {
+          const T* p = erow[r] + at;
+          const double a = ue[r];
+          s0 += a * load8(p);
+          s1 += a * load8(p + kLanes);
+          s2 += a * load8(p + 2 * kLanes);
+          s3 += a * load8(p + 3 * kLanes);
+        }
+        accv[k] = v0, accv[k + 1] = v1, accv[k + 2] = v2, accv[k + 3] = v3;
+        accw[k] = w0, accw[k + 1] = w1, accw[k + 2] = w2, accw[k + 3] = w3;
+        accs[k] = s0, accs[k + 1] = s1, accs[k + 2] = s2, accs[k + 3] = s3;
       }
+    }
+    for (; k < nv; ++k) {
+      D8 v0 = {}, w0 = {}, s0 = {};
+      for (int r = 0; r < nvr; ++r) v0 += va[r] * vec_at(vrow[r], k, m);
+      for (int r = 0; r < nur; ++r) w0 += uc[r] * vec_at(urow[r], k, m);
+      for (int r = 0; r < ner; ++r) s0 += ue[r] * vec_at(erow[r], k, m);
+      accv[k] = v0, accw[k] = w0, accs[k] = s0;
     }
     T* us = row(U, b, slot) + d0;
     T* vs = row(V, b, slot) + d0;

@@ -8,7 +8,8 @@
 // it holds), the diverged flag (a non-finite abs residual stops the sample)
 // and the running mask (a residual below tol stops it).  The reference does
 // the same with about fifteen small tensor ops; here it is one loop whose
-// only O(D) work is copying the rows that improved.  Nothing is summed, so it
+// only O(D) work is copying the rows that improved (and, with hold, the
+// best rows of the samples that stopped into the loop's next iterate).  Nothing is summed, so it
 // is deterministic for any thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -18,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 
 #include "common/checks.h"
 
@@ -39,7 +41,7 @@ void need(const Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayR
 template <typename T>
 void record(Tensor& best, Tensor& lowest, Tensor& blown, Tensor& nstep, Tensor& trace, Tensor& active,
             Tensor& diverged, const Tensor& est, const Tensor& res_abs, const Tensor& res_rel, int64_t step,
-            double tol, int64_t stop) {
+            double tol, int64_t stop, T* phold) {
   const int64_t B = best.size(0), D = best.size(1), T_max = trace.size(2);
   T* pbest = best.data_ptr<T>();
   T* plow = lowest.data_ptr<T>();
@@ -70,6 +72,8 @@ void record(Tensor& best, Tensor& lowest, Tensor& blown, Tensor& nstep, Tensor& 
       }
       pact[b] = live && !(res[stop][b] < t_tol) && !blown_now;
       pdiv[b] = pdiv[b] || blown_now;
+      // A stopped sample's next iterate is its best estimate (written above where it improved).
+      if (phold && !pact[b]) std::memcpy(phold + b * D, pbest + b * D, sizeof(T) * size_t(D));
     }
   });
 }
@@ -77,7 +81,7 @@ void record(Tensor& best, Tensor& lowest, Tensor& blown, Tensor& nstep, Tensor& 
 void solver_record_cpu(const Tensor& best_, const Tensor& lowest_, const Tensor& blown_, const Tensor& nstep_,
                        const Tensor& trace_, const Tensor& active_, const Tensor& diverged_, const Tensor& est,
                        const Tensor& res_abs, const Tensor& res_rel,
-                       int64_t step, double tol, int64_t stop) {
+                       int64_t step, double tol, int64_t stop, const std::optional<Tensor>& hold_) {
   // Updated in place (Tensor(a!) in the schema): handles to the caller's tensors.
   Tensor best = best_, lowest = lowest_, blown = blown_, nstep = nstep_, trace = trace_, active = active_,
          diverged = diverged_;
@@ -104,8 +108,14 @@ void solver_record_cpu(const Tensor& best_, const Tensor& lowest_, const Tensor&
   TORCH_CHECK_VALUE(step >= 1 && step <= trace.size(2), kOp, ": step must be in [1, max_iter] = [1, ",
                     trace.size(2), "], got ", step);
   TORCH_CHECK_VALUE(stop == 0 || stop == 1, kOp, ": stop must be 0 (abs) or 1 (rel), got ", stop);
+  Tensor hold;
+  if (hold_.has_value() && hold_->defined()) {
+    hold = *hold_;
+    need(hold, "hold", dt, {B, D});
+  }
   AT_DISPATCH_FLOATING_TYPES(dt, kOp, [&] {
-    record<scalar_t>(best, lowest, blown, nstep, trace, active, diverged, est, res_abs, res_rel, step, tol, stop);
+    record<scalar_t>(best, lowest, blown, nstep, trace, active, diverged, est, res_abs, res_rel, step, tol, stop,
+                     hold.defined() ? hold.data_ptr<scalar_t>() : nullptr);
   });
 }
 

@@ -407,7 +407,7 @@ define_op(
 define_op(
     "solver_record(Tensor(a!) best, Tensor(b!) lowest, Tensor(c!) blown, Tensor(d!) nstep, Tensor(e!) trace, "
     "Tensor(f!) active, Tensor(g!) diverged, Tensor est, Tensor res_abs, Tensor res_rel, int step, float tol, "
-    "int stop) -> ()",
+    "int stop, Tensor(h!)? hold) -> ()",
     fake=lambda *args: None,
     reference=ref.solver_record,
     triton="frontiers_fast.kernels.deq:solver_record",

@@ -88,6 +88,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 from types import SimpleNamespace
 
@@ -388,6 +389,7 @@ def solver_record(
     step: int,
     tol: float,
     stop: int,
+    hold: Tensor | None = None,
 ) -> None:
     """Record one solver step in the per-sample state, in place (the solver loop's bookkeeping).
 
@@ -404,6 +406,11 @@ def solver_record(
     stops it; a residual below ``tol`` stops it.  A stopped sample's trace
     gets what it holds (its blown residual if diverged, else its lowest),
     as torchdeq pads after it stops; nothing else of it changes.
+
+    ``hold`` [B, D] (optional, the loop's next iterate): the rows of the
+    samples stopped after this step are set to their best estimate, in
+    place, so that a stopped sample's next evaluation of f sees its best
+    estimate (f may couple the samples).
     """
     live = active
     res = (res_abs, res_rel)
@@ -419,6 +426,8 @@ def solver_record(
         blown[mode] = torch.where(blown_now, res[mode], blown[mode])
     active.copy_(live & ~(res[stop] < tol) & ~blown_now)
     diverged |= blown_now
+    if hold is not None:
+        hold.copy_(torch.where(active.unsqueeze(1), hold, best))
 
 
 KERNELS.solver_record = solver_record
@@ -446,9 +455,10 @@ class _Tracker:
         self.last = 0  # steps recorded so far
         self.all_active = True
 
-    def record(self, step: int, est: Tensor, res_abs: Tensor, res_rel: Tensor):
+    def record(self, step: int, est: Tensor, res_abs: Tensor, res_rel: Tensor, hold: Tensor | None = None):
+        """``hold``: the next iterate, whose stopped samples' rows get their best estimate."""
         self._record(self.best, self.lowest, self.blown, self.nstep, self.trace, self.active, self.diverged,
-                     est.contiguous(), res_abs, res_rel, step, self.tol, self.stop)  # fmt: skip
+                     est.contiguous(), res_abs, res_rel, step, self.tol, self.stop, hold)  # fmt: skip
         self.last = step
 
     def freeze(self, mask: Tensor):
@@ -576,14 +586,24 @@ class GraphSteps:
         return out
 
 
+def _scratch(z: Tensor, shape) -> Tensor:
+    """A ring buffer of the loop: uninitialised (its slots are written before they are read, so a
+    zero fill would only cost a pass over it); NaN under FRONTIERS_FAST_DEBUG_POISON=1, so that a
+    kernel reading a slot not yet written fails the tests."""
+    t = z.new_empty(shape)
+    if os.environ.get("FRONTIERS_FAST_DEBUG_POISON") == "1":
+        t.fill_(math.nan)
+    return t
+
+
 def _anderson(f, z, t: _Tracker, k, max_iter, m, lam, tau, steps):
     B, D = z.shape
     # Step i writes slot i % m, so with m > max_iter the slots past max_iter are
     # never written (and min(i, m) never reaches them): same iterates, less memory.
     m = min(m, max_iter)
-    X = z.new_zeros((B, m, D))
-    F = z.new_zeros((B, m, D))
-    GG = z.new_zeros((B, m, m))  # the Gram matrix of the stored residuals, one new row and column a step
+    X = _scratch(z, (B, m, D))
+    F = _scratch(z, (B, m, D))
+    GG = _scratch(z, (B, m, m))  # the Gram matrix of the stored residuals, one new row and column a step
     x = z
 
     def step(i, x):
@@ -597,10 +617,11 @@ def _anderson(f, z, t: _Tracker, k, max_iter, m, lam, tau, steps):
         # every i >= m acts as m + i % m does (one graph per slot once the ring is full).
         key = i if i < m else m + i % m
         fx, x_next, a, r = steps(key, functools.partial(step, key), x)
-        t.record(i + 1, fx, a, r)
+        # Stopped samples restart from their best estimate (the record writes it into x_next).
+        t.record(i + 1, fx, a, r, hold=x_next)
         if t.done(i + 1):
             break
-        x = t.keep_frozen(x_next, t.best)
+        x = x_next
 
 
 def _picard(f, z, t: _Tracker, k, max_iter, tau, steps):
@@ -628,8 +649,8 @@ _STALL_STEPS, _STALL_TOL = 30, 3.0
 def _broyden(f, z, t: _Tracker, k, max_iter, memory, steps):
     B, D = z.shape
     L = max_iter if memory is None else min(memory, max_iter)  # rank-one terms kept (a ring of L)
-    U = z.new_zeros((B, L, D))
-    V = z.new_zeros((B, L, D))
+    U = _scratch(z, (B, L, D))
+    V = _scratch(z, (B, L, D))
     x = z
     gx = f(x) - x
     x_new = x + gx  # the first step, -Jinv gx with Jinv = -I; every sample runs

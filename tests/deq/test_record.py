@@ -53,18 +53,26 @@ def _equal(a, b, name):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("stop", [0, 1])
 @pytest.mark.parametrize("B,D", [(1, 5), (37, 64), (300, 3)])
-def test_solver_record_equals_reference(B, D, stop, dtype, device, backend):
+@pytest.mark.parametrize("with_hold", [False, True])
+def test_solver_record_equals_reference(B, D, stop, dtype, device, backend, with_hold):
     gen = torch.Generator().manual_seed(B * 10 + D + stop)
     T = 6
     ours = [t.to(device) for t in _state(B, D, T, dtype, gen)]
     theirs = [t.clone() for t in ours]
     for step in range(1, T + 1):
         est, ra, rr = (t.to(device) for t in _step(B, D, dtype, gen, theirs[1]))
-        ops.solver_record(*ours, est, ra, rr, step, 1e-6, stop, backend)
-        ref.solver_record(*theirs, est, ra, rr, step, 1e-6, stop)
+        # hold: the loop's next iterate (fresh values each step), whose stopped rows get the best estimate.
+        hold = torch.randn(B, D, generator=gen, dtype=dtype).to(device) if with_hold else None
+        hold_ref = hold.clone() if with_hold else None
+        ops.solver_record(*ours, est, ra, rr, step, 1e-6, stop, hold, backend)
+        ref.solver_record(*theirs, est, ra, rr, step, 1e-6, stop, hold_ref)
         names = ("best", "lowest", "blown", "nstep", "trace", "active", "diverged")
         for a, b, name in zip(ours, theirs, names):
             _equal(a, b, f"{name} after step {step}")
+        if with_hold:
+            _equal(hold, hold_ref, f"hold after step {step}")
+            stopped = ~theirs[5]
+            assert torch.equal(hold[stopped], theirs[0][stopped])
     if B > 10:  # the scene covers stopping and diverging
         assert not bool(ours[5].all()) and bool(ours[6].any())
 
@@ -74,7 +82,9 @@ def test_solver_record_opcheck(device, backend):
     gen = torch.Generator().manual_seed(0)
     state = [t.to(device) for t in _state(8, 4, 5, torch.float64, gen)]
     est, ra, rr = (t.to(device) for t in _step(8, 4, torch.float64, gen, state[1]))
-    opcheck(ops.solver_record, (*state, est, ra, rr, 2, 1e-6, 0, backend), full=False)
+    opcheck(ops.solver_record, (*state, est, ra, rr, 2, 1e-6, 0, None, backend), full=False)
+    hold = torch.randn(8, 4, generator=gen, dtype=torch.float64).to(device)
+    opcheck(ops.solver_record, (*state, est, ra, rr, 2, 1e-6, 0, hold, backend), full=False)
 
 
 def test_solver_record_cpp_refuses_bad_arguments():
@@ -84,13 +94,15 @@ def test_solver_record_cpp_refuses_bad_arguments():
     state = _state(4, 3, 5, torch.float32, gen)
     est, ra, rr = _step(4, 3, torch.float32, gen, state[1])
     with pytest.raises(ValueError, match=r"step must be in \[1, max_iter\] = \[1, 5\], got 6"):
-        ops.solver_record(*state, est, ra, rr, 6, 1e-6, 0, "cpp")
+        ops.solver_record(*state, est, ra, rr, 6, 1e-6, 0, None, "cpp")
     with pytest.raises(ValueError, match="stop must be 0"):
-        ops.solver_record(*state, est, ra, rr, 1, 1e-6, 2, "cpp")
+        ops.solver_record(*state, est, ra, rr, 1, 1e-6, 2, None, "cpp")
     with pytest.raises(RuntimeError, match=r"est must have shape \[4, 3\]"):
-        ops.solver_record(*state, est[:, :2], ra, rr, 1, 1e-6, 0, "cpp")
+        ops.solver_record(*state, est[:, :2], ra, rr, 1, 1e-6, 0, None, "cpp")
     with pytest.raises(RuntimeError, match="res_abs must be Float"):
-        ops.solver_record(*state, est, ra.double(), rr, 1, 1e-6, 0, "cpp")
+        ops.solver_record(*state, est, ra.double(), rr, 1, 1e-6, 0, None, "cpp")
+    with pytest.raises(RuntimeError, match=r"hold must have shape \[4, 3\]"):
+        ops.solver_record(*state, est, ra, rr, 1, 1e-6, 0, est[:, :2].contiguous(), "cpp")
 
 
 # ---------------------------------------------------------------------------
@@ -114,10 +126,14 @@ def test_triton_solver_record(stop, dtype, device):
     theirs = [t.clone().cpu() for t in ours]
     for step in range(1, T + 1):
         est, ra, rr = _step(B, D, dtype, gen, theirs[1])
-        K.solver_record(*ours, est.to(device), ra.to(device), rr.to(device), step, 1e-6, stop)
-        ref.solver_record(*theirs, est, ra, rr, step, 1e-6, stop)
+        hold_ref = torch.randn(B, D, generator=gen, dtype=dtype)
+        hold = hold_ref.clone().to(device)
+        K.solver_record(*ours, est.to(device), ra.to(device), rr.to(device), step, 1e-6, stop, hold)
+        ref.solver_record(*theirs, est, ra, rr, step, 1e-6, stop, hold_ref)
         for a, b, name in zip(
-            ours, theirs, ("best", "lowest", "blown", "nstep", "trace", "active", "diverged")
+            ours + [hold],
+            theirs + [hold_ref],
+            ("best", "lowest", "blown", "nstep", "trace", "active", "diverged", "hold"),
         ):
             _equal(a.cpu(), b, f"{name} after step {step}")
 
