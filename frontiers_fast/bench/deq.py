@@ -89,15 +89,17 @@ def run(bench, out_dir=None):
     for solver in ("anderson", "broyden"):
         name = f"fixed point {solver} / MLP cell b{B}-d{D}"
 
-        def ours_fwd(solver=solver):
+        def ours_fwd(solver=solver, backend=None):
             with torch.no_grad():
-                return ops.fixed_point_solve(f, z0, solver=solver, **SETTINGS)
+                return ops.fixed_point_solve(f, z0, solver=solver, backend=backend, **SETTINGS)
 
         row = {"solver": solver, "ours": ours_fwd()[1]}
         # The f evaluations the solve makes are its unavoidable GEMM work (one per step, plus the first).
         evals = int(row["ours"]["nstep"].max()) + 1
         case = bench.case(name, "fwd", z64.float(), fwd_tol, roof=("gemm_fp32", evals * cell_flops))
-        case.run("frontiers_fast[reference]", lambda: ours_fwd()[0])
+        # The fast backends, then the reference loop (the same solver on torch ops) as a baseline.
+        for b in [*bench.ours("fixed_point_solve"), "reference"]:
+            case.run(f"frontiers_fast[{b}]", lambda b=b: ours_fwd(backend=b)[0])
         if get_solver is not None:
 
             def theirs_fwd(solver=solver):
@@ -111,11 +113,12 @@ def run(bench, out_dir=None):
 
         case = bench.case(name, "fwd+bwd", expected_bwd, bwd_tol, memory=not quick)
 
-        def ours_bwd(solver=solver):
-            z, _ = ops.deq(fg, z0, solver=solver, b_solver=solver, **SETTINGS, **B_SETTINGS)
+        def ours_bwd(solver=solver, backend=None):
+            z, _ = ops.deq(fg, z0, solver=solver, b_solver=solver, backend=backend, **SETTINGS, **B_SETTINGS)
             return [z.detach(), *torch.autograd.grad(z, params, seed)]
 
-        case.run("frontiers_fast[reference]", ours_bwd)
+        for b in [*bench.ours("deq"), "reference"]:
+            case.run(f"frontiers_fast[{b}]", lambda b=b: ours_bwd(backend=b))
         if torchdeq is not None:
             layer = _torchdeq_layer(torchdeq, solver)
 
@@ -124,13 +127,18 @@ def run(bench, out_dir=None):
                 return [z.detach(), *torch.autograd.grad(z, params, seed)]
 
             case.run("torchdeq", theirs_bwd)
-    sections = [("Fixed-point solver steps (forward solve, batch 64)", _steps_table(steps))]
+    sections = [
+        (
+            "Fixed-point solver steps (forward solve, batch 64)",
+            _steps_table(steps, (bench.ours("fixed_point_solve") or ["reference"])[0]),
+        )
+    ]
     if device == "cpu" or get_solver is not None:
         sections.append(("Fixed-point targets", _targets(bench, get_solver, torchdeq, quick)))
     return sections
 
 
-def _steps_table(rows):
+def _steps_table(rows, ours_label):
     lines = [
         f"Same MLP cell (d={D}, Lipschitz <= {LIP}), z0 = 0, max_iter {SETTINGS['max_iter']}, "
         f"tol {SETTINGS['tol']:g} ({SETTINGS['stop_mode']}). Steps: the step of each sample's best "
@@ -144,7 +152,7 @@ def _steps_table(rows):
             info = row.get(name)
             if info is None:
                 continue
-            provider = "frontiers_fast[reference]" if name == "ours" else "torchdeq"
+            provider = f"frontiers_fast[{ours_label}]" if name == "ours" else "torchdeq"
             n = info["nstep"].double()
             lines.append(
                 f"| {row['solver']} | {provider} | {int(n.max())} | {n.mean().item():.1f} "

@@ -452,7 +452,7 @@ def _check_float_tensor(name, t, like=None, dims=None):
         check_like(name, t, *like)
 
 
-def _solver_options(prefix, solver, max_iter, tol, stop_mode, m, lam, tau, check_every=4, memory=None):
+def _solver_options(prefix, solver, max_iter, tol, stop_mode, m, lam, tau, check_every=None, memory=None):
     max_iter = check_int(f"{prefix}max_iter", max_iter, 1)
     if memory is not None:
         memory = check_int(
@@ -470,7 +470,7 @@ def _solver_options(prefix, solver, max_iter, tol, stop_mode, m, lam, tau, check
         m=check_int(f"{prefix}m", m, 1),
         lam=check_real(f"{prefix}lam", lam, 0.0),
         tau=check_real(f"{prefix}tau", tau, 0.0, strict=True),
-        check_every=check_int(f"{prefix}check_every", check_every, 1),
+        check_every=None if check_every is None else check_int(f"{prefix}check_every", check_every, 1),
         memory=memory,
     )
 
@@ -646,7 +646,7 @@ def fixed_point_solve(
     m: int = 6,
     lam: float = 1e-4,
     tau: float = 1.0,
-    check_every: int = 4,
+    check_every: int | None = None,
     memory: int | None = None,
     cuda_graph: bool = False,
     backend=None,
@@ -662,12 +662,15 @@ def fixed_point_solve(
         m: Anderson memory (>= 1); lam: Anderson regularisation (>= 0);
         tau: damping (> 0) for Anderson mixing and Picard.  Options that do
             not apply to the chosen solver are ignored; unknown ones are an error.
-        check_every: >= 1.  Convergence stays on the device (per-sample masks,
-            best estimates, frozen samples); the host reads it only every
+        check_every: >= 1, or None: 4 for a CUDA ``z0``, 1 otherwise.
+            Convergence stays on the device (per-sample masks, best
+            estimates, frozen samples); the host reads it only every
             ``check_every`` steps to stop early.  The results equal reading it
             every step: a sample that converged between two reads was frozen
             at its own step.  Up to ``check_every - 1`` extra evaluations of
             ``f`` may run on frozen estimates (their results are discarded).
+            On the CPU a read costs no device synchronisation, so the default
+            reads every step and never pays for those extra evaluations.
         memory: Broyden only, in [1, max_iter] or None (all): the rank-one
             terms kept (limited-memory Broyden, the oldest dropped first);
             U and V take ``memory`` rows instead of ``max_iter``.
@@ -768,7 +771,7 @@ def _deq_options(
     m: int = 6,
     lam: float = 1e-4,
     tau: float = 1.0,
-    check_every: int = 4,
+    check_every: int | None = None,
     memory: int | None = None,
     cuda_graph: bool = False,
     backward: str = "implicit",
@@ -779,7 +782,7 @@ def _deq_options(
     b_m: int = 6,
     b_lam: float = 1e-4,
     b_tau: float = 1.0,
-    b_check_every: int = 4,
+    b_check_every: int | None = None,
     b_memory: int | None = None,
     pg_steps: int = 1,
     pg_tau: float = 1.0,
@@ -813,7 +816,7 @@ def deq(
     m: int = 6,
     lam: float = 1e-4,
     tau: float = 1.0,
-    check_every: int = 4,
+    check_every: int | None = None,
     memory: int | None = None,
     cuda_graph: bool = False,
     backward: str = "implicit",
@@ -824,7 +827,7 @@ def deq(
     b_m: int = 6,
     b_lam: float = 1e-4,
     b_tau: float = 1.0,
-    b_check_every: int = 4,
+    b_check_every: int | None = None,
     b_memory: int | None = None,
     pg_steps: int = 1,
     pg_tau: float = 1.0,

@@ -76,7 +76,9 @@ Broyden iterates and step counts we reproduce where both definitions agree):
   the one checking at every step gives; only the number of evaluations of
   ``f`` (on frozen estimates, whose results are discarded) can be up to
   ``check_every - 1`` higher.  torchdeq reads the residuals on the host at
-  every step.
+  every step.  The default is 4 steps for a CUDA ``z0`` (a read stalls the
+  GPU's queue) and every step otherwise (a read of a CPU tensor costs no
+  synchronisation, and the extra evaluations would be pure loss).
 * Broyden ``memory=k`` (limited-memory Broyden) keeps only the last ``k``
   rank-one terms in a ring: from step ``k + 1`` on, the oldest term is
   dropped before the new one is computed with the remaining ones.  With
@@ -706,6 +708,8 @@ def solve_loop(
     with torch.no_grad():
         z = z0.detach().reshape(z0.shape[0], -1)
         fflat = _flat_f(f, z0.detach())
+        if check_every is None:  # a host read syncs with a GPU's queue; on the CPU it costs nothing
+            check_every = 4 if z.device.type == "cuda" else 1
         t = _Tracker(z, max_iter, tol, stop_mode, check_every, kernels.solver_record)
         if solver == "anderson":
             _anderson(fflat, z, t, kernels, max_iter, m, lam, tau, steps)
@@ -739,7 +743,7 @@ def fixed_point_solve(
     m=6,
     lam=1e-4,
     tau=1.0,
-    check_every=4,
+    check_every=None,
     memory=None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Solve ``z = f(z)`` for every sample of a batch (no gradient; see ``ops.deq.deq``).
@@ -757,7 +761,8 @@ def fixed_point_solve(
             regularisation (``0`` is allowed: see the module docstring);
         tau: damping (Anderson mixing and Picard).
         check_every: the host reads the convergence masks every this many
-            steps (>= 1); the results are those of reading them every step.
+            steps (>= 1; None: 4 on a GPU, 1 on the CPU); the results are those
+            of reading them every step.
         memory: Broyden's rank-one terms kept (limited memory; None: all).
 
     Returns:

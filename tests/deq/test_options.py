@@ -62,6 +62,24 @@ def test_check_every_equals_checking_every_step(solver, dtype, check_every):
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
+def test_default_check_every_reads_every_step_on_the_cpu(solver):
+    # None: 1 on the CPU (a read syncs nothing), so no evaluation of f runs after every sample stopped.
+    f, z0 = _mixed_batch(torch.float64)
+    calls = {}
+    for k in (None, 1, 4):
+        n = []
+        z, info = ops.fixed_point_solve(
+            lambda z: (n.append(1), f(z))[1], z0, solver=solver, tol=1e-8, max_iter=50, check_every=k
+        )
+        calls[k] = len(n), int(info["nstep"].max())
+    assert calls[None] == calls[1]
+    stopped = calls[1][0]  # f calls when reading every step: the step the last sample stopped at
+    assert stopped < 50, "every sample should converge"
+    if stopped % 4:  # it stopped between two reads of check_every=4
+        assert calls[4][0] > stopped
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
 def test_check_every_with_diverging_and_unconverged_samples(solver):
     # One sample's f goes NaN at its third call, one never reaches tol: still equal to every-step reads.
     f, z0 = _mixed_batch(torch.float64, B=4)
