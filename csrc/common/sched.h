@@ -18,6 +18,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <strings.h>
 #include <exception>
 #include <limits>
 #include <vector>
@@ -176,6 +178,25 @@ inline void for_each_piece(int64_t nc, const Fn& fn) {
     fn(c);
   };
   for_each_chunk(nc, one);
+}
+
+// Whether OpenMP's threads sleep between parallel regions (OMP_WAIT_POLICY=passive): each
+// region then pays for waking them and for the master's wait on the join, measured at 60-130 us
+// on the 2-core development VM, against about 5 us with spinning threads.
+inline bool threads_sleep() {
+  static const bool sleep = [] {
+    const char* p = std::getenv("OMP_WAIT_POLICY");
+    return p != nullptr && strcasecmp(p, "passive") == 0;
+  }();
+  return sleep;
+}
+
+// The grain for at::parallel_for over n items of about `work` multiply-adds each: n (the loop
+// runs on the calling thread) when the whole loop is cheaper than a region's wake-up, `grain`
+// otherwise.  Which thread runs an item never changes a result in these kernels, only the time.
+inline int64_t wake_aware_grain(int64_t n, int64_t work, int64_t grain) {
+  const int64_t floor = threads_sleep() ? (int64_t(1) << 19) : (int64_t(1) << 13);
+  return n * std::max<int64_t>(work, 1) < floor ? std::max<int64_t>(n, 1) : grain;
 }
 
 // Static split of [0, n) into about equal blocks, for the dense passes.

@@ -24,8 +24,9 @@
 // steps sample by sample; with fewer, each step is a region over (sample,
 // chunk) items.  With tau = 1 the mix skips X (its weight is 0).
 // Every sum accumulates in double (float32 inputs included) in a fixed
-// order: eight interleaved lanes within a chunk of kChunk entries, the lanes
-// combined pairwise, then the chunks in order.  The chunks are fixed by D
+// order: within a chunk of kChunk entries, vectors of eight lanes in four
+// chains (common/wide.h), the lanes combined in a fixed tree, then the chunks
+// in order; the mix sums the slots in order for every entry.  The chunks are fixed by D
 // alone, and threads only choose which (sample, chunk) items they run, so
 // the result is bitwise the same for any thread count and any split (whether
 // the threads go over the samples or, for a small batch, over chunks of D).
@@ -47,30 +48,37 @@
 #include "common/alloc.h"
 #include "common/checks.h"
 #include "common/sched.h"
+#include "common/wide.h"
 
 namespace frontiers_fast {
 namespace deq {
 namespace {
 
 using at::Tensor;
+using namespace frontiers_fast::wide;
 
 constexpr int64_t kChunk = 1024;  // entries of D per work item; a multiple of the lanes
 constexpr int64_t kMaxM = 256;    // ring slots: the (m + 1)^2 solve is per sample, in double
 constexpr double kRelEps = 1e-9;  // reference.deq.REL_EPS
 
-// sum_k double(a[k] - c[k]) b[k] over k < len (c = nullptr: a[k] alone), in kLanes
-// interleaved lanes combined pairwise: a fixed order that the compiler can vectorise.
-constexpr int kLanes = 8;
+constexpr int kVecs = int(kChunk / kLanes);
+
+// sum_k T(a[k] - c[k]) y[k] over a chunk of m elements (nv vectors): dot_chunk's order.
 template <typename T>
-inline double dot_lanes(const T* a, const T* c, const double* b, int64_t len) {
-  double l[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= len; k += kLanes)
-    for (int q = 0; q < kLanes; ++q) l[q] += static_cast<double>(c ? T(a[k + q] - c[k + q]) : a[k + q]) * b[k + q];
-  for (int q = 0; k < len; ++k, ++q) l[q] += static_cast<double>(c ? T(a[k] - c[k]) : a[k]) * b[k];
-  for (int h = kLanes / 2; h >= 1; h /= 2)
-    for (int q = 0; q < h; ++q) l[q] += l[q + h];
-  return l[0];
+FF_INLINE double dot_diff(const T* a, const T* c, const D8* y, int nv, int64_t m) {
+  auto r = [&](int k) { return round_to(vec_at(a, k, m) - vec_at(c, k, m), (T*)nullptr); };
+  D8 q0 = {}, q1 = {}, q2 = {}, q3 = {};
+  int k = 0;
+  for (; k + 4 <= nv; k += 4) {
+    q0 += r(k) * y[k];
+    q1 += r(k + 1) * y[k + 1];
+    q2 += r(k + 2) * y[k + 2];
+    q3 += r(k + 3) * y[k + 3];
+  }
+  if (k < nv) q0 += r(k) * y[k];
+  if (k + 1 < nv) q1 += r(k + 1) * y[k + 1];
+  if (k + 2 < nv) q2 += r(k + 2) * y[k + 2];
+  return hsum((q0 + q1) + (q2 + q3));
 }
 
 // Solves the (n+1)x(n+1) bordered system in place; alpha[j] = solution entry j + 1.
@@ -130,22 +138,22 @@ void anderson_step_kernel(const Tensor& X, const Tensor& F, const Tensor& GG, co
   const bool pure = tau == 1.0;  // the mix is alpha F alone (X's term has weight 0)
 
   // The four steps of the work, per (sample, chunk) item or per sample.
-  // 1: slot s, and the item's partial dot products (pv: nv entries); rs: kChunk doubles of scratch.
-  auto store_item = [&](int64_t it, double* pv, double* rs) {
+  // 1: slot s, and the item's partial dot products (pv: nv entries).
+  auto store_item = [&](int64_t it, double* pv) {
     const int64_t b = it / nc, d0 = (it % nc) * kChunk, len = std::max<int64_t>(0, std::min(D - d0, kChunk));
     const T* xr = xp + b * D + d0;
     const T* fr = fp + b * D + d0;
-    T* Xs = Xp + (b * m + s) * D + d0;
-    T* Fs = Fp + (b * m + s) * D + d0;
-    for (int64_t k = 0; k < len; ++k) {
-      Xs[k] = xr[k];
-      Fs[k] = fr[k];
-      rs[k] = static_cast<double>(static_cast<T>(fr[k] - xr[k]));
+    std::memcpy(Xp + (b * m + s) * D + d0, xr, sizeof(T) * size_t(len));
+    std::memcpy(Fp + (b * m + s) * D + d0, fr, sizeof(T) * size_t(len));
+    const int vecs = int((len + kLanes - 1) / kLanes);
+    D8 rs[kVecs], fv[kVecs];
+    for (int k = 0; k < vecs; ++k) {
+      fv[k] = vec_at(fr, k, len);
+      rs[k] = round_to(fv[k] - vec_at(xr, k, len), (T*)nullptr);  // R_s rounded to T, as stored
     }
     for (int64_t j = 0; j < n; ++j)
-      pv[j] = dot_lanes(Fp + (b * m + j) * D + d0, Xp + (b * m + j) * D + d0, rs, len);
-    for (int64_t k = 0; k < len; ++k) rs[k] = static_cast<double>(fr[k]);
-    pv[n] = dot_lanes<T>(fr, nullptr, rs, len);
+      pv[j] = dot_diff(Fp + (b * m + j) * D + d0, Xp + (b * m + j) * D + d0, rs, vecs, len);
+    pv[n] = dot_chunk(fv, fv, vecs);
   };
   // 2: the sums of sample b's partials in chunk order, GG's row and column s, the norms and the weights.
   std::vector<double> alpha(static_cast<size_t>(i == 0 ? 0 : B * n));
@@ -171,33 +179,57 @@ void anderson_step_kernel(const Tensor& X, const Tensor& F, const Tensor& GG, co
     }
     bordered_solve(M, rhs, n, alpha.data() + b * n);
   };
-  // 3: the item's x_next; false where a value is not finite.  af, ax: kChunk doubles of scratch.
-  auto mix_item = [&](int64_t it, double* af, double* ax) -> bool {
+  // 3: the item's x_next; false where a value is not finite.  Elements outer, slots inner, the
+  // partial sums in registers (the slots in order for every element, so the same sums).
+  auto mix_item = [&](int64_t it) -> bool {
     const int64_t b = it / nc, d0 = (it % nc) * kChunk, len = std::max<int64_t>(0, std::min(D - d0, kChunk));
     T* out = op + b * D + d0;
     if (i == 0) {
       std::copy(fp + b * D + d0, fp + b * D + d0 + len, out);
       return true;
     }
-    // The slots in order (j outer) for every entry: the same sum as entry by entry, vectorisable.
     const double* w = alpha.data() + b * n;
-    std::fill(af, af + len, 0.0);
-    if (!pure) std::fill(ax, ax + len, 0.0);
-    for (int64_t j = 0; j < n; ++j) {
-      const T* Fj = Fp + (b * m + j) * D + d0;
-      const double wj = w[j];
-      for (int64_t k = 0; k < len; ++k) af[k] += wj * static_cast<double>(Fj[k]);
-      if (pure) continue;
-      const T* Xj = Xp + (b * m + j) * D + d0;
-      for (int64_t k = 0; k < len; ++k) ax[k] += wj * static_cast<double>(Xj[k]);
+    const T* Fb = Fp + b * m * D + d0;
+    const T* Xb = Xp + b * m * D + d0;
+    const int vecs = int((len + kLanes - 1) / kLanes);
+    D8 bad = {};  // NaN in a lane once a rounded value is not finite (y - y is 0 only for finite y)
+    auto put = [&](int k, D8 af, D8 ax) {
+      const D8 y = round_to(pure ? af : tau * af + (1.0 - tau) * ax, (T*)nullptr);
+      put_at(out, k, len, y);
+      bad += y - y;
+    };
+    int k = 0;
+    for (; k + 4 <= vecs && int64_t(k + 4) * kLanes <= len; k += 4) {
+      const int64_t at = int64_t(k) * kLanes;
+      D8 f0 = {}, f1 = {}, f2 = {}, f3 = {}, x0 = {}, x1 = {}, x2 = {}, x3 = {};
+      for (int64_t j = 0; j < n; ++j) {
+        const T* Fj = Fb + j * D + at;
+        const double wj = w[j];
+        f0 += wj * load8(Fj);
+        f1 += wj * load8(Fj + kLanes);
+        f2 += wj * load8(Fj + 2 * kLanes);
+        f3 += wj * load8(Fj + 3 * kLanes);
+        if (pure) continue;
+        const T* Xj = Xb + j * D + at;
+        x0 += wj * load8(Xj);
+        x1 += wj * load8(Xj + kLanes);
+        x2 += wj * load8(Xj + 2 * kLanes);
+        x3 += wj * load8(Xj + 3 * kLanes);
+      }
+      put(k, f0, x0);
+      put(k + 1, f1, x1);
+      put(k + 2, f2, x2);
+      put(k + 3, f3, x3);
     }
-    bool ok = true;
-    for (int64_t k = 0; k < len; ++k) {
-      const T y = static_cast<T>(pure ? af[k] : tau * af[k] + (1.0 - tau) * ax[k]);
-      out[k] = y;
-      ok = ok && std::isfinite(y);
+    for (; k < vecs; ++k) {
+      D8 f0 = {}, x0 = {};
+      for (int64_t j = 0; j < n; ++j) {
+        f0 += w[j] * vec_at(Fb + j * D, k, len);
+        if (!pure) x0 += w[j] * vec_at(Xb + j * D, k, len);
+      }
+      put(k, f0, x0);
     }
-    return ok;
+    return hsum(bad) == 0.0;
   };
   // 4: the damped step from the newest slot (for a sample whose mix is not finite).
   auto fallback_item = [&](int64_t it) {
@@ -216,12 +248,11 @@ void anderson_step_kernel(const Tensor& X, const Tensor& F, const Tensor& GG, co
     const int64_t sample_grain = std::max<int64_t>(1, (int64_t(1) << 13) / (nc * item_work));
     for_range(B, sample_grain, [&](int64_t b0, int64_t b1) {
       std::vector<double> part_b(static_cast<size_t>(nc * nv)), tot(static_cast<size_t>(nv)), M, rhs;
-      std::vector<double> s1(static_cast<size_t>(kChunk)), s2(static_cast<size_t>(pure ? 0 : kChunk));
       for (int64_t b = b0; b < b1; ++b) {
-        for (int64_t c = 0; c < nc; ++c) store_item(b * nc + c, part_b.data() + c * nv, s1.data());
+        for (int64_t c = 0; c < nc; ++c) store_item(b * nc + c, part_b.data() + c * nv);
         solve_sample(b, part_b.data(), tot, M, rhs);
         bool ok = true;
-        for (int64_t c = 0; c < nc; ++c) ok = mix_item(b * nc + c, s1.data(), s2.data()) && ok;
+        for (int64_t c = 0; c < nc; ++c) ok = mix_item(b * nc + c) && ok;
         if (!ok && i != 0)
           for (int64_t c = 0; c < nc; ++c) fallback_item(b * nc + c);
       }
@@ -232,8 +263,7 @@ void anderson_step_kernel(const Tensor& X, const Tensor& F, const Tensor& GG, co
   // Fewer samples than threads: each step in its own region, over (sample, chunk) items.
   std::vector<double> part(static_cast<size_t>(items * nv));
   for_range(items, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<double> rs(static_cast<size_t>(kChunk));
-    for (int64_t it = i0; it < i1; ++it) store_item(it, part.data() + it * nv, rs.data());
+    for (int64_t it = i0; it < i1; ++it) store_item(it, part.data() + it * nv);
   });
   const int64_t solve_grain = std::max<int64_t>(1, 4096 / (nv * nv * nv + nc * nv));
   for_range(B, solve_grain, [&](int64_t b0, int64_t b1) {
@@ -242,8 +272,7 @@ void anderson_step_kernel(const Tensor& X, const Tensor& F, const Tensor& GG, co
   });
   std::vector<uint8_t> finite(static_cast<size_t>(items), 1);
   for_range(items, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<double> af(static_cast<size_t>(kChunk)), ax(static_cast<size_t>(pure ? 0 : kChunk));
-    for (int64_t it = i0; it < i1; ++it) finite[it] = mix_item(it, af.data(), ax.data());
+    for (int64_t it = i0; it < i1; ++it) finite[it] = mix_item(it);
   });
   if (i == 0) return;
   std::vector<uint8_t> bad(static_cast<size_t>(B), 0);
