@@ -8,7 +8,7 @@ from frontiers_fast.nn.deq import DEQFixedPoint
 from frontiers_fast.ops import deq as ops
 from frontiers_fast.reference import deq as ref
 
-from ..helpers import assert_close, check_compiled, first_cpu_backend, opcheck, spy_backends
+from ..helpers import assert_close, check_compiled, first_cpu_backend, opcheck, spy_backends, triton_devices
 from .cells import contraction
 
 tops = torch.ops.frontiers_fast
@@ -241,3 +241,52 @@ def test_solves_run_the_resolved_backend(backward):
         assert bwd[("anderson_step", b)] > 0 and bwd[("solver_record", b)] > 0
     else:
         assert not any(bwd.values())
+
+
+def _loop_state(B=3, m=4, D=9, L=5, T=6):
+    g = torch.Generator().manual_seed(4)
+    r = lambda *s: torch.randn(*s, generator=g, **F64)
+    X, F = r(B, m, D), r(B, m, D)
+    R = F - X
+    GG = R @ R.transpose(1, 2)  # the Gram matrix of the stored residuals, as the loop keeps it
+    U, V = 0.2 * r(B, L, D), 0.2 * r(B, L, D)
+    x, fx = r(B, D), r(B, D)
+    best = r(B, D)
+    lowest = torch.full((2, B), 10.0, **F64)
+    blown = torch.full((2, B), torch.inf, **F64)
+    nstep = torch.zeros(B, dtype=torch.int64)
+    trace = torch.zeros(2, B, T, **F64)
+    active = torch.tensor([True, False, True])
+    diverged = torch.zeros(B, dtype=torch.bool)
+    return [X, F, GG, U, V, x, fx, best, lowest, blown, nstep, trace, active, diverged]
+
+
+@pytest.mark.parametrize("backend", ops._backend.FUNCTIONS["fixed_point_solve"].implemented(False))
+def test_compile_loop_ops(backend, monkeypatch):
+    # One step of each solver-loop op (in-place buffers included) under torch.compile(fullgraph=True):
+    # the same outputs and the same buffer contents as eager, bit for bit.
+    if backend == "triton":
+        if "cpu" not in triton_devices():
+            pytest.skip("Triton runs on CPU tensors only under the interpreter")
+        monkeypatch.setitem(_backend._DEVICE, "triton", "cpu")
+    elif not ops._backend.FUNCTIONS["fixed_point_solve"].available(backend, False)[0]:
+        pytest.skip(f"{backend} is not available here")
+
+    def step(X, F, GG, U, V, x, fx, best, lowest, blown, nstep, trace, active, diverged):
+        x1, a, r = tops.anderson_step(X, F, GG, x, fx, 3, 1e-4, 1.0, backend)
+        tops.solver_record(
+            best, lowest, blown, nstep, trace, active, diverged, fx, a, r, 2, 1e-6, 0, x1, backend
+        )
+        g, dx, dg, a2, r2 = tops.broyden_residual(fx, x1, x, fx - x, active, backend)
+        xn = tops.broyden_step(U, V, dx, dg, g, x1, active, 2, 2, 3, backend)
+        a3, r3 = tops.residual_norms(xn, x1, backend)
+        return x1, xn, a, r, a2, r2, a3, r3
+
+    eager_in, compiled_in = _loop_state(), _loop_state()
+    torch._dynamo.reset()
+    want = step(*eager_in)
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(*compiled_in)
+    for a, b in zip((*got, *compiled_in), (*want, *eager_in)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert not bool(eager_in[12][1])  # the stopped sample stays stopped, and its hold row is its best
+    torch.testing.assert_close(want[0][1], eager_in[7][1], rtol=0, atol=0)
