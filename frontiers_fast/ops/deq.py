@@ -3,13 +3,16 @@
 A Python callable ``f`` cannot be an argument of a ``torch.library`` op, so
 the solver loop stays in Python (:func:`frontiers_fast.reference.deq.solve_loop`)
 and what is registered under ``frontiers_fast::`` are its tensor kernels,
-the pieces a GPU kernel will fuse.  Every op is defined with
+fused so that a step is f plus one or two kernels.  Every op is defined with
 :func:`frontiers_fast._library.define_op` (the last argument, ``backend``, is
 left out below); the forward ops carry autograd whose backward is itself a
 registered ``*_bwd`` op (explicit formulas: an op's implementation runs below
 the autograd dispatch key, so it cannot call autograd itself).  The loop's
-bookkeeping, ``solver_record``, updates the per-sample state in place and
-has C++ and Triton kernels; the other ops have their reference so far.
+ops (``anderson_step``, ``broyden_residual``, ``broyden_step``,
+``residual_norms`` and the bookkeeping ``solver_record``, which update their
+buffers in place) have C++ and Triton kernels; so do ``residual_norms_bwd``.
+The other ops (the unfused pieces, kept as validated building blocks) have
+their reference.
 
   residual_norms(fz, z) -> (abs, rel)
   residual_norms_bwd(fz, z, grad_abs, grad_rel) -> (grad_fz, grad_z)
@@ -20,8 +23,12 @@ has C++ and Triton kernels; the other ops have their reference so far.
   broyden_update(U, V, dx, dg, n) -> (u, v)
   broyden_update_bwd(U, V, dx, dg, n, grad_u, grad_v) -> (grad_U, grad_V, grad_dx, grad_dg)
   squared_norm(x) -> s   (the Hutchinson term of jacobian_regularizer)
+  anderson_step(X!, F!, GG!, x, fx, i, lam, tau) -> (x_next, abs, rel)
+  broyden_residual(fx, x_new, x, gx, active) -> (gx_new, dx, dg, abs, rel)
+  broyden_step(U!, V!, dx, dg, gx, x, active, n, slot, n_after) -> x_next
   solver_record(best!, lowest!, blown!, nstep!, trace!, active!, diverged!, est, res_abs, res_rel, step, tol,
-                stop) -> ()   (in place; no autograd: the loop runs without a graph)
+                stop, hold!?) -> ()
+  (the last four in place where marked !; no autograd: the loop runs without a graph)
 
 Shapes: z, fz, x, dx, dg [B, D]; X, F [B, m, D]; U, V [B, L, D]; abs, rel [B];
 alpha [B, m]; s 0-dim.  See :mod:`frontiers_fast.reference.deq` for the math.
