@@ -18,6 +18,9 @@ CPU side of ``cuda_graph`` (its bookkeeping, with a stand-in for the graphs,
 and the refusals) is tests/deq/test_cuda_graph.py.
 """
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -114,12 +117,19 @@ def test_cuda_graph_layer_gradient():
 
 
 def test_cuda_graph_refuses_an_f_that_syncs():
-    f, z0 = _cell(8, 64, torch.float32)
-
-    def g(z):
-        if float(z.abs().max()) > 1e6:  # a host read: not capturable
-            raise AssertionError("unreachable")
-        return f(z)
-
-    with pytest.raises(RuntimeError, match="cuda_graph=True"):
-        ops.fixed_point_solve(g, z0, solver="picard", tol=0.0, max_iter=5, cuda_graph=True)
+    # In a child process: a capture that fails leaves this process's CUDA state to the driver's
+    # mercy, and the tests after this one must not pay for it.
+    code = """
+import pytest, torch
+from frontiers_fast.ops import deq as ops
+z0 = torch.randn(8, 64, device="cuda")
+def g(z):
+    if float(z.abs().max()) > 1e6:  # a host read: not capturable
+        raise AssertionError("unreachable")
+    return torch.tanh(0.5 * z + 1)
+with pytest.raises(RuntimeError, match="cuda_graph=True"):
+    ops.fixed_point_solve(g, z0, solver="picard", tol=0.0, max_iter=5, cuda_graph=True)
+print("refused")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "refused" in out.stdout, out.stdout + out.stderr
