@@ -59,6 +59,21 @@ constexpr int64_t kChunk = 512;
 constexpr int kChunkVecs = kChunk / kLanes;
 constexpr double kRelEps = 1e-9;  // ref.REL_EPS
 
+// out[0..3] = sum_r a[r] * (4 vectors of rows[r] from element at), the rows in order.
+template <typename T>
+FF_INLINE void sum_rows4(const T* const* rows, const double* a, int cnt, int64_t at, D8* out) {
+  D8 x0 = {}, x1 = {}, x2 = {}, x3 = {};
+  for (int r = 0; r < cnt; ++r) {
+    const T* p = rows[r] + at;
+    const double c = a[r];
+    x0 += c * load8(p);
+    x1 += c * load8(p + kLanes);
+    x2 += c * load8(p + 2 * kLanes);
+    x3 += c * load8(p + 3 * kLanes);
+  }
+  out[0] = x0, out[1] = x1, out[2] = x2, out[3] = x3;
+}
+
 inline int64_t num_chunks(int64_t D) { return (D + kChunk - 1) / kChunk; }
 
 // ---------------------------------------------------------------------------
@@ -147,35 +162,10 @@ struct Step {
     int k = 0;
     if (m == kChunk) {  // whole vectors, four at a time
       for (; k + 4 <= nv; k += 4) {
-        D8 v0 = {}, v1 = {}, v2 = {}, v3 = {}, w0 = {}, w1 = {}, w2 = {}, w3 = {}, s0 = {}, s1 = {}, s2 = {}, s3 = {};
         const int64_t at = int64_t(k) * kLanes;
-        for (int r = 0; r < nvr; ++r) {
-          const T* p = vrow[r] + at;
-          const double a = va[r];
-          v0 += a * load8(p);
-          v1 += a * load8(p + kLanes);
-          v2 += a * load8(p + 2 * kLanes);
-          v3 += a * load8(p + 3 * kLanes);
-        }
-        for (int r = 0; r < nur; ++r) {
-          const T* p = urow[r] + at;
-          const double a = uc[r];
-          w0 += a * load8(p);
-          w1 += a * load8(p + kLanes);
-          w2 += a * load8(p + 2 * kLanes);
-          w3 += a * load8(p + 3 * kLanes);
-        }
-        for (int r = 0; r < ner; ++r) {
-          const T* p = erow[r] + at;
-          const double a = ue[r];
-          s0 += a * load8(p);
-          s1 += a * load8(p + kLanes);
-          s2 += a * load8(p + 2 * kLanes);
-          s3 += a * load8(p + 3 * kLanes);
-        }
-        accv[k] = v0, accv[k + 1] = v1, accv[k + 2] = v2, accv[k + 3] = v3;
-        accw[k] = w0, accw[k + 1] = w1, accw[k + 2] = w2, accw[k + 3] = w3;
-        accs[k] = s0, accs[k + 1] = s1, accs[k + 2] = s2, accs[k + 3] = s3;
+        sum_rows4(vrow, va, nvr, at, accv + k);
+        sum_rows4(urow, uc, nur, at, accw + k);
+        sum_rows4(erow, ue, ner, at, accs + k);
       }
     }
     for (; k < nv; ++k) {

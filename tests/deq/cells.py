@@ -1,5 +1,7 @@
 """Contractive test maps for the fixed-point tests."""
 
+import math
+
 import torch
 
 
@@ -32,3 +34,28 @@ def unrolled_picard(f, z0, steps):
     for _ in range(steps):
         z = f(z)
     return z
+
+
+def mixed_batch(dtype, B=6, D=24, seed=5):
+    """``(f, z0)``: a batch whose samples converge at different steps (each sample's map contracts at its
+    own rate)."""
+    torch.manual_seed(seed)
+    f, _ = contraction(B, D, dtype=dtype, lip=0.9)
+    rate = torch.linspace(0.05, 1.0, B, dtype=dtype)[:, None]
+    return (lambda z: rate * f(z)), torch.randn(B, D, dtype=dtype)
+
+
+class Poisoned:
+    """``f`` whose sample 1 is NaN from its ``nan_from``-th call on and whose sample 3 keeps moving (never
+    below a small tol); ``calls`` counts the calls (set it to 0 before each solve)."""
+
+    def __init__(self, f, nan_from):
+        self.f, self.nan_from, self.calls = f, nan_from, 0
+
+    def __call__(self, z):
+        self.calls += 1
+        out = self.f(z).clone()
+        if self.calls >= self.nan_from:
+            out[1] = math.nan
+        out[3] = out[3] + 1e-3 * torch.sin(self.calls * z[3])
+        return out

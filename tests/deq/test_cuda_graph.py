@@ -13,8 +13,6 @@ bit for bit, with each key captured once.  Also the refusals: a CPU ``z0``,
 a non-bool flag, and an ``f`` whose output shape changes at the capture.
 """
 
-import math
-
 import pytest
 import torch
 
@@ -22,7 +20,7 @@ from frontiers_fast.nn.deq import DEQFixedPoint
 from frontiers_fast.ops import deq as ops
 from frontiers_fast.reference import deq as ref
 
-from .cells import contraction
+from .cells import Poisoned, mixed_batch
 
 pytestmark = pytest.mark.usefixtures("solve_backend")
 
@@ -54,13 +52,6 @@ class FakeGraphs(ref.GraphSteps):
         return out
 
 
-def _batch(dtype, B=6, D=24, seed=11):
-    torch.manual_seed(seed)
-    f, _ = contraction(B, D, dtype=dtype, lip=0.9)
-    rate = torch.linspace(0.05, 1.0, B, dtype=dtype)[:, None]  # the samples stop at different steps
-    return (lambda z: rate * f(z)), torch.randn(B, D, dtype=dtype)
-
-
 def _solve(f, z0, cuda_graph, **kw):
     kernels = ops._loop_kernels(ops._backend.resolve(None, z0.device, "fixed_point_solve", False))
     opts = dict(max_iter=30, tol=1e-5, stop_mode="abs", m=3, lam=1e-4, tau=1.0, check_every=3, memory=None)
@@ -82,7 +73,7 @@ def _expected_keys(solver, steps, m):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("tau", [1.0, 0.7])
 def test_graphs_equal_eager(solver, dtype, tau):
-    f, z0 = _batch(dtype)
+    f, z0 = mixed_batch(dtype, seed=11)
     tol = 1e-5 if dtype == torch.float32 else 1e-8
     z_e, info_e = _solve(f, z0, False, solver=solver, tol=tol, tau=tau, max_iter=50)
     graphs = FakeGraphs()
@@ -106,20 +97,11 @@ def test_graphs_equal_eager(solver, dtype, tau):
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_graphs_with_diverging_and_unconverged_samples(solver):
     # One sample's f goes NaN at its fifth call, one never reaches tol (the masking path throughout).
-    f, z0 = _batch(torch.float64, B=4)
-    count = {"n": 0}
-
-    def g(z):
-        count["n"] += 1
-        out = f(z).clone()
-        if count["n"] >= 5:
-            out[1] = math.nan
-        out[3] = out[3] + 1e-3 * torch.sin(count["n"] * z[3])
-        return out
-
+    f, z0 = mixed_batch(torch.float64, B=4, seed=11)
+    g = Poisoned(f, nan_from=5)
     runs = []
     for cuda_graph in (False, FakeGraphs()):
-        count["n"] = 0
+        g.calls = 0
         with pytest.warns(RuntimeWarning, match="1 of 4 samples diverged"):
             runs.append(_solve(g, z0, cuda_graph, solver=solver, tol=1e-9, max_iter=25))
     (z_e, info_e), (z_g, info_g) = runs
@@ -130,7 +112,7 @@ def test_graphs_with_diverging_and_unconverged_samples(solver):
 
 
 def test_graphs_with_limited_memory_broyden():
-    f, z0 = _batch(torch.float64)
+    f, z0 = mixed_batch(torch.float64, seed=11)
     runs = [
         _solve(f, z0, cg, solver="broyden", tol=0.0, memory=4, max_iter=20) for cg in (False, FakeGraphs())
     ]
@@ -141,7 +123,7 @@ def test_graphs_with_limited_memory_broyden():
 
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_f_changing_shape_at_capture_is_named(solver):
-    f, z0 = _batch(torch.float64)
+    f, z0 = mixed_batch(torch.float64, seed=11)
     count = {"n": 0}
 
     def g(z):
@@ -154,7 +136,7 @@ def test_f_changing_shape_at_capture_is_named(solver):
 
 
 def test_cpu_z0_is_refused():
-    f, z0 = _batch(torch.float64)
+    f, z0 = mixed_batch(torch.float64, seed=11)
     with pytest.raises(ValueError, match="cuda_graph=True .* needs a CUDA z0; z0 is on cpu"):
         ops.fixed_point_solve(f, z0, cuda_graph=True)
     with pytest.raises(ValueError, match="cuda_graph=True .* needs a CUDA z0"):
@@ -171,7 +153,7 @@ def test_cpu_z0_is_refused():
 
 @pytest.mark.parametrize("bad", ["yes", 1, None])
 def test_cuda_graph_must_be_bool(bad):
-    f, z0 = _batch(torch.float64)
+    f, z0 = mixed_batch(torch.float64, seed=11)
     with pytest.raises((TypeError, ValueError), match="cuda_graph"):
         ops.fixed_point_solve(f, z0, cuda_graph=bad)
     with pytest.raises((TypeError, ValueError), match="cuda_graph"):

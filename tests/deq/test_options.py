@@ -12,27 +12,17 @@
 - The refusals, each naming its argument.
 """
 
-import math
-
 import pytest
 import torch
 
 from frontiers_fast.ops import deq as ops
 
 from ..helpers import grads
-from .cells import contraction
+from .cells import Poisoned, contraction, mixed_batch
 
 pytestmark = pytest.mark.usefixtures("solve_backend")
 
 SOLVERS = ["anderson", "broyden", "picard"]
-
-
-def _mixed_batch(dtype, B=6, D=24):
-    """A batch whose samples converge at different steps: each sample's map contracts at its own rate."""
-    torch.manual_seed(5)
-    f, _ = contraction(B, D, dtype=dtype, lip=0.9)
-    rate = torch.linspace(0.05, 1.0, B, dtype=dtype)[:, None]
-    return (lambda z: rate * f(z)), torch.randn(B, D, dtype=dtype)
 
 
 def _same(a, b, msg):
@@ -43,7 +33,7 @@ def _same(a, b, msg):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("check_every", [2, 3, 4, 7])
 def test_check_every_equals_checking_every_step(solver, dtype, check_every):
-    f, z0 = _mixed_batch(dtype)
+    f, z0 = mixed_batch(dtype)
     tol = 1e-5 if dtype == torch.float32 else 1e-10
     runs = {}
     for k in (1, check_every):
@@ -64,7 +54,7 @@ def test_check_every_equals_checking_every_step(solver, dtype, check_every):
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_default_check_every_reads_every_step_on_the_cpu(solver):
     # None: 1 on the CPU (a read syncs nothing), so no evaluation of f runs after every sample stopped.
-    f, z0 = _mixed_batch(torch.float64)
+    f, z0 = mixed_batch(torch.float64)
     calls = {}
     for k in (None, 1, 4):
         n = []
@@ -82,21 +72,11 @@ def test_default_check_every_reads_every_step_on_the_cpu(solver):
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_check_every_with_diverging_and_unconverged_samples(solver):
     # One sample's f goes NaN at its third call, one never reaches tol: still equal to every-step reads.
-    f, z0 = _mixed_batch(torch.float64, B=4)
-    count = {"n": 0}
-
-    def g(z):
-        count["n"] += 1
-        out = f(z)
-        if count["n"] >= 3:
-            out = out.clone()
-            out[1] = math.nan
-        out[3] = out[3] + 1e-3 * torch.sin(count["n"] * z[3])  # keeps moving: never below tol
-        return out
-
+    f, z0 = mixed_batch(torch.float64, B=4)
+    g = Poisoned(f, nan_from=3)
     res = {}
     for k in (1, 4):
-        count["n"] = 0
+        g.calls = 0
         with pytest.warns(RuntimeWarning, match="1 of 4 samples diverged"):
             res[k] = ops.fixed_point_solve(g, z0, solver=solver, tol=1e-9, max_iter=25, check_every=k)
     _same(res[4][0], res[1][0], "z")
@@ -124,7 +104,7 @@ def test_deq_gradients_do_not_depend_on_check_every(backward, solver):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_broyden_memory_at_max_iter_is_the_full_memory_solver(dtype):
-    f, z0 = _mixed_batch(dtype)
+    f, z0 = mixed_batch(dtype)
     tol = 1e-5 if dtype == torch.float32 else 1e-10
     full = ops.fixed_point_solve(f, z0, solver="broyden", tol=tol, max_iter=30)
     for memory in (30, None):
